@@ -1,0 +1,1 @@
+"""k15_megatron.checkpoint."""

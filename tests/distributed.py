@@ -1,0 +1,81 @@
+"""The one helper that starts multi-process tests: N CPU processes joined by gloo.
+
+``run_distributed(fn, world_size, *args)`` spawns ``world_size`` fresh processes, sets the
+torchrun environment variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), calls
+``fn(rank, world_size, *args)`` in each and returns the list of their return values
+(index = rank). ``fn`` must be a module-level function (it is pickled by reference).
+An exception in any rank fails the call with that rank's traceback; a hang fails it after
+``timeout_s``. The processes do NOT initialise torch.distributed themselves: ``fn`` decides
+(most call ``k15_megatron.parallel.initialize``), so the code under test runs exactly as
+under torchrun.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world_size, port, fn, args, queue):
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    try:
+        result = fn(rank, world_size, *args)
+        queue.put((rank, True, result))
+    except BaseException:  # report every failure, including SystemExit, to the parent
+        queue.put((rank, False, traceback.format_exc()))
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed(fn, world_size: int, *args, timeout_s: float = 600.0):
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` spawned processes; see module doc."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_entry, args=(r, world_size, port, fn, args, queue), daemon=False)
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    results: dict[int, object] = {}
+    failures: list[str] = []
+    try:
+        for _ in range(world_size):
+            rank, ok, payload = queue.get(timeout=timeout_s)
+            if ok:
+                results[rank] = payload
+            else:
+                failures.append(f"--- rank {rank} failed ---\n{payload}")
+                break
+    except Exception as exc:  # queue.Empty on timeout
+        failures.append(f"distributed run timed out after {timeout_s}s ({exc!r}); "
+                        f"finished ranks: {sorted(results)}")
+    finally:
+        for p in procs:
+            p.join(timeout=5 if failures else 60)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    if failures:
+        raise AssertionError("\n".join(failures))
+    return [results[r] for r in range(world_size)]
