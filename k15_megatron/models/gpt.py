@@ -1,0 +1,157 @@
+"""Megatron-Core GPTModel builders for the Llama 3, Qwen2/2.5 and Qwen3 families.
+
+All three are the same decoder with different switches, all carried by a resolved
+:class:`k15_megatron.config.model_arch.ModelArch` (built from a Hugging Face config.json):
+
+* RoPE with the family's theta, and Llama 3 frequency scaling when ``rope_scaling`` says so;
+* RMSNorm, SwiGLU MLP (gated, no bias), grouped-query attention;
+* Qwen2 QKV bias (``add_qkv_bias``), Qwen3 per-head RMSNorm on queries and keys (``qk_layernorm``);
+* tied or untied input/output embeddings.
+
+The vocabulary is padded to a multiple of ``make_vocab_size_divisible_by`` (independent of the
+tensor-parallel size, so one checkpoint loads under any TP that divides the padded size); logits
+beyond ``arch.vocab_size`` belong to padding rows and must be ignored.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from k15_megatron.models.specs import gpt_layer_spec
+from k15_megatron.parallel.device import HAVE_CUDA
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """Map a ``precision.dtype`` name (fp32/bf16/fp16) to the torch dtype."""
+    if name not in _DTYPES:
+        raise ValueError(f"precision.dtype={name!r}: use one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
+    """``vocab_size`` rounded up to a multiple of ``divisible_by``, which TP must divide."""
+    padded = math.ceil(vocab_size / divisible_by) * divisible_by
+    if padded % tp_size:
+        raise ValueError(
+            f"padded vocabulary {padded} (model.make_vocab_size_divisible_by={divisible_by}) "
+            f"is not divisible by parallel.tensor={tp_size}; use a multiple of {tp_size}"
+        )
+    return padded
+
+
+def transformer_config(arch, *, parallel_cfg, precision_cfg):
+    """Megatron's TransformerConfig for ``arch`` under the given parallel and precision sections."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    dtype = torch_dtype(precision_cfg.dtype)
+    fp8_kwargs = {}
+    if precision_cfg.fp8:
+        fp8_kwargs = dict(
+            fp8=precision_cfg.fp8,
+            fp8_recipe=precision_cfg.fp8_recipe,
+            fp8_amax_history_len=precision_cfg.fp8_amax_history_len,
+            fp8_amax_compute_algo=precision_cfg.fp8_amax_compute_algo,
+        )
+    return TransformerConfig(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        kv_channels=arch.kv_channels,
+        layernorm_epsilon=arch.norm_epsilon,
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch.add_qkv_bias,
+        qk_layernorm=arch.qk_layernorm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=0.02,
+        attention_softmax_in_fp32=True,
+        apply_query_key_layer_scaling=False,
+        # Fusions need CUDA kernels; the unfused paths compute the same thing.
+        bias_activation_fusion=HAVE_CUDA,
+        masked_softmax_fusion=HAVE_CUDA,
+        persist_layer_norm=HAVE_CUDA,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        use_cpu_initialization=not HAVE_CUDA,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype is torch.bfloat16,
+        fp16=dtype is torch.float16,
+        tensor_model_parallel_size=parallel_cfg.tensor,
+        pipeline_model_parallel_size=parallel_cfg.pipeline,
+        context_parallel_size=parallel_cfg.context,
+        expert_model_parallel_size=parallel_cfg.expert,
+        sequence_parallel=parallel_cfg.sequence_parallel,
+        num_layers_in_first_pipeline_stage=parallel_cfg.pipeline_first_stage_layers,
+        num_layers_in_last_pipeline_stage=parallel_cfg.pipeline_last_stage_layers,
+        **fp8_kwargs,
+    )
+
+
+def llama3_scaled_inv_freq(inv_freq: torch.Tensor, rope_scaling: dict) -> torch.Tensor:
+    """Llama 3 RoPE frequency scaling: long wavelengths divided by ``factor``, short ones kept,
+    the band between them interpolated smoothly (``low_freq_factor``/``high_freq_factor`` set the
+    band relative to ``original_max_position_embeddings``)."""
+    factor = float(rope_scaling["factor"])
+    low = float(rope_scaling["low_freq_factor"])
+    high = float(rope_scaling["high_freq_factor"])
+    old_context = float(rope_scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    low_freq_wavelen = old_context / low
+    high_freq_wavelen = old_context / high
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def _apply_rope_scaling(model, arch) -> None:
+    if not arch.rope_scaling:
+        return
+    if arch.rope_scaling.get("rope_type") != "llama3":
+        raise ValueError(f"model.rope_scaling: unsupported rope_type {arch.rope_scaling.get('rope_type')!r}")
+    rotary = model.rotary_pos_emb
+    rotary.inv_freq = llama3_scaled_inv_freq(rotary.inv_freq, arch.rope_scaling)
+
+
+def build_gpt_model(arch, *, parallel_cfg, precision_cfg, padded_vocab: int, vp_stage=None):
+    """Build this rank's part of the model (its pipeline stage, its tensor-parallel shard).
+
+    Requires Megatron's parallel state to be initialised (see
+    :func:`k15_megatron.parallel.initialize`); ``padded_vocab`` comes from
+    :func:`padded_vocab_size`. Returns a ``GPTModel`` on the compute device with
+    random weights; load weights with :mod:`k15_megatron.checkpoint`. ``forward(input_ids [B, S],
+    position_ids [B, S], attention_mask=None)`` returns vocabulary-parallel logits [B, S, V_pad/TP]
+    (or the loss per token when ``labels`` are passed).
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    config = transformer_config(arch, parallel_cfg=parallel_cfg, precision_cfg=precision_cfg)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=gpt_layer_spec(qk_layernorm=arch.qk_layernorm),
+        vocab_size=padded_vocab,
+        max_sequence_length=arch.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+        parallel_output=True,
+        share_embeddings_and_output_weights=arch.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(arch.rope_theta) if float(arch.rope_theta).is_integer() else arch.rope_theta,
+        vp_stage=vp_stage,
+    )
+    _apply_rope_scaling(model, arch)
+    if HAVE_CUDA:
+        model.cuda(torch.cuda.current_device())
+    return model

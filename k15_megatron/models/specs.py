@@ -1,0 +1,26 @@
+"""Which Megatron-Core layer implementation a model uses: chosen here and nowhere else.
+
+Transformer Engine's fused layers (fused LayerNorm+Linear, FP8-capable GEMMs, TE attention with
+context parallelism) when TE is importable; Megatron-Core's local PyTorch modules otherwise.
+The two specs name some parameters differently (TE fuses the pre-attention / pre-MLP norms into
+``linear_qkv.layer_norm_weight`` / ``linear_fc1.layer_norm_weight``); the checkpoint name mapping
+in :mod:`k15_megatron.checkpoint.hf_mapping` accepts both.
+"""
+
+from __future__ import annotations
+
+from k15_megatron.parallel.device import HAVE_TE
+
+
+def uses_transformer_engine() -> bool:
+    """True when the TE spec is used (TE importable). Both specs are numerically the same model."""
+    return HAVE_TE
+
+
+def gpt_layer_spec(*, qk_layernorm: bool):
+    """The ModuleSpec of one decoder layer (RMSNorm, causal self-attention, gated MLP)."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if uses_transformer_engine():
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+    return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")

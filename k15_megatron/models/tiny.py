@@ -1,0 +1,102 @@
+"""Tiny Hugging Face models and a character tokenizer, built from configs (no hub access).
+
+Used by the built-in tiny default job and by the tests: ``save_tiny_hf_model(out_dir, "qwen2")``
+writes a random-weight model (safetensors + config.json) and a tokenizer folder that transformers
+and vLLM load unchanged. Sizes respect vLLM's CPU attention (head_dim 32 or 64, not 16) and
+Megatron's TP=2 (heads and query groups divisible by 2).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import string
+
+import torch
+
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>")
+CHARACTERS = string.digits + string.ascii_letters + string.punctuation + " \n"
+
+TINY_SIZES = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+)
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_char_tokenizer():
+    """A PreTrainedTokenizerFast with one token per printable ASCII character plus specials.
+
+    Token ids: the specials first (pad=0, bos=1, eos=2, unk=3, chat markers 4-5), then characters.
+    Decoding concatenates characters, so ``decode(encode(text)) == text`` for ASCII text.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for ch in CHARACTERS:
+        vocab.setdefault(ch, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    core.add_special_tokens(list(SPECIAL_TOKENS))
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def _config_for(family: str, vocab_size: int, **overrides):
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+
+    sizes = {**TINY_SIZES, **overrides}
+    common = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if family == "llama":
+        base = dict(rope_theta=500000.0, tie_word_embeddings=False, rms_norm_eps=1e-5,
+                    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+        return LlamaConfig(**common, **{**base, **sizes})
+    if family == "qwen2":
+        base = dict(rope_theta=1000000.0, tie_word_embeddings=True, rms_norm_eps=1e-6)
+        return Qwen2Config(**common, **{**base, **sizes})
+    if family == "qwen3":
+        base = dict(rope_theta=1000000.0, tie_word_embeddings=False, rms_norm_eps=1e-6, head_dim=32)
+        return Qwen3Config(**common, **{**base, **sizes})
+    raise ValueError(f"tiny model family {family!r}: use llama, qwen2 or qwen3")
+
+
+def save_tiny_hf_model(out_dir: str, family: str = "qwen2", *, seed: int = 0, init_std: float = 0.02,
+                       max_shard_size: str | None = None, **size_overrides) -> str:
+    """Write a random tiny ``family`` model plus the character tokenizer to ``out_dir``.
+
+    ``init_std`` scales the random weights (larger values give peakier, more diverse outputs).
+    ``max_shard_size`` (e.g. "200KB") forces sharded safetensors with an index file.
+    Returns ``out_dir``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = build_char_tokenizer()
+    config = _config_for(family, len(tokenizer), **size_overrides)
+    config.initializer_range = init_std
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    os.makedirs(out_dir, exist_ok=True)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(out_dir, safe_serialization=True, **kwargs)
+    tokenizer.save_pretrained(out_dir)
+    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+        json.dump({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}, f)
+    return out_dir

@@ -1,0 +1,170 @@
+"""Everything needed to run stock Megatron-Core on a machine without CUDA, in one module.
+
+Megatron-Core assumes CUDA in a handful of places. On a CPU-only machine "the CUDA device" can
+only mean the CPU, so :func:`apply` maps Megatron's notion of the current accelerator onto it:
+
+1. ``torch.cuda.current_device()`` returns the CPU device, ``torch.cuda.synchronize()`` is a
+   no-op and ``Tensor.cuda()`` returns the tensor itself. Megatron allocates buffers
+   (``GlobalMemoryBuffer``, DDP grad buffers, p2p shape tensors, rotary frequencies, tied
+   embedding sync) through these calls. They are only patched when CUDA is absent, so nothing
+   that could have used a GPU is redirected.
+2. Factory calls with a literal ``device="cuda"`` (pipeline schedules, optimizer scalars, grad
+   clipping, causal masks, the rerun state machine) are rewritten to the CPU by giving exactly
+   those modules a ``torch`` namespace whose tensor factories map "cuda" to "cpu".
+3. The model-parallel RNG tracker forks the CPU generator instead of CUDA generators, keeping
+   Megatron's semantics: a separate, seeded stream per tensor-parallel rank for weight init and
+   dropout, restored afterwards.
+4. Gradient clipping: Megatron asserts that gradients are ``torch.cuda.FloatTensor``; the CPU
+   replacement scales the same gradients by the same coefficient.
+
+Not covered (and refused by config validation or documented as GPU-only): Transformer Engine
+modules, FP8, context parallelism (Megatron's CP attention comes from TE), the distributed
+optimizer (it rejects CPU tensors), CUDA streams used for MoE overlap, CUDA graphs.
+
+:func:`apply` is idempotent and is called by
+:func:`k15_megatron.parallel.device.prepare_megatron_for_device` only when CUDA is absent.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+_APPLIED = False
+
+# Modules that create tensors with a literal device="cuda".
+_MODULES_WITH_LITERAL_CUDA = (
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.transformer.utils",
+    "megatron.core.rerun_state_machine",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.utils",
+)
+
+_FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange", "randn", "rand", "as_tensor")
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    return isinstance(device, str) and device.startswith("cuda")
+
+
+class _CpuTorchNamespace:
+    """Stands in for the ``torch`` module inside one Megatron module: tensor factories called
+    with a CUDA device create CPU tensors; every other attribute is torch's own."""
+
+    def __getattr__(self, name):
+        attr = getattr(torch, name)
+        if name not in _FACTORIES:
+            return attr
+
+        def factory(*args, **kwargs):
+            if _is_cuda_device(kwargs.get("device")):
+                kwargs["device"] = "cpu"
+            return attr(*args, **kwargs)
+
+        return factory
+
+
+def _cpu_current_device():
+    return torch.device("cpu")
+
+
+def _noop(*args, **kwargs):
+    return None
+
+
+def _tensor_cuda_is_identity(self, *args, **kwargs):
+    return self
+
+
+def _patch_cuda_namespace() -> None:
+    torch.cuda.current_device = _cpu_current_device
+    torch.cuda.synchronize = _noop
+    torch.Tensor.cuda = _tensor_cuda_is_identity
+
+
+def _patch_literal_cuda_modules() -> None:
+    namespace = _CpuTorchNamespace()
+    for module_name in _MODULES_WITH_LITERAL_CUDA:
+        module = importlib.import_module(module_name)
+        module.torch = namespace
+
+
+def _patch_rng_tracker() -> None:
+    from megatron.core.tensor_parallel import random as mp_random
+
+    def get_rng_state(device="cuda", clone=False, graph_safe=False):
+        return torch.get_rng_state()
+
+    def set_rng_state(new_state, device=-1, graph_safe=False):
+        torch.set_rng_state(new_state)
+
+    class CpuRNGStatesTracker(mp_random.CudaRNGStatesTracker):
+        """Megatron's RNG tracker, seeded streams kept as CPU generator states."""
+
+        def add(self, name, seed):
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            self.seeds_.add(seed)
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            original = torch.get_rng_state()
+            torch.manual_seed(seed)
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(original)
+
+    mp_random._get_cuda_rng_state = get_rng_state
+    mp_random._set_cuda_rng_state = set_rng_state
+    mp_random.CudaRNGStatesTracker = CpuRNGStatesTracker
+    # Megatron seeds its default stream with torch.cuda.manual_seed; on CPU that stream is torch's.
+    mp_random.torch = _SeedRedirectingTorch()
+    mp_random.initialize_rng_tracker(force_reset=True)
+
+
+class _SeedRedirectingTorch(_CpuTorchNamespace):
+    """``torch`` inside Megatron's RNG module: ``torch.cuda.manual_seed`` seeds the CPU generator."""
+
+    class _Cuda:
+        def __getattr__(self, name):
+            if name == "manual_seed":
+                return torch.manual_seed
+            return getattr(torch.cuda, name)
+
+    cuda = _Cuda()
+
+
+def _patch_grad_clipping() -> None:
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    def clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+        if isinstance(parameters, torch.Tensor):
+            parameters = [parameters]
+        grad_attr = "decoupled_grad" if use_decoupled_grad else "grad"
+        grads = [getattr(p, grad_attr) for p in parameters if getattr(p, grad_attr, None) is not None]
+        clip_coeff = max_norm / (total_norm + 1.0e-6)
+        if clip_coeff < 1.0:
+            for grad in grads:
+                grad.detach().mul_(clip_coeff)
+
+    clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+    optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+
+
+def apply() -> None:
+    """Install the CPU redirections described in the module docstring (once per process)."""
+    global _APPLIED
+    if _APPLIED:
+        return
+    if torch.cuda.is_available():
+        raise RuntimeError("cpu_megatron.apply() must not run on a machine with CUDA")
+    _patch_cuda_namespace()
+    _patch_literal_cuda_modules()
+    _patch_rng_tracker()
+    _patch_grad_clipping()
+    _APPLIED = True

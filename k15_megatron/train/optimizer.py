@@ -1,0 +1,75 @@
+"""Megatron DDP wrapping, the Megatron optimizer and its learning-rate schedule, from config.
+
+``build_training_objects(model, optim_cfg, precision_cfg)`` returns the DDP-wrapped model chunks,
+the ``MegatronOptimizer`` and the ``OptimizerParamScheduler``. Gradients are reduced over the
+data-parallel group by Megatron's DDP; on CPU the same objects run over gloo (the distributed
+optimizer is GPU-only and refused by config validation on CPU).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from k15_megatron.models.gpt import torch_dtype
+
+
+def wrap_ddp(model, *, precision_cfg, use_distributed_optimizer: bool):
+    """Wrap one model chunk in Megatron's DistributedDataParallel."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=precision_cfg.grad_reduce_in_fp32,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=use_distributed_optimizer,
+    )
+    return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+
+
+def build_optimizer(model_chunks, *, optim_cfg, precision_cfg):
+    """The Megatron optimizer over ``model_chunks`` (DDP-wrapped) configured by ``optim``."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    dtype = torch_dtype(precision_cfg.dtype)
+    config = OptimizerConfig(
+        optimizer=optim_cfg.optimizer,
+        lr=optim_cfg.lr,
+        min_lr=optim_cfg.min_lr,
+        weight_decay=optim_cfg.weight_decay,
+        adam_beta1=optim_cfg.adam_beta1,
+        adam_beta2=optim_cfg.adam_beta2,
+        adam_eps=optim_cfg.adam_eps,
+        clip_grad=optim_cfg.clip_grad,
+        bf16=dtype is torch.bfloat16,
+        fp16=dtype is torch.float16,
+        params_dtype=dtype,
+        use_distributed_optimizer=optim_cfg.use_distributed_optimizer,
+    )
+    return get_megatron_optimizer(config, list(model_chunks))
+
+
+def build_scheduler(optimizer, *, optim_cfg):
+    """Megatron's OptimizerParamScheduler: linear warm-up then the configured decay."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    decay_iters = optim_cfg.lr_decay_iters or optim_cfg.train_iters
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if optim_cfg.lr_warmup_iters else optim_cfg.lr,
+        max_lr=optim_cfg.lr,
+        min_lr=optim_cfg.min_lr,
+        lr_warmup_steps=optim_cfg.lr_warmup_iters,
+        lr_decay_steps=max(decay_iters, optim_cfg.lr_warmup_iters + 1),
+        lr_decay_style=optim_cfg.lr_decay_style,
+        start_wd=optim_cfg.weight_decay,
+        end_wd=optim_cfg.weight_decay,
+        wd_incr_steps=max(decay_iters, 1),
+        wd_incr_style="constant",
+    )
+
+
+def build_training_objects(model, *, optim_cfg, precision_cfg):
+    """(DDP model chunks, MegatronOptimizer, OptimizerParamScheduler) for one model chunk."""
+    chunks = [wrap_ddp(model, precision_cfg=precision_cfg,
+                       use_distributed_optimizer=optim_cfg.use_distributed_optimizer)]
+    optimizer = build_optimizer(chunks, optim_cfg=optim_cfg, precision_cfg=precision_cfg)
+    return chunks, optimizer, build_scheduler(optimizer, optim_cfg=optim_cfg)
