@@ -1,0 +1,68 @@
+"""The ``k15`` command line: one registry of sub-commands, each imported only when run.
+
+Adding a command is one entry in ``COMMANDS``: its name, a one-line help and the
+``"module:function"`` it dispatches to. The function receives the remaining arguments
+(``List[str]``) and returns the exit status; it owns its own argument parsing. Nothing
+heavy (torch, Megatron, vLLM) is imported until a command that needs it runs, so
+``k15 config show`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+
+@dataclass(frozen=True)
+class Command:
+    """One ``k15 <name> ...`` sub-command."""
+
+    name: str
+    """What the user types after ``k15``."""
+    help: str
+    """One line for ``k15 --help``."""
+    target: str
+    """``"package.module:function"``; ``function(argv: List[str]) -> int``."""
+
+
+COMMANDS = (
+    Command("config", "inspect experiment configs (show)", "k15_megatron.config.commands:main"),
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="k15", description="k15-megatron: the Kimi k1.5 RL recipe on Megatron-Core.")
+    from k15_megatron import __version__
+
+    parser.add_argument("--version", action="version", version=f"k15-megatron {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for cmd in COMMANDS:
+        # The command's own parser handles everything after its name, including --help.
+        p = sub.add_parser(cmd.name, help=cmd.help, add_help=False)
+        p.add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _resolve(target: str):
+    module, _, func = target.partition(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``) and run the chosen command; returns its exit
+    status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    by_name = {c.name: c for c in COMMANDS}
+    if argv and argv[0] in by_name:
+        # Dispatch directly so options after the command name reach the command's parser.
+        return int(_resolve(by_name[argv[0]].target)(argv[1:]))
+    _parser().parse_args(argv)  # prints usage / help / version and exits
+    return 2  # unreachable: argparse exits for anything not a registered command
+
+
+if __name__ == "__main__":
+    sys.exit(main())

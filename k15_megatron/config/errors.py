@@ -1,0 +1,22 @@
+"""The one exception type for user mistakes in an experiment configuration."""
+
+from __future__ import annotations
+
+from typing import Iterable, List
+
+
+class ConfigError(ValueError):
+    """One or more problems with a configuration, reported together.
+
+    ``errors`` holds one line per problem; each names the dotted config key (and the file or
+    override it came from where known), the offending value and the fix. ``str(err)`` lists
+    them all, so a user fixes everything in one pass instead of one error per run.
+    """
+
+    def __init__(self, errors: Iterable[str], *, header: str = "invalid configuration"):
+        self.errors: List[str] = list(errors)
+        assert self.errors, "ConfigError needs at least one problem"
+        n = len(self.errors)
+        lines = [f"{header} ({n} problem{'s' if n > 1 else ''}):"]
+        lines += [f"  - {e}" for e in self.errors]
+        super().__init__("\n".join(lines))

@@ -1,0 +1,248 @@
+"""Resolve the concrete model architecture from a Hugging Face config.json plus overrides.
+
+Owns the mapping from HF config keys to Megatron-style architecture fields and the list of
+architecture features the Megatron builders support (Llama 3, Qwen2/2.5, Qwen3 dense models:
+RMSNorm, SwiGLU, grouped-query attention, RoPE with optional llama3 scaling, Qwen2 QKV bias,
+Qwen3 QK-norm). Anything else is refused here with a ValueError naming the file and key, so
+unsupported checkpoints fail at config time rather than deep inside model construction.
+
+config.json is read with plain ``json`` (no transformers import). Both the transformers 4
+layout (top-level ``rope_theta`` / ``rope_scaling``) and the transformers 5 layout
+(``rope_parameters`` holding ``rope_theta`` and ``rope_type``) are understood.
+
+Precedence: a non-None field in :class:`~k15_megatron.config.schema.ModelConfig` wins over
+config.json; derived defaults (query groups = heads, head dim = hidden / heads, ...) are
+computed after the overrides are applied. ``model.rope_scaling: {rope_type: default}``
+switches off scaling that config.json declares (``null`` means "take config.json's").
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, fields
+from typing import Any, Dict, List, Mapping, Optional
+
+from k15_megatron.config.schema import SUPPORTED_FAMILIES, ModelConfig
+
+# HF config.json key -> ModelArch field, for the plain one-to-one keys.
+_HF_KEYS = {
+    "num_hidden_layers": "num_layers",
+    "hidden_size": "hidden_size",
+    "intermediate_size": "ffn_hidden_size",
+    "num_attention_heads": "num_attention_heads",
+    "num_key_value_heads": "num_query_groups",
+    "head_dim": "kv_channels",
+    "vocab_size": "vocab_size",
+    "max_position_embeddings": "max_position_embeddings",
+    "rms_norm_eps": "norm_epsilon",
+    "tie_word_embeddings": "tie_word_embeddings",
+}
+# Fields with no default: config.json or the overrides must provide them.
+_REQUIRED = (
+    "family",
+    "num_layers",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_attention_heads",
+    "vocab_size",
+    "max_position_embeddings",
+    "norm_epsilon",
+)
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+SUPPORTED_ROPE_TYPES = ("default", "llama3")
+
+
+@dataclass(frozen=True)
+class ModelArch:
+    """A fully resolved decoder architecture; every field concrete.
+
+    ``rope_scaling`` is ``None`` (plain RoPE) or ``{"rope_type": "llama3", "factor": float,
+    "low_freq_factor": float, "high_freq_factor": float,
+    "original_max_position_embeddings": int}``.
+    """
+
+    family: str
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    kv_channels: int
+    vocab_size: int
+    max_position_embeddings: int
+    rope_theta: float
+    rope_scaling: Optional[Dict[str, Any]]
+    norm_epsilon: float
+    tie_word_embeddings: bool
+    add_qkv_bias: bool
+    qk_layernorm: bool
+
+    def padded_vocab_size(self, *, divisible_by: int, tensor_parallel: int) -> int:
+        """Vocabulary rounded up to a multiple of ``divisible_by * tensor_parallel``, as
+        Megatron pads its embedding so every TP shard is the same size."""
+        multiple = divisible_by * tensor_parallel
+        return int(math.ceil(self.vocab_size / multiple) * multiple)
+
+
+def read_hf_config(hf_path: str) -> Dict[str, Any]:
+    """The parsed ``<hf_path>/config.json``; ValueError naming ``model.hf_path`` when the file
+    is missing or not a JSON object."""
+    path = os.path.join(hf_path, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(
+            f"model.hf_path={hf_path!r}: no config.json there ({path}); point model.hf_path at a "
+            "Hugging Face model folder, or set it to null and give the architecture in model.*"
+        ) from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def normalize_rope_scaling(scaling: Optional[Mapping[str, Any]], *, where: str) -> Optional[Dict[str, Any]]:
+    """``None`` for plain RoPE, else the llama3 scaling dict (see :class:`ModelArch`).
+
+    Accepts the HF spellings ``rope_type`` and the older ``type``; extra keys such as
+    ``rope_theta`` are ignored. ``where`` names the file or config key in errors.
+    """
+    if scaling is None:
+        return None
+    if not isinstance(scaling, Mapping):
+        raise ValueError(f"{where}: rope scaling must be a mapping, got {scaling!r}")
+    rope_type = scaling.get("rope_type", scaling.get("type"))
+    if rope_type is None:
+        if set(scaling) - {"rope_theta"}:
+            raise ValueError(f"{where}: rope scaling {dict(scaling)!r} lacks 'rope_type' "
+                             f"(one of {', '.join(SUPPORTED_ROPE_TYPES)})")
+        return None
+    if rope_type == "default":
+        return None
+    if rope_type != "llama3":
+        raise ValueError(
+            f"{where}: rope type {rope_type!r} is not supported (supported: "
+            f"{', '.join(SUPPORTED_ROPE_TYPES)})"
+        )
+    missing = [k for k in _LLAMA3_KEYS if scaling.get(k) is None]
+    if missing:
+        raise ValueError(f"{where}: llama3 rope scaling lacks {', '.join(missing)}")
+    return {
+        "rope_type": "llama3",
+        "factor": float(scaling["factor"]),
+        "low_freq_factor": float(scaling["low_freq_factor"]),
+        "high_freq_factor": float(scaling["high_freq_factor"]),
+        "original_max_position_embeddings": int(scaling["original_max_position_embeddings"]),
+    }
+
+
+def _rope_from_hf(hf: Mapping[str, Any], where: str) -> Dict[str, Any]:
+    """rope_theta / rope_scaling from either config.json layout (only keys present)."""
+    out: Dict[str, Any] = {}
+    params = hf.get("rope_parameters")
+    if isinstance(params, Mapping) and isinstance(params.get("full_attention"), Mapping):
+        params = params["full_attention"]  # per-layer-type layout of transformers 5
+    if hf.get("rope_theta") is not None:
+        out["rope_theta"] = float(hf["rope_theta"])
+    if isinstance(params, Mapping) and params.get("rope_theta") is not None:
+        out["rope_theta"] = float(params["rope_theta"])
+    scaling = hf.get("rope_scaling")
+    if scaling is None and isinstance(params, Mapping):
+        scaling = params
+    out["rope_scaling"] = normalize_rope_scaling(scaling, where=f"{where} rope scaling")
+    return out
+
+
+def _check_hf_features(hf: Mapping[str, Any], family: str, where: str) -> Dict[str, Any]:
+    """Refuse HF features the builders lack; return the family-dependent bias/norm flags."""
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"{where}: hidden_act={act!r} is not supported (only 'silu' / SwiGLU)")
+    if hf.get("mlp_bias", False):
+        raise ValueError(f"{where}: mlp_bias=true is not supported (MLP projections have no bias)")
+    layer_types = hf.get("layer_types") or []
+    if hf.get("use_sliding_window", False) or "sliding_attention" in layer_types:
+        raise ValueError(f"{where}: sliding-window attention is not supported; use a model with "
+                         "use_sliding_window=false")
+    flags: Dict[str, Any] = {"qk_layernorm": family == "qwen3"}
+    if family == "qwen2":
+        flags["add_qkv_bias"] = True  # Qwen2 always biases q/k/v and never o_proj
+    else:
+        # In Llama and Qwen3, attention_bias also adds an o_proj bias, which the builders lack.
+        if hf.get("attention_bias", False):
+            raise ValueError(f"{where}: attention_bias=true (model_type {family!r}) adds an o_proj "
+                             "bias, which is not supported")
+        flags["add_qkv_bias"] = False
+    return flags
+
+
+def _from_hf(hf: Mapping[str, Any], where: str, family_override: Optional[str]) -> Dict[str, Any]:
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_FAMILIES:
+        raise ValueError(f"{where}: model_type {model_type!r} is not supported (supported: "
+                         f"{', '.join(SUPPORTED_FAMILIES)})")
+    if family_override is not None and family_override != model_type:
+        raise ValueError(f"model.family={family_override!r} contradicts model_type {model_type!r} "
+                         f"in {where}; remove model.family (it is read from config.json)")
+    out: Dict[str, Any] = {"family": model_type}
+    out.update({arch: hf[key] for key, arch in _HF_KEYS.items() if hf.get(key) is not None})
+    out.update(_rope_from_hf(hf, where))
+    out.update(_check_hf_features(hf, model_type, where))
+    return out
+
+
+def resolve_model_arch(model_cfg: ModelConfig) -> ModelArch:
+    """The concrete architecture for ``model_cfg``: ``<hf_path>/config.json`` (when
+    ``hf_path`` is set) overlaid with every non-None architecture field of ``model_cfg``.
+
+    Raises ValueError naming the file or ``model.<key>`` for unsupported architectures,
+    missing required fields (listing all of them) and inconsistent head counts.
+    """
+    values: Dict[str, Any] = {}
+    if model_cfg.hf_path is not None:
+        hf = read_hf_config(model_cfg.hf_path)
+        where = os.path.join(model_cfg.hf_path, "config.json")
+        values.update(_from_hf(hf, where, model_cfg.family))
+    for f in fields(ModelArch):
+        override = getattr(model_cfg, f.name)
+        if override is not None:
+            values[f.name] = override
+    if model_cfg.rope_scaling is not None:
+        values["rope_scaling"] = normalize_rope_scaling(model_cfg.rope_scaling,
+                                                        where="model.rope_scaling")
+    missing = [k for k in _REQUIRED if values.get(k) is None]
+    if missing:
+        origin = (f"{model_cfg.hf_path}/config.json or the overrides" if model_cfg.hf_path
+                  else "model.hf_path is null, so the overrides")
+        raise ValueError(f"model architecture incomplete: {origin} must give "
+                         f"{', '.join('model.' + k for k in missing)}")
+    _fill_defaults(values)
+    return ModelArch(**{f.name: values[f.name] for f in fields(ModelArch)})
+
+
+def _fill_defaults(values: Dict[str, Any]) -> None:
+    """Derived defaults, computed after overrides so they follow overridden sizes."""
+    if values["family"] not in SUPPORTED_FAMILIES:
+        raise ValueError(f"model.family={values['family']!r} is not supported (supported: "
+                         f"{', '.join(SUPPORTED_FAMILIES)})")
+    heads, hidden = values["num_attention_heads"], values["hidden_size"]
+    values.setdefault("num_query_groups", heads)
+    if values.get("kv_channels") is None:
+        if hidden % heads:
+            raise ValueError(f"model.hidden_size={hidden} is not divisible by "
+                             f"model.num_attention_heads={heads}; set model.kv_channels")
+        values["kv_channels"] = hidden // heads
+    if heads % values["num_query_groups"]:
+        raise ValueError(f"model.num_attention_heads={heads} is not divisible by "
+                         f"model.num_query_groups={values['num_query_groups']}")
+    values.setdefault("rope_theta", 10000.0)
+    values.setdefault("rope_scaling", None)
+    values.setdefault("tie_word_embeddings", False)
+    values.setdefault("add_qkv_bias", values["family"] == "qwen2")
+    values.setdefault("qk_layernorm", values["family"] == "qwen3")
+    values["rope_theta"] = float(values["rope_theta"])
+    values["norm_epsilon"] = float(values["norm_epsilon"])

@@ -1,0 +1,239 @@
+"""The typed experiment schema: every configurable knob and its one default.
+
+Each section is a plain ``@dataclass`` that OmegaConf can use as a structured config
+(fields are int/float/str/bool, ``Optional`` of those, ``List``/``Dict``, or another
+section dataclass). Defaults live here and nowhere else: YAML recipes in ``examples/``
+hold overrides only.
+
+Extending the schema
+    A new top-level section (``rollout``, ``rl``, ``rewards``) is one line in
+    :class:`ExperimentConfig`. The loader discovers keys by walking these dataclasses, and
+    :func:`k15_megatron.config.validate.validate` checks every field declared with
+    :func:`one_of` / :func:`at_least` in any section, so neither needs editing. A section
+    with cross-field rules of its own may define ``config_errors(self, prefix: str) ->
+    List[str]``; ``validate`` calls it with the section's dotted key (e.g. ``"rl"``).
+
+Enumerations are ``str`` fields with an explicit choice list (not ``Literal``) so that
+OmegaConf accepts them and the error message can list the alternatives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Sequence
+
+SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3")
+"""Model families the Megatron builders implement (HF ``model_type`` values)."""
+
+CHOICES = "choices"
+MINIMUM = "minimum"
+
+
+def one_of(default: Optional[str], choices: Sequence[str]) -> Any:
+    """A ``str`` field whose value must be one of ``choices`` (``None`` is also allowed
+    when the field is ``Optional``). Checked by ``validate``."""
+    if default is not None:
+        assert default in choices, (default, choices)
+    return field(default=default, metadata={CHOICES: tuple(choices)})
+
+
+def at_least(default: Optional[float], minimum: float) -> Any:
+    """A numeric field whose value must be ``>= minimum`` (``None`` passes). Checked by
+    ``validate``."""
+    return field(default=default, metadata={MINIMUM: minimum})
+
+
+@dataclass
+class ModelConfig:
+    """Which network to train. The architecture comes from ``<hf_path>/config.json``;
+    every architecture field below left at ``None`` is taken from there (see
+    :func:`k15_megatron.config.model_arch.resolve_model_arch`)."""
+
+    hf_path: Optional[str] = None
+    """Hugging Face folder whose config.json defines the architecture; its weights are used
+    when converting. ``None``: the architecture is given entirely by the fields below."""
+    family: Optional[str] = one_of(None, SUPPORTED_FAMILIES)
+    """Model family (llama | qwen2 | qwen3). ``None``: from config.json ``model_type``."""
+    num_layers: Optional[int] = at_least(None, 1)
+    """Number of transformer layers (HF ``num_hidden_layers``)."""
+    hidden_size: Optional[int] = at_least(None, 1)
+    """Model width (HF ``hidden_size``)."""
+    ffn_hidden_size: Optional[int] = at_least(None, 1)
+    """SwiGLU inner width (HF ``intermediate_size``)."""
+    num_attention_heads: Optional[int] = at_least(None, 1)
+    """Number of query heads (HF ``num_attention_heads``)."""
+    num_query_groups: Optional[int] = at_least(None, 1)
+    """Number of key/value heads for grouped-query attention (HF ``num_key_value_heads``)."""
+    kv_channels: Optional[int] = at_least(None, 1)
+    """Per-head dimension (HF ``head_dim``; default hidden_size / num_attention_heads)."""
+    vocab_size: Optional[int] = at_least(None, 1)
+    """Tokenizer vocabulary size before padding (HF ``vocab_size``)."""
+    max_position_embeddings: Optional[int] = at_least(None, 1)
+    """Longest position the model was trained for (HF ``max_position_embeddings``)."""
+    rope_theta: Optional[float] = at_least(None, 0.0)
+    """RoPE base frequency (HF ``rope_theta`` or ``rope_parameters.rope_theta``)."""
+    rope_scaling: Optional[Dict[str, Any]] = None
+    """RoPE scaling (HF ``rope_scaling`` / ``rope_parameters``); only ``rope_type: llama3``
+    is supported, with factor, low_freq_factor, high_freq_factor and
+    original_max_position_embeddings."""
+    norm_epsilon: Optional[float] = at_least(None, 0.0)
+    """RMSNorm epsilon (HF ``rms_norm_eps``)."""
+    tie_word_embeddings: Optional[bool] = None
+    """Share the input embedding with the output layer (HF ``tie_word_embeddings``)."""
+    add_qkv_bias: Optional[bool] = None
+    """Bias on the Q/K/V projections only (Qwen2: true)."""
+    qk_layernorm: Optional[bool] = None
+    """RMSNorm on per-head queries and keys (Qwen3: true)."""
+    make_vocab_size_divisible_by: int = at_least(128, 1)
+    """The embedding is padded to a multiple of this times the tensor-parallel size."""
+    init_from: Optional[str] = None
+    """Megatron checkpoint whose weights start the run (optimizer state is not loaded)."""
+
+
+@dataclass
+class ParallelConfig:
+    """How the model and data are split across processes (Megatron-Core semantics)."""
+
+    tensor: int = at_least(1, 1)
+    """Tensor-parallel size (TP)."""
+    pipeline: int = at_least(1, 1)
+    """Pipeline-parallel size (PP)."""
+    context: int = at_least(1, 1)
+    """Context-parallel size (CP): the sequence is split over this many ranks."""
+    expert: int = at_least(1, 1)
+    """Expert-parallel size (EP); must divide data-parallel x context-parallel."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (needs tensor > 1; an error otherwise, never silently
+    switched off)."""
+    pipeline_first_stage_layers: Optional[int] = at_least(None, 1)
+    """Layers on the first pipeline stage for an uneven split (``None``: even split)."""
+    pipeline_last_stage_layers: Optional[int] = at_least(None, 1)
+    """Layers on the last pipeline stage for an uneven split (``None``: even split)."""
+    world_size: Optional[int] = at_least(None, 1)
+    """Total number of processes. ``None``: env WORLD_SIZE, else SLURM_NTASKS, else 1."""
+    backend: str = one_of("auto", ("auto", "nccl", "gloo"))
+    """torch.distributed backend: auto (nccl with CUDA, gloo without) | nccl | gloo."""
+
+
+@dataclass
+class PrecisionConfig:
+    """Numeric formats for parameters, activations and gradients."""
+
+    dtype: str = one_of("bf16", ("bf16", "fp16", "fp32"))
+    """Parameter/activation dtype: bf16 | fp16 | fp32."""
+    fp8: Optional[str] = one_of(None, ("e4m3", "hybrid"))
+    """FP8 GEMMs through Transformer Engine: null (off) | e4m3 | hybrid (e4m3 fwd, e5m2 bwd)."""
+    fp8_recipe: str = one_of("delayed", ("delayed", "tensorwise", "blockwise", "mxfp8"))
+    """FP8 scaling recipe: delayed | tensorwise | blockwise | mxfp8 (Blackwell only)."""
+    fp8_amax_history_len: int = at_least(1024, 1)
+    """Length of the amax history window for delayed scaling."""
+    fp8_amax_compute_algo: str = one_of("max", ("max", "most_recent"))
+    """How the scale is computed from the amax history: max | most_recent."""
+    grad_reduce_in_fp32: bool = True
+    """Accumulate and all-reduce gradients in fp32."""
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule (iterations are optimizer steps)."""
+
+    optimizer: str = one_of("adam", ("adam", "sgd"))
+    """adam (AdamW-style decoupled weight decay, as Megatron) | sgd."""
+    lr: float = at_least(1e-6, 0.0)
+    """Peak learning rate."""
+    min_lr: float = at_least(0.0, 0.0)
+    """Learning rate at the end of decay."""
+    weight_decay: float = at_least(0.0, 0.0)
+    """Decoupled weight decay coefficient."""
+    adam_beta1: float = at_least(0.9, 0.0)
+    """Adam first-moment decay."""
+    adam_beta2: float = at_least(0.95, 0.0)
+    """Adam second-moment decay."""
+    adam_eps: float = at_least(1e-8, 0.0)
+    """Adam denominator epsilon."""
+    clip_grad: float = at_least(1.0, 0.0)
+    """Global gradient-norm clip (0 disables clipping)."""
+    lr_warmup_iters: int = at_least(0, 0)
+    """Linear warm-up length in iterations."""
+    lr_decay_style: str = one_of("constant", ("constant", "linear", "cosine"))
+    """constant | linear | cosine decay after warm-up."""
+    lr_decay_iters: Optional[int] = at_least(None, 1)
+    """Iterations over which the rate decays to min_lr (``None``: train_iters)."""
+    use_distributed_optimizer: bool = False
+    """Shard optimizer state across data-parallel ranks (Megatron distributed optimizer)."""
+    train_iters: int = at_least(100, 1)
+    """Total optimizer steps."""
+
+
+@dataclass
+class DataConfig:
+    """Sequence shapes and where training/evaluation data live."""
+
+    seq_length: int = at_least(4096, 1)
+    """Tokens per sequence (packed or padded)."""
+    micro_batch_size: int = at_least(1, 1)
+    """Sequences per forward/backward on one data-parallel rank."""
+    global_batch_size: int = at_least(8, 1)
+    """Sequences per optimizer step over all data-parallel ranks."""
+    train_path: Optional[str] = None
+    """Training data file or folder."""
+    eval_path: Optional[str] = None
+    """Evaluation data file or folder."""
+    num_workers: int = at_least(0, 0)
+    """DataLoader worker processes per rank."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Where and how often Megatron checkpoints are written and read."""
+
+    save_dir: str = "${run_dir}/checkpoints"
+    """Folder receiving checkpoints."""
+    save_interval: int = at_least(0, 0)
+    """Save every this many iterations (0: only at the end)."""
+    load: Optional[str] = None
+    """Checkpoint to resume from (model, optimizer and schedule state)."""
+    resume: str = one_of("auto", ("auto", "never"))
+    """auto: resume from the newest checkpoint in save_dir if any | never."""
+    keep_last: int = at_least(3, 0)
+    """Keep this many newest checkpoints (0 keeps all)."""
+
+
+@dataclass
+class LoggingConfig:
+    """Metric logging."""
+
+    log_interval: int = at_least(1, 1)
+    """Log metrics every this many iterations."""
+    tensorboard: bool = True
+    """Write TensorBoard event files."""
+    jsonl: bool = True
+    """Append one JSON line of metrics per logged iteration."""
+    dir: str = "${run_dir}"
+    """Folder for logs."""
+
+
+@dataclass
+class ExperimentConfig:
+    """The root of an experiment configuration. Functions take the section they need."""
+
+    name: str = "k15"
+    """Experiment name (used in run_dir by default)."""
+    run_dir: str = "runs/${name}"
+    """Folder for everything a run writes; the resolved config is saved there."""
+    seed: int = 1234
+    """Global random seed."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model architecture and initial weights."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Process layout."""
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    """Numeric formats."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and schedule."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data shapes and paths."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Logging."""

@@ -1,0 +1,215 @@
+"""Cross-field checks of an experiment configuration, run before any process group starts.
+
+``validate`` collects every problem and raises one :class:`ConfigError` listing them; each
+line names the key(s), their values and the fix. Two kinds of rules:
+
+* per-field rules declared in the schema (``one_of`` choices, ``at_least`` minimums) and any
+  section's own ``config_errors(prefix)`` hook: checked generically for every section, so
+  sections added later need no change here;
+* layout rules tying sections together, in Megatron-Core's terms (DP = world / (TP*PP*CP)):
+  TP*PP*CP divides the world; EP divides DP*CP; heads and query groups divide by TP; layers
+  divide by PP (or an explicit uneven split fits); the sequence divides by 2*CP and, with
+  sequence parallelism, by TP*CP; the global batch divides by micro batch * DP; fp8 needs
+  Transformer Engine and GEMM sizes that are multiples of 16.
+
+Choice documented here: ``sequence_parallel=true`` with ``tensor=1`` is an ERROR, not a
+warning. Megatron silently switches it off, which leaves the saved config claiming a layout
+that did not run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, List, Mapping, Optional
+
+from k15_megatron.config.env import have_transformer_engine, resolve_world_size
+from k15_megatron.config.errors import ConfigError
+from k15_megatron.config.model_arch import ModelArch, resolve_model_arch
+from k15_megatron.config.schema import (CHOICES, MINIMUM, DataConfig, ExperimentConfig,
+                                        OptimConfig, ParallelConfig, PrecisionConfig)
+
+# Transformer Engine's FP8 GEMMs need both matrix dimensions to be multiples of 16.
+_FP8_ALIGN = 16
+
+
+def validate(
+    cfg: ExperimentConfig,
+    *,
+    te_available: Optional[Callable[[], bool]] = None,
+    environ: Optional[Mapping[str, str]] = None,
+) -> None:
+    """Raise ConfigError listing every problem in ``cfg``; return None when it is valid.
+
+    Args:
+        te_available: probe for Transformer Engine (default: ``find_spec`` on the real
+            package). Tests inject a stand-in to reach the rules behind the fp8 check.
+        environ: environment used when ``parallel.world_size`` is null (default os.environ).
+
+    Reads ``<model.hf_path>/config.json`` to learn head and layer counts.
+    """
+    errors = section_field_errors(cfg)
+    arch: Optional[ModelArch] = None
+    try:
+        arch = resolve_model_arch(cfg.model)
+    except ValueError as e:
+        errors.append(str(e))
+    par = cfg.parallel
+    sizes_ok = all(s >= 1 for s in (par.tensor, par.pipeline, par.context, par.expert))
+    if sizes_ok:
+        errors += _layout_errors(par, arch, cfg.data, environ)
+        errors += _sequence_errors(par, cfg.data.seq_length)
+        errors += _precision_errors(cfg.precision, arch, par.tensor,
+                                    te_available or have_transformer_engine)
+    errors += _optim_errors(cfg.optim)
+    if errors:
+        raise ConfigError(errors)
+
+
+def section_field_errors(obj: Any, prefix: str = "") -> List[str]:
+    """Per-field rules of every (nested) section dataclass in ``obj``, plus each section's
+    optional ``config_errors(prefix)`` hook."""
+    errors: List[str] = []
+    for f in dataclasses.fields(obj):
+        key, value = f"{prefix}{f.name}", getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            errors += section_field_errors(value, f"{key}.")
+            continue
+        choices = f.metadata.get(CHOICES)
+        if choices is not None and value is not None and value not in choices:
+            errors.append(f"{key}={value!r} is not a valid choice; set {key} to one of "
+                          f"{', '.join(choices)}")
+        minimum = f.metadata.get(MINIMUM)
+        if minimum is not None and value is not None and value < minimum:
+            errors.append(f"{key}={value!r} must be >= {minimum}")
+    hook = getattr(obj, "config_errors", None)
+    if callable(hook):
+        errors += list(hook(prefix.rstrip(".")))
+    return errors
+
+
+def _layout_errors(par: ParallelConfig, arch: Optional[ModelArch], data: DataConfig,
+                   environ: Optional[Mapping[str, str]]) -> List[str]:
+    errors: List[str] = []
+    tp, pp, cp, ep = par.tensor, par.pipeline, par.context, par.expert
+    if arch is not None:
+        errors += _tensor_split_errors(arch, tp)
+        errors += _pipeline_split_errors(par, arch.num_layers)
+    try:
+        world, source = resolve_world_size(par.world_size, environ)
+    except ValueError as e:
+        return errors + [f"parallel.world_size is null and {e}"]
+    mp = tp * pp * cp
+    if world % mp:
+        return errors + [
+            f"parallel.tensor={tp} x parallel.pipeline={pp} x parallel.context={cp} = {mp} does "
+            f"not divide the world size {world} ({source}); launch a multiple of {mp} processes "
+            "or change the parallel sizes"]
+    dp = world // mp
+    if (dp * cp) % ep:
+        errors.append(f"parallel.expert={ep} must divide data-parallel size x parallel.context = "
+                      f"{dp} x {cp} = {dp * cp} (world {world}, {source}); choose a divisor of "
+                      f"{dp * cp}")
+    per_step = data.micro_batch_size * dp
+    if data.global_batch_size % per_step:
+        errors.append(
+            f"data.global_batch_size={data.global_batch_size} is not divisible by "
+            f"data.micro_batch_size={data.micro_batch_size} x data-parallel size {dp} = {per_step};"
+            f" set data.global_batch_size to a multiple of {per_step}")
+    return errors
+
+
+def _tensor_split_errors(arch: ModelArch, tp: int) -> List[str]:
+    errors = []
+    for key, value in (("model.num_attention_heads", arch.num_attention_heads),
+                       ("model.num_query_groups", arch.num_query_groups)):
+        if value % tp:
+            errors.append(f"{key}={value} is not divisible by parallel.tensor={tp}; choose "
+                          f"parallel.tensor among "
+                          f"{_divisors(math.gcd(arch.num_attention_heads, arch.num_query_groups))}")
+    return errors
+
+
+def _pipeline_split_errors(par: ParallelConfig, num_layers: int) -> List[str]:
+    """Even split, or Megatron's uneven split: the given first/last stage sizes are taken out
+    and the remaining layers are shared evenly by the middle stages (at least one each)."""
+    pp, first, last = par.pipeline, par.pipeline_first_stage_layers, par.pipeline_last_stage_layers
+    if first is None and last is None:
+        if num_layers % pp:
+            return [f"model.num_layers={num_layers} is not divisible by parallel.pipeline={pp}; "
+                    f"choose parallel.pipeline among {_divisors(num_layers)} or give an uneven "
+                    "split with parallel.pipeline_first_stage_layers / "
+                    "parallel.pipeline_last_stage_layers"]
+        return []
+    given = f"pipeline_first_stage_layers={first}, pipeline_last_stage_layers={last}"
+    if pp < 2:
+        return [f"parallel.{given} need parallel.pipeline >= 2 (got {pp}); set them to null"]
+    middle_layers = num_layers - (first or 0) - (last or 0)
+    middle_stages = pp - (first is not None) - (last is not None)
+    if middle_layers < 0 or bool(middle_layers) != bool(middle_stages) or (
+            middle_stages and middle_layers % middle_stages):
+        return [f"parallel.{given} with parallel.pipeline={pp} leave {middle_layers} of "
+                f"model.num_layers={num_layers} for {middle_stages} middle stage(s); the "
+                "remainder must split evenly with at least one layer per middle stage (and be 0 "
+                "when there are no middle stages)"]
+    return []
+
+
+def _sequence_errors(par: ParallelConfig, seq: int) -> List[str]:
+    errors = []
+    tp, cp = par.tensor, par.context
+    if cp > 1 and seq % (2 * cp):
+        errors.append(f"data.seq_length={seq} is not divisible by 2 x parallel.context = {2 * cp} "
+                      "(context parallelism splits each sequence into 2*CP chunks); pad "
+                      f"data.seq_length to a multiple of {2 * cp}")
+    if par.sequence_parallel:
+        if tp == 1:
+            errors.append("parallel.sequence_parallel=true needs parallel.tensor > 1 (got 1); set "
+                          "parallel.sequence_parallel=false")
+        elif seq % (tp * cp):
+            errors.append(f"data.seq_length={seq} is not divisible by parallel.tensor x "
+                          f"parallel.context = {tp * cp}, needed with "
+                          "parallel.sequence_parallel=true; pad data.seq_length or turn "
+                          "sequence parallelism off")
+    return errors
+
+
+def _precision_errors(prec: PrecisionConfig, arch: Optional[ModelArch], tp: int,
+                      te_available: Callable[[], bool]) -> List[str]:
+    if prec.fp8 is None:
+        return []
+    if not te_available():
+        return [f"precision.fp8={prec.fp8!r} needs Transformer Engine, which is not installed "
+                "here; set precision.fp8=null or install the gpu extra "
+                "(transformer-engine[pytorch])"]
+    if arch is None:
+        return []
+    dims = {
+        "model.hidden_size": arch.hidden_size,
+        "model.ffn_hidden_size / parallel.tensor": arch.ffn_hidden_size / tp,
+        "model.num_attention_heads x model.kv_channels / parallel.tensor":
+            arch.num_attention_heads * arch.kv_channels / tp,
+    }
+    return [f"precision.fp8={prec.fp8!r}: {name} = {value:g} is not a multiple of {_FP8_ALIGN} "
+            "(Transformer Engine FP8 GEMM requirement); set precision.fp8=null"
+            for name, value in dims.items() if value % _FP8_ALIGN]
+
+
+def _optim_errors(opt: OptimConfig) -> List[str]:
+    errors = []
+    if opt.min_lr > opt.lr:
+        errors.append(f"optim.min_lr={opt.min_lr} exceeds optim.lr={opt.lr}; lower optim.min_lr")
+    for key, beta in (("optim.adam_beta1", opt.adam_beta1), ("optim.adam_beta2", opt.adam_beta2)):
+        if beta >= 1.0:
+            errors.append(f"{key}={beta} must be < 1")
+    if opt.lr_decay_style != "constant":
+        decay = opt.lr_decay_iters if opt.lr_decay_iters is not None else opt.train_iters
+        if opt.lr_warmup_iters >= decay:
+            errors.append(f"optim.lr_warmup_iters={opt.lr_warmup_iters} must be smaller than the "
+                          f"decay length {decay} (optim.lr_decay_iters, or optim.train_iters when "
+                          f"null) with optim.lr_decay_style={opt.lr_decay_style!r}")
+    return errors
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
