@@ -3,7 +3,7 @@
 ``initialize(parallel_cfg, seed=...)`` does, in order:
 
 1. read the launch environment (:func:`launch_env_from_environ`): torchrun's RANK/WORLD_SIZE/
-   LOCAL_RANK/MASTER_ADDR/MASTER_PORT, else Slurm's SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID with
+   LOCAL_RANK/MASTER_ADDR/MASTER_PORT, else an srun step's SLURM_PROCID/SLURM_STEP_NUM_TASKS/SLURM_LOCALID with
    the master taken from the first host of SLURM_JOB_NODELIST, else a single process;
 2. prepare the device (:mod:`k15_megatron.parallel.device`): bind the local GPU, or on CPU apply
    the Megatron-Core redirections;
@@ -22,6 +22,7 @@ import datetime
 import os
 import random
 import re
+import socket
 
 import numpy as np
 import torch
@@ -88,7 +89,8 @@ def launch_env_from_environ(environ=None) -> LaunchEnv:
             master_port=int(env.get("MASTER_PORT", 29500)),
             launcher="torchrun",
         )
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+    # Inside an sbatch script SLURM_PROCID is set too; only an srun step (SLURM_STEP_ID) is a launch.
+    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
         nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
         if not nodelist and "MASTER_ADDR" not in env:
             raise ValueError("launched by srun but neither SLURM_JOB_NODELIST nor MASTER_ADDR is set")
@@ -96,13 +98,20 @@ def launch_env_from_environ(environ=None) -> LaunchEnv:
         default_port = 20000 + int(env.get("SLURM_JOB_ID", 0)) % 20000
         return LaunchEnv(
             rank=int(env["SLURM_PROCID"]),
-            world_size=int(env["SLURM_NTASKS"]),
+            world_size=int(env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"]),
             local_rank=int(env.get("SLURM_LOCALID", 0)),
             master_addr=env.get("MASTER_ADDR") or first_host_of_nodelist(nodelist),
             master_port=int(env.get("MASTER_PORT", default_port)),
             launcher="slurm",
         )
-    return LaunchEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 29500)), "single")
+    port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else _free_port()
+    return LaunchEnv(0, 1, 0, "127.0.0.1", port, "single")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _init_process_group(launch: LaunchEnv, backend: str, timeout_minutes: int) -> None:

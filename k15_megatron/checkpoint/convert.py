@@ -1,0 +1,71 @@
+"""HF <-> Megatron checkpoint conversion, run by every rank of a (TP x PP) process grid.
+
+``hf_to_megatron`` builds this rank's shard of the model from the HF folder's config.json, copies
+in its part of the HF weights (one tensor at a time) and saves a distributed checkpoint;
+``megatron_to_hf`` loads a distributed checkpoint into a model of any layout and writes a sharded
+safetensors folder. Both are collective: call them from every rank (the tools under tools/ start
+the ranks themselves). The layout only decides how the work and memory are split; the files
+are the same for every layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from k15_megatron.checkpoint import dist_ckpt
+from k15_megatron.checkpoint.hf_export import export_hf
+from k15_megatron.checkpoint.model_weights import load_hf_weights
+from k15_megatron.config.model_arch import resolve_model_arch
+from k15_megatron.config.schema import ModelConfig, ParallelConfig, PrecisionConfig
+from k15_megatron.models.gpt import build_gpt_model, padded_vocab_size
+from k15_megatron.parallel.initialize import initialize
+
+
+def _hf_dtype(hf_dir: str) -> torch.dtype | None:
+    """The dtype a HF config.json declares (``dtype`` or ``torch_dtype``), None if absent."""
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        config = json.load(f)
+    name = config.get("dtype") or config.get("torch_dtype")
+    return getattr(torch, name) if isinstance(name, str) and hasattr(torch, name) else None
+
+
+def _build(arch, tp: int, pp: int, divisible_by: int):
+    parallel = ParallelConfig(tensor=tp, pipeline=pp)
+    initialize(parallel)
+    padded = padded_vocab_size(arch.vocab_size, divisible_by, tp)
+    # fp32 parameters hold fp32, bf16 and fp16 weights exactly, so conversion is lossless.
+    model = build_gpt_model(arch, parallel_cfg=parallel, precision_cfg=PrecisionConfig(dtype="fp32"),
+                            padded_vocab=padded)
+    return model, padded
+
+
+def hf_to_megatron(hf_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1,
+                   make_vocab_size_divisible_by: int = 128) -> None:
+    """Convert the HF folder ``hf_dir`` into the k15 distributed checkpoint ``out_dir``."""
+    arch = resolve_model_arch(ModelConfig(hf_path=hf_dir))
+    model, padded = _build(arch, tp, pp, make_vocab_size_divisible_by)
+    load_hf_weights(model, hf_dir, arch, padded)
+    dist_ckpt.save_model(model, out_dir, arch=arch, padded_vocab=padded, hf_assets_from=hf_dir)
+
+
+def megatron_to_hf(ckpt_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1,
+                   dtype: torch.dtype | None = None, max_shard_bytes: int = 2 * 1024**3) -> None:
+    """Export the k15 checkpoint ``ckpt_dir`` as a HF folder ``out_dir``.
+
+    ``dtype`` defaults to the dtype of the original HF config (fp32 if unknown), so a
+    HF -> Megatron -> HF round trip returns the original tensors bit for bit.
+    """
+    meta = dist_ckpt.read_meta(ckpt_dir)
+    arch = dist_ckpt.arch_from_meta(meta)
+    assets = os.path.join(ckpt_dir, dist_ckpt.ASSETS_DIR)
+    divisible_by = meta["padded_vocab"]  # the saved padding is kept whatever TP is used now
+    model, _ = _build(arch, tp, pp, divisible_by)
+    dist_ckpt.load_model(model, ckpt_dir)
+    dtype = dtype or _hf_dtype(assets) or torch.float32
+    export_hf(model, arch, out_dir, assets_dir=assets, dtype=dtype, max_shard_bytes=max_shard_bytes)

@@ -1,0 +1,137 @@
+"""Megatron-Core distributed checkpoints of a model, written atomically, with k15 metadata.
+
+A k15 checkpoint directory holds:
+
+* the ``megatron.core.dist_checkpointing`` files (layout-independent: a checkpoint saved under
+  one TP/PP layout loads under another, resharded on load);
+* ``k15_meta.json``: ``{"format": "k15-megatron", "version": 1, "arch": {...ModelArch...},
+  "padded_vocab": int, "saved_layout": {"tensor": int, "pipeline": int}}``;
+* ``hf_assets/``: the tokenizer files and the original ``config.json`` of the Hugging Face model
+  it came from (if any), so exporting back to Hugging Face is self-contained.
+
+Atomicity: every rank writes into ``<dir>.tmp``; after a barrier rank 0 writes the metadata and
+renames the temporary directory into place, so a crash never leaves a half-written directory
+under the final name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+
+import torch
+
+META_FILE = "k15_meta.json"
+ASSETS_DIR = "hf_assets"
+FORMAT = "k15-megatron"
+VERSION = 1
+_ASSET_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", "vocab.json",
+                "merges.txt")
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _unwrap(model):
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def copy_hf_assets(hf_dir: str | None, dest: str) -> None:
+    """Copy tokenizer and config files (not weights) from ``hf_dir`` into ``dest``."""
+    os.makedirs(dest, exist_ok=True)
+    if not hf_dir:
+        return
+    for name in _ASSET_FILES:
+        src = os.path.join(hf_dir, name)
+        if os.path.exists(src):
+            shutil.copy2(src, os.path.join(dest, name))
+
+
+def atomic_publish(tmp_dir: str, final_dir: str) -> None:
+    """Move the finished ``tmp_dir`` to ``final_dir`` (replacing an older one) on rank 0."""
+    if os.path.exists(final_dir):
+        old = final_dir + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final_dir, old)
+        os.replace(tmp_dir, final_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp_dir, final_dir)
+
+
+def save_model(model, ckpt_dir: str, *, arch, padded_vocab: int, hf_assets_from: str | None = None) -> None:
+    """Save this rank's part of ``model`` into the distributed checkpoint ``ckpt_dir`` (collective)."""
+    from megatron.core import dist_checkpointing, parallel_state as ps
+
+    ckpt_dir = os.path.abspath(ckpt_dir)
+    tmp = ckpt_dir + ".tmp"
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier()
+    dist_checkpointing.save(_unwrap(model).sharded_state_dict(), tmp)
+    _barrier()
+    if _rank() == 0:
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "arch": dataclasses.asdict(arch),
+            "padded_vocab": padded_vocab,
+            "saved_layout": {"tensor": ps.get_tensor_model_parallel_world_size(),
+                             "pipeline": ps.get_pipeline_model_parallel_world_size()},
+        }
+        with open(os.path.join(tmp, META_FILE), "w") as f:
+            json.dump(meta, f, indent=2)
+        copy_hf_assets(hf_assets_from, os.path.join(tmp, ASSETS_DIR))
+        atomic_publish(tmp, ckpt_dir)
+    _barrier()
+
+
+def read_meta(ckpt_dir: str) -> dict:
+    """The k15 metadata of ``ckpt_dir``; ValueError naming the directory if it is not a k15 checkpoint."""
+    path = os.path.join(ckpt_dir, META_FILE)
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{ckpt_dir}: not a k15 checkpoint (no {META_FILE}); "
+                         f"convert Hugging Face folders with tools/convert_hf_to_megatron.py") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: corrupt metadata ({exc})") from None
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise ValueError(f"{path}: unsupported checkpoint format {meta.get('format')!r} v{meta.get('version')}")
+    return meta
+
+
+def arch_from_meta(meta: dict):
+    """The ModelArch recorded in a checkpoint's metadata."""
+    from k15_megatron.config.model_arch import ModelArch
+
+    return ModelArch(**meta["arch"])
+
+
+def load_model(model, ckpt_dir: str) -> None:
+    """Load ``ckpt_dir`` into this rank's part of ``model`` (any TP/PP layout; collective).
+
+    Raises ValueError naming the checkpoint when its parameters do not fit the model.
+    """
+    from megatron.core import dist_checkpointing
+
+    read_meta(ckpt_dir)
+    module = _unwrap(model)
+    try:
+        state = dist_checkpointing.load(module.sharded_state_dict(), ckpt_dir)
+    except Exception as exc:  # Megatron raises assorted errors for shape/key mismatches
+        raise ValueError(f"{ckpt_dir}: checkpoint does not fit the model built from its config ({exc})") from exc
+    module.load_state_dict(state, strict=True)

@@ -1,0 +1,71 @@
+"""Write a (TP/PP-sharded) Megatron model as a Hugging Face folder, streaming.
+
+Each pipeline stage writes its own safetensors shards (``model-pp{stage}-{n}.safetensors``) from
+:func:`k15_megatron.checkpoint.model_weights.iter_hf_tensors`, holding at most one shard's worth
+of tensors in memory; rank 0 then writes ``model.safetensors.index.json``, ``config.json``
+(from the arch, over the original one) and the tokenizer files. The folder appears under its
+final name only when complete (written as ``<out>.tmp``, then renamed). transformers and vLLM
+load the result unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+
+from k15_megatron.checkpoint.dist_ckpt import atomic_publish, copy_hf_assets
+from k15_megatron.checkpoint.hf_config import hf_config_dict
+from k15_megatron.checkpoint.model_weights import iter_hf_tensors
+from k15_megatron.checkpoint.safetensors_io import ShardedSafetensorsWriter, write_index
+
+
+def _read_json(path: str) -> dict | None:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def export_hf(model, arch, out_dir: str, *, assets_dir: str | None, dtype: torch.dtype | None = None,
+              max_shard_bytes: int = 2 * 1024**3) -> None:
+    """Write ``model`` (this rank's part; collective over all ranks) as a HF folder ``out_dir``.
+
+    ``assets_dir`` holds the tokenizer files and original config.json to carry over (may be None).
+    """
+    from megatron.core import parallel_state as ps
+
+    out_dir = os.path.abspath(out_dir)
+    tmp = out_dir + ".tmp"
+    rank = torch.distributed.get_rank()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    torch.distributed.barrier()
+    is_writer = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0 \
+        and ps.get_context_parallel_rank() == 0
+    writer = ShardedSafetensorsWriter(
+        tmp, prefix=f"model-pp{ps.get_pipeline_model_parallel_rank():03d}", max_shard_bytes=max_shard_bytes)
+    for name, tensor in iter_hf_tensors(model, arch, dtype=dtype):
+        if is_writer:
+            writer.add(name, tensor)
+    local = (writer.close(), writer.total_bytes) if is_writer else ({}, 0)
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, local)
+    if rank == 0:
+        weight_map, total = {}, 0
+        for part_map, part_bytes in gathered:
+            weight_map.update(part_map)
+            total += part_bytes
+        write_index(tmp, weight_map, total)
+        copy_hf_assets(assets_dir, tmp)
+        base = _read_json(os.path.join(assets_dir, "config.json")) if assets_dir else None
+        config = hf_config_dict(arch, base)
+        if dtype is not None:
+            config["dtype"] = str(dtype).removeprefix("torch.")
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        atomic_publish(tmp, out_dir)
+    torch.distributed.barrier()

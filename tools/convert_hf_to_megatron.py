@@ -1,0 +1,42 @@
+"""Convert a Hugging Face folder (safetensors + config.json + tokenizer) to a k15 Megatron checkpoint.
+
+    python tools/convert_hf_to_megatron.py --hf HF_DIR --out CKPT_DIR [--tp N --pp M]
+
+With N*M > 1 the tool starts N*M processes itself (torchrun); under torchrun or srun it runs as
+one of the ranks. Each rank reads only the tensors of its own shard.
+"""
+
+import argparse
+import sys
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--hf", required=True, help="Hugging Face model folder")
+    p.add_argument("--out", required=True, help="output checkpoint directory")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size used for the conversion")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size used for the conversion")
+    p.add_argument("--vocab-divisible-by", type=int, default=128, help="pad the vocabulary to a multiple of this")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from k15_megatron.parallel.launch import relaunch_under_torchrun
+
+    relaunch_under_torchrun(args.tp * args.pp)
+    from k15_megatron.checkpoint.convert import hf_to_megatron
+    from k15_megatron.parallel.initialize import shutdown
+
+    try:
+        hf_to_megatron(args.hf, args.out, tp=args.tp, pp=args.pp, make_vocab_size_divisible_by=args.vocab_divisible_by)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""Export a k15 Megatron checkpoint as a Hugging Face folder (sharded safetensors + index).
+
+    python tools/convert_megatron_to_hf.py --ckpt CKPT_DIR --out HF_DIR [--tp N --pp M] [--dtype bf16]
+
+The checkpoint loads under any layout; N*M > 1 splits the work over N*M processes (started by
+the tool itself unless under torchrun/srun). transformers and vLLM load the output unchanged.
+"""
+
+import argparse
+import sys
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ckpt", required=True, help="k15 checkpoint directory")
+    p.add_argument("--out", required=True, help="output Hugging Face folder")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="dtype of the written tensors (default: that of the original HF config)")
+    p.add_argument("--max-shard-size-mb", type=int, default=2048)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from k15_megatron.parallel.launch import relaunch_under_torchrun
+
+    relaunch_under_torchrun(args.tp * args.pp)
+    from k15_megatron.checkpoint.convert import megatron_to_hf
+    from k15_megatron.models.gpt import torch_dtype
+    from k15_megatron.parallel.initialize import shutdown
+
+    try:
+        megatron_to_hf(args.ckpt, args.out, tp=args.tp, pp=args.pp,
+                       dtype=torch_dtype(args.dtype) if args.dtype else None,
+                       max_shard_bytes=args.max_shard_size_mb * 1024**2)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
