@@ -13,7 +13,7 @@ import argparse
 import importlib
 import sys
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 
 @dataclass(frozen=True)

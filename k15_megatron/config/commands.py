@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
-from k15_megatron.config.errors import ConfigError
 from k15_megatron.config.loader import load_config, to_yaml
 
 EXIT_INVALID_CONFIG = 2
@@ -43,6 +42,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry for ``k15 config``; ``argv`` excludes the program and command name."""
     args = build_parser().parse_args(None if argv is None else list(argv))
     return int(args.func(args))
-
-
-__all__: List[str] = ["main", "build_parser", "ConfigError"]

@@ -98,7 +98,8 @@ def _read_yaml_chain(path: str, stack: Tuple[str, ...]) -> List[Tuple[str, Dict[
     """[(file, mapping)] for ``path`` and its ``defaults`` includes, includes first."""
     real = os.path.realpath(path)
     if real in stack:
-        raise ConfigError([f"{path}: '{INCLUDE_KEY}' include cycle ({' -> '.join(stack + (real,))})"])
+        cycle = " -> ".join(stack + (real,))
+        raise ConfigError([f"{path}: '{INCLUDE_KEY}' include cycle ({cycle})"])
     if not os.path.isfile(path):
         raise ConfigError([f"config file not found: {path}"])
     try:

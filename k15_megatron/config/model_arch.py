@@ -19,10 +19,9 @@ switches off scaling that config.json declares (``null`` means "take config.json
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, fields
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
 from k15_megatron.config.schema import SUPPORTED_FAMILIES, ModelConfig
 
@@ -50,6 +49,8 @@ _REQUIRED = (
     "max_position_embeddings",
     "norm_epsilon",
 )
+_POSITIVE = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+             "num_query_groups", "kv_channels", "vocab_size", "max_position_embeddings")
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 
@@ -79,12 +80,6 @@ class ModelArch:
     add_qkv_bias: bool
     qk_layernorm: bool
 
-    def padded_vocab_size(self, *, divisible_by: int, tensor_parallel: int) -> int:
-        """Vocabulary rounded up to a multiple of ``divisible_by * tensor_parallel``, as
-        Megatron pads its embedding so every TP shard is the same size."""
-        multiple = divisible_by * tensor_parallel
-        return int(math.ceil(self.vocab_size / multiple) * multiple)
-
 
 def read_hf_config(hf_path: str) -> Dict[str, Any]:
     """The parsed ``<hf_path>/config.json``; ValueError naming ``model.hf_path`` when the file
@@ -105,7 +100,8 @@ def read_hf_config(hf_path: str) -> Dict[str, Any]:
     return data
 
 
-def normalize_rope_scaling(scaling: Optional[Mapping[str, Any]], *, where: str) -> Optional[Dict[str, Any]]:
+def normalize_rope_scaling(scaling: Optional[Mapping[str, Any]], *,
+                           where: str) -> Optional[Dict[str, Any]]:
     """``None`` for plain RoPE, else the llama3 scaling dict (see :class:`ModelArch`).
 
     Accepts the HF spellings ``rope_type`` and the older ``type``; extra keys such as
@@ -229,6 +225,10 @@ def _fill_defaults(values: Dict[str, Any]) -> None:
     if values["family"] not in SUPPORTED_FAMILIES:
         raise ValueError(f"model.family={values['family']!r} is not supported (supported: "
                          f"{', '.join(SUPPORTED_FAMILIES)})")
+    bad = [f"model.{k}={values[k]!r}" for k in _POSITIVE
+           if values.get(k) is not None and not (isinstance(values[k], int) and values[k] >= 1)]
+    if bad:
+        raise ValueError(f"model architecture: {', '.join(bad)} must be positive integers")
     heads, hidden = values["num_attention_heads"], values["hidden_size"]
     values.setdefault("num_query_groups", heads)
     if values.get("kv_channels") is None:

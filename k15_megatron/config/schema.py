@@ -85,7 +85,8 @@ class ModelConfig:
     qk_layernorm: Optional[bool] = None
     """RMSNorm on per-head queries and keys (Qwen3: true)."""
     make_vocab_size_divisible_by: int = at_least(128, 1)
-    """The embedding is padded to a multiple of this times the tensor-parallel size."""
+    """The embedding is padded to a multiple of this (independent of the tensor-parallel
+    size, so one checkpoint loads under any TP dividing it); TP must divide the padded size."""
     init_from: Optional[str] = None
     """Megatron checkpoint whose weights start the run (optimizer state is not loaded)."""
 

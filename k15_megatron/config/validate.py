@@ -50,14 +50,16 @@ def validate(
     """
     errors = section_field_errors(cfg)
     arch: Optional[ModelArch] = None
-    try:
-        arch = resolve_model_arch(cfg.model)
-    except ValueError as e:
-        errors.append(str(e))
+    if not any(e.startswith("model.") for e in errors):  # else already reported field by field
+        try:
+            arch = resolve_model_arch(cfg.model)
+        except ValueError as e:
+            errors.append(str(e))
     par = cfg.parallel
     sizes_ok = all(s >= 1 for s in (par.tensor, par.pipeline, par.context, par.expert))
     if sizes_ok:
-        errors += _layout_errors(par, arch, cfg.data, environ)
+        errors += _layout_errors(par, arch, cfg.data, cfg.model.make_vocab_size_divisible_by,
+                                 environ)
         errors += _sequence_errors(par, cfg.data.seq_length)
         errors += _precision_errors(cfg.precision, arch, par.tensor,
                                     te_available or have_transformer_engine)
@@ -89,11 +91,12 @@ def section_field_errors(obj: Any, prefix: str = "") -> List[str]:
 
 
 def _layout_errors(par: ParallelConfig, arch: Optional[ModelArch], data: DataConfig,
-                   environ: Optional[Mapping[str, str]]) -> List[str]:
+                   divisible_by: int, environ: Optional[Mapping[str, str]]) -> List[str]:
     errors: List[str] = []
     tp, pp, cp, ep = par.tensor, par.pipeline, par.context, par.expert
     if arch is not None:
         errors += _tensor_split_errors(arch, tp)
+        errors += _vocab_padding_errors(arch.vocab_size, divisible_by, tp)
         errors += _pipeline_split_errors(par, arch.num_layers)
     try:
         world, source = resolve_world_size(par.world_size, environ)
@@ -111,7 +114,7 @@ def _layout_errors(par: ParallelConfig, arch: Optional[ModelArch], data: DataCon
                       f"{dp} x {cp} = {dp * cp} (world {world}, {source}); choose a divisor of "
                       f"{dp * cp}")
     per_step = data.micro_batch_size * dp
-    if data.global_batch_size % per_step:
+    if per_step >= 1 and data.global_batch_size % per_step:
         errors.append(
             f"data.global_batch_size={data.global_batch_size} is not divisible by "
             f"data.micro_batch_size={data.micro_batch_size} x data-parallel size {dp} = {per_step};"
@@ -128,6 +131,20 @@ def _tensor_split_errors(arch: ModelArch, tp: int) -> List[str]:
                           f"parallel.tensor among "
                           f"{_divisors(math.gcd(arch.num_attention_heads, arch.num_query_groups))}")
     return errors
+
+
+def _vocab_padding_errors(vocab: int, divisible_by: int, tp: int) -> List[str]:
+    """The embedding is padded to a multiple of ``divisible_by`` alone (so one checkpoint loads
+    under every TP dividing it; see models.gpt.padded_vocab_size); TP must divide that."""
+    if divisible_by < 1:
+        return []  # reported by the field minimum
+    padded = -(-vocab // divisible_by) * divisible_by
+    if padded % tp:
+        return [f"padded vocabulary {padded} (model.vocab_size={vocab} rounded up to "
+                f"model.make_vocab_size_divisible_by={divisible_by}) is not divisible by "
+                f"parallel.tensor={tp}; set model.make_vocab_size_divisible_by to a multiple of "
+                f"{tp}"]
+    return []
 
 
 def _pipeline_split_errors(par: ParallelConfig, num_layers: int) -> List[str]:
