@@ -148,7 +148,8 @@ class RLConfig:
         s = self.sampling
         choice(s.strategy, "sampling.strategy", SAMPLING_STRATEGIES)
         choice(s.success_tracking, "sampling.success_tracking", SUCCESS_TRACKING)
-        need(0.0 <= s.ema_decay < 1.0, "sampling.ema_decay", f"must be in [0, 1), got {s.ema_decay}")
+        need(0.0 <= s.ema_decay < 1.0, "sampling.ema_decay",
+             f"must be in [0, 1), got {s.ema_decay}")
         need(0.0 <= s.unseen_success_rate <= 1.0, "sampling.unseen_success_rate",
              "must be in [0, 1]")
         need(s.priority_floor >= 0, "sampling.priority_floor", "must be >= 0")

@@ -47,7 +47,7 @@ def prioritized_weights(success_rates, difficulties, iteration, cfg):
 def curriculum_weights(success_rates, difficulties, iteration, cfg):
     """1 for all problems before the switch iteration; afterwards 1 only for hard problems."""
     if difficulties is None:
-        raise ValueError("rl.sampling.strategy=curriculum needs difficulty labels for every problem")
+        raise ValueError("rl.sampling.strategy=curriculum needs a difficulty label per problem")
     if iteration < cfg.curriculum_switch_iteration:
         return torch.ones_like(success_rates)
     return (difficulties >= cfg.curriculum_hard_threshold).to(success_rates.dtype)
