@@ -13,10 +13,14 @@ class ConfigError(ValueError):
     them all, so a user fixes everything in one pass instead of one error per run.
     """
 
-    def __init__(self, errors: Iterable[str], *, header: str = "invalid configuration"):
+    def __init__(self, errors: Iterable[str]):
         self.errors: List[str] = list(errors)
         assert self.errors, "ConfigError needs at least one problem"
         n = len(self.errors)
-        lines = [f"{header} ({n} problem{'s' if n > 1 else ''}):"]
+        lines = [f"invalid configuration ({n} problem{'s' if n > 1 else ''}):"]
         lines += [f"  - {e}" for e in self.errors]
         super().__init__("\n".join(lines))
+
+    def __reduce__(self):
+        # Rebuild from the problem list, not the joined message, when crossing processes.
+        return (type(self), (self.errors,))

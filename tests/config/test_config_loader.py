@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 import textwrap
 from dataclasses import dataclass, field
 from typing import List
@@ -92,6 +93,9 @@ def test_unknown_keys_name_full_key_file_and_suggestion(tmp_path):
     # No close match: the message lists the valid keys of that section instead.
     tp_err = next(e for e in errors if "parallel.tp" in e)
     assert "valid keys in parallel: tensor, pipeline" in tp_err
+    # The error survives pickling (multi-process launchers send exceptions between ranks).
+    copy = pickle.loads(pickle.dumps(info.value))
+    assert copy.errors == errors and str(copy) == text
 
 
 def test_type_errors_name_key_and_expected_type(tmp_path):
