@@ -19,3 +19,70 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared, expensive fixtures (built once per test session)
+# ---------------------------------------------------------------------------------------------
+FAMILIES = ("llama", "qwen2", "qwen3")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dirs(tmp_path_factory):
+    """family -> folder of a tiny random HF model (Llama: untied + llama3 RoPE scaling, sharded
+    safetensors with an index; Qwen2: tied + QKV bias; Qwen3: untied + QK-norm)."""
+    from k15_megatron.models.tiny import save_tiny_hf_model
+
+    root = tmp_path_factory.mktemp("tiny_hf")
+    dirs = {}
+    for family in FAMILIES:
+        shard = "150KB" if family == "llama" else None
+        dirs[family] = save_tiny_hf_model(str(root / family), family, init_std=0.1, max_shard_size=shard)
+    return dirs
+
+
+def run_tool(*args: str, timeout: int = 300):
+    """Run ``python tools/<script> args...`` from the repository root; returns CompletedProcess."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def roundtrip_dirs(tiny_hf_dirs, tmp_path_factory):
+    """family -> (k15 checkpoint, re-exported HF folder), made by the command-line tools with
+    different layouts on each side: Llama TP=2 -> PP=2, Qwen2 PP=2 -> TP=2, Qwen3 TP=1 -> PP=2."""
+    root = tmp_path_factory.mktemp("roundtrip")
+    layouts = {"llama": ((2, 1), (1, 2)), "qwen2": ((1, 2), (2, 1)), "qwen3": ((1, 1), (1, 2))}
+    dirs = {}
+    for family, ((tp_in, pp_in), (tp_out, pp_out)) in layouts.items():
+        ckpt, back = str(root / f"{family}_ckpt"), str(root / f"{family}_hf")
+        for cmd in (
+            ["tools/convert_hf_to_megatron.py", "--hf", tiny_hf_dirs[family], "--out", ckpt,
+             "--tp", str(tp_in), "--pp", str(pp_in)],
+            ["tools/convert_megatron_to_hf.py", "--ckpt", ckpt, "--out", back,
+             "--tp", str(tp_out), "--pp", str(pp_out), "--max-shard-size-mb", "1"],
+        ):
+            proc = run_tool(*cmd)
+            assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}"
+        dirs[family] = (ckpt, back)
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(roundtrip_dirs):
+    """THE vLLM (CPU) engine of the test session, on the exported tiny Qwen2 folder.
+
+    One engine per session keeps the suite fast; tests must not change its weights.
+    """
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM
+
+    _, hf_dir = roundtrip_dirs["qwen2"]
+    engine = LLM(hf_dir, dtype="float32", enforce_eager=True, max_model_len=512, seed=0,
+                 gpu_memory_utilization=0.2)
+    yield engine
+    del engine
