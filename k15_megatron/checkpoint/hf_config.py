@@ -48,5 +48,8 @@ def hf_config_dict(arch, base: dict | None = None) -> dict:
     if arch.family == "llama":
         config.update(attention_bias=False, mlp_bias=False)
     if arch.family == "qwen3":
-        config["attention_bias"] = arch.add_qkv_bias
+        if arch.add_qkv_bias:
+            # transformers' Qwen3 attention_bias also adds an o_proj bias, which this model lacks.
+            raise ValueError("a qwen3 model with model.add_qkv_bias=true has no Hugging Face equivalent")
+        config["attention_bias"] = False
     return config

@@ -1,0 +1,51 @@
+"""Conversion refuses bad input with a message that names the culprit."""
+
+import json
+import os
+import shutil
+
+from conftest import run_tool
+from safetensors.torch import load_file, save_file
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_unsupported_architecture_is_named(tiny_hf_dirs, tmp_path):
+    hf = _copy(tiny_hf_dirs["qwen2"], tmp_path / "gpt2ish")
+    config = json.load(open(hf / "config.json"))
+    config["model_type"] = "gpt2"
+    json.dump(config, open(hf / "config.json", "w"))
+    proc = run_tool("tools/convert_hf_to_megatron.py", "--hf", str(hf), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2
+    assert "gpt2" in proc.stderr and "config.json" in proc.stderr and "qwen2" in proc.stderr
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_shapes_that_do_not_match_the_config_are_named(tiny_hf_dirs, tmp_path):
+    hf = _copy(tiny_hf_dirs["qwen3"], tmp_path / "bad_shapes")
+    config = json.load(open(hf / "config.json"))
+    config["intermediate_size"] = 320  # weights were saved with 256
+    json.dump(config, open(hf / "config.json", "w"))
+    proc = run_tool("tools/convert_hf_to_megatron.py", "--hf", str(hf), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2
+    assert "mlp.gate_proj.weight" in proc.stderr and "linear_fc1" in proc.stderr
+    assert not os.path.exists(tmp_path / "out"), "a failed conversion must not leave a checkpoint"
+
+
+def test_missing_tensor_is_named(tiny_hf_dirs, tmp_path):
+    hf = _copy(tiny_hf_dirs["qwen3"], tmp_path / "missing")
+    tensors = load_file(hf / "model.safetensors")
+    del tensors["model.layers.1.self_attn.k_norm.weight"]
+    save_file(tensors, hf / "model.safetensors", metadata={"format": "pt"})
+    proc = run_tool("tools/convert_hf_to_megatron.py", "--hf", str(hf), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2
+    assert "model.layers.1.self_attn.k_norm.weight" in proc.stderr and "missing" in proc.stderr
+
+
+def test_export_of_a_non_checkpoint_is_refused(tiny_hf_dirs, tmp_path):
+    proc = run_tool("tools/convert_megatron_to_hf.py", "--ckpt", tiny_hf_dirs["qwen2"], "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2
+    assert "not a k15 checkpoint" in proc.stderr and tiny_hf_dirs["qwen2"] in proc.stderr
