@@ -19,7 +19,9 @@ in Megatron's vocab-parallel cross entropy. The input may be:
   sum of all shards' contributions (all-reduced, like ColumnParallelLinear's input copy) unless
   ``reduce_hidden_grad=False`` (a sequence-parallel caller whose gather does the reduction).
 
-All arithmetic on logits is float32 whatever the input dtype.
+All arithmetic on logits is float32 whatever the input dtype. With a non-float32 weight that
+means one float32 copy of the weight shard [V_local, H] for the duration of forward and of
+backward (independent of the sequence length), plus float32 gradient accumulators.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
             target = torch.where(in_range, target, torch.zeros_like(target))
             zmax = z.max(dim=1).values
             _all_reduce(zmax, dist.ReduceOp.MAX, group)
-            ez = torch.exp(z - zmax.unsqueeze(1))
+            ez = (z - zmax.unsqueeze(1)).exp_()
             parts = [ez.sum(dim=1), target]
             if want_entropy:  # row-wise dot product, no third [n, V] buffer
                 parts.append(torch.bmm(ez.unsqueeze(1), z.unsqueeze(2)).view(-1))
