@@ -125,11 +125,15 @@ class RLConfig:
 
     def validate(self) -> list[str]:
         """Return one message per invalid field, each naming its dotted key (empty if valid)."""
+        return self.config_errors("rl")
+
+    def config_errors(self, prefix: str = "rl") -> list[str]:
+        """``validate()`` with the section's dotted key given (the schema validator's hook)."""
         errors: list[str] = []
 
         def need(ok: bool, key: str, msg: str) -> None:
             if not ok:
-                errors.append(f"rl.{key}: {msg}")
+                errors.append(f"{prefix}.{key}: {msg}")
 
         def choice(value: str, key: str, allowed: tuple[str, ...]) -> None:
             need(value in allowed, key, f"must be one of {list(allowed)}, got {value!r}")

@@ -35,6 +35,7 @@ def test_each_invalid_value_is_reported_with_its_key(dotted, value):
     setattr(target, leaf, value)
     errors = cfg.validate()
     assert len(errors) == 1 and errors[0].startswith(f"rl.{dotted}:"), errors
+    assert cfg.config_errors("train.rl")[0].startswith(f"train.rl.{dotted}:")
 
 
 def test_omegaconf_structured_merge_and_unknown_keys():
