@@ -30,6 +30,8 @@ class Command:
 
 COMMANDS = (
     Command("config", "inspect experiment configs (show)", "k15_megatron.config.commands:main"),
+    Command("demo", "tiny end-to-end run: build, convert, train, export",
+            "k15_megatron.train.demo:main"),
 )
 
 

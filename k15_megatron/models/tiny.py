@@ -92,11 +92,36 @@ def save_tiny_hf_model(out_dir: str, family: str = "qwen2", *, seed: int = 0, in
     config = _config_for(family, len(tokenizer), **size_overrides)
     config.initializer_range = init_std
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     os.makedirs(out_dir, exist_ok=True)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out_dir, safe_serialization=True, **kwargs)
     tokenizer.save_pretrained(out_dir)
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
         json.dump({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}, f)
+    return out_dir
+
+
+def save_hf_model_from_arch(arch, out_dir: str, *, seed: int = 0, init_std: float = 0.02) -> str:
+    """Write a random-weight HF model of architecture ``arch`` plus the character tokenizer.
+
+    ``arch.vocab_size`` must hold the tokenizer (>= its size); extra rows are simply never used.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from k15_megatron.checkpoint.hf_config import hf_config_dict
+
+    tokenizer = build_char_tokenizer()
+    if arch.vocab_size < len(tokenizer):
+        raise ValueError(f"model.vocab_size={arch.vocab_size} is smaller than the character tokenizer "
+                         f"({len(tokenizer)} tokens)")
+    values = hf_config_dict(arch, {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0})
+    model_type = values.pop("model_type")
+    config = AutoConfig.for_model(model_type, **values)
+    config.initializer_range = init_std
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
     return out_dir
