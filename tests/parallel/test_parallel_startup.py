@@ -75,3 +75,45 @@ def test_megatron_rng_streams_on_cpu():
     assert torch.equal(d0, d1), "the data-parallel (default) stream is the same on every TP rank"
     for (_, a_tp, a_d, _), (_, b_tp, b_d, _) in zip(first, again):
         assert torch.equal(a_tp, b_tp) and torch.equal(a_d, b_d), "same seed must reproduce the streams"
+
+
+_SRUN_RANK_SCRIPT = r"""
+import json, sys
+from k15_megatron.config import ParallelConfig
+from k15_megatron.parallel.initialize import initialize, launch_env_from_environ, shutdown
+launch = launch_env_from_environ()
+layout = initialize(ParallelConfig(tensor=2), seed=3)
+print(json.dumps({"launcher": launch.launcher, "rank": layout.rank, "tp_rank": layout.tp_rank,
+                  "world": layout.world_size}))
+shutdown()
+"""
+
+
+@pytest.mark.distributed
+def test_initialize_from_srun_variables_without_torchrun():
+    """Two processes that only carry the variables an srun step sets (no RANK/WORLD_SIZE)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from distributed import free_port
+
+    port = free_port()
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    procs = []
+    for rank in range(2):
+        env = dict(base, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_STEP_ID="0",
+                   SLURM_STEP_NUM_TASKS="2", SLURM_NTASKS="2", SLURM_JOB_NODELIST="localhost",
+                   MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, "-c", _SRUN_RANK_SCRIPT], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err[-3000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    assert [r["launcher"] for r in results] == ["slurm", "slurm"]
+    assert sorted((r["rank"], r["tp_rank"]) for r in results) == [(0, 0), (1, 1)]
+    assert all(r["world"] == 2 for r in results)
