@@ -22,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Sequence
 
+from k15_megatron.config.rl import RLConfig
+
 SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3")
 """Model families the Megatron builders implement (HF ``model_type`` values)."""
 
@@ -238,3 +240,5 @@ class ExperimentConfig:
     """Checkpointing."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Logging."""
+    rl: RLConfig = field(default_factory=RLConfig)
+    """The RL algorithm: mirror-descent loss, length penalty, sampling, replay, repeat detection."""
