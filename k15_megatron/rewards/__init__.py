@@ -1,1 +1,13 @@
-"""k15_megatron.rewards."""
+"""Verifiable rewards (PAPER.md section 6), safe against whatever a policy under RL produces.
+
+Modules (import the one you need; nothing heavy is imported here):
+
+- `math`: final-answer extraction and math-verify equivalence, guarded and hard-time-limited.
+- `code`: `run_tests` / `run_tests_batch`, verdicts per test case, on top of
+- `sandbox`: one isolated execution (namespaces, read-only view, rlimits, output caps), using
+- `isolation`: the Linux primitives (ctypes unshare/mount, uid leases).
+- `testgen`: CYaRon test generation with the 50 / 10 / 7-of-10 / 9-of-10 rules.
+- `judge`: chain-of-thought reward model (prompt, verdict parser, vLLM and HTTP clients).
+- `registry`: name -> reward function, weighted combination, metrics (`RewardManager`).
+- `pool`: the process pool with per-task hard deadlines that math and code scoring share.
+"""

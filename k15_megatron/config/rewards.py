@@ -1,0 +1,254 @@
+"""The `rewards:` section of the configuration: verifiable rewards (PAPER.md section 6).
+
+Plain dataclasses (OmegaConf-structured compatible). Defaults live here and only here; YAML
+recipes override them. Cross-field checks live in `RewardsConfig.validate()`, which returns
+one message per problem naming its dotted key (``rewards.code.time_limit_s``); the generic
+schema validator reaches the same checks through ``config_errors(prefix)``.
+
+Which reward a prompt gets: a prompt's own ``reward`` field wins; otherwise its
+``data_source`` is looked up in ``sources``; otherwise ``default``. A reward spec is a
+comma-separated list of ``name`` or ``name=weight`` items, where a name is a registered reward
+(``math``, ``code``, ``rm``) or a ``package.module:function`` string (see
+``k15_megatron.rewards.registry``). Several items combine as a weighted mean.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List
+
+BUILTIN_REWARDS = ("math", "code", "rm")
+JUDGE_BACKENDS = ("vllm", "openai")
+CODE_LANGUAGES = ("python", "cpp")
+
+
+@dataclass
+class MathRewardConfig:
+    """Rule-based answer checking with math-verify (`k15_megatron.rewards.math`)."""
+
+    answer_pattern: str = ""
+    """Regex with one group that captures the final answer; the LAST match counts. Empty: the
+    argument of the last \\boxed{...} (or \\fbox{...}) in the response."""
+    time_limit_s: float = 5.0
+    """Hard wall-clock limit per scored answer; the worker process is killed past it (score 0)."""
+    max_response_chars: int = 2_000_000
+    """Responses longer than this score 0 unparsed (a 128k-token chain of thought is ~0.5 MB)."""
+    max_answer_chars: int = 1_000
+    """Extracted answers (and gold answers) longer than this score 0 unparsed."""
+    max_nesting_depth: int = 50
+    """Answers whose brackets ({[( and \\left/\\right) nest deeper than this score 0 unparsed."""
+    num_workers: int = 2
+    """Worker processes of the scoring pool (each holds math-verify and sympy in memory)."""
+    float_rounding: int = 6
+    """Decimal places math-verify rounds floats to before comparing."""
+    strict: bool = True
+    """math-verify strict mode: variables must match and sets/intervals keep their type."""
+
+
+@dataclass
+class CodeRewardConfig:
+    """Sandboxed test execution (`k15_megatron.rewards.code`, `k15_megatron.rewards.sandbox`)."""
+
+    time_limit_s: float = 5.0
+    """Wall-clock limit per test case; CPU time is limited to ceil(this) + 1 s as well."""
+    memory_mb: int = 1024
+    """Address-space limit (RLIMIT_AS) of every sandboxed process, in MiB."""
+    max_output_bytes: int = 1 << 20
+    """stdout (and separately stderr) beyond this many bytes kills the run: verdict output_limit."""
+    max_processes: int = 32
+    """RLIMIT_NPROC of the sandbox user: processes plus threads it may hold at once."""
+    max_file_mb: int = 16
+    """RLIMIT_FSIZE: the largest file a sandboxed program may write, in MiB."""
+    max_open_files: int = 64
+    """RLIMIT_NOFILE of sandboxed processes."""
+    all_or_nothing: bool = False
+    """Reward 1.0 only when every test passes (False: the fraction of tests passed)."""
+    num_workers: int = 2
+    """Worker processes of `run_tests_batch` (one program's tests run sequentially in one)."""
+    allow_no_namespaces: bool = False
+    """Run WITHOUT network/mount/pid namespaces and uid switch when the kernel or privileges do
+    not allow them. Off: the sandbox refuses to run instead (no network isolation otherwise)."""
+    sandbox_uid_base: int = 61000
+    """First of the unprivileged uids sandboxes run as (each concurrent sandbox leases its own,
+    so RLIMIT_NPROC is per sandbox). Needs root; unused uids need no /etc/passwd entry."""
+    num_sandbox_uids: int = 64
+    """How many uids from sandbox_uid_base may be leased at once (max concurrent sandboxes)."""
+    python_executable: str = ""
+    """Interpreter for language=python programs and CYaRon generators; empty: this interpreter."""
+    cpp_compiler: str = "g++"
+    """Compiler for language=cpp programs (run inside the sandbox as well)."""
+    cpp_flags: List[str] = field(default_factory=lambda: ["-O2", "-std=c++17"])
+    """Compiler flags for language=cpp."""
+    compile_time_limit_s: float = 30.0
+    """Wall-clock limit of one compilation."""
+    compile_memory_mb: int = 2048
+    """Address-space limit of the compiler, in MiB."""
+
+
+@dataclass
+class RewardModelConfig:
+    """Chain-of-thought reward model (`k15_megatron.rewards.judge`)."""
+
+    backend: str = "vllm"
+    """vllm: the rollout engine's offline LLM object | openai: an OpenAI-compatible endpoint."""
+    base_url: str = ""
+    """openai backend: URL up to /v1 (``http://host:8000/v1``); /chat/completions is appended."""
+    model: str = ""
+    """openai backend: the served model name sent in each request."""
+    api_key_env: str = ""
+    """openai backend: NAME of the environment variable holding the API key (never the key)."""
+    max_tokens: int = 1024
+    """Tokens the judge may spend on reasoning plus its JSON verdict."""
+    temperature: float = 0.0
+    """Judge sampling temperature (0 = greedy)."""
+    request_timeout_s: float = 120.0
+    """openai backend: per-request timeout; a timed-out request scores 0 with a reason."""
+    max_concurrency: int = 8
+    """openai backend: requests in flight at once."""
+    prompt_template: str = ""
+    """Judge prompt with {question}, {reference}, {response} fields; empty: the built-in one."""
+
+
+@dataclass
+class TestGenConfig:
+    """CYaRon test generation (`k15_megatron.rewards.testgen`, PAPER.md section 6 numbers)."""
+
+    __test__ = False  # not a pytest test class despite the name
+
+    num_cases: int = 50
+    """Test inputs generated per problem (one generator run each, seeds 0..num_cases-1)."""
+    num_solutions: int = 10
+    """Ground-truth solutions run on every case (the first this many given)."""
+    case_min_agree: int = 7
+    """A case is kept when at least this many solutions produce the same output."""
+    problem_min_pass: int = 9
+    """A problem is kept when at least this many solutions pass all kept cases."""
+    min_kept_cases: int = 1
+    """A problem with fewer kept cases than this is dropped."""
+
+
+@dataclass
+class RewardsConfig:
+    """All reward functions, which prompt gets which, and how they combine."""
+
+    math: MathRewardConfig = field(default_factory=MathRewardConfig)
+    """Rule-based math answer checking."""
+    code: CodeRewardConfig = field(default_factory=CodeRewardConfig)
+    """Sandboxed code execution."""
+    rm: RewardModelConfig = field(default_factory=RewardModelConfig)
+    """Chain-of-thought reward model."""
+    testgen: TestGenConfig = field(default_factory=TestGenConfig)
+    """Offline test-case generation (tools/gen_code_tests.py)."""
+    sources: Dict[str, str] = field(default_factory=dict)
+    """data_source -> reward spec (``"math"``, ``"math=0.8,rm=0.2"``, ``"pkg.mod:fn"``)."""
+    default: str = "math"
+    """Reward spec for prompts with neither a ``reward`` field nor a known data_source."""
+
+    def validate(self, prefix: str = "rewards") -> list[str]:
+        """Return one message per invalid field, each naming its dotted key (empty if valid)."""
+        errors: list[str] = []
+
+        def need(ok: bool, key: str, msg: str) -> None:
+            if not ok:
+                errors.append(f"{prefix}.{key}: {msg}")
+
+        m, c, r, t = self.math, self.code, self.rm, self.testgen
+        need(m.time_limit_s > 0, "math.time_limit_s", f"must be > 0, got {m.time_limit_s}")
+        for key in ("max_response_chars", "max_answer_chars", "max_nesting_depth", "num_workers"):
+            value = getattr(m, key)
+            need(value >= 1, f"math.{key}", f"must be >= 1, got {value}")
+        if m.answer_pattern:
+            errors += _regex_errors(m.answer_pattern, f"{prefix}.math.answer_pattern")
+        need(c.time_limit_s > 0, "code.time_limit_s", f"must be > 0, got {c.time_limit_s}")
+        need(c.compile_time_limit_s > 0, "code.compile_time_limit_s",
+             f"must be > 0, got {c.compile_time_limit_s}")
+        for key in ("memory_mb", "compile_memory_mb"):
+            value = getattr(c, key)
+            need(value >= 32, f"code.{key}", f"must be >= 32 (MiB), got {value}")
+        for key in ("max_output_bytes", "max_processes", "max_file_mb", "max_open_files",
+                    "num_workers", "num_sandbox_uids"):
+            value = getattr(c, key)
+            need(value >= 1, f"code.{key}", f"must be >= 1, got {value}")
+        need(c.sandbox_uid_base >= 1000, "code.sandbox_uid_base",
+             f"must be an unprivileged uid >= 1000, got {c.sandbox_uid_base}")
+        need(c.num_sandbox_uids >= c.num_workers, "code.num_sandbox_uids",
+             f"must be >= code.num_workers ({c.num_workers}), got {c.num_sandbox_uids}")
+        need(r.backend in JUDGE_BACKENDS, "rm.backend",
+             f"must be one of {list(JUDGE_BACKENDS)}, got {r.backend!r}")
+        if r.backend == "openai":
+            need(bool(r.base_url), "rm.base_url", "must be set when rm.backend=openai")
+            need(bool(r.model), "rm.model", "must be set when rm.backend=openai")
+        need(r.max_tokens >= 1, "rm.max_tokens", f"must be >= 1, got {r.max_tokens}")
+        need(r.temperature >= 0, "rm.temperature", f"must be >= 0, got {r.temperature}")
+        need(r.max_concurrency >= 1, "rm.max_concurrency", f"must be >= 1, got {r.max_concurrency}")
+        need(r.request_timeout_s > 0, "rm.request_timeout_s",
+             f"must be > 0, got {r.request_timeout_s}")
+        if r.prompt_template:
+            for name in ("{question}", "{response}"):
+                need(name in r.prompt_template, "rm.prompt_template", f"must contain {name}")
+        need(t.num_cases >= 1, "testgen.num_cases", f"must be >= 1, got {t.num_cases}")
+        need(t.num_solutions >= 1, "testgen.num_solutions", f"must be >= 1, got {t.num_solutions}")
+        need(1 <= t.case_min_agree <= t.num_solutions, "testgen.case_min_agree",
+             f"must be in [1, testgen.num_solutions={t.num_solutions}], got {t.case_min_agree}")
+        need(1 <= t.problem_min_pass <= t.num_solutions, "testgen.problem_min_pass",
+             f"must be in [1, testgen.num_solutions={t.num_solutions}], got {t.problem_min_pass}")
+        need(t.min_kept_cases >= 0, "testgen.min_kept_cases",
+             f"must be >= 0, got {t.min_kept_cases}")
+        errors += _spec_errors(self.default, f"{prefix}.default")
+        for source, spec in self.sources.items():
+            errors += _spec_errors(spec, f"{prefix}.sources.{source}")
+        return errors
+
+    def config_errors(self, prefix: str) -> List[str]:
+        """Hook for the generic schema validator: same checks as `validate`."""
+        return self.validate(prefix)
+
+
+def parse_reward_spec(spec: str) -> Dict[str, float]:
+    """``"math=0.8,rm=0.2"`` -> ``{"math": 0.8, "rm": 0.2}``; a bare name has weight 1.0.
+
+    Raises ValueError naming the bad item. Names are not resolved here (the registry does that).
+    """
+    weights: Dict[str, float] = {}
+    items = [item.strip() for item in spec.split(",")]
+    if not spec.strip() or not all(items):
+        raise ValueError(f"reward spec {spec!r} has an empty item")
+    for item in items:
+        name, sep, weight = item.rpartition("=")
+        if not sep:
+            name, weight = item, "1.0"
+        name = name.strip()
+        try:
+            value = float(weight)
+        except ValueError:
+            raise ValueError(f"reward spec {spec!r}: weight of {name!r} is not a number") from None
+        if not name or value < 0 or value != value:
+            raise ValueError(f"reward spec {spec!r}: item {item!r} needs a name and weight >= 0")
+        if name in weights:
+            raise ValueError(f"reward spec {spec!r} names {name!r} twice")
+        weights[name] = value
+    if sum(weights.values()) <= 0:
+        raise ValueError(f"reward spec {spec!r} has total weight 0")
+    return weights
+
+
+def _spec_errors(spec: str, key: str) -> List[str]:
+    try:
+        names = parse_reward_spec(spec)
+    except ValueError as err:
+        return [f"{key}: {err}"]
+    return [f"{key}: unknown reward {name!r}; use one of {list(BUILTIN_REWARDS)} or "
+            f"'package.module:function'" for name in names
+            if name not in BUILTIN_REWARDS and ":" not in name]
+
+
+def _regex_errors(pattern: str, key: str) -> List[str]:
+    import re
+
+    try:
+        compiled = re.compile(pattern)
+    except re.error as err:
+        return [f"{key}: not a valid regex ({err})"]
+    if compiled.groups < 1:
+        return [f"{key}: needs one capturing group around the answer"]
+    return []

@@ -1,0 +1,359 @@
+"""Run one untrusted command in isolation and report what happened: `execute`.
+
+Process layout of one execution (all started with ``os.fork``, no shell)::
+
+    caller (worker process) ── reads stdout/stderr with caps, enforces the wall-clock limit
+      └─ supervisor: setsid, dies with the caller; unshares net/mount/pid/ipc namespaces,
+         │            builds the read-only view (see `isolation`), waits, reports the status
+         └─ program: pid 1 of the new pid namespace; mounts its /proc, applies rlimits
+                     (CPU, AS, NPROC, FSIZE, NOFILE, CORE), drops to the leased uid, execs.
+
+The working directory is a fresh temporary directory owned by the leased uid; it is the only
+writable place. The environment is replaced by a minimal one (PATH, HOME, TMPDIR, LANG and
+thread-count caps), so nothing of the caller's environment (tokens, keys) reaches the program.
+stdout and stderr are each read up to ``max_output_bytes``; one byte more kills the run
+(``output_overflow``). On the wall-clock deadline the supervisor's process group is SIGKILLed;
+the program dies with its supervisor (parent-death signal) and, being pid 1 of its namespace,
+takes every descendant with it.
+
+Failures of the sandbox itself (namespaces refused, a missing interpreter) raise
+`SandboxError`: they are not the program's fault and must not silently become rewards of 0.
+Without root or namespaces the sandbox refuses to run unless
+``CodeRewardConfig.allow_no_namespaces`` is set, in which case it runs with rlimits, a
+scrubbed environment and a process group only (no network, filesystem or uid isolation).
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+import resource
+import selectors
+import shutil
+import signal
+import struct
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence
+
+from k15_megatron.config.rewards import CodeRewardConfig
+from k15_megatron.rewards import isolation as iso
+
+_NAMESPACES = iso.CLONE_NEWNS | iso.CLONE_NEWNET | iso.CLONE_NEWPID | iso.CLONE_NEWIPC
+_DRAIN_AFTER_KILL_S = 5.0
+_MAX_COLLECT_BYTES = 256 << 20
+# execve errors that are the program's own doing (a binary too big for the memory limit, or
+# not an executable); any other exec failure means the sandbox is misconfigured.
+_PROGRAM_EXEC_ERRORS = (errno.ENOMEM, errno.E2BIG, errno.ENOEXEC)
+
+
+class SandboxError(RuntimeError):
+    """The sandbox could not run the program (setup failed); not a verdict on the program."""
+
+
+@dataclass
+class Limits:
+    """Resource limits of one execution (units in the names)."""
+
+    time_limit_s: float
+    memory_mb: int
+    max_output_bytes: int
+    max_processes: int
+    max_file_mb: int
+    max_open_files: int
+
+    @classmethod
+    def from_config(cls, cfg: CodeRewardConfig, **overrides: float) -> "Limits":
+        """Limits of ``cfg`` with keyword ``overrides`` (e.g. ``time_limit_s=2``)."""
+        values = dict(time_limit_s=cfg.time_limit_s, memory_mb=cfg.memory_mb,
+                      max_output_bytes=cfg.max_output_bytes, max_processes=cfg.max_processes,
+                      max_file_mb=cfg.max_file_mb, max_open_files=cfg.max_open_files)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+@dataclass
+class ExecResult:
+    """What one execution did. ``exit_code`` is None when a signal (``signal``) ended it;
+    ``exec_errno`` is set when ``execve`` itself failed for the program (ENOMEM from a huge
+    static array under the memory limit, ENOEXEC...)."""
+
+    exit_code: Optional[int]
+    signal: Optional[int]
+    stdout: bytes
+    stderr: bytes
+    timed_out: bool
+    output_overflow: bool
+    wall_s: float
+    exec_errno: Optional[int] = None
+    files: dict[str, bytes] = field(default_factory=dict)
+
+
+_MODE_CACHE: dict[bool, str] = {}
+
+
+def isolation_mode(cfg: CodeRewardConfig) -> str:
+    """``"full"`` (namespaces + uid switch) or ``"none"`` (only when the config allows it).
+
+    Probed once per process by forking a child that tries the namespace set-up. Raises
+    SandboxError with the reason when full isolation is impossible and not explicitly waived.
+    """
+    allow = cfg.allow_no_namespaces
+    if allow not in _MODE_CACHE:
+        reason = _probe_full_isolation()
+        if reason and not allow:
+            raise SandboxError(
+                f"code sandbox cannot isolate programs here ({reason}); it needs root and "
+                "Linux network/mount/pid namespaces. Set rewards.code.allow_no_namespaces=true "
+                "to run untrusted code WITHOUT network and filesystem isolation.")
+        _MODE_CACHE[allow] = "none" if reason else "full"
+    return _MODE_CACHE[allow]
+
+
+def _probe_full_isolation() -> str:
+    if os.geteuid() != 0:
+        return "not running as root, so programs cannot run as a separate unprivileged uid"
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_fd)
+            iso.unshare(_NAMESPACES)
+            iso.mount(None, "/", None, iso.MS_REC | iso.MS_PRIVATE)
+            iso.set_readonly("/", recursive=True)
+            os.write(write_fd, b"ok")
+        except BaseException as err:
+            os.write(write_fd, str(err).encode()[:500])
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    message = _read_all(read_fd)
+    os.waitpid(pid, 0)
+    return "" if message == b"ok" else message.decode(errors="replace") or "probe died"
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 65536):
+        chunks.append(chunk)
+    os.close(fd)
+    return b"".join(chunks)
+
+
+_EXPOSURES: dict[str, list] = {}
+
+
+def _exposures(executable: str) -> list:
+    """Exposures making the interpreter (or compiler) and this Python reachable; cached, and
+    computed in the caller before forking so the child only mounts."""
+    if not os.path.isabs(executable):
+        executable = ""  # a program file inside the working directory
+    if executable not in _EXPOSURES:
+        paths = [executable, sys.executable, sys.prefix, sys.base_prefix, tempfile.gettempdir()]
+        _EXPOSURES[executable] = iso.exposures_for([p for p in paths if p])
+    return _EXPOSURES[executable]
+
+
+def sandbox_env(workdir: str) -> dict[str, str]:
+    """The whole environment a sandboxed program sees."""
+    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir,
+            "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0",
+            "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def _set_rlimits(limits: Limits) -> None:
+    cpu = math.ceil(limits.time_limit_s) + 1
+    memory = limits.memory_mb << 20
+    for which, value in ((resource.RLIMIT_CPU, (cpu, cpu + 1)),
+                         (resource.RLIMIT_AS, (memory, memory)),
+                         (resource.RLIMIT_NPROC, (limits.max_processes,) * 2),
+                         (resource.RLIMIT_FSIZE, ((limits.max_file_mb << 20),) * 2),
+                         (resource.RLIMIT_NOFILE, (limits.max_open_files,) * 2),
+                         (resource.RLIMIT_CORE, (0, 0))):
+        resource.setrlimit(which, value)
+
+
+def _program_child(argv: Sequence[str], workdir: str, stdin_fd: int, out_fd: int, err_fd: int,
+                   report_fd: int, limits: Limits, uid: Optional[int], full: bool) -> None:
+    """Runs in the forked program process; never returns."""
+    stage = "setup"
+    try:
+        if full:
+            iso.mount("proc", "/proc", "proc", iso.MS_NOSUID | iso.MS_NODEV | iso.MS_NOEXEC)
+        for src, dst in ((stdin_fd, 0), (out_fd, 1), (err_fd, 2)):
+            os.dup2(src, dst)
+        os.chdir(workdir)
+        os.closerange(3, report_fd)
+        os.closerange(report_fd + 1, 1 << 16)
+        _set_rlimits(limits)
+        if uid is not None:
+            iso.drop_privileges(uid)
+        iso.prctl(iso.PR_SET_PDEATHSIG, signal.SIGKILL)
+        stage = "exec"
+        os.execve(argv[0], list(argv), sandbox_env(workdir))
+    except OSError as err:
+        tag = b"X" if stage == "exec" else b"E"
+        os.write(report_fd, tag + struct.pack("i", err.errno or 0) + str(err).encode()[:500])
+    except BaseException as err:
+        os.write(report_fd, b"E" + struct.pack("i", 0) + repr(err).encode()[:500])
+    finally:
+        os._exit(127)
+
+
+def _supervisor_child(argv: Sequence[str], workdir: str, stdin_fd: int, out_fd: int,
+                      err_fd: int, report_fd: int, limits: Limits, uid: Optional[int],
+                      full: bool, parent: int) -> None:
+    """Runs in the forked supervisor process; never returns."""
+    try:
+        os.setsid()
+        iso.prctl(iso.PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the caller died before the death signal was armed
+            os._exit(1)
+        if full:
+            iso.unshare(_NAMESPACES)
+            iso.setup_mount_namespace(workdir, _exposures(argv[0]))
+        pid = os.fork()
+        if pid == 0:
+            _program_child(argv, workdir, stdin_fd, out_fd, err_fd, report_fd, limits, uid, full)
+        for fd in (stdin_fd, out_fd, err_fd):
+            os.close(fd)
+        _, status = os.waitpid(pid, 0)
+        os.write(report_fd, b"S" + struct.pack("i", status))
+    except BaseException as err:
+        os.write(report_fd, b"E" + struct.pack("i", 0) + f"supervisor: {err}".encode()[:500])
+    finally:
+        os._exit(0)
+
+
+def execute(argv: Sequence[str], *, files: Mapping[str, bytes], stdin: bytes = b"",
+            limits: Limits, config: CodeRewardConfig, executables: Sequence[str] = (),
+            collect: Sequence[str] = ()) -> ExecResult:
+    """Run ``argv`` (``argv[0]`` an absolute path, or relative to the working directory) in a
+    fresh sandbox whose working directory holds ``files`` (name -> content; names in
+    ``executables`` get mode 0755) and whose stdin is ``stdin``.
+
+    ``collect``: names of files to read back from the working directory afterwards (missing
+    ones are left out). Raises SandboxError when the sandbox itself fails.
+    """
+    full = isolation_mode(config) == "full"
+    if full:
+        _exposures(argv[0])  # fill the cache before fork: the children only read it
+    lease = iso.UidLease(config.sandbox_uid_base, config.num_sandbox_uids) if full else None
+    workdir = tempfile.mkdtemp(prefix="k15-sandbox-")
+    try:
+        uid = lease.uid if lease else None
+        for name, content in files.items():
+            path = os.path.join(workdir, name)
+            with open(path, "wb") as handle:
+                handle.write(content)
+            os.chmod(path, 0o755 if name in executables else 0o644)
+            if uid is not None:
+                os.chown(path, uid, uid)
+        if uid is not None:
+            os.chown(workdir, uid, uid)
+        os.chmod(workdir, 0o700)
+        result = _run(argv, workdir, stdin, limits, uid, full)
+        for name in collect:
+            path = os.path.join(workdir, name)
+            if os.path.isfile(path) and os.path.getsize(path) <= _MAX_COLLECT_BYTES:
+                with open(path, "rb") as handle:
+                    result.files[name] = handle.read()
+        return result
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+        if lease is not None:
+            lease.release()
+
+
+def _run(argv: Sequence[str], workdir: str, stdin: bytes, limits: Limits, uid: Optional[int],
+         full: bool) -> ExecResult:
+    with tempfile.TemporaryFile() as stdin_file:
+        stdin_file.write(stdin)
+        stdin_file.flush()
+        stdin_file.seek(0)
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        rep_r, rep_w = os.pipe()
+        start = time.monotonic()
+        pid = os.fork()
+        if pid == 0:
+            os.close(out_r), os.close(err_r), os.close(rep_r)
+            _supervisor_child(argv, workdir, stdin_file.fileno(), out_w, err_w, rep_w, limits,
+                              uid, full, os.getppid())
+        for fd in (out_w, err_w, rep_w):
+            os.close(fd)
+        streams, timed_out, overflow = _pump(pid, out_r, err_r, rep_r, start, limits)
+        os.waitpid(pid, 0)
+        wall = time.monotonic() - start
+    report = streams[rep_r]
+    if report.startswith(b"E"):
+        raise SandboxError(f"sandbox set-up failed: {report[5:].decode(errors='replace')}")
+    result = ExecResult(None, None, streams[out_r], streams[err_r], timed_out, overflow, wall)
+    if report.startswith(b"X"):
+        result.exec_errno = struct.unpack("i", report[1:5])[0]
+        if result.exec_errno not in _PROGRAM_EXEC_ERRORS:  # a missing or unreachable interpreter
+            raise SandboxError(f"cannot execute {argv[0]!r} in the sandbox: "
+                               f"{report[5:].decode(errors='replace')}")
+        result.stderr += b"\nexecve failed: " + report[5:]
+    elif report.startswith(b"S"):
+        status = struct.unpack("i", report[1:5])[0]
+        if os.WIFSIGNALED(status):
+            result.signal = os.WTERMSIG(status)
+        else:
+            result.exit_code = os.WEXITSTATUS(status)
+    elif not (timed_out or overflow):
+        raise SandboxError("sandbox supervisor ended without a report")
+    else:
+        result.signal = signal.SIGKILL
+    return result
+
+
+def _pump(pid: int, out_r: int, err_r: int, rep_r: int, start: float,
+          limits: Limits) -> tuple[dict[int, bytes], bool, bool]:
+    """Read the three pipes to EOF under the output cap and the wall-clock deadline, killing
+    the supervisor's process group when either is exceeded."""
+    buffers: dict[int, bytearray] = {out_r: bytearray(), err_r: bytearray(), rep_r: bytearray()}
+    selector = selectors.DefaultSelector()
+    for fd in buffers:
+        selector.register(fd, selectors.EVENT_READ)
+    deadline = start + limits.time_limit_s
+    killed_at: Optional[float] = None
+    timed_out = overflow = False
+    try:
+        while selector.get_map():
+            now = time.monotonic()
+            if killed_at is None and now >= deadline:
+                timed_out, killed_at = True, now
+                _kill_group(pid)
+            if killed_at is not None and now - killed_at > _DRAIN_AFTER_KILL_S:
+                break  # something outside our namespaces holds a pipe (no-namespace mode)
+            wait = (deadline if killed_at is None else killed_at + _DRAIN_AFTER_KILL_S) - now
+            for key, _ in selector.select(timeout=max(wait, 0.0)):
+                chunk = os.read(key.fd, 65536)
+                if not chunk:
+                    selector.unregister(key.fd)
+                    continue
+                buf = buffers[key.fd]
+                room = limits.max_output_bytes + 1 - len(buf)
+                buf += chunk[:max(room, 0)]
+                if key.fd != rep_r and len(buf) > limits.max_output_bytes and killed_at is None:
+                    overflow, killed_at = True, time.monotonic()
+                    _kill_group(pid)
+    finally:
+        selector.close()
+        for fd in buffers:
+            os.close(fd)
+    cap = limits.max_output_bytes
+    return ({fd: bytes(buf[:cap]) if fd != rep_r else bytes(buf) for fd, buf in buffers.items()},
+            timed_out, overflow)
+
+
+def _kill_group(pid: int) -> None:
+    for target in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
+        try:
+            target()
+        except ProcessLookupError:
+            pass
