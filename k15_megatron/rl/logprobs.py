@@ -37,9 +37,15 @@ def _all_reduce(t: torch.Tensor, op, group) -> None:
         dist.all_reduce(t, op=op, group=group)
 
 
+# Logit given to vocabulary-padding columns: exp() of it is exactly 0, and unlike -inf it keeps
+# p * logit (entropy) and its gradient at 0 instead of NaN.
+_PADDING_LOGIT = -1e30
+
+
 def _chunk_logits(x: torch.Tensor, w32: Optional[torch.Tensor], s: int, e: int,
-                  temperature: float) -> torch.Tensor:
-    """[e - s, V_local] float32 logits of tokens s..e, divided by the temperature.
+                  temperature: float, pad_from: Optional[int] = None) -> torch.Tensor:
+    """[e - s, V_local] float32 logits of tokens s..e, divided by the temperature; local columns
+    from ``pad_from`` on (vocabulary padding) are masked out.
 
     Always a fresh buffer (never a view of ``x``), so callers may modify it in place.
     """
@@ -49,6 +55,8 @@ def _chunk_logits(x: torch.Tensor, w32: Optional[torch.Tensor], s: int, e: int,
         z = x[s:e].float() @ w32.t()
     if temperature != 1.0:
         z /= temperature
+    if pad_from is not None:
+        z[:, pad_from:] = _PADDING_LOGIT
     return z
 
 
@@ -57,17 +65,20 @@ class _ChunkedLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, labels, group, chunk_size, temperature, want_entropy,
-                reduce_hidden_grad):
+                reduce_hidden_grad, vocab_size):
         num_tokens, vocab_local = x.shape[0], (x.shape[1] if weight is None else weight.shape[0])
         rank = dist.get_rank(group) if group is not None else 0
         vocab_start = rank * vocab_local
+        pad_from = None
+        if vocab_size is not None and vocab_size < vocab_start + vocab_local:
+            pad_from = max(0, vocab_size - vocab_start)
         w32 = None if weight is None else weight.float()
         logprob = torch.empty(num_tokens, dtype=torch.float32, device=x.device)
         lse_all = torch.empty_like(logprob)
         ent_all = torch.empty_like(logprob) if want_entropy else None
         for s in range(0, num_tokens, chunk_size):
             e = min(s + chunk_size, num_tokens)
-            z = _chunk_logits(x, w32, s, e, temperature)
+            z = _chunk_logits(x, w32, s, e, temperature, pad_from)
             local = labels[s:e] - vocab_start
             in_range = (local >= 0) & (local < vocab_local)
             target = z.gather(1, local.clamp(0, vocab_local - 1).unsqueeze(1)).squeeze(1)
@@ -89,7 +100,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
                 ent_all[s:e] = lse - stacked[2] / sumexp
         ctx.save_for_backward(x, weight, labels, lse_all, ent_all)
         ctx.group, ctx.chunk_size, ctx.temperature = group, chunk_size, temperature
-        ctx.vocab_start, ctx.vocab_local = vocab_start, vocab_local
+        ctx.vocab_start, ctx.vocab_local, ctx.pad_from = vocab_start, vocab_local, pad_from
         ctx.reduce_hidden_grad = reduce_hidden_grad
         if want_entropy:
             return logprob, ent_all.clone()
@@ -103,12 +114,12 @@ class _ChunkedLogprobs(torch.autograd.Function):
         grad_x = torch.zeros(x.shape, dtype=torch.float32, device=x.device) if need_x else None
         grad_w = torch.zeros_like(w32) if (need_w and weight is not None) else None
         if not (need_x or need_w):
-            return (None,) * 8
+            return (None,) * 9
         vocab_local, t = ctx.vocab_local, ctx.temperature
         for s in range(0, x.shape[0], ctx.chunk_size):
             e = min(s + ctx.chunk_size, x.shape[0])
             # In-place on one [n, V_local] buffer: logits -> log p -> p or the entropy term.
-            logp = _chunk_logits(x, w32, s, e, t)
+            logp = _chunk_logits(x, w32, s, e, t, ctx.pad_from)
             logp -= lse_all[s:e].unsqueeze(1)
             g = grad_logprob[s:e].float().unsqueeze(1)
             if grad_entropy is not None and ent_all is not None:
@@ -136,7 +147,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
             _all_reduce(grad_x, dist.ReduceOp.SUM, ctx.group)
         grad_x = grad_x.to(x.dtype) if grad_x is not None else None
         grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
-        return grad_x, grad_w, None, None, None, None, None, None
+        return grad_x, grad_w, None, None, None, None, None, None, None
 
 
 def token_logprobs(
@@ -149,6 +160,7 @@ def token_logprobs(
     temperature: float = 1.0,
     return_entropy: bool = False,
     reduce_hidden_grad: bool = True,
+    vocab_size: Optional[int] = None,
 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """log softmax(logits / temperature)[label] per token, chunked, over a TP-sharded vocabulary.
 
@@ -168,6 +180,9 @@ def token_logprobs(
             its gradient (dH/dz = -p (log p + H)); costs one more reduction per chunk.
         reduce_hidden_grad: weight path under TP: all-reduce the hidden gradient over ``group``
             (True, the usual replicated-input case) or return this shard's partial sum.
+        vocab_size: the real vocabulary size when the (sharded) vocabulary is padded, as
+            Megatron pads it: columns of ids >= vocab_size are excluded from the softmax, so the
+            log-probs are those of the unpadded model (what vLLM and transformers compute).
 
     Returns:
         float32 log-probs shaped like ``labels`` (and the entropy, same shape, if requested).
@@ -187,7 +202,7 @@ def token_logprobs(
     x = hidden_or_logits.reshape(-1, hidden_or_logits.shape[-1])
     flat_labels = labels.reshape(-1).long()
     out = _ChunkedLogprobs.apply(x, weight, flat_labels, group, chunk_size, float(temperature),
-                                 return_entropy, reduce_hidden_grad)
+                                 return_entropy, reduce_hidden_grad, vocab_size)
     if return_entropy:
         return out[0].view(lead), out[1].view(lead)
     return out.view(lead)

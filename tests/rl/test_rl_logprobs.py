@@ -146,3 +146,40 @@ def test_tp2_matches_gathered_log_softmax():
         assert partial_only > 1e-3, f"rank {rank}: reduce_hidden_grad=False returned the full grad"
         for name, err in errors.items():
             assert err < 1e-5, f"rank {rank} {name}: max abs error {err:.3g}"
+
+
+def _padded_worker(rank: int, world_size: int, real_vocab: int) -> dict:
+    """Vocabulary padded from ``real_vocab`` to V: padding columns must not enter the softmax."""
+    if world_size > 1:
+        dist.init_process_group("gloo")
+    hidden, weight, labels, grad_lp, grad_ent = _inputs(seed=5)
+    labels = labels % real_vocab
+    ref = _reference(hidden, weight[:real_vocab], labels, grad_lp, grad_ent)
+    v_local = V // world_size
+    rows = slice(rank * v_local, (rank + 1) * v_local)
+    group = dist.group.WORLD if world_size > 1 else None
+    h = hidden.clone().requires_grad_(True)
+    w = weight[rows].clone().requires_grad_(True)
+    lp, ent = token_logprobs(h, labels, weight=w, group=group, chunk_size=6, return_entropy=True,
+                             vocab_size=real_vocab)
+    (grad_lp.float() * lp + grad_ent.float() * ent).sum().backward()
+    full_w_grad = torch.zeros(V, H, dtype=torch.float64)
+    full_w_grad[:real_vocab] = ref["w"]
+    return dict(lp=_max_err(lp, ref["lp"]), ent=_max_err(ent, ref["ent"]), h=_max_err(h.grad, ref["h"]),
+                w=_max_err(w.grad, full_w_grad[rows]), finite=bool(torch.isfinite(w.grad).all()))
+
+
+def test_padded_vocabulary_is_excluded_single_process():
+    errors = _padded_worker(0, 1, real_vocab=37)
+    assert errors.pop("finite")
+    for name, err in errors.items():
+        assert err < 1e-5, f"{name}: max abs error {err:.3g}"
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("real_vocab", [37, 20], ids=["padding-on-last-rank", "last-rank-all-padding"])
+def test_padded_vocabulary_is_excluded_tp2(real_vocab):
+    for rank, errors in enumerate(run_distributed(_padded_worker, 2, real_vocab, timeout_s=180)):
+        assert errors.pop("finite"), f"rank {rank}: non-finite gradient"
+        for name, err in errors.items():
+            assert err < 1e-5, f"rank {rank} {name}: max abs error {err:.3g}"
