@@ -176,6 +176,24 @@ def _set_rlimits(limits: Limits) -> None:
         resource.setrlimit(which, value)
 
 
+def _report(fd: int, tag: bytes, value: int, message: str = "") -> None:
+    """One report record: tag, int32, uint16 length, message. Each record is far below
+    PIPE_BUF, so records from the supervisor and the program never interleave."""
+    data = message.encode(errors="replace")[:1000]
+    os.write(fd, tag + struct.pack("iH", value, len(data)) + data)
+
+
+def _parse_reports(data: bytes) -> list[tuple[bytes, int, bytes]]:
+    records, header = [], struct.calcsize("iH")
+    while len(data) >= 1 + header:
+        value, length = struct.unpack("iH", data[1:1 + header])
+        if len(data) < 1 + header + length:
+            break
+        records.append((data[:1], value, data[1 + header:1 + header + length]))
+        data = data[1 + header + length:]
+    return records
+
+
 def _program_child(argv: Sequence[str], workdir: str, stdin_fd: int, out_fd: int, err_fd: int,
                    report_fd: int, limits: Limits, uid: Optional[int], full: bool) -> None:
     """Runs in the forked program process; never returns."""
@@ -195,10 +213,9 @@ def _program_child(argv: Sequence[str], workdir: str, stdin_fd: int, out_fd: int
         stage = "exec"
         os.execve(argv[0], list(argv), sandbox_env(workdir))
     except OSError as err:
-        tag = b"X" if stage == "exec" else b"E"
-        os.write(report_fd, tag + struct.pack("i", err.errno or 0) + str(err).encode()[:500])
+        _report(report_fd, b"X" if stage == "exec" else b"E", err.errno or 0, str(err))
     except BaseException as err:
-        os.write(report_fd, b"E" + struct.pack("i", 0) + repr(err).encode()[:500])
+        _report(report_fd, b"E", 0, repr(err))
     finally:
         os._exit(127)
 
@@ -218,12 +235,15 @@ def _supervisor_child(argv: Sequence[str], workdir: str, stdin_fd: int, out_fd: 
         pid = os.fork()
         if pid == 0:
             _program_child(argv, workdir, stdin_fd, out_fd, err_fd, report_fd, limits, uid, full)
+        _report(report_fd, b"P", pid)
         for fd in (stdin_fd, out_fd, err_fd):
             os.close(fd)
+        # Reaping the program also waits until the kernel has torn down its pid namespace
+        # (every process left in it killed and reaped), so "supervisor exited" means "all gone".
         _, status = os.waitpid(pid, 0)
-        os.write(report_fd, b"S" + struct.pack("i", status))
+        _report(report_fd, b"S", status)
     except BaseException as err:
-        os.write(report_fd, b"E" + struct.pack("i", 0) + f"supervisor: {err}".encode()[:500])
+        _report(report_fd, b"E", 0, f"supervisor: {err}")
     finally:
         os._exit(0)
 
@@ -285,21 +305,21 @@ def _run(argv: Sequence[str], workdir: str, stdin: bytes, limits: Limits, uid: O
                               uid, full, os.getppid())
         for fd in (out_w, err_w, rep_w):
             os.close(fd)
-        streams, timed_out, overflow = _pump(pid, out_r, err_r, rep_r, start, limits)
+        streams, timed_out, overflow = _pump(pid, out_r, err_r, rep_r, start, limits, full)
         os.waitpid(pid, 0)
         wall = time.monotonic() - start
-    report = streams[rep_r]
-    if report.startswith(b"E"):
-        raise SandboxError(f"sandbox set-up failed: {report[5:].decode(errors='replace')}")
+    reports = {tag: (value, message) for tag, value, message in _parse_reports(streams[rep_r])}
+    if b"E" in reports:
+        raise SandboxError("sandbox set-up failed: " + reports[b"E"][1].decode(errors="replace"))
     result = ExecResult(None, None, streams[out_r], streams[err_r], timed_out, overflow, wall)
-    if report.startswith(b"X"):
-        result.exec_errno = struct.unpack("i", report[1:5])[0]
+    if b"X" in reports:
+        result.exec_errno, message = reports[b"X"]
         if result.exec_errno not in _PROGRAM_EXEC_ERRORS:  # a missing or unreachable interpreter
             raise SandboxError(f"cannot execute {argv[0]!r} in the sandbox: "
-                               f"{report[5:].decode(errors='replace')}")
-        result.stderr += b"\nexecve failed: " + report[5:]
-    elif report.startswith(b"S"):
-        status = struct.unpack("i", report[1:5])[0]
+                               f"{message.decode(errors='replace')}")
+        result.stderr += b"\nexecve failed: " + message
+    elif b"S" in reports:
+        status = reports[b"S"][0]
         if os.WIFSIGNALED(status):
             result.signal = os.WTERMSIG(status)
         else:
@@ -311,14 +331,58 @@ def _run(argv: Sequence[str], workdir: str, stdin: bytes, limits: Limits, uid: O
     return result
 
 
-def _pump(pid: int, out_r: int, err_r: int, rep_r: int, start: float,
-          limits: Limits) -> tuple[dict[int, bytes], bool, bool]:
-    """Read the three pipes to EOF under the output cap and the wall-clock deadline, killing
-    the supervisor's process group when either is exceeded."""
+class _Killer:
+    """Kills one execution: the program through a pidfd (race-free against pid reuse) as soon
+    as the supervisor has reported its pid, else (or as a backstop) the supervisor's group."""
+
+    def __init__(self, supervisor: int, full: bool):
+        self.supervisor, self.full = supervisor, full
+        self.pidfd = -1
+
+    def learn(self, report: bytes) -> None:
+        if self.pidfd < 0:
+            for tag, value, _ in _parse_reports(report):
+                if tag == b"P":
+                    try:
+                        self.pidfd = os.pidfd_open(value)
+                    except ProcessLookupError:
+                        pass  # already gone: nothing to kill
+                    break
+
+    def kill_program(self) -> None:
+        # Without a pid namespace the program's children would survive it: kill the group.
+        if self.full and self.pidfd >= 0:
+            try:
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+                return
+            except ProcessLookupError:
+                return
+        self.kill_supervisor()
+
+    def kill_supervisor(self) -> None:
+        for target in (lambda: os.killpg(self.supervisor, signal.SIGKILL),
+                       lambda: os.kill(self.supervisor, signal.SIGKILL)):
+            try:
+                target()
+            except ProcessLookupError:
+                pass
+
+    def close(self) -> None:
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+
+def _pump(pid: int, out_r: int, err_r: int, rep_r: int, start: float, limits: Limits,
+          full: bool) -> tuple[dict[int, bytes], bool, bool]:
+    """Read the three pipes to EOF under the output cap and the wall-clock deadline. Past
+    either, the program is killed and the supervisor (which then reaps everything and reports)
+    gets ``_DRAIN_AFTER_KILL_S`` to finish before its whole group is killed too."""
     buffers: dict[int, bytearray] = {out_r: bytearray(), err_r: bytearray(), rep_r: bytearray()}
     selector = selectors.DefaultSelector()
     for fd in buffers:
         selector.register(fd, selectors.EVENT_READ)
+    killer = _Killer(pid, full)
     deadline = start + limits.time_limit_s
     killed_at: Optional[float] = None
     timed_out = overflow = False
@@ -327,9 +391,10 @@ def _pump(pid: int, out_r: int, err_r: int, rep_r: int, start: float,
             now = time.monotonic()
             if killed_at is None and now >= deadline:
                 timed_out, killed_at = True, now
-                _kill_group(pid)
+                killer.kill_program()
             if killed_at is not None and now - killed_at > _DRAIN_AFTER_KILL_S:
-                break  # something outside our namespaces holds a pipe (no-namespace mode)
+                killer.kill_supervisor()  # something still holds a pipe (no-namespace mode)
+                break
             wait = (deadline if killed_at is None else killed_at + _DRAIN_AFTER_KILL_S) - now
             for key, _ in selector.select(timeout=max(wait, 0.0)):
                 chunk = os.read(key.fd, 65536)
@@ -337,23 +402,19 @@ def _pump(pid: int, out_r: int, err_r: int, rep_r: int, start: float,
                     selector.unregister(key.fd)
                     continue
                 buf = buffers[key.fd]
-                room = limits.max_output_bytes + 1 - len(buf)
-                buf += chunk[:max(room, 0)]
-                if key.fd != rep_r and len(buf) > limits.max_output_bytes and killed_at is None:
+                if key.fd == rep_r:
+                    buf += chunk
+                    killer.learn(bytes(buf))
+                    continue
+                buf += chunk[:max(limits.max_output_bytes + 1 - len(buf), 0)]
+                if len(buf) > limits.max_output_bytes and killed_at is None:
                     overflow, killed_at = True, time.monotonic()
-                    _kill_group(pid)
+                    killer.kill_program()
     finally:
         selector.close()
+        killer.close()
         for fd in buffers:
             os.close(fd)
     cap = limits.max_output_bytes
     return ({fd: bytes(buf[:cap]) if fd != rep_r else bytes(buf) for fd, buf in buffers.items()},
             timed_out, overflow)
-
-
-def _kill_group(pid: int) -> None:
-    for target in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
-        try:
-            target()
-        except ProcessLookupError:
-            pass

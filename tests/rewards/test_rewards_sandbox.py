@@ -1,0 +1,225 @@
+"""The sandbox's isolation, checked from inside: each test runs a real program that tries to
+break out (write outside its directory, reach the network, read secrets, outlive its run,
+exhaust limits) and asserts on what it could and could not do."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+
+import pytest
+
+from k15_megatron.config.rewards import CodeRewardConfig
+from k15_megatron.rewards.isolation import UidLease
+from k15_megatron.rewards.sandbox import ExecResult, Limits, execute, sandbox_env
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CFG = CodeRewardConfig()
+
+
+def run_py(source: str, *, stdin: bytes = b"", cfg: CodeRewardConfig = CFG,
+           **limits: float) -> ExecResult:
+    return execute([sys.executable, "-I", "main.py"], files={"main.py": source.encode()},
+                   stdin=stdin, limits=Limits.from_config(cfg, **limits), config=cfg)
+
+
+def test_stdin_stdout_and_exit_code():
+    res = run_py("import sys\ndata = sys.stdin.read()\nprint(data.upper(), end='')\nsys.exit(3)",
+                 stdin=b"hello")
+    assert (res.stdout, res.exit_code, res.signal, res.timed_out) == (b"HELLO", 3, None, False)
+
+
+def test_writes_outside_the_working_directory_fail(tmp_path):
+    name = f"k15_escape_{uuid.uuid4().hex}"
+    targets = [os.path.join(tempfile.gettempdir(), name), os.path.join(REPO, name),
+               os.path.join("/dev/shm", name), os.path.join(str(tmp_path), name)]
+    source = f"""
+import json, os
+results = {{}}
+for path in {targets!r}:
+    try:
+        with open(path, "w") as f:
+            f.write("x")
+        results[path] = "written"
+    except OSError as err:
+        results[path] = err.errno
+with open("inside.txt", "w") as f:
+    f.write("fine")
+results["inside"] = open("inside.txt").read()
+print(json.dumps(results))
+"""
+    res = run_py(source)
+    assert res.exit_code == 0, res.stderr
+    results = json.loads(res.stdout)
+    assert results.pop("inside") == "fine"
+    assert set(results.values()) <= {errno.EROFS, errno.EACCES}, results
+    for path in targets:
+        assert not os.path.exists(path)
+
+
+def test_parent_secrets_do_not_reach_the_program(monkeypatch):
+    secret = f"s3cr3t-{uuid.uuid4().hex}"
+    monkeypatch.setenv("K15_TEST_API_TOKEN", secret)
+    res = run_py("import os, json\nprint(json.dumps(dict(os.environ)))\n"
+                 "print(open('/proc/1/environ', 'rb').read())")
+    assert res.exit_code == 0, res.stderr
+    env = json.loads(res.stdout.splitlines()[0])
+    assert set(env) == set(sandbox_env("x"))  # exactly the minimal environment
+    assert secret.encode() not in res.stdout
+
+
+def test_no_network():
+    source = """
+import socket
+for family, address in ((socket.AF_INET, ("1.1.1.1", 80)), (socket.AF_INET, ("127.0.0.1", 22))):
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.settimeout(2)
+    try:
+        s.connect(address)
+        print("connected", address)
+    except OSError as err:
+        print("refused", err.errno)
+print(sorted(name for _, name in socket.if_nameindex()))
+"""
+    res = run_py(source)
+    lines = res.stdout.decode().splitlines()
+    assert lines[0] == f"refused {errno.ENETUNREACH}"
+    assert lines[1] == f"refused {errno.ENETUNREACH}"  # loopback is down too
+    assert lines[2] == "['lo']"
+
+
+def test_runs_as_a_leased_unprivileged_uid_in_its_own_pid_namespace():
+    res = run_py("import os\nprint(os.getuid(), os.getgid(), os.getgroups(), os.getpid())\n"
+                 "print(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))")
+    ids, pids = res.stdout.decode().splitlines()
+    uid, gid, groups, pid = ids.split(" ", 3)
+    assert CFG.sandbox_uid_base <= int(uid) < CFG.sandbox_uid_base + CFG.num_sandbox_uids
+    assert uid == gid and groups == "[]" and pid == "1"
+    assert pids == "[1]"  # sees no process outside its namespace
+
+
+def test_hidden_directories_stay_hidden():
+    res = run_py("import os\nprint(sorted(os.listdir('/root')) if os.path.isdir('/root') "
+                 "else 'none')")
+    assert res.exit_code == 0, res.stderr
+    visible = res.stdout.decode().strip()
+    if os.stat("/root").st_mode & 0o001:  # traversable anyway: nothing to hide here
+        pytest.skip("/root is world-traversable on this machine")
+    # only what the interpreter needs (e.g. ['.pyenv']) is mounted in; .bashrc etc. are not
+    assert ".bashrc" not in visible and ".gitconfig" not in visible
+
+
+def test_daemons_do_not_outlive_the_run(sandbox_processes):
+    source = """
+import os, time
+if os.fork() == 0:
+    os.setsid()                 # leave the process group
+    if os.fork() == 0:
+        time.sleep(300)         # a detached grandchild
+    os._exit(0)
+print("parent exits")
+"""
+    res = run_py(source)
+    assert res.stdout == b"parent exits\n" and res.exit_code == 0
+    assert sandbox_processes() == []
+
+
+def test_wall_clock_limit_kills_the_whole_group(sandbox_processes):
+    res = run_py("import os, time\nos.fork()\nos.fork()\ntime.sleep(300)", time_limit_s=1)
+    assert res.timed_out and res.signal is not None
+    assert 1.0 <= res.wall_s < 4.0
+    assert sandbox_processes() == []
+
+
+def test_cpu_limit_signals_a_busy_loop():
+    # CPU rlimit = ceil(time_limit) + 1 s; the wall-clock limit is set far above it here
+    res = run_py("while True:\n    pass", time_limit_s=1.2)
+    assert res.timed_out or res.signal is not None
+
+
+def test_output_is_capped_and_overflow_kills():
+    cfg = CodeRewardConfig(max_output_bytes=10_000)
+    res = run_py("while True:\n    print('x' * 100)", cfg=cfg)
+    assert res.output_overflow and len(res.stdout) == 10_000 and res.wall_s < 3
+    res = run_py("import sys\nwhile True:\n    sys.stderr.write('e' * 100)", cfg=cfg)
+    assert res.output_overflow and len(res.stderr) == 10_000
+
+
+def test_fork_bomb_is_bounded_by_nproc(sandbox_processes):
+    source = """
+import os, time
+children = 0
+for _ in range(500):
+    try:
+        if os.fork() == 0:
+            time.sleep(30)
+            os._exit(0)
+        children += 1
+    except OSError:
+        break
+print(children)
+"""
+    res = run_py(source, time_limit_s=5)
+    assert res.exit_code == 0, res.stderr
+    assert int(res.stdout) < CFG.max_processes
+    assert sandbox_processes() == []
+
+
+def test_memory_file_size_and_open_file_limits():
+    res = run_py("x = bytearray(600 << 20)", memory_mb=256)
+    assert b"MemoryError" in res.stderr and res.exit_code == 1
+    cfg = CodeRewardConfig(max_file_mb=1, max_open_files=16)
+    res = run_py("import errno\ntry:\n    open('big', 'wb').write(b'x' * (2 << 20))\n"
+                 "except OSError as e:\n    print(e.errno)", cfg=cfg)
+    assert res.stdout.strip() == str(errno.EFBIG).encode()
+    res = run_py("fs = []\ntry:\n    while True: fs.append(open('f%d' % len(fs), 'w'))\n"
+                 "except OSError as e:\n    print(e.errno, len(fs))", cfg=cfg)
+    err, count = res.stdout.split()
+    assert int(err) == errno.EMFILE and int(count) <= 16
+
+
+def test_uid_leases_are_exclusive():
+    with UidLease(CFG.sandbox_uid_base, 2) as first, UidLease(CFG.sandbox_uid_base, 2) as second:
+        assert first.uid != second.uid
+        with pytest.raises(RuntimeError, match="num_sandbox_uids"):
+            UidLease(CFG.sandbox_uid_base, 2, wait_s=0.05)
+    with UidLease(CFG.sandbox_uid_base, 1) as again:  # released ones can be leased again
+        assert again.uid == CFG.sandbox_uid_base
+
+
+SYSTEM_PYTHON = shutil.which("python3.11", path="/usr/bin")
+SITE_PACKAGES = next(p for p in sys.path if p.endswith("site-packages"))
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or SYSTEM_PYTHON is None,
+                    reason="needs root to switch to an unprivileged user and /usr/bin/python3.11")
+def test_without_privileges_the_sandbox_refuses_unless_allowed():
+    """Run the sandbox itself as user nobody: full isolation is impossible there."""
+    script = f"""
+import sys
+sys.path[:0] = [{REPO!r}, {SITE_PACKAGES!r}]
+from k15_megatron.config.rewards import CodeRewardConfig
+from k15_megatron.rewards.sandbox import Limits, SandboxError, execute
+def run(cfg):
+    return execute([sys.executable, "-I", "main.py"], files={{"main.py": b"print(6 * 7)"}},
+                   limits=Limits.from_config(cfg), config=cfg)
+try:
+    run(CodeRewardConfig())
+    print("RAN")
+except SandboxError as err:
+    print("REFUSED", err)
+print("WEAK", run(CodeRewardConfig(allow_no_namespaces=True)).stdout.decode().strip())
+"""
+    out = subprocess.run([SYSTEM_PYTHON, "-I", "-c", script], user=65534, group=65534,
+                         extra_groups=[], capture_output=True, text=True, timeout=60,
+                         cwd="/", env={"PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("REFUSED") and "allow_no_namespaces" in lines[0]
+    assert lines[1] == "WEAK 42"
