@@ -12,10 +12,12 @@ under torchrun.
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import traceback
 
+import torch
 import torch.multiprocessing as mp
 
 
@@ -36,7 +38,11 @@ def _entry(rank, world_size, port, fn, args, queue):
     )
     try:
         result = fn(rank, world_size, *args)
-        queue.put((rank, True, result))
+        # Serialise here: tensors sent through the queue as-is live in shared memory that
+        # vanishes when this process exits, before the parent may have read them.
+        buffer = io.BytesIO()
+        torch.save(result, buffer)
+        queue.put((rank, True, buffer.getvalue()))
     except BaseException:  # report every failure, including SystemExit, to the parent
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -63,7 +69,7 @@ def run_distributed(fn, world_size: int, *args, timeout_s: float = 600.0):
         for _ in range(world_size):
             rank, ok, payload = queue.get(timeout=timeout_s)
             if ok:
-                results[rank] = payload
+                results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
             else:
                 failures.append(f"--- rank {rank} failed ---\n{payload}")
                 break

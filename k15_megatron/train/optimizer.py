@@ -67,9 +67,33 @@ def build_scheduler(optimizer, *, optim_cfg):
     )
 
 
+def connect_schedule_hooks(model_chunks, optimizer) -> None:
+    """Give the pipeline schedule the hooks Megatron's own training loop installs.
+
+    ``finalize_model_grads`` runs after the last backward of a step: the data-parallel gradient
+    reduction (DDP's ``finish_grad_sync``), the all-reduce of tied embedding gradients between
+    the first and last pipeline stages, and sequence-parallel norm gradients. Without it DP
+    replicas and the two copies of a tied embedding silently drift apart. ``grad_scale_func``
+    applies the fp16 loss scale.
+    """
+    from megatron.core.distributed import finalize_model_grads
+
+    config = _unwrap(model_chunks[0]).config
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+
+
+def _unwrap(model):
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
 def build_training_objects(model, *, optim_cfg, precision_cfg):
-    """(DDP model chunks, MegatronOptimizer, OptimizerParamScheduler) for one model chunk."""
+    """(DDP model chunks, MegatronOptimizer, OptimizerParamScheduler) for one model chunk,
+    with the schedule hooks connected (see :func:`connect_schedule_hooks`)."""
     chunks = [wrap_ddp(model, precision_cfg=precision_cfg,
                        use_distributed_optimizer=optim_cfg.use_distributed_optimizer)]
     optimizer = build_optimizer(chunks, optim_cfg=optim_cfg, precision_cfg=precision_cfg)
+    connect_schedule_hooks(chunks, optimizer)
     return chunks, optimizer, build_scheduler(optimizer, optim_cfg=optim_cfg)

@@ -46,3 +46,51 @@ def test_training_steps_lower_the_loss(tiny_hf_dirs, tp, pp):
     assert losses[0] > 4.0
     assert losses[-1] < losses[0] - 0.5, f"loss did not fall: {losses}"
     assert all(b < a for a, b in zip(losses, losses[1:])), f"loss not monotone on a fixed batch: {losses}"
+
+
+def _replica_worker(rank, world_size, hf_dir, pp):
+    """Train with different data per DP rank (DP=2) or a tied embedding split over PP=2, then
+    return what must stay identical: parameters across DP replicas / the two embedding copies."""
+    from megatron.core import parallel_state as ps
+
+    from k15_megatron.checkpoint.model_weights import load_hf_weights
+    from k15_megatron.config import (ModelConfig, OptimConfig, ParallelConfig, PrecisionConfig,
+                                     resolve_model_arch)
+    from k15_megatron.models.gpt import build_gpt_model, padded_vocab_size
+    from k15_megatron.parallel.initialize import initialize
+    from k15_megatron.train.optimizer import build_training_objects
+    from k15_megatron.train.step import train_step
+
+    parallel, precision = ParallelConfig(pipeline=pp), PrecisionConfig(dtype="fp32")
+    initialize(parallel, seed=7)
+    arch = resolve_model_arch(ModelConfig(hf_path=hf_dir))
+    padded = padded_vocab_size(arch.vocab_size, 128, 1)
+    model = build_gpt_model(arch, parallel_cfg=parallel, precision_cfg=precision, padded_vocab=padded)
+    load_hf_weights(model, hf_dir, arch, padded)
+    chunks, optimizer, scheduler = build_training_objects(
+        model, optim_cfg=OptimConfig(lr=1e-2, clip_grad=1.0), precision_cfg=precision)
+    # Different tokens on each DP rank; the same on the two stages of a pipeline.
+    data_seed = ps.get_data_parallel_rank() + 100
+    tokens = torch.randint(0, arch.vocab_size, (2, 17), generator=torch.Generator().manual_seed(data_seed))
+    batch = [{"input_ids": tokens[:, :-1], "labels": tokens[:, 1:], "position_ids": torch.arange(16).expand(2, -1)}]
+    for _ in range(3):
+        train_step(chunks, optimizer, scheduler, batch)
+    if pp == 1:
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+    if ps.is_pipeline_first_stage():
+        return {"embedding": model.embedding.word_embeddings.weight.detach().clone()}
+    return {"embedding": model.output_layer.weight.detach().clone()}
+
+
+@pytest.mark.distributed
+def test_data_parallel_replicas_stay_identical(tiny_hf_dirs):
+    first, second = run_distributed(_replica_worker, 2, tiny_hf_dirs["qwen3"], 1)
+    for name, value in first.items():
+        assert torch.equal(value, second[name]), f"DP replicas diverged on {name}"
+
+
+@pytest.mark.distributed
+def test_tied_embedding_copies_stay_identical_across_pipeline_stages(tiny_hf_dirs):
+    first_stage, last_stage = run_distributed(_replica_worker, 2, tiny_hf_dirs["qwen2"], 2)
+    assert torch.equal(first_stage["embedding"], last_stage["embedding"]), \
+        "the last stage's copy of the tied embedding drifted from the first stage's"
