@@ -1,0 +1,76 @@
+"""Weight transports from the Megatron trainer to the vLLM rollout engine.
+
+Each transport has the same two methods: ``sync(model, arch) -> metrics`` pushes the trainer's
+current weights into the engine in place, and ``close()``. Today there is one:
+
+* :class:`ColocatedWeightSync`: the vLLM worker lives in the same process as the Megatron rank
+  (SPMD colocation, ``external_launcher``). The full-model tensor stream of
+  :func:`k15_megatron.engine.weight_stream.iter_model_hf_tensors` is handed to vLLM's in-place
+  ``reload_weights`` as its weights iterator, so tensors go from Megatron's parameters to vLLM's
+  without disk, without a second copy of the model, and (on GPU) without leaving the device.
+
+A transport for disaggregated engines (NCCL broadcast to separate inference GPUs) or a disk
+fallback would implement the same two methods.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from k15_megatron.engine.weight_stream import iter_model_hf_tensors
+
+
+def _retie_output_embedding(vllm_model) -> None:
+    """Bring vLLM's output layer back in line with the reloaded input embedding.
+
+    With tied embeddings the stream has no ``lm_head.weight``, so vLLM's layerwise reload
+    re-processes the embedding module but not the output layer that shares its weight. On CPU
+    the output layer keeps a pre-packed GEMM copy of the weight (``dispatch_cpu_unquantized_gemm``)
+    that would stay stale: sampled log-probs then came from the pre-sync output layer (vLLM 0.32).
+    Re-running the layer's post-load processing rebuilds it; on GPU that processing is a no-op.
+    """
+    lm_head = vllm_model.get_submodule("lm_head")
+    embedding = vllm_model.get_submodule("model.embed_tokens")
+    if lm_head.weight is not embedding.weight:
+        lm_head.weight.data.copy_(embedding.weight.data)
+    quant_method = getattr(lm_head, "quant_method", None)
+    if quant_method is not None:
+        quant_method.process_weights_after_loading(lm_head)
+
+
+class ColocatedWeightSync:
+    """In-place reload of a colocated vLLM engine (see the module docstring)."""
+
+    def __init__(self, llm, *, dtype: torch.dtype, bucket_bytes: int = 256 * 1024**2):
+        self.llm, self.dtype, self.bucket_bytes = llm, dtype, bucket_bytes
+
+    def sync(self, model, arch) -> dict:
+        """Push ``model``'s weights into the engine (collective over all ranks); returns
+        {"sync_s": seconds, "sync_bytes": bytes loaded on this rank, "sync_tensors": count}."""
+        start = time.perf_counter()
+        counters = {"bytes": 0, "tensors": 0}
+
+        def counted():
+            for name, tensor in iter_model_hf_tensors(model, arch, dtype=self.dtype,
+                                                      bucket_bytes=self.bucket_bytes):
+                counters["bytes"] += tensor.numel() * tensor.element_size()
+                counters["tensors"] += 1
+                yield name, tensor
+
+        stream = counted()
+
+        def reload(worker):
+            worker.model_runner.reload_weights(weights_iterator=stream)
+            if arch.tie_word_embeddings:
+                _retie_output_embedding(worker.model_runner.get_model())
+
+        self.llm.collective_rpc(reload)
+        # Cached KV blocks were computed with the old weights.
+        self.llm.reset_prefix_cache()
+        return {"sync_s": time.perf_counter() - start, "sync_bytes": counters["bytes"],
+                "sync_tensors": counters["tensors"]}
+
+    def close(self) -> None:
+        self.llm = None
