@@ -132,7 +132,9 @@ class JudgeClient(Protocol):
 class VLLMJudge:
     """Judge on a vLLM engine (or any object with the same ``generate`` API).
 
-    ``sampling_params``: a ``vllm.SamplingParams`` built by the caller (max_tokens,
+    Prompts go in one batched ``generate`` call; if the engine rejects the batch (a prompt
+    longer than its context, say), each prompt is retried alone and only the rejected ones get
+    a reply with ``error``. ``sampling_params``: a ``vllm.SamplingParams`` built by the caller (max_tokens,
     temperature from `RewardModelConfig`). ``chat``: wrap each prompt as one user message with
     the engine tokenizer's chat template (for instruction-tuned judges).
     """
@@ -147,9 +149,26 @@ class VLLMJudge:
             prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}],
                                                      tokenize=False, add_generation_prompt=True)
                        for p in prompts]
-        outputs = self.llm.generate(list(prompts), self.sampling_params, use_tqdm=False)
-        return [JudgeReply(out.outputs[0].text if out.outputs else None,
-                           "" if out.outputs else "no completion returned") for out in outputs]
+        try:
+            return [self._reply(out) for out in self._generate(list(prompts))]
+        except Exception:  # one bad prompt (e.g. longer than the context) fails the batch:
+            pass           # retry one by one so only that prompt scores 0
+        replies = []
+        for prompt in prompts:
+            try:
+                replies.append(self._reply(self._generate([prompt])[0]))
+            except Exception as err:
+                replies.append(JudgeReply(None, f"judge engine rejected the prompt: {err}"[:500]))
+        return replies
+
+    def _generate(self, prompts: list[str]) -> list:
+        return self.llm.generate(prompts, self.sampling_params, use_tqdm=False)
+
+    @staticmethod
+    def _reply(output: Any) -> JudgeReply:
+        if not output.outputs:
+            return JudgeReply(None, "no completion returned")
+        return JudgeReply(output.outputs[0].text)
 
 
 class OpenAIJudge:

@@ -11,6 +11,12 @@ transformers and vLLM and still has only a few hundred tokens.
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 
 import pytest
 
@@ -40,22 +46,75 @@ def build_tiny_judge(path: str) -> str:
     eos = vocab[specials[0]]
     config = Qwen2Config(vocab_size=len(vocab), hidden_size=64, intermediate_size=128,
                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                         max_position_embeddings=512, bos_token_id=eos, eos_token_id=eos,
+                         max_position_embeddings=2048, bos_token_id=eos, eos_token_id=eos,
                          pad_token_id=eos, tie_word_embeddings=False)
     torch.manual_seed(0)
     Qwen2ForCausalLM(config).save_pretrained(path)
     return path
 
 
+KV_CACHE_BYTES = 64 << 20  # vLLM's CPU default would claim ~40% of the machine's RAM
+
+
 @pytest.fixture(scope="session")
-def judge_llm(tmp_path_factory):
+def tiny_judge_path(tmp_path_factory) -> str:
+    """Folder of the tiny random judge model (see `build_tiny_judge`)."""
+    return build_tiny_judge(str(tmp_path_factory.mktemp("tiny_judge")))
+
+
+@pytest.fixture(scope="session")
+def judge_llm(tiny_judge_path):
     """A real in-process vLLM engine on the tiny random judge model (emits garbage text)."""
     assert os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
     vllm = pytest.importorskip("vllm")
-    path = build_tiny_judge(str(tmp_path_factory.mktemp("tiny_judge")))
-    llm = vllm.LLM(path, dtype="float32", enforce_eager=True, max_model_len=512, seed=0)
+    llm = vllm.LLM(tiny_judge_path, dtype="float32", enforce_eager=True, max_model_len=2048,
+                   seed=0, kv_cache_memory_bytes=KV_CACHE_BYTES)
     yield llm
     del llm
+
+
+@pytest.fixture(scope="session")
+def served_judge(tiny_judge_path):
+    """A real ``vllm serve`` (OpenAI-compatible server) on the tiny judge, behind an API key.
+
+    Yields ``(base_url, model, api_key)``. Started in its own process group, killed as a group.
+    """
+    pytest.importorskip("vllm")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    api_key = "k15-test-key"
+    log = open(os.path.join(os.path.dirname(tiny_judge_path), "serve.log"), "w+")
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_judge_path,
+         "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048", "--host",
+         "127.0.0.1", "--port", str(port), "--api-key", api_key,
+         "--kv-cache-memory-bytes", str(KV_CACHE_BYTES)],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    base_url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            request = urllib.request.Request(base_url + "/models",
+                                             headers={"Authorization": f"Bearer {api_key}"})
+            try:
+                with urllib.request.urlopen(request, timeout=2):
+                    break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                pytest.fail("vllm serve did not come up:\n" + log.read()[-3000:])
+            time.sleep(0.5)
+        yield base_url, tiny_judge_path, api_key
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+        log.close()
 
 
 def sandbox_uid_processes(cfg: CodeRewardConfig | None = None) -> list[tuple[int, int]]:
