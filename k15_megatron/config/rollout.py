@@ -1,0 +1,94 @@
+"""The `rollout:` section of the configuration: the vLLM rollout engine (PAPER.md sections 4-5).
+
+Plain dataclass (OmegaConf-structured compatible). Defaults live here and only here; YAML
+recipes override them. Per-field rules use the schema's ``one_of`` / ``at_least`` helpers;
+cross-field rules live in ``RolloutConfig.config_errors(prefix)``, which the generic schema
+validator calls with the section's dotted key.
+
+What lives elsewhere: the per-iteration output-token budget of partial rollouts is
+``rl.replay.segment_token_budget`` and the repeat-detection thresholds are ``rl.repeat``
+(both shared with the replay buffer and the reward shaping); the engine's random seed is the
+root ``seed``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+from k15_megatron.config.schema import at_least, one_of
+
+LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")
+ROLLOUT_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class RolloutConfig:
+    """vLLM engine created inside the training processes, and how it samples."""
+
+    tensor_parallel_size: int = at_least(1, 1)
+    """vLLM tensor-parallel size, independent of training's ``parallel.tensor``. It must divide
+    the world size; world / tensor_parallel_size engine replicas (vLLM data-parallel ranks)
+    each generate their own share of the prompts."""
+    max_response_tokens: int = at_least(16384, 1)
+    """Longest response (all segments of a trajectory together); reaching it finishes the
+    trajectory with reason 'max_length'."""
+    max_model_len: int = at_least(20480, 2)
+    """vLLM context length (prompt + response tokens). A prompt longer than
+    max_model_len - max_response_tokens is an error, not a silently shorter response cap."""
+    temperature: float = at_least(1.0, 0.0)
+    """Sampling temperature (0 = greedy)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest token set with this much probability, in (0, 1]."""
+    top_k: int = at_least(0, 0)
+    """Keep only the k most likely tokens (0 = all)."""
+    logprobs_mode: str = one_of("raw_logprobs", LOGPROBS_MODES)
+    """Which log-prob of each sampled token is recorded as the behaviour log-prob:
+    raw_logprobs = log softmax of the model's logits, i.e. the policy pi_theta itself at
+    temperature 1, whatever temperature/top-p/top-k sampled it (what the trainer recomputes,
+    so the log-ratio log pi_theta/pi_i of the loss is exact) | processed_logprobs = after
+    temperature, top-k/top-p and logits processors: the distribution the token was really
+    drawn from (use it for importance weights against the sampling distribution). The two
+    agree at temperature 1 without top-k/top-p; at temperature 0 raw is reported."""
+    dtype: str = one_of("auto", ROLLOUT_DTYPES)
+    """Engine weights/activations: auto (float32 on CPU, the checkpoint's dtype on GPU) |
+    float32 | bfloat16 | float16."""
+    gpu_memory_utilization: float = 0.5
+    """GPU: fraction of the device memory vLLM may take for weights + KV cache (the rest stays
+    with Megatron). Not used on CPU (see cpu_kv_cache_gib)."""
+    cpu_kv_cache_gib: float = 1.0
+    """CPU: KV-cache size in GiB. Fixed because the CPU backend's utilisation-based sizing
+    reserves a fraction of the whole NUMA node and fails when other processes hold memory.
+    vLLM's legacy env var VLLM_CPU_KVCACHE_SPACE, if set, overrides it."""
+    enforce_eager: bool = False
+    """Skip CUDA graphs on GPU (slower decoding, faster start). The CPU backend always runs
+    eager here: its compiled mode costs minutes of start-up for no gain at test sizes."""
+    enable_prefix_caching: bool = True
+    """Reuse KV of shared prefixes: the k samples of a prompt share its prefill. Reset after
+    every weight update (RolloutEngine.mark_weights_updated), since cached KV is per-weights."""
+    max_num_seqs: int = at_least(256, 1)
+    """Most sequences vLLM decodes at once (its batch size)."""
+    max_num_batched_tokens: Optional[int] = at_least(None, 1)
+    """Most tokens per engine step (prefill chunking); null: vLLM's default."""
+    repeat_check_interval: int = at_least(16, 1)
+    """Generated tokens between two repeat checks of a running response (rl.repeat decides
+    what a repeat is). The response is cut exactly where the thresholds were first met; at
+    most interval - 1 tokens past that point are generated and dropped. Larger = less CPU per
+    decoding step (the check costs ~40 us per call plus ~3 us per token)."""
+
+    def config_errors(self, prefix: str) -> List[str]:
+        """Cross-field checks; one message per problem naming its dotted key under ``prefix``."""
+        errors: List[str] = []
+        if not 0.0 < self.top_p <= 1.0:
+            errors.append(f"{prefix}.top_p={self.top_p} must be in (0, 1]")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            errors.append(f"{prefix}.gpu_memory_utilization={self.gpu_memory_utilization} must "
+                          "be in (0, 1]")
+        if self.cpu_kv_cache_gib <= 0:
+            errors.append(f"{prefix}.cpu_kv_cache_gib={self.cpu_kv_cache_gib} must be > 0")
+        if self.max_response_tokens >= self.max_model_len:
+            errors.append(
+                f"{prefix}.max_response_tokens={self.max_response_tokens} leaves no room for the "
+                f"prompt in {prefix}.max_model_len={self.max_model_len}; raise max_model_len "
+                "above max_response_tokens + the longest prompt")
+        return errors

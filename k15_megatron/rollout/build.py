@@ -1,0 +1,139 @@
+"""Building the vLLM engine from the ``rollout`` config, inside the training processes.
+
+The engine is colocated: it lives in the same processes that hold the Megatron model, so the
+weight sync hands tensors over in memory (``llm.collective_rpc``) and nothing goes to disk.
+Decisions made here, once:
+
+* Process layout. When torch.distributed is initialised with world size W > 1 (torchrun /
+  srun), every rank creates the engine with ``distributed_executor_backend=
+  "external_launcher"``: vLLM joins the existing processes instead of spawning workers.
+  ``rollout.tensor_parallel_size`` = T must divide W; vLLM then runs D = W / T engine replicas
+  (``data_parallel_size=D``; replica r holds ranks r*T .. r*T + T-1), each generating its own
+  requests. T = W gives one engine spanning all ranks. D > 1 is not optional: T = 1 on 2 ranks
+  without it fails inside vLLM's gloo set-up ("rank < size. 1 vs 1"). Ranks of one replica
+  must pass identical requests; replicas get different engine seeds (seed + replica index) so
+  they never share random streams. Without torch.distributed (or W = 1): a plain in-process
+  engine.
+* In-process engine core: ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` is set before the engine is
+  built (external_launcher forces it too), so ``collective_rpc`` reaches the worker objects in
+  this process.
+* CPU specifics: float32 for ``dtype=auto``, eager execution, a fixed KV cache of
+  ``cpu_kv_cache_gib`` (vLLM's utilisation-based sizing on CPU reserves a fraction of the
+  whole NUMA node and fails on shared machines).
+* Repeat stop: the logits processor of :mod:`k15_megatron.rollout.repeat_stop` is registered,
+  so looping responses are cut while they are generated.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from k15_megatron.config.rollout import RolloutConfig
+from k15_megatron.rollout.repeat_stop import REPEAT_STOP_PROCESSOR
+
+_GIB = 1 << 30
+_REPLICA_SEED_STRIDE = 1_000_003  # replicas' engine seeds differ by a large prime
+
+
+@dataclass(frozen=True)
+class EngineLayout:
+    """Where this process sits in the rollout engine's layout (see the module doc)."""
+
+    world_size: int
+    """Processes that together hold all engine replicas (1 = no torch.distributed)."""
+    rank: int
+    """This process's global rank."""
+    tensor_parallel_size: int
+    """Ranks per engine replica."""
+    data_parallel_size: int
+    """Engine replicas (world_size / tensor_parallel_size)."""
+
+    @property
+    def data_parallel_rank(self) -> int:
+        """Index of the replica this rank belongs to: requests are split by it."""
+        return self.rank // self.tensor_parallel_size
+
+    @property
+    def spmd(self) -> bool:
+        """True when the engine joins existing processes (external_launcher)."""
+        return self.world_size > 1
+
+
+def engine_layout(cfg: RolloutConfig, *, world_size: int, rank: int) -> EngineLayout:
+    """The layout for ``world_size`` processes; ValueError if the sizes do not fit."""
+    tp = cfg.tensor_parallel_size
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in a world of {world_size} processes")
+    if tp < 1 or world_size % tp:
+        raise ValueError(f"rollout.tensor_parallel_size={tp} must divide the world size "
+                         f"{world_size} (each engine replica spans tensor_parallel_size ranks)")
+    return EngineLayout(world_size=world_size, rank=rank, tensor_parallel_size=tp,
+                        data_parallel_size=world_size // tp)
+
+
+def current_layout(cfg: RolloutConfig) -> EngineLayout:
+    """The layout of this process: from torch.distributed when it is initialised, else 1 rank."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return engine_layout(cfg, world_size=dist.get_world_size(), rank=dist.get_rank())
+    return engine_layout(cfg, world_size=1, rank=0)
+
+
+def llm_kwargs(cfg: RolloutConfig, *, model_path: str, seed: int, layout: EngineLayout,
+               on_cpu: bool) -> dict[str, Any]:
+    """Keyword arguments of ``vllm.LLM`` for this config, layout and device (pure function)."""
+    dtype = cfg.dtype
+    if dtype == "auto" and on_cpu:
+        dtype = "float32"
+    kwargs: dict[str, Any] = dict(
+        model=model_path,
+        dtype=dtype,
+        seed=seed + _REPLICA_SEED_STRIDE * layout.data_parallel_rank,
+        max_model_len=cfg.max_model_len,
+        tensor_parallel_size=layout.tensor_parallel_size,
+        gpu_memory_utilization=cfg.gpu_memory_utilization,
+        enforce_eager=True if on_cpu else cfg.enforce_eager,
+        enable_prefix_caching=cfg.enable_prefix_caching,
+        max_num_seqs=cfg.max_num_seqs,
+        logprobs_mode=cfg.logprobs_mode,
+        logits_processors=[REPEAT_STOP_PROCESSOR],
+    )
+    if cfg.max_num_batched_tokens is not None:
+        kwargs["max_num_batched_tokens"] = cfg.max_num_batched_tokens
+    if on_cpu:
+        kwargs["kv_cache_memory_bytes"] = int(cfg.cpu_kv_cache_gib * _GIB)
+    if layout.spmd:
+        kwargs["distributed_executor_backend"] = "external_launcher"
+        if layout.data_parallel_size > 1:
+            kwargs["data_parallel_size"] = layout.data_parallel_size
+    return kwargs
+
+
+def build_llm(cfg: RolloutConfig, *, model_path: str, seed: int,
+              layout: Optional[EngineLayout] = None):
+    """Create the ``vllm.LLM`` of this process (every rank calls it, SPMD).
+
+    Args:
+        cfg: the ``rollout`` section.
+        model_path: Hugging Face folder (config, tokenizer, weights; the weights may be
+            replaced in place later by the weight sync).
+        seed: the experiment's root seed.
+        layout: default ``current_layout(cfg)``.
+
+    Returns:
+        ``(llm, layout)``.
+    """
+    if not os.path.isfile(os.path.join(model_path, "config.json")):
+        raise ValueError(f"rollout model folder {model_path!r} has no config.json")
+    layout = layout or current_layout(cfg)
+    # Set before vLLM reads its environment: the engine core must live in this process.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from vllm import LLM
+    from vllm.platforms import current_platform
+
+    kwargs = llm_kwargs(cfg, model_path=model_path, seed=seed, layout=layout,
+                        on_cpu=current_platform.is_cpu())
+    return LLM(**kwargs), layout

@@ -1,0 +1,239 @@
+"""RolloutEngine: a thin wrapper around vLLM's offline ``LLM`` that generates response segments.
+
+One call generates one segment for each request: a request is a trajectory id, its prompt,
+the response tokens of earlier segments (partial rollouts, PAPER.md section 4) and a token
+allowance; the result is the new tokens, the behaviour log-prob of each, and why the segment
+ended:
+
+* ``stop``: the model emitted EOS (or a stop token); the EOS token is part of the segment.
+* ``budget``: the per-iteration token budget ran out; the trajectory continues next call.
+* ``repeat``: the response repeats (``rl.repeat``); it is cut at the token where the thresholds
+  were first met, during generation (see :mod:`k15_megatron.rollout.repeat_stop`).
+* ``max_length``: the response reached ``rollout.max_response_tokens``.
+
+Behaviour log-probs come from vLLM (``logprobs=0`` returns the sampled token's log-prob);
+``rollout.logprobs_mode`` chooses raw (the model at temperature 1) or processed (the
+distribution actually sampled from, after temperature/top-k/top-p) values.
+
+Building the engine (SPMD inside the training processes, CPU specifics) is
+:mod:`k15_megatron.rollout.build`; the weight sync reaches the workers through ``.llm``
+(``llm.collective_rpc``) and must call ``mark_weights_updated`` afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from typing import Optional, Sequence
+
+import torch
+
+from k15_megatron.config.rl import RepeatConfig
+from k15_megatron.config.rollout import RolloutConfig
+from k15_megatron.rollout.build import EngineLayout, build_llm, engine_layout
+from k15_megatron.rollout.repeat_stop import REPEAT_STOP_PROCESSOR, repeat_cut, repeat_stop_args
+
+log = logging.getLogger(__name__)
+
+FINISH_REASONS = ("stop", "budget", "repeat", "max_length")
+_SEED_MOD = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class SegmentRequest:
+    """Generate the next segment of one trajectory."""
+
+    trajectory_id: int
+    prompt_tokens: torch.Tensor
+    """[P] int64 prompt token ids."""
+    response_tokens: torch.Tensor
+    """[R] int64 tokens of the trajectory's earlier segments (R = 0 for a new trajectory)."""
+    token_budget: int
+    """Most tokens this call may add (the per-iteration budget, rl.replay.segment_token_budget)."""
+    max_response_tokens: int
+    """Longest response over all segments (rollout.max_response_tokens)."""
+
+    @property
+    def max_new_tokens(self) -> int:
+        """min(token budget, tokens left before the response cap)."""
+        return min(self.token_budget, self.max_response_tokens - self.response_tokens.numel())
+
+
+@dataclass
+class SegmentResult:
+    """One generated segment."""
+
+    trajectory_id: int
+    tokens: torch.Tensor
+    """[n] int64 new token ids."""
+    logprobs: torch.Tensor
+    """[n] float32 behaviour log-prob of each new token (see rollout.logprobs_mode)."""
+    finish_reason: str
+    """One of FINISH_REASONS; 'budget' = unfinished, continue in a later call."""
+    generated_tokens: int
+    """Tokens the engine produced for this segment, including those a repeat cut dropped
+    (the compute spent; equals len(tokens) unless the reason is 'repeat')."""
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason != "budget"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one ``generate`` call samples. Build it with ``Sampling.from_config``."""
+
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: Optional[int]
+    """None: the engine's random stream. Else each request draws from its own stream seeded by
+    (seed, trajectory id, tokens already generated): reproducible whatever the batch holds."""
+    ignore_eos: bool
+    """Generate past EOS (benchmarks and tests only; disables the in-engine repeat stop)."""
+
+    @classmethod
+    def from_config(cls, cfg: RolloutConfig, **overrides) -> "Sampling":
+        base = cls(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, seed=None,
+                   ignore_eos=False)
+        return replace(base, **overrides)
+
+
+class RolloutEngine:
+    """Generates response segments with a vLLM ``LLM`` (see the module doc)."""
+
+    def __init__(self, llm, *, cfg: RolloutConfig, repeat: RepeatConfig,
+                 layout: Optional[EngineLayout] = None):
+        """Wrap an existing ``vllm.LLM`` (e.g. a test session's engine). Prefer ``create``.
+
+        An LLM built without the repeat-stop processor still gives correct results: looping
+        responses are cut afterwards at the same token, only the compute is not saved.
+        """
+        self.llm = llm
+        self.cfg = cfg
+        self.repeat = repeat
+        self.layout = layout or engine_layout(cfg, world_size=1, rank=0)
+        self.policy_version = 0
+        self.repeat_stop_installed = _has_repeat_stop(llm)
+        if repeat.enabled and not self.repeat_stop_installed:
+            log.warning("vLLM engine has no repeat-stop logits processor: repeating responses "
+                        "are cut after generation instead of during it")
+        model_config = llm.llm_engine.vllm_config.model_config
+        self.max_model_len: int = model_config.max_model_len
+        if model_config.logprobs_mode != cfg.logprobs_mode:
+            raise ValueError(f"rollout.logprobs_mode={cfg.logprobs_mode!r} but the vLLM engine "
+                             f"was built with {model_config.logprobs_mode!r}")
+
+    @classmethod
+    def create(cls, cfg: RolloutConfig, *, model_path: str, repeat: RepeatConfig,
+               seed: int) -> "RolloutEngine":
+        """Build the engine of this process (SPMD: every rank calls this; see rollout.build)."""
+        llm, layout = build_llm(cfg, model_path=model_path, seed=seed)
+        return cls(llm, cfg=cfg, repeat=repeat, layout=layout)
+
+    def mark_weights_updated(self, policy_version: int) -> None:
+        """Call after every in-place weight update: records the version new segments are
+        tagged with and drops cached prefix KV, which was computed with the old weights."""
+        self.policy_version = int(policy_version)
+        self.llm.reset_prefix_cache()
+
+    def shutdown(self) -> None:
+        """Release the engine (workers, KV cache) now instead of at interpreter exit.
+
+        Careful under torchrun: vLLM's teardown (``cleanup_dist_env_and_memory``) also
+        destroys torch.distributed's default process group, the one Megatron uses, so shut
+        the engine down only after the last collective of the run."""
+        self.llm.llm_engine.engine_core.shutdown()
+
+    def generate(self, requests: Sequence[SegmentRequest], *,
+                 sampling: Sampling) -> list[SegmentResult]:
+        """One segment per request, in request order (all requests in one vLLM batch).
+
+        Under a multi-rank engine every rank of one replica must pass the same requests.
+        """
+        if not requests:
+            return []
+        from vllm import SamplingParams
+
+        params, prompts = [], []
+        for req in requests:
+            self._check(req)
+            prefix = req.response_tokens.tolist()
+            prompts.append({"prompt_token_ids": req.prompt_tokens.tolist() + prefix})
+            extra = None
+            if self.repeat.enabled and self.repeat_stop_installed and not sampling.ignore_eos:
+                extra = repeat_stop_args(self.repeat, prefix_len=len(prefix),
+                                         check_interval=self.cfg.repeat_check_interval)
+            params.append(SamplingParams(
+                n=1, temperature=sampling.temperature, top_p=sampling.top_p,
+                top_k=sampling.top_k, max_tokens=req.max_new_tokens, ignore_eos=sampling.ignore_eos,
+                seed=_request_seed(sampling.seed, req), logprobs=0, flat_logprobs=True,
+                detokenize=False, extra_args=extra))
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        return [self._result(req, out, sampling) for req, out in zip(requests, outputs)]
+
+    def _check(self, req: SegmentRequest) -> None:
+        if req.prompt_tokens.dim() != 1 or req.response_tokens.dim() != 1:
+            raise ValueError(f"trajectory {req.trajectory_id}: prompt_tokens and response_tokens "
+                             "must be 1-D token id tensors")
+        if req.max_new_tokens < 1:
+            raise ValueError(f"trajectory {req.trajectory_id}: nothing left to generate (budget "
+                             f"{req.token_budget}, {req.response_tokens.numel()} of "
+                             f"{req.max_response_tokens} response tokens used)")
+        total = req.prompt_tokens.numel() + req.response_tokens.numel() + req.max_new_tokens
+        if total > self.max_model_len:
+            raise ValueError(
+                f"trajectory {req.trajectory_id}: prompt ({req.prompt_tokens.numel()}) + response "
+                f"({req.response_tokens.numel()}) + new ({req.max_new_tokens}) tokens exceed the "
+                f"engine's max_model_len={self.max_model_len}; raise rollout.max_model_len or "
+                "shorten the prompt")
+
+    def _result(self, req: SegmentRequest, out, sampling: Sampling) -> SegmentResult:
+        completion = out.outputs[0]
+        tokens = list(completion.token_ids)
+        generated = len(tokens)
+        logprobs = _sampled_logprobs(completion.logprobs, tokens, req.trajectory_id)
+        if completion.finish_reason == "stop":
+            reason = "stop"
+        elif completion.finish_reason == "length":
+            at_cap = req.response_tokens.numel() + len(tokens) >= req.max_response_tokens
+            reason = "max_length" if at_cap else "budget"
+        else:
+            raise RuntimeError(f"trajectory {req.trajectory_id}: vLLM ended the request with "
+                               f"{completion.finish_reason!r}")
+        if self.repeat.enabled:
+            keep = repeat_cut(self.repeat, req.response_tokens.tolist(), tokens)
+            if keep is not None:
+                # With the processor active, vLLM ran at most one check interval past the cut.
+                assert (not self.repeat_stop_installed or sampling.ignore_eos
+                        or len(tokens) - keep <= self.cfg.repeat_check_interval), (
+                    len(tokens), keep)
+                tokens, logprobs, reason = tokens[:keep], logprobs[:keep], "repeat"
+        return SegmentResult(trajectory_id=req.trajectory_id,
+                             tokens=torch.tensor(tokens, dtype=torch.long),
+                             logprobs=torch.tensor(logprobs, dtype=torch.float32),
+                             finish_reason=reason, generated_tokens=generated)
+
+
+def _has_repeat_stop(llm) -> bool:
+    registered = llm.llm_engine.vllm_config.model_config.logits_processors or ()
+    names = {p if isinstance(p, str) else f"{p.__module__}:{p.__qualname__}" for p in registered}
+    return REPEAT_STOP_PROCESSOR in names
+
+
+def _request_seed(seed: Optional[int], req: SegmentRequest) -> Optional[int]:
+    if seed is None:
+        return None
+    return hash((seed, req.trajectory_id, req.response_tokens.numel())) % _SEED_MOD
+
+
+def _sampled_logprobs(flat, tokens: list[int], trajectory_id: int) -> list[float]:
+    """The sampled token's log-prob at each position of vLLM's FlatLogprobs (logprobs=0 puts
+    exactly the sampled token at each position's first slot)."""
+    if flat is None or len(flat.start_indices) != len(tokens):
+        raise RuntimeError(f"trajectory {trajectory_id}: vLLM returned no per-token log-probs")
+    starts = flat.start_indices
+    if any(flat.token_ids[s] != t for s, t in zip(starts, tokens)):
+        raise RuntimeError(f"trajectory {trajectory_id}: vLLM log-probs are not those of the "
+                           "sampled tokens")
+    return [flat.logprobs[s] for s in starts]
