@@ -59,22 +59,22 @@ def build_char_tokenizer():
     return tok
 
 
-def _config_for(family: str, vocab_size: int, **overrides):
+def _config_for(family: str, tokenizer_size: int, **overrides):
     from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
     sizes = {**TINY_SIZES, **overrides}
-    common = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    common = dict(vocab_size=tokenizer_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     if family == "llama":
         base = dict(rope_theta=500000.0, tie_word_embeddings=False, rms_norm_eps=1e-5,
                     rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
-        return LlamaConfig(**common, **{**base, **sizes})
+        return LlamaConfig(**{**common, **base, **sizes})
     if family == "qwen2":
         base = dict(rope_theta=1000000.0, tie_word_embeddings=True, rms_norm_eps=1e-6)
-        return Qwen2Config(**common, **{**base, **sizes})
+        return Qwen2Config(**{**common, **base, **sizes})
     if family == "qwen3":
         base = dict(rope_theta=1000000.0, tie_word_embeddings=False, rms_norm_eps=1e-6, head_dim=32)
-        return Qwen3Config(**common, **{**base, **sizes})
+        return Qwen3Config(**{**common, **base, **sizes})
     raise ValueError(f"tiny model family {family!r}: use llama, qwen2 or qwen3")
 
 
