@@ -61,6 +61,11 @@ class CodeRewardConfig:
     """RLIMIT_FSIZE: the largest file a sandboxed program may write, in MiB."""
     max_open_files: int = 64
     """RLIMIT_NOFILE of sandboxed processes."""
+    max_workdir_mb: int = 64
+    """Size of the private tmpfs working directory (total bytes a program may write), in MiB;
+    it lives in RAM while the program runs."""
+    max_workdir_files: int = 4096
+    """Files and directories the working directory may hold (tmpfs inodes)."""
     all_or_nothing: bool = False
     """Reward 1.0 only when every test passes (False: the fraction of tests passed)."""
     num_workers: int = 2
@@ -166,7 +171,7 @@ class RewardsConfig:
             value = getattr(c, key)
             need(value >= 32, f"code.{key}", f"must be >= 32 (MiB), got {value}")
         for key in ("max_output_bytes", "max_processes", "max_file_mb", "max_open_files",
-                    "num_workers", "num_sandbox_uids"):
+                    "max_workdir_mb", "max_workdir_files", "num_workers", "num_sandbox_uids"):
             value = getattr(c, key)
             need(value >= 1, f"code.{key}", f"must be >= 1, got {value}")
         need(c.sandbox_uid_base >= 1000, "code.sandbox_uid_base",

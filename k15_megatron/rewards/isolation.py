@@ -13,7 +13,8 @@ needed) and why each piece exists:
 - An unprivileged uid alone cannot write the repository (root-owned, 0755) but can write
   world-writable places (/tmp, /dev/shm, /var/tmp). So the sandbox gets a private mount
   namespace in which every mount is read-only (``mount_setattr(AT_RECURSIVE,
-  MOUNT_ATTR_RDONLY)``) except a bind mount of its own working directory. Device nodes such as
+  MOUNT_ATTR_RDONLY)``) except its own working directory, a size-limited tmpfs (so the
+  total a program writes is bounded, not only each file by RLIMIT_FSIZE). Device nodes such as
   /dev/null stay writable on a read-only mount.
 - A new network namespace has only a downed loopback interface: ``connect`` fails with
   "Network is unreachable".
@@ -36,7 +37,6 @@ import errno
 import fcntl
 import os
 import stat
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -51,6 +51,7 @@ AT_FDCWD, AT_RECURSIVE = -100, 0x8000
 MOUNT_ATTR_RDONLY = 0x1
 SYS_MOUNT_SETATTR = 442  # x86-64 and arm64 share this number (added in Linux 5.12)
 PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
+LEASE_DIR = "/tmp/k15-sandbox-uids"
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
@@ -130,9 +131,12 @@ def exposures_for(paths: Sequence[str]) -> list[Exposure]:
     return [Exposure(h, tuple(sorted(c))) for h, c in sorted(found.items())]
 
 
-def setup_mount_namespace(workdir: str, exposures: Sequence[Exposure]) -> None:
+def setup_mount_namespace(workdir: str, exposures: Sequence[Exposure], *, uid: int,
+                          size_mb: int, max_files: int) -> None:
     """In a fresh mount namespace: stop propagation to the host, apply ``exposures``, make
-    everything read-only, then bind ``workdir`` back read-write (nosuid, nodev)."""
+    everything read-only, then mount a private tmpfs over ``workdir`` owned by ``uid`` and
+    bounded to ``size_mb`` MiB and ``max_files`` inodes (nosuid, nodev). RLIMIT_FSIZE bounds
+    one file only; the tmpfs bounds the total, so no program can fill the host's disk."""
     mount(None, "/", None, MS_REC | MS_PRIVATE)
     for exp in exposures:
         fds = [os.open(os.path.join(exp.hidden, c), os.O_PATH) for c in exp.children]
@@ -146,8 +150,8 @@ def setup_mount_namespace(workdir: str, exposures: Sequence[Exposure]) -> None:
             mount(f"/proc/self/fd/{fd}", target, None, MS_BIND | MS_REC)
             os.close(fd)
     set_readonly("/", recursive=True)
-    mount(workdir, workdir, None, MS_BIND)
-    mount(None, workdir, None, MS_BIND | MS_REMOUNT | MS_NOSUID | MS_NODEV)
+    mount("tmpfs", workdir, "tmpfs", MS_NOSUID | MS_NODEV,
+          f"size={size_mb}m,nr_inodes={max_files},mode=700,uid={uid},gid={uid}")
 
 
 def drop_privileges(uid: int) -> None:
@@ -161,11 +165,12 @@ def drop_privileges(uid: int) -> None:
 
 class UidLease:
     """Exclusive use of one uid in ``[base, base + count)`` across all processes on the host,
-    held by an ``flock`` on ``<tmp>/k15-sandbox-uids/<uid>.lock`` (released on `release` or
-    when the holder dies). Waits up to ``wait_s`` for a free uid."""
+    held by an ``flock`` on ``/tmp/k15-sandbox-uids/<uid>.lock`` (released on `release` or
+    when the holder dies). The path is fixed, not $TMPDIR, so every process on the host agrees
+    on it. Waits up to ``wait_s`` for a free uid."""
 
     def __init__(self, base: int, count: int, *, wait_s: float = 60.0):
-        lock_dir = os.path.join(tempfile.gettempdir(), "k15-sandbox-uids")
+        lock_dir = LEASE_DIR
         os.makedirs(lock_dir, mode=0o700, exist_ok=True)
         deadline = time.monotonic() + wait_s
         start = os.getpid() % count  # spread concurrent leasers over the range

@@ -134,9 +134,9 @@ class VLLMJudge:
 
     Prompts go in one batched ``generate`` call; if the engine rejects the batch (a prompt
     longer than its context, say), each prompt is retried alone and only the rejected ones get
-    a reply with ``error``. ``sampling_params``: a ``vllm.SamplingParams`` built by the caller (max_tokens,
-    temperature from `RewardModelConfig`). ``chat``: wrap each prompt as one user message with
-    the engine tokenizer's chat template (for instruction-tuned judges).
+    a reply with ``error``. ``sampling_params``: a ``vllm.SamplingParams`` built by the caller
+    (max_tokens, temperature from `RewardModelConfig`). ``chat``: wrap each prompt as one user
+    message with the engine tokenizer's chat template (for instruction-tuned judges).
     """
 
     def __init__(self, llm: Any, sampling_params: Any, *, chat: bool = False):

@@ -30,7 +30,7 @@ import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from k15_megatron.config.rewards import RewardsConfig, parse_reward_spec
 from k15_megatron.rewards.sandbox import SandboxError

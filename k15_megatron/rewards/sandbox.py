@@ -8,13 +8,22 @@ Process layout of one execution (all started with ``os.fork``, no shell)::
          └─ program: pid 1 of the new pid namespace; mounts its /proc, applies rlimits
                      (CPU, AS, NPROC, FSIZE, NOFILE, CORE), drops to the leased uid, execs.
 
-The working directory is a fresh temporary directory owned by the leased uid; it is the only
-writable place. The environment is replaced by a minimal one (PATH, HOME, TMPDIR, LANG and
+The working directory is a private tmpfs (size- and inode-limited) mounted over a fresh
+temporary directory, owned by the leased uid; it is the only writable place, and it vanishes
+with the run (files to keep, like a compiled binary, are copied out by the supervisor). The environment is replaced by a minimal one (PATH, HOME, TMPDIR, LANG and
 thread-count caps), so nothing of the caller's environment (tokens, keys) reaches the program.
 stdout and stderr are each read up to ``max_output_bytes``; one byte more kills the run
-(``output_overflow``). On the wall-clock deadline the supervisor's process group is SIGKILLed;
-the program dies with its supervisor (parent-death signal) and, being pid 1 of its namespace,
-takes every descendant with it.
+(``output_overflow``). On the wall-clock deadline (or overflow) the program is SIGKILLed
+through a pidfd (the supervisor reports its pid first); being pid 1 of its namespace it takes
+every descendant with it, and the supervisor's ``waitpid`` returns only once the kernel has
+reaped them all, so when `execute` returns nothing of the run is left — not even a zombie
+holding the uid's NPROC count. If the caller dies, the supervisor and program die with it
+(parent-death signals).
+
+Measured on the 2-core development VM (quiet moments): about 5 ms of isolation overhead per
+execution over a bare fork/exec (``/bin/true``: ~5.7 ms vs ~0.5 ms); a Python program is
+dominated by interpreter start-up (~20-25 ms). tools/bench/sandbox_throughput.py compares
+with ``subprocess.run``.
 
 Failures of the sandbox itself (namespaces refused, a missing interpreter) raise
 `SandboxError`: they are not the program's fault and must not silently become rewards of 0.
@@ -32,6 +41,7 @@ import resource
 import selectors
 import shutil
 import signal
+import stat
 import struct
 import sys
 import tempfile
@@ -64,13 +74,16 @@ class Limits:
     max_processes: int
     max_file_mb: int
     max_open_files: int
+    max_workdir_mb: int = 64
+    max_workdir_files: int = 4096
 
     @classmethod
     def from_config(cls, cfg: CodeRewardConfig, **overrides: float) -> "Limits":
         """Limits of ``cfg`` with keyword ``overrides`` (e.g. ``time_limit_s=2``)."""
         values = dict(time_limit_s=cfg.time_limit_s, memory_mb=cfg.memory_mb,
                       max_output_bytes=cfg.max_output_bytes, max_processes=cfg.max_processes,
-                      max_file_mb=cfg.max_file_mb, max_open_files=cfg.max_open_files)
+                      max_file_mb=cfg.max_file_mb, max_open_files=cfg.max_open_files,
+                      max_workdir_mb=cfg.max_workdir_mb, max_workdir_files=cfg.max_workdir_files)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -194,24 +207,38 @@ def _parse_reports(data: bytes) -> list[tuple[bytes, int, bytes]]:
     return records
 
 
-def _program_child(argv: Sequence[str], workdir: str, stdin_fd: int, out_fd: int, err_fd: int,
-                   report_fd: int, limits: Limits, uid: Optional[int], full: bool) -> None:
+@dataclass
+class _Job:
+    """Everything the forked children need; built in the caller before ``fork``."""
+
+    argv: Sequence[str]
+    workdir: str
+    files: Mapping[str, bytes]
+    executables: Sequence[str]
+    collect: Sequence[str]
+    limits: Limits
+    uid: Optional[int]
+    full: bool
+    results_dir_fd: int  # the caller's (host) view of workdir, for collected files
+
+
+def _program_child(job: _Job, stdin_fd: int, out_fd: int, err_fd: int, report_fd: int) -> None:
     """Runs in the forked program process; never returns."""
     stage = "setup"
     try:
-        if full:
+        if job.full:
             iso.mount("proc", "/proc", "proc", iso.MS_NOSUID | iso.MS_NODEV | iso.MS_NOEXEC)
         for src, dst in ((stdin_fd, 0), (out_fd, 1), (err_fd, 2)):
             os.dup2(src, dst)
-        os.chdir(workdir)
+        os.chdir(job.workdir)
         os.closerange(3, report_fd)
         os.closerange(report_fd + 1, 1 << 16)
-        _set_rlimits(limits)
-        if uid is not None:
-            iso.drop_privileges(uid)
+        _set_rlimits(job.limits)
+        if job.uid is not None:
+            iso.drop_privileges(job.uid)
         iso.prctl(iso.PR_SET_PDEATHSIG, signal.SIGKILL)
         stage = "exec"
-        os.execve(argv[0], list(argv), sandbox_env(workdir))
+        os.execve(job.argv[0], list(job.argv), sandbox_env(job.workdir))
     except OSError as err:
         _report(report_fd, b"X" if stage == "exec" else b"E", err.errno or 0, str(err))
     except BaseException as err:
@@ -220,27 +247,72 @@ def _program_child(argv: Sequence[str], workdir: str, stdin_fd: int, out_fd: int
         os._exit(127)
 
 
-def _supervisor_child(argv: Sequence[str], workdir: str, stdin_fd: int, out_fd: int,
-                      err_fd: int, report_fd: int, limits: Limits, uid: Optional[int],
-                      full: bool, parent: int) -> None:
+def _write_files(job: _Job) -> None:
+    for name, content in job.files.items():
+        path = os.path.join(job.workdir, name)
+        with open(path, "wb") as handle:
+            handle.write(content)
+        os.chmod(path, 0o755 if name in job.executables else 0o644)
+        if job.uid is not None:
+            os.chown(path, job.uid, job.uid)
+
+
+def read_regular_file(dir_fd: int, name: str, max_bytes: int) -> Optional[bytes]:
+    """Content of ``name`` under ``dir_fd`` if it is a regular file of at most ``max_bytes``;
+    None otherwise. Never follows a symlink or blocks on a FIFO a program may have planted."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
+            return None
+        with os.fdopen(os.dup(fd), "rb") as handle:
+            return handle.read(max_bytes + 1)[:max_bytes]
+    finally:
+        os.close(fd)
+
+
+def _copy_out(job: _Job) -> None:
+    """Copy collected files from the sandbox's tmpfs to the caller's view of the directory."""
+    tmpfs_fd = os.open(job.workdir, os.O_RDONLY | os.O_DIRECTORY)
+    for name in job.collect:
+        data = read_regular_file(tmpfs_fd, name, _MAX_COLLECT_BYTES)
+        if data is not None:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600,
+                         dir_fd=job.results_dir_fd)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+    os.close(tmpfs_fd)
+
+
+def _supervisor_child(job: _Job, stdin_fd: int, out_fd: int, err_fd: int, report_fd: int,
+                      parent: int) -> None:
     """Runs in the forked supervisor process; never returns."""
     try:
         os.setsid()
         iso.prctl(iso.PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent:  # the caller died before the death signal was armed
             os._exit(1)
-        if full:
+        if job.full:
             iso.unshare(_NAMESPACES)
-            iso.setup_mount_namespace(workdir, _exposures(argv[0]))
+            assert job.uid is not None
+            iso.setup_mount_namespace(job.workdir, _exposures(job.argv[0]), uid=job.uid,
+                                      size_mb=job.limits.max_workdir_mb,
+                                      max_files=job.limits.max_workdir_files)
+            _write_files(job)
         pid = os.fork()
         if pid == 0:
-            _program_child(argv, workdir, stdin_fd, out_fd, err_fd, report_fd, limits, uid, full)
+            _program_child(job, stdin_fd, out_fd, err_fd, report_fd)
         _report(report_fd, b"P", pid)
         for fd in (stdin_fd, out_fd, err_fd):
             os.close(fd)
         # Reaping the program also waits until the kernel has torn down its pid namespace
         # (every process left in it killed and reaped), so "supervisor exited" means "all gone".
         _, status = os.waitpid(pid, 0)
+        if job.full and job.collect:
+            _copy_out(job)
         _report(report_fd, b"S", status)
     except BaseException as err:
         _report(report_fd, b"E", 0, f"supervisor: {err}")
@@ -255,41 +327,38 @@ def execute(argv: Sequence[str], *, files: Mapping[str, bytes], stdin: bytes = b
     fresh sandbox whose working directory holds ``files`` (name -> content; names in
     ``executables`` get mode 0755) and whose stdin is ``stdin``.
 
-    ``collect``: names of files to read back from the working directory afterwards (missing
-    ones are left out). Raises SandboxError when the sandbox itself fails.
+    ``collect``: names of regular files to read back from the working directory afterwards
+    (missing or non-regular ones are left out). Raises SandboxError when the sandbox itself
+    fails.
     """
     full = isolation_mode(config) == "full"
     if full:
         _exposures(argv[0])  # fill the cache before fork: the children only read it
-    lease = iso.UidLease(config.sandbox_uid_base, config.num_sandbox_uids) if full else None
-    workdir = tempfile.mkdtemp(prefix="k15-sandbox-")
     try:
-        uid = lease.uid if lease else None
-        for name, content in files.items():
-            path = os.path.join(workdir, name)
-            with open(path, "wb") as handle:
-                handle.write(content)
-            os.chmod(path, 0o755 if name in executables else 0o644)
-            if uid is not None:
-                os.chown(path, uid, uid)
-        if uid is not None:
-            os.chown(workdir, uid, uid)
-        os.chmod(workdir, 0o700)
-        result = _run(argv, workdir, stdin, limits, uid, full)
+        lease = iso.UidLease(config.sandbox_uid_base, config.num_sandbox_uids) if full else None
+    except RuntimeError as err:
+        raise SandboxError(str(err)) from None
+    workdir = tempfile.mkdtemp(prefix="k15-sandbox-")  # root-only 0700: the host's view
+    dir_fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        job = _Job(list(argv), workdir, files, list(executables), list(collect), limits,
+                   lease.uid if lease else None, full, dir_fd)
+        if not full:
+            _write_files(job)  # no namespace: the program works in the host directory itself
+        result = _run(job, stdin)
         for name in collect:
-            path = os.path.join(workdir, name)
-            if os.path.isfile(path) and os.path.getsize(path) <= _MAX_COLLECT_BYTES:
-                with open(path, "rb") as handle:
-                    result.files[name] = handle.read()
+            data = read_regular_file(dir_fd, name, _MAX_COLLECT_BYTES)
+            if data is not None:
+                result.files[name] = data
         return result
     finally:
+        os.close(dir_fd)
         shutil.rmtree(workdir, ignore_errors=True)
         if lease is not None:
             lease.release()
 
 
-def _run(argv: Sequence[str], workdir: str, stdin: bytes, limits: Limits, uid: Optional[int],
-         full: bool) -> ExecResult:
+def _run(job: _Job, stdin: bytes) -> ExecResult:
     with tempfile.TemporaryFile() as stdin_file:
         stdin_file.write(stdin)
         stdin_file.flush()
@@ -300,12 +369,13 @@ def _run(argv: Sequence[str], workdir: str, stdin: bytes, limits: Limits, uid: O
         start = time.monotonic()
         pid = os.fork()
         if pid == 0:
-            os.close(out_r), os.close(err_r), os.close(rep_r)
-            _supervisor_child(argv, workdir, stdin_file.fileno(), out_w, err_w, rep_w, limits,
-                              uid, full, os.getppid())
+            for fd in (out_r, err_r, rep_r):
+                os.close(fd)
+            _supervisor_child(job, stdin_file.fileno(), out_w, err_w, rep_w, os.getppid())
         for fd in (out_w, err_w, rep_w):
             os.close(fd)
-        streams, timed_out, overflow = _pump(pid, out_r, err_r, rep_r, start, limits, full)
+        streams, timed_out, overflow = _pump(pid, out_r, err_r, rep_r, start, job.limits,
+                                             job.full)
         os.waitpid(pid, 0)
         wall = time.monotonic() - start
     reports = {tag: (value, message) for tag, value, message in _parse_reports(streams[rep_r])}
@@ -315,7 +385,7 @@ def _run(argv: Sequence[str], workdir: str, stdin: bytes, limits: Limits, uid: O
     if b"X" in reports:
         result.exec_errno, message = reports[b"X"]
         if result.exec_errno not in _PROGRAM_EXEC_ERRORS:  # a missing or unreachable interpreter
-            raise SandboxError(f"cannot execute {argv[0]!r} in the sandbox: "
+            raise SandboxError(f"cannot execute {job.argv[0]!r} in the sandbox: "
                                f"{message.decode(errors='replace')}")
         result.stderr += b"\nexecve failed: " + message
     elif b"S" in reports:

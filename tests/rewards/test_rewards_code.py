@@ -23,7 +23,8 @@ SUM_OK = "a, b = map(int, input().split())\nprint(a + b)"
 def test_stdin_stdout_verdicts():
     cases = {
         SUM_OK: [V.PASSED] * 3,
-        "a, b = map(int, input().split())\nprint(a - b)": [V.WRONG_ANSWER, V.WRONG_ANSWER, V.PASSED],
+        "a, b = map(int, input().split())\nprint(a - b)":
+            [V.WRONG_ANSWER, V.WRONG_ANSWER, V.PASSED],
         "a, b = map(int, input().split())\nprint(a // b)": [V.WRONG_ANSWER, V.WRONG_ANSWER,
                                                            V.RUNTIME_ERROR],
     }

@@ -28,7 +28,8 @@ FAMILIES = [
     # percentages
     (r"50\%", "50", True), (r"50\%", r"50\%", True), (r"50\%", r"40\%", False),
     # units and degree signs
-    (r"30^\circ", "30", True), (r"30^\circ", r"30^{\circ}", True), (r"30^\circ", r"60^\circ", False),
+    (r"30^\circ", "30", True), (r"30^\circ", r"30^{\circ}", True),
+    (r"30^\circ", r"60^\circ", False),
     (r"5\text{ cm}", "5", True), (r"5 \text{cm}", r"5\,\mathrm{cm}", True),
     (r"5\text{ cm}", r"6\text{ cm}", False),
     # equations and expressions

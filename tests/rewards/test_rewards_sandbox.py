@@ -223,3 +223,39 @@ print("WEAK", run(CodeRewardConfig(allow_no_namespaces=True)).stdout.decode().st
     lines = out.stdout.splitlines()
     assert lines[0].startswith("REFUSED") and "allow_no_namespaces" in lines[0]
     assert lines[1] == "WEAK 42"
+
+
+def test_total_disk_use_and_file_count_are_bounded():
+    cfg = CodeRewardConfig(max_workdir_mb=8, max_workdir_files=100, max_file_mb=4)
+    source = """
+import errno
+written = 0
+try:
+    for i in range(100):
+        with open(f"chunk{i}", "wb") as f:
+            f.write(b"x" * (3 << 20))
+        written += 3
+except OSError as err:
+    print(err.errno, written)
+made = 0
+try:
+    for i in range(1000):
+        open(f"empty{i}", "w").close()
+        made += 1
+except OSError as err:
+    print(err.errno, made)
+"""
+    res = run_py(source, cfg=cfg)
+    (err1, written), (err2, made) = [line.split() for line in res.stdout.decode().splitlines()]
+    assert int(err1) == errno.ENOSPC and int(written) <= 8
+    assert int(err2) == errno.ENOSPC and int(made) < 100
+
+
+def test_collected_files_are_regular_files_only():
+    source = ("import os\nopen('real.bin', 'wb').write(b'payload')\n"
+              "os.symlink('/etc/hostname', 'link')\nos.mkfifo('fifo')")
+    res = execute([sys.executable, "-I", "main.py"], files={"main.py": source.encode()},
+                  limits=Limits.from_config(CFG), config=CFG,
+                  collect=["real.bin", "link", "fifo", "missing"])
+    assert res.exit_code == 0, res.stderr
+    assert res.files == {"real.bin": b"payload"}
