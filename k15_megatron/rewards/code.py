@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import atexit
 import enum
+import errno
 import logging
 import signal
 import sys
@@ -103,8 +104,10 @@ def _verdict(res: ExecResult, expected: Optional[str]) -> Verdict:
         return Verdict.OUTPUT_LIMIT
     if res.timed_out or res.signal == signal.SIGXCPU:
         return Verdict.TIME_LIMIT
+    if res.exec_errno == errno.ENOEXEC:
+        return Verdict.RUNTIME_ERROR
     if res.exec_errno is not None or any(m in res.stderr[-4096:] for m in _MEMORY_MARKERS):
-        return Verdict.MEMORY_LIMIT
+        return Verdict.MEMORY_LIMIT  # execve's ENOMEM/E2BIG: the binary alone exceeds the limit
     if res.exit_code != 0:
         last_line = res.stderr.rstrip().rsplit(b"\n", 1)[-1]
         if expected is None and last_line.startswith(b"AssertionError"):

@@ -190,9 +190,10 @@ class RewardManager:
 
     def _call(self, name: str, responses: list[str], samples: list) -> list[float]:
         stats = self._stats[name]
+        fn = resolve(name)  # an unknown name is a config/data error: raise, naming it
         start = time.perf_counter()
         try:
-            raw = list(resolve(name)(responses, samples, self.ctx))
+            raw = list(fn(responses, samples, self.ctx))
             if len(raw) != len(responses):
                 raise ValueError(f"returned {len(raw)} values for {len(responses)} responses")
         except SandboxError:

@@ -174,3 +174,8 @@ def test_rm_reward_through_the_manager_on_a_real_engine(judge_llm):
                                            {"prompt": "2+3?", "answer": "5"}])
     assert scores == [0.0, 0.0]  # random weights produce no verdict...
     assert manager.metrics()["rewards/rm/parse_failures"] == 2  # ...and that is counted
+
+
+def test_unknown_reward_in_a_sample_raises_naming_it(config):
+    with pytest.raises(ValueError, match="unknown reward 'mathz'"):
+        RewardManager(config).score(["x"], [{"reward": "mathz"}])
