@@ -32,21 +32,39 @@ CHAT_TEMPLATE = (
 )
 
 
+def _byte_level_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (what byte-level BPE vocabularies are written
+    in): printable Latin-1 bytes map to themselves, the others to code points from 256 up."""
+    kept = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    table, extra = {}, 0
+    for byte in range(256):
+        if byte in kept:
+            table[byte] = chr(byte)
+        else:
+            table[byte] = chr(256 + extra)
+            extra += 1
+    return table
+
+
 def build_char_tokenizer():
     """A PreTrainedTokenizerFast with one token per printable ASCII character plus specials.
 
     Token ids: the specials first (pad=0, bos=1, eos=2, unk=3, chat markers 4-5), then characters.
-    Decoding concatenates characters, so ``decode(encode(text)) == text`` for ASCII text.
+    It is a byte-level BPE without merges, so every character is one token and
+    ``decode(encode(text)) == text`` for ASCII text. Byte-level (not a plain word-level model)
+    because transformers loads the tokenizer of a ``qwen2`` folder as ``Qwen2Tokenizer``, which
+    imposes byte-level pre-tokenization: a word-level vocabulary would silently lose spaces there.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
+    alphabet = _byte_level_alphabet()
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
     for ch in CHARACTERS:
-        vocab.setdefault(ch, len(vocab))
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    core.decoder = decoders.Fuse()
+        vocab.setdefault(alphabet[ord(ch)], len(vocab))
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
     core.add_special_tokens(list(SPECIAL_TOKENS))
     tok = PreTrainedTokenizerFast(
         tokenizer_object=core,
