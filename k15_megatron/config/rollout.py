@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional
 
-from k15_megatron.config.schema import at_least, one_of
+from k15_megatron.config.fields import at_least, one_of
 
 LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")
 ROLLOUT_DTYPES = ("auto", "float32", "bfloat16", "float16")

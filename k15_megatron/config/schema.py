@@ -22,27 +22,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Sequence
 
+from k15_megatron.config.fields import CHOICES, MINIMUM, at_least, one_of  # noqa: F401 (re-exported)
+from k15_megatron.config.engine import EngineConfig
+from k15_megatron.config.rewards import RewardsConfig
 from k15_megatron.config.rl import RLConfig
+from k15_megatron.config.rollout import RolloutConfig
 
 SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3")
 """Model families the Megatron builders implement (HF ``model_type`` values)."""
-
-CHOICES = "choices"
-MINIMUM = "minimum"
-
-
-def one_of(default: Optional[str], choices: Sequence[str]) -> Any:
-    """A ``str`` field whose value must be one of ``choices`` (``None`` is also allowed
-    when the field is ``Optional``). Checked by ``validate``."""
-    if default is not None:
-        assert default in choices, (default, choices)
-    return field(default=default, metadata={CHOICES: tuple(choices)})
-
-
-def at_least(default: Optional[float], minimum: float) -> Any:
-    """A numeric field whose value must be ``>= minimum`` (``None`` passes). Checked by
-    ``validate``."""
-    return field(default=default, metadata={MINIMUM: minimum})
 
 
 @dataclass
@@ -242,3 +229,9 @@ class ExperimentConfig:
     """Logging."""
     rl: RLConfig = field(default_factory=RLConfig)
     """The RL algorithm: mirror-descent loss, length penalty, sampling, replay, repeat detection."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """The vLLM rollout engine colocated in the training processes, and how it samples."""
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    """Verifiable rewards (math, code, CoT reward model) and how prompts pick them."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """The hybrid engine: switching between training and rollout, weight sync, log-prob check."""
