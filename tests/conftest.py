@@ -78,11 +78,11 @@ def vllm_engine(roundtrip_dirs):
 
     One engine per session keeps the suite fast; tests must not change its weights.
     """
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM
 
     _, hf_dir = roundtrip_dirs["qwen2"]
-    engine = LLM(hf_dir, dtype="float32", enforce_eager=True, max_model_len=512, seed=0,
-                 gpu_memory_utilization=0.2)
+    # A fixed, small KV cache: vLLM's CPU default sizes it from the whole machine's memory.
+    engine = LLM(hf_dir, dtype="float32", enforce_eager=True, max_model_len=1024, seed=0,
+                 kv_cache_memory_bytes=256 << 20)
     yield engine
     del engine

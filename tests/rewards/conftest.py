@@ -63,14 +63,10 @@ def tiny_judge_path(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def judge_llm(tiny_judge_path):
-    """A real in-process vLLM engine on the tiny random judge model (emits garbage text)."""
-    assert os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
-    vllm = pytest.importorskip("vllm")
-    llm = vllm.LLM(tiny_judge_path, dtype="float32", enforce_eager=True, max_model_len=2048,
-                   seed=0, kv_cache_memory_bytes=KV_CACHE_BYTES)
-    yield llm
-    del llm
+def judge_llm(vllm_engine):
+    """The test session's one vLLM engine (tests/conftest.py) acting as the judge: a real engine
+    on a tiny random model, so it emits garbage text."""
+    return vllm_engine
 
 
 @pytest.fixture(scope="session")
@@ -79,7 +75,7 @@ def served_judge(tiny_judge_path):
 
     Yields ``(base_url, model, api_key)``. Started in its own process group, killed as a group.
     """
-    pytest.importorskip("vllm")
+    import vllm  # noqa: F401  (installed here: fail loudly if it is broken, never skip)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
