@@ -1,0 +1,65 @@
+"""JSONL prompt sets: round trips, validation errors naming file and line, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from k15_megatron.data.arithmetic import ArithmeticTaskConfig, generate_splits
+from k15_megatron.data.jsonl import read_jsonl, read_prompts, read_sft, write_jsonl
+
+
+def test_round_trip_of_generated_splits(tmp_path):
+    splits = generate_splits(ArithmeticTaskConfig(num_sft=200, num_train=50, num_eval=50))
+    for name, records in splits.items():
+        path = str(tmp_path / f"{name}.jsonl")
+        assert write_jsonl(path, records) == len(records)
+        back = read_sft(path) if name == "sft" else read_prompts(path)
+        assert back == records
+        with open(path, encoding="utf-8") as f:
+            assert sum(1 for _ in f) == len(records)  # one record per line (newlines escaped)
+
+
+def test_unicode_extra_keys_and_blank_lines(tmp_path):
+    path = str(tmp_path / "p.jsonl")
+    records = [{"prompt": "Berechne: 2+2 ≈ ?", "answer": "4", "difficulty": 1,
+                "reward": {"math": 1.0}, "data_source": "x", "tests": [1, 2]}]
+    write_jsonl(path, records)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("\n   \n")
+    assert read_prompts(path) == records
+
+
+@pytest.mark.parametrize("line, reader, match", [
+    ('{"prompt": "a"', read_jsonl, r"p\.jsonl:2: not valid JSON"),
+    ('[1, 2]', read_jsonl, r"p\.jsonl:2: expected a JSON object, got list"),
+    ('{"prompt": "a"}', read_sft, r"p\.jsonl:2: record has no 'response'"),
+    ('{"prompt": "a", "response": 3}', read_sft, r"p\.jsonl:2: 'response' must be a string"),
+    ('{"prompt": "a"}', read_prompts, r"p\.jsonl:2: record has no 'answer'"),
+    ('{"prompt": "a", "answer": 4}', read_prompts, r"'answer' must be a string"),
+    ('{"prompt": "a", "answer": "4", "difficulty": "hard"}', read_prompts, r"'difficulty'"),
+    ('{"prompt": "a", "answer": "4", "reward": 1}', read_prompts, r"'reward'"),
+])
+def test_errors_name_file_and_line(tmp_path, line, reader, match):
+    path = str(tmp_path / "p.jsonl")
+    good = {"prompt": "x", "response": "y", "answer": "1"}
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(good) + "\n" + line + "\n")
+    with pytest.raises(ValueError, match=match):
+        reader(path)
+
+
+def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    path = str(tmp_path / "p.jsonl")
+    write_jsonl(path, [{"prompt": "old", "answer": "1"}])
+
+    def records():
+        yield {"prompt": "new", "answer": "2"}
+        raise RuntimeError("generator died mid-write")
+
+    with pytest.raises(RuntimeError):
+        write_jsonl(path, records())
+    assert read_prompts(path) == [{"prompt": "old", "answer": "1"}]
+    assert os.listdir(tmp_path) == ["p.jsonl"]
