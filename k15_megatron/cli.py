@@ -32,6 +32,8 @@ COMMANDS = (
     Command("config", "inspect experiment configs (show)", "k15_megatron.config.commands:main"),
     Command("demo", "tiny end-to-end run: build, convert, train, export",
             "k15_megatron.train.demo:main"),
+    Command("sft", "supervised fine-tuning on JSONL prompt/response data (packed)",
+            "k15_megatron.train.sft:main"),
 )
 
 

@@ -199,3 +199,24 @@ def load_run_checkpoint(path: str, *, model_chunks, optimizer) -> tuple[dict, di
     set_rng_state(rank_state.pop("rng"))
     run_state = torch.load(os.path.join(path, "run_state.pt"), weights_only=False)
     return run_state, rank_state
+
+
+def resolve_checkpoint_dir(path: str) -> str:
+    """``path`` itself, or for a run's save directory (holding ``latest``) the checkpoint it names."""
+    if os.path.exists(os.path.join(path, LATEST)):
+        found = find_resume_checkpoint(path)
+        if found is None:
+            raise ValueError(f"{path}: no complete checkpoint")
+        return found
+    return path
+
+
+def load_model_weights(path: str, model) -> None:
+    """Load only the model weights of run checkpoint ``path`` (optimizer etc. ignored)."""
+    from megatron.core import dist_checkpointing
+
+    if not is_complete(path):
+        raise ValueError(f"{path}: not a complete run checkpoint (no valid {META})")
+    module = _unwrap(model)
+    state = dist_checkpointing.load({"model": module.sharded_state_dict()}, os.path.join(path, "dist"))
+    module.load_state_dict(state["model"], strict=True)

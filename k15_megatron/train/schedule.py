@@ -5,8 +5,9 @@ One function, :func:`forward_backward`, runs any (TP, PP) layout through
 and a loss function and never see pipeline stages. :func:`forward_logits` is the forward-only
 special case that returns the vocabulary-parallel logits on the last stage.
 
-A micro-batch is a dict with ``input_ids`` and ``position_ids`` [B, S] (long) plus whatever the
-loss function reads (e.g. ``labels``, ``loss_mask``). The loss function receives
+A micro-batch is a dict with ``input_ids`` and ``position_ids`` [B, S] (long), optionally an
+``attention_mask`` [B, 1, S, S] (bool, True = masked; default causal), plus whatever the loss
+function reads (e.g. ``labels``, ``loss_mask``). The loss function receives
 ``(micro_batch, output)`` where output is the model's output on the last stage (per-token loss
 [B, S] when ``labels`` are in the batch, else logits [B, S, V/TP]) and returns
 ``(loss_scalar, num_tokens, metrics_dict)``; Megatron divides the loss by ``num_tokens`` and the
@@ -48,7 +49,7 @@ def forward_backward(model, micro_batches: Sequence[dict], loss_fn: Callable, *,
 
     def forward_step(data_iterator, chunk):
         mb = next(data_iterator)
-        output = chunk(mb["input_ids"], mb["position_ids"], None, labels=mb.get("labels"))
+        output = chunk(mb["input_ids"], mb["position_ids"], mb.get("attention_mask"), labels=mb.get("labels"))
 
         def loss_func(output_tensor):
             loss, num_tokens, metrics = loss_fn(mb, output_tensor)

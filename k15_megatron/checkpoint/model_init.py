@@ -1,0 +1,29 @@
+"""Where a job's initial weights come from, decided in one place.
+
+``model.init_from`` names a k15 checkpoint: a converted one (tools/convert_hf_to_megatron.py),
+a run checkpoint directory, or a run's save directory (its ``latest`` is used). Otherwise
+``model.hf_path`` names a Hugging Face folder whose safetensors are loaded. Otherwise the model
+keeps its random initialisation (the built-in tiny default defines the model in the config).
+"""
+
+from __future__ import annotations
+
+import os
+
+from k15_megatron.checkpoint import dist_ckpt, run_ckpt
+from k15_megatron.checkpoint.model_weights import load_hf_weights
+
+
+def load_initial_weights(model, model_cfg, arch, padded_vocab: int) -> str:
+    """Load this rank's initial weights into ``model``; returns a description of the source."""
+    if model_cfg.init_from:
+        path = run_ckpt.resolve_checkpoint_dir(model_cfg.init_from)
+        if os.path.exists(os.path.join(path, dist_ckpt.META_FILE)) and not run_ckpt.is_complete(path):
+            dist_ckpt.load_model(model, path)
+            return f"converted checkpoint {path}"
+        run_ckpt.load_model_weights(path, model)
+        return f"run checkpoint {path}"
+    if model_cfg.hf_path:
+        load_hf_weights(model, model_cfg.hf_path, arch, padded_vocab)
+        return f"Hugging Face weights {model_cfg.hf_path}"
+    return "random initialisation (model defined by the config)"

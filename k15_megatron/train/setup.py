@@ -1,0 +1,94 @@
+"""The part every job shares: processes, model, weights, optimizer, tokenizer, from one config.
+
+``build_trainer(cfg)`` starts torch.distributed and Megatron's parallel state, resolves the
+architecture, builds this rank's model shard, loads the initial weights
+(:mod:`k15_megatron.checkpoint.model_init`), wraps it for training and returns everything in a
+:class:`Trainer`. Jobs (SFT, RL, eval) add their own loop on top.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from k15_megatron.checkpoint.model_init import load_initial_weights
+from k15_megatron.config import resolve_model_arch, save_resolved_config
+from k15_megatron.models.gpt import build_gpt_model, padded_vocab_size
+from k15_megatron.models.tokenizer import load_tokenizer, tokenizer_folder
+from k15_megatron.parallel.initialize import ParallelLayout, initialize
+from k15_megatron.train.optimizer import build_training_objects
+
+
+@dataclasses.dataclass
+class Trainer:
+    """What a job trains with (all for this rank)."""
+
+    cfg: object
+    layout: ParallelLayout
+    arch: object
+    padded_vocab: int
+    tokenizer: object
+    model: object
+    chunks: list
+    optimizer: object
+    scheduler: object
+    init_source: str
+
+    @property
+    def is_logging_rank(self) -> bool:
+        return self.layout.rank == 0
+
+    def log(self, message: str) -> None:
+        if self.is_logging_rank:
+            print(message, flush=True)
+
+
+def build_trainer(cfg, *, with_optimizer: bool = True) -> Trainer:
+    """Set up processes and the model for ``cfg`` (collective; see the module docstring)."""
+    layout = initialize(cfg.parallel, seed=cfg.seed)
+    arch = resolve_model_arch(cfg.model)
+    padded = padded_vocab_size(arch.vocab_size, cfg.model.make_vocab_size_divisible_by, layout.tp_size)
+    tokenizer = load_tokenizer(cfg.model)
+    if len(tokenizer) > arch.vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size is {arch.vocab_size}")
+    if layout.rank == 0:
+        save_resolved_config(cfg, cfg.run_dir)
+    model = build_gpt_model(arch, parallel_cfg=cfg.parallel, precision_cfg=cfg.precision, padded_vocab=padded)
+    source = load_initial_weights(model, cfg.model, arch, padded)
+    chunks, optimizer, scheduler = [model], None, None
+    if with_optimizer:
+        chunks, optimizer, scheduler = build_training_objects(model, optim_cfg=cfg.optim, precision_cfg=cfg.precision)
+    return Trainer(cfg=cfg, layout=layout, arch=arch, padded_vocab=padded, tokenizer=tokenizer, model=model,
+                   chunks=chunks, optimizer=optimizer, scheduler=scheduler, init_source=source)
+
+
+def write_run_assets(trainer: Trainer) -> str:
+    """``<run_dir>/hf_assets``: the run's tokenizer files and a config.json of its architecture,
+    which every checkpoint and export of the run carries (rank 0 writes; returns the path)."""
+    import json
+
+    from k15_megatron.checkpoint.dist_ckpt import copy_hf_assets
+    from k15_megatron.checkpoint.hf_config import hf_config_dict
+
+    path = os.path.join(os.path.abspath(trainer.cfg.run_dir), "hf_assets")
+    if trainer.is_logging_rank:
+        os.makedirs(path, exist_ok=True)
+        source = tokenizer_folder(trainer.cfg.model)
+        if source:
+            copy_hf_assets(source, path)
+        else:
+            trainer.tokenizer.save_pretrained(path)
+        base = None
+        if source and os.path.exists(os.path.join(source, "config.json")):
+            with open(os.path.join(source, "config.json")) as f:
+                base = json.load(f)
+        tok = trainer.tokenizer
+        base = base or {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+                        "pad_token_id": tok.pad_token_id}
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(hf_config_dict(trainer.arch, base), f, indent=2)
+    import torch
+
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return path

@@ -1,0 +1,113 @@
+"""``k15 sft CONFIG [overrides]``: supervised fine-tuning on JSONL (prompt, response) records.
+
+The long-CoT warm-up stage before RL (PAPER.md section 8). Examples are formatted as chat turns
+(:mod:`k15_megatron.data.formatting`), packed into rows of ``data.seq_length`` tokens with the
+loss on response tokens only and examples isolated from each other
+(:mod:`k15_megatron.data.packing`), and trained with Megatron for ``optim.train_iters`` steps of
+``data.global_batch_size`` rows. The data order is a pure function of (seed, step), so a resumed
+run (``checkpoint.resume=auto``) continues exactly. Checkpoints every
+``checkpoint.save_interval`` steps and at the end; SIGTERM/SIGUSR1 save and exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+
+import torch
+
+from k15_megatron.checkpoint import run_ckpt
+from k15_megatron.data.formatting import prompt_token_ids, response_token_ids
+from k15_megatron.data.jsonl import read_sft
+from k15_megatron.data.packing import pack_examples, rows_to_micro_batches
+from k15_megatron.train.metrics_log import MetricsLogger
+from k15_megatron.train.preemption import PreemptionFlag
+from k15_megatron.train.setup import build_trainer, write_run_assets
+from k15_megatron.train.step import train_step
+
+
+def packed_rows(cfg, tokenizer, path: str):
+    """All SFT rows of ``path``, packed (same on every rank)."""
+    records = read_sft(path)
+    examples = [(prompt_token_ids(tokenizer, r["prompt"]), response_token_ids(tokenizer, r["response"]))
+                for r in records]
+    return pack_examples(examples, seq_length=cfg.data.seq_length, pad_id=tokenizer.pad_token_id or 0)
+
+
+def rows_for_step(rows, step: int, *, global_batch: int, seed: int):
+    """The ``global_batch`` row indices of ``step``: epochs of seeded permutations, cycled."""
+    per_epoch = len(rows)
+    indices = []
+    position = step * global_batch
+    while len(indices) < global_batch:
+        epoch, offset = divmod(position, per_epoch)
+        order = list(range(per_epoch))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        take = min(global_batch - len(indices), per_epoch - offset)
+        indices += order[offset:offset + take]
+        position += take
+    return indices
+
+
+def run(cfg) -> None:
+    trainer = build_trainer(cfg)
+    layout = trainer.layout
+    if not cfg.data.train_path:
+        raise ValueError("k15 sft needs data.train_path (a JSONL of {prompt, response} records)")
+    assets = write_run_assets(trainer)
+    rows = packed_rows(cfg, trainer.tokenizer, cfg.data.train_path)
+    trainer.log(f"sft: {len(rows)} packed rows of {cfg.data.seq_length} tokens from {cfg.data.train_path}; "
+                f"weights: {trainer.init_source}")
+    start = 0
+    resume_from = run_ckpt.find_resume_checkpoint(cfg.checkpoint.save_dir) if cfg.checkpoint.resume == "auto" else None
+    if resume_from:
+        run_state, _ = run_ckpt.load_run_checkpoint(resume_from, model_chunks=trainer.chunks, optimizer=trainer.optimizer)
+        trainer.scheduler.load_state_dict(run_state["scheduler"])
+        start = run_state["iteration"]
+        trainer.log(f"sft: resumed from {resume_from} at step {start}")
+    logger = MetricsLogger(cfg.logging, enabled=trainer.is_logging_rank, resume_from_iteration=start)
+    preemption = PreemptionFlag()
+    per_rank = cfg.data.global_batch_size // layout.dp_size
+
+    def save(step):
+        run_ckpt.save_run_checkpoint(cfg.checkpoint.save_dir, step, model_chunks=trainer.chunks,
+                                     optimizer=trainer.optimizer,
+                                     run_state={"iteration": step, "scheduler": trainer.scheduler.state_dict()},
+                                     rank_state={}, hf_assets_dir=assets, keep_last=cfg.checkpoint.keep_last)
+
+    step = start
+    for step in range(start, cfg.optim.train_iters):
+        begin = time.perf_counter()
+        indices = rows_for_step(rows, step, global_batch=cfg.data.global_batch_size, seed=cfg.seed)
+        mine = [rows[i] for i in indices[layout.dp_rank * per_rank:(layout.dp_rank + 1) * per_rank]]
+        metrics = train_step(trainer.chunks, trainer.optimizer, trainer.scheduler,
+                             rows_to_micro_batches(mine, cfg.data.micro_batch_size))
+        elapsed = time.perf_counter() - begin
+        tokens = cfg.data.global_batch_size * cfg.data.seq_length
+        logger.log(step + 1, {"train/loss": metrics["loss"], "train/grad_norm": metrics["grad_norm"],
+                              "train/lr": metrics["lr"], "time/iteration_s": elapsed,
+                              "throughput/train_tokens_per_s": tokens / elapsed}, prefix="sft ")
+        done = step + 1
+        if cfg.checkpoint.save_interval and done % cfg.checkpoint.save_interval == 0 and done < cfg.optim.train_iters:
+            save(done)
+        if preemption.requested():
+            trainer.log(f"sft: signal received, saving at step {done} and exiting")
+            save(done)
+            logger.close()
+            return
+    save(cfg.optim.train_iters)
+    logger.close()
+    trainer.log(f"sft: done, checkpoint in {cfg.checkpoint.save_dir}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="k15 sft", description=__doc__.splitlines()[0])
+    parser.add_argument("config")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    from k15_megatron.train.launch_job import launch
+
+    return launch(run, args.config, args.overrides)
