@@ -140,9 +140,12 @@ class RolloutEngine:
     def shutdown(self) -> None:
         """Release the engine (workers, KV cache) now instead of at interpreter exit.
 
-        Careful under torchrun: vLLM's teardown (``cleanup_dist_env_and_memory``) also
-        destroys torch.distributed's default process group, the one Megatron uses, so shut
-        the engine down only after the last collective of the run."""
+        vLLM's teardown (``cleanup_dist_env_and_memory``, also run when the engine is garbage
+        collected) destroys process-wide state: vLLM's parallel groups, which every other
+        vLLM engine in this process needs (it fails afterwards with "... group is not
+        initialized"), and torch.distributed's default process group, the one Megatron uses.
+        So keep ONE engine per process for the whole run and shut it down after the last
+        collective."""
         self.llm.llm_engine.engine_core.shutdown()
 
     def generate(self, requests: Sequence[SegmentRequest], *,

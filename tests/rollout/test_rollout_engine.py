@@ -16,7 +16,7 @@ NO_REPEAT = RepeatConfig(enabled=False)
 
 @pytest.fixture(scope="module")
 def engine(vllm_engine):
-    """The session engine (tiny Qwen2, max_model_len 512) behind the RolloutEngine API."""
+    """The session engine (tiny Qwen2) behind the RolloutEngine API."""
     return RolloutEngine(vllm_engine, cfg=RolloutConfig(max_response_tokens=256, max_model_len=512),
                          repeat=NO_REPEAT)
 
@@ -96,8 +96,9 @@ def test_continuation_at_the_cap_is_max_length_and_requests_are_checked(engine):
     with pytest.raises(ValueError, match="nothing left to generate"):
         engine.generate([SegmentRequest(0, p, torch.zeros(16, dtype=torch.long), 10, 16)],
                         sampling=greedy)
-    with pytest.raises(ValueError, match="max_model_len=512"):
-        engine.generate([SegmentRequest(0, torch.ones(500, dtype=torch.long),
+    limit = engine.max_model_len  # the session engine's context length
+    with pytest.raises(ValueError, match=f"max_model_len={limit}"):
+        engine.generate([SegmentRequest(0, torch.ones(limit - 10, dtype=torch.long),
                                         torch.zeros(0, dtype=torch.long), 20, 20)], sampling=greedy)
 
 

@@ -70,3 +70,106 @@ def test_request_args_round_trip_and_check_interval_validation():
                     "check_interval": 4}
     with pytest.raises(ValueError, match="repeat_check_interval"):
         repeat_stop_args(CFG, prefix_len=0, check_interval=0)
+
+
+# ---- in a real vLLM engine ------------------------------------------------------------------
+ENGINE_REPEAT = RepeatConfig(max_period=8, min_repeats=4, min_span_tokens=12)
+INTERVAL = 4
+
+
+@pytest.fixture(scope="session")
+def repeat_engine(vllm_engine, roundtrip_dirs):
+    """An engine with the repeat-stop logits processor: the session engine if it was built
+    with it, else one more in-process engine on the same folder (built by RolloutEngine.create).
+
+    Session-scoped and never shut down early on purpose: vLLM's engine teardown destroys the
+    process-wide distributed state that every other in-process engine (the session engine)
+    still uses, so a second engine must live as long as the first."""
+    from k15_megatron.config.rollout import RolloutConfig
+    from k15_megatron.rollout import RolloutEngine
+
+    cfg = RolloutConfig(max_response_tokens=200, max_model_len=512, repeat_check_interval=INTERVAL,
+                        cpu_kv_cache_gib=0.25)
+    session = RolloutEngine(vllm_engine, cfg=cfg, repeat=ENGINE_REPEAT)
+    if session.repeat_stop_installed:
+        return session
+    own = RolloutEngine.create(cfg, model_path=roundtrip_dirs["qwen2"][1], repeat=ENGINE_REPEAT,
+                               seed=0)
+    assert own.repeat_stop_installed
+    return own
+
+
+def _greedy_runs(engine, *, repeat, budget, cap, n_prompts=12):
+    import torch
+
+    from k15_megatron.rollout import RolloutEngine, Sampling, expand_prompts
+
+    eng = RolloutEngine(engine.llm, cfg=engine.cfg, repeat=repeat, layout=engine.layout)
+    ps = [torch.tensor([1, 10 + i, 6 + (7 * i) % 90, 12]) for i in range(n_prompts)]
+    reqs = expand_prompts(ps, k=1, token_budget=budget, max_response_tokens=cap)
+    return reqs, eng.generate(reqs, sampling=Sampling.from_config(eng.cfg, temperature=0.0))
+
+
+def test_looping_responses_are_stopped_during_generation_where_thresholds_allow(repeat_engine):
+    _, free = _greedy_runs(repeat_engine, repeat=RepeatConfig(enabled=False), budget=200, cap=200)
+    _, cut = _greedy_runs(repeat_engine, repeat=ENGINE_REPEAT, budget=200, cap=200)
+    num_repeats = 0
+    for ref, res in zip(free, cut):
+        toks = ref.tokens.tolist()
+        n = brute_first_repeat(toks, ENGINE_REPEAT)
+        if n is None or (2 in toks and toks.index(2) < n):  # EOS came first
+            assert res.finish_reason == ref.finish_reason and res.tokens.tolist() == toks
+            continue
+        num_repeats += 1
+        assert res.finish_reason == "repeat"
+        assert res.tokens.tolist() == toks[:n]
+        assert torch_allclose(res.logprobs, ref.logprobs[:n])
+        # stopped while generating: at most one check interval past the cut (+ forced EOS)
+        assert n <= res.generated_tokens <= n + INTERVAL < ref.tokens.numel()
+    assert num_repeats >= 3, "the tiny random model should loop on several prompts"
+
+
+def test_repeat_spanning_segments_is_cut_at_the_same_token_as_in_one_call(repeat_engine):
+    import torch
+
+    from k15_megatron.rollout import Sampling, SegmentRequest
+
+    reqs, one_call = _greedy_runs(repeat_engine, repeat=ENGINE_REPEAT, budget=60, cap=60)
+    assert sum(r.finish_reason == "repeat" for r in one_call) >= 3
+    greedy = Sampling.from_config(repeat_engine.cfg, temperature=0.0)
+    pending = {r.trajectory_id: (r, torch.zeros(0, dtype=torch.long)) for r in reqs}
+    final = {}
+    while pending:  # segments of 7 tokens: cuts fall inside later segments, off interval 4
+        batch = [SegmentRequest(tid, r.prompt_tokens, done, 7, 60)
+                 for tid, (r, done) in pending.items()]
+        for req, res in zip(batch, repeat_engine.generate(batch, sampling=greedy)):
+            done = torch.cat([req.response_tokens, res.tokens])
+            if res.finished:
+                final[req.trajectory_id] = (done, res.finish_reason)
+                del pending[req.trajectory_id]
+            else:
+                pending[req.trajectory_id] = (pending[req.trajectory_id][0], done)
+    for res in one_call:
+        tokens, reason = final[res.trajectory_id]
+        assert reason == res.finish_reason and tokens.tolist() == res.tokens.tolist()
+
+
+def test_engine_without_the_processor_cuts_afterwards_at_the_same_token(vllm_engine, repeat_engine):
+    from k15_megatron.rollout import RolloutEngine
+
+    plain = RolloutEngine(vllm_engine, cfg=repeat_engine.cfg, repeat=ENGINE_REPEAT)
+    if plain.repeat_stop_installed:
+        pytest.skip("the session engine has the processor: no post-hoc path to compare")
+    _, during = _greedy_runs(repeat_engine, repeat=ENGINE_REPEAT, budget=200, cap=200)
+    _, after = _greedy_runs(plain, repeat=ENGINE_REPEAT, budget=200, cap=200)
+    assert [(r.finish_reason, r.tokens.tolist()) for r in during] == [
+        (r.finish_reason, r.tokens.tolist()) for r in after]
+    wasted = [(a.generated_tokens, d.generated_tokens) for a, d in zip(after, during)
+              if d.finish_reason == "repeat"]
+    assert wasted and all(a > d for a, d in wasted)
+
+
+def torch_allclose(a, b):
+    import torch
+
+    return torch.allclose(a, b, atol=1e-5, rtol=0)
