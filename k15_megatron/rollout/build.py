@@ -105,6 +105,9 @@ def llm_kwargs(cfg: RolloutConfig, *, model_path: str, seed: int, layout: Engine
         kwargs["max_num_batched_tokens"] = cfg.max_num_batched_tokens
     if on_cpu:
         kwargs["kv_cache_memory_bytes"] = int(cfg.cpu_kv_cache_gib * _GIB)
+    else:
+        # The hybrid engine puts vLLM to sleep while Megatron trains (CUDA only).
+        kwargs["enable_sleep_mode"] = True
     if layout.spmd:
         kwargs["distributed_executor_backend"] = "external_launcher"
         if layout.data_parallel_size > 1:

@@ -30,6 +30,7 @@ import torch
 
 from k15_megatron.config.rl import RepeatConfig
 from k15_megatron.config.rollout import RolloutConfig
+from k15_megatron.parallel.device import HAVE_CUDA
 from k15_megatron.rollout.build import EngineLayout, build_llm, engine_layout
 from k15_megatron.rollout.repeat_stop import REPEAT_STOP_PROCESSOR, repeat_cut, repeat_stop_args
 
@@ -114,6 +115,7 @@ class RolloutEngine:
         self.repeat = repeat
         self.layout = layout or engine_layout(cfg, world_size=1, rank=0)
         self.policy_version = 0
+        self._asleep = False
         self.repeat_stop_installed = _has_repeat_stop(llm)
         if repeat.enabled and not self.repeat_stop_installed:
             log.warning("vLLM engine has no repeat-stop logits processor: repeating responses "
@@ -136,6 +138,34 @@ class RolloutEngine:
         tagged with and drops cached prefix KV, which was computed with the old weights."""
         self.policy_version = int(policy_version)
         self.llm.reset_prefix_cache()
+
+    def sleep(self, level: int = 1) -> None:
+        """Free the engine's device memory while the trainer runs (GPU: vLLM sleep mode; level 1
+        offloads weights and drops the KV cache, level 2 drops both). No-op on CPU, where vLLM has
+        no sleep mode and the trainer does not compete for device memory."""
+        if HAVE_CUDA and not self._asleep:
+            self.llm.sleep(level=level)
+            self._asleep = True
+
+    def wake_up(self) -> None:
+        """Undo :meth:`sleep` before generating (the weight sync follows). No-op on CPU."""
+        if HAVE_CUDA and self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
+
+    def sample_for_check(self, *, num_sequences: int, max_tokens: int, vocab_size: int,
+                         seed: int = 1234) -> list[tuple[list[int], SegmentResult]]:
+        """Sample ``num_sequences`` continuations of fixed pseudo-random prompts at temperature 1
+        (for the post-sync log-prob check). Returns (prompt token ids, result) pairs; every rank
+        of a replica gets the same ones."""
+        generator = torch.Generator().manual_seed(seed)
+        prompts = [torch.randint(0, vocab_size, (4,), generator=generator) for _ in range(num_sequences)]
+        requests = [SegmentRequest(trajectory_id=i, prompt_tokens=p, response_tokens=torch.zeros(0, dtype=torch.long),
+                                   token_budget=max_tokens, max_response_tokens=max_tokens)
+                    for i, p in enumerate(prompts)]
+        sampling = Sampling(temperature=1.0, top_p=1.0, top_k=0, seed=seed, ignore_eos=True)
+        results = self.generate(requests, sampling=sampling)
+        return [(p.tolist(), r) for p, r in zip(prompts, results)]
 
     def shutdown(self) -> None:
         """Release the engine (workers, KV cache) now instead of at interpreter exit.

@@ -1,0 +1,131 @@
+"""The colocated hybrid engine: the same processes switch between Megatron training and vLLM rollout.
+
+``to_rollout(policy_version)``: free the trainer's device memory it does not need during
+rollouts, wake vLLM, push the trainer's weights into vLLM in place (no disk, no restart), tag
+new segments with ``policy_version``, and check that vLLM's log-probs equal the trainer's on a
+few sampled sequences. ``to_train()``: put vLLM to sleep and restore the trainer's memory. Each
+step is timed; both return a metrics dict. On CPU the memory steps are no-ops (device seam),
+the sync and the check run for real.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from k15_megatron.engine import memory
+from k15_megatron.rl.mismatch import logprob_mismatch_metrics
+from k15_megatron.train.logprobs import sequence_token_logprobs
+
+
+class LogprobDriftError(RuntimeError):
+    """vLLM's log-probs after a weight sync disagree with the trainer's beyond the tolerance."""
+
+
+class _Timer:
+    def __init__(self, metrics: dict, name: str):
+        self.metrics, self.name = metrics, name
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.metrics[f"time/{self.name}_s"] = time.perf_counter() - self.start
+
+
+class HybridEngine:
+    """Owns the switch between the trainer (Megatron) and the rollout engine (vLLM)."""
+
+    def __init__(self, *, model_chunks, optimizer, arch, rollout, weight_sync, cfg,
+                 reset_optimizer: bool):
+        """
+        Args:
+            model_chunks: the DDP-wrapped Megatron model chunks of this rank.
+            optimizer: their MegatronOptimizer.
+            arch: the resolved ModelArch (names/layouts for the sync).
+            rollout: a :class:`k15_megatron.rollout.engine.RolloutEngine`.
+            weight_sync: a transport with ``sync(model, arch)`` (engine/weight_sync.py).
+            cfg: the ``engine`` config section.
+            reset_optimizer: rl.reset_optimizer; a state about to be reset is dropped, not offloaded.
+        """
+        self.model_chunks, self.optimizer, self.arch = model_chunks, optimizer, arch
+        self.rollout, self.weight_sync, self.cfg = rollout, weight_sync, cfg
+        self.reset_optimizer = reset_optimizer
+        self.mode = "train"
+
+    def to_rollout(self, policy_version: int) -> dict:
+        """Switch to generation with the trainer's current weights (collective)."""
+        if self.mode != "train":
+            raise RuntimeError(f"to_rollout() called in mode {self.mode!r}")
+        metrics: dict = {}
+        with _Timer(metrics, "offload"):
+            if self.cfg.offload_grad_buffers:
+                metrics["offload/grad_bytes"] = memory.release_grad_buffers(self.model_chunks)
+            if self.cfg.offload_optimizer_states and not self.reset_optimizer:
+                metrics["offload/optimizer_bytes"] = memory.offload_optimizer_states(self.optimizer)
+        with _Timer(metrics, "wake"):
+            self.rollout.wake_up()
+        with _Timer(metrics, "sync"):
+            sync = self.weight_sync.sync(self.model_chunks[0], self.arch)
+            self.rollout.mark_weights_updated(policy_version)
+        metrics.update({f"sync/{k}": v for k, v in sync.items()})
+        if self.cfg.offload_params:
+            with _Timer(metrics, "offload_params"):
+                metrics["offload/param_bytes"] = memory.offload_params(self.model_chunks)
+        if self.cfg.check_num_sequences > 0:
+            with _Timer(metrics, "logprob_check"):
+                metrics.update(self.check_logprobs())
+        self.mode = "rollout"
+        return metrics
+
+    def to_train(self) -> dict:
+        """Switch back to training (collective)."""
+        if self.mode != "rollout":
+            raise RuntimeError(f"to_train() called in mode {self.mode!r}")
+        metrics: dict = {}
+        with _Timer(metrics, "sleep"):
+            self.rollout.sleep(level=self.cfg.vllm_sleep_level)
+        with _Timer(metrics, "onload"):
+            if self.cfg.offload_params:
+                memory.onload_params(self.model_chunks)
+            if self.cfg.offload_grad_buffers:
+                memory.restore_grad_buffers(self.model_chunks)
+            if self.cfg.offload_optimizer_states and not self.reset_optimizer:
+                memory.onload_optimizer_states(self.optimizer)
+        self.mode = "train"
+        return metrics
+
+    def check_logprobs(self) -> dict:
+        """Sample a few sequences, recompute their log-probs with the trainer, compare.
+
+        Every rank samples the same prompts (fixed token ids from the tokenizer's range) with a
+        fixed seed; the trainer's recomputation needs the parameters on the device, so with
+        ``offload_params`` it is skipped. Raises LogprobDriftError past the configured tolerance.
+        """
+        if self.cfg.offload_params:
+            return {}
+        results = self.rollout.sample_for_check(num_sequences=self.cfg.check_num_sequences,
+                                                max_tokens=self.cfg.check_max_tokens,
+                                                vocab_size=self.arch.vocab_size)
+        longest = max(len(p) + len(r.tokens) for p, r in results)
+        ids = torch.zeros(len(results), longest, dtype=torch.long)
+        mask = torch.zeros(len(results), longest - 1, dtype=torch.bool)
+        behaviour = torch.zeros(len(results), longest - 1)
+        for i, (prompt, result) in enumerate(results):
+            n_prompt, n_new = len(prompt), len(result.tokens)
+            ids[i, :n_prompt] = torch.as_tensor(prompt)
+            ids[i, n_prompt:n_prompt + n_new] = result.tokens
+            mask[i, n_prompt - 1:n_prompt - 1 + n_new] = True
+            behaviour[i, n_prompt - 1:n_prompt - 1 + n_new] = result.logprobs
+        trainer = sequence_token_logprobs(self.model_chunks, ids, vocab_size=self.arch.vocab_size)
+        metrics = logprob_mismatch_metrics(behaviour, trainer, mask)
+        metrics = {f"logprob_check/{k}": float(v) for k, v in metrics.items()}
+        tolerance = self.cfg.check_max_abs_diff
+        mean_diff = metrics.get("logprob_check/mean_abs_diff")
+        if tolerance is not None and mean_diff is not None and mean_diff > tolerance:
+            raise LogprobDriftError(
+                f"after the weight sync vLLM's log-probs differ from the trainer's by "
+                f"{mean_diff:.3g} on average (engine.check_max_abs_diff={tolerance}); "
+                "the weight mapping or the engine's numerics are off")
+        return metrics
