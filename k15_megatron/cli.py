@@ -34,6 +34,11 @@ COMMANDS = (
             "k15_megatron.train.demo:main"),
     Command("sft", "supervised fine-tuning on JSONL prompt/response data (packed)",
             "k15_megatron.train.sft:main"),
+    Command("rl", "the Kimi k1.5 RL loop (partial rollouts, mirror descent, hybrid engine)",
+            "k15_megatron.train.rl:main"),
+    Command("export", "write a Hugging Face folder from a k15 checkpoint",
+            "k15_megatron.train.export:main"),
+    Command("plot", "PNG of a run's main curves", "k15_megatron.train.plot:main"),
 )
 
 

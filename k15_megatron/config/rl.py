@@ -122,6 +122,21 @@ class RLConfig:
     """Repeat detection."""
     logprob_check: LogprobCheckConfig = field(default_factory=LogprobCheckConfig)
     """Logprob mismatch monitor and truncated importance sampling."""
+    iterations: int = 100
+    """RL iterations (rollout -> rewards -> train -> sync) of ``k15 rl``."""
+    prompts_per_iteration: int = 64
+    """New prompts sampled per iteration (each opens a group of group_size trajectories)."""
+    updates_per_iteration: int = 1
+    """Optimizer steps per iteration; the ready groups are split into this many mini-batches."""
+    groups_per_micro_batch: int = 1
+    """Whole groups per Megatron micro-batch (a group is never split: its baseline needs all k)."""
+    reference: str = "recompute"
+    """log pi_i of the loss: recompute (the trainer's log-probs at the start of the iteration,
+    exact) | behaviour (the rollout engine's, free but includes older policies' segments)."""
+    eval_interval: int = 0
+    """Evaluate on data.eval_path every this many iterations (0 = only before and after)."""
+    eval_max_prompts: int = 0
+    """Held-out prompts per periodic evaluation (0 = all)."""
 
     def validate(self) -> list[str]:
         """Return one message per invalid field, each naming its dotted key (empty if valid)."""
@@ -171,6 +186,14 @@ class RLConfig:
         need(rp.min_repeats >= 2, "repeat.min_repeats", f"must be >= 2, got {rp.min_repeats}")
         need(rp.min_span_tokens >= 0, "repeat.min_span_tokens", "must be >= 0")
         need(rp.penalty >= 0, "repeat.penalty", "must be >= 0 (it is subtracted)")
+
+        need(self.iterations >= 0, "iterations", "must be >= 0")
+        need(self.prompts_per_iteration >= 1, "prompts_per_iteration", "must be >= 1")
+        need(self.updates_per_iteration >= 1, "updates_per_iteration", "must be >= 1")
+        need(self.groups_per_micro_batch >= 1, "groups_per_micro_batch", "must be >= 1")
+        choice(self.reference, "reference", ("recompute", "behaviour"))
+        need(self.eval_interval >= 0, "eval_interval", "must be >= 0")
+        need(self.eval_max_prompts >= 0, "eval_max_prompts", "must be >= 0")
 
         c = self.logprob_check
         choice(c.tis_level, "logprob_check.tis_level", TIS_LEVELS)

@@ -120,8 +120,10 @@ def save_tiny_hf_model(out_dir: str, family: str = "qwen2", *, seed: int = 0, in
     return out_dir
 
 
-def save_hf_model_from_arch(arch, out_dir: str, *, seed: int = 0, init_std: float = 0.02) -> str:
-    """Write a random-weight HF model of architecture ``arch`` plus the character tokenizer.
+def save_hf_model_from_arch(arch, out_dir: str, *, seed: int = 0, init_std: float = 0.02, tokenizer=None,
+                            base_config_dir: str | None = None) -> str:
+    """Write a random-weight HF model of architecture ``arch`` plus a tokenizer (default: the
+    character tokenizer). ``base_config_dir``'s config.json supplies the non-architecture keys.
 
     ``arch.vocab_size`` must hold the tokenizer (>= its size); extra rows are simply never used.
     """
@@ -129,11 +131,16 @@ def save_hf_model_from_arch(arch, out_dir: str, *, seed: int = 0, init_std: floa
 
     from k15_megatron.checkpoint.hf_config import hf_config_dict
 
-    tokenizer = build_char_tokenizer()
+    tokenizer = tokenizer or build_char_tokenizer()
     if arch.vocab_size < len(tokenizer):
-        raise ValueError(f"model.vocab_size={arch.vocab_size} is smaller than the character tokenizer "
+        raise ValueError(f"model.vocab_size={arch.vocab_size} is smaller than the tokenizer "
                          f"({len(tokenizer)} tokens)")
-    values = hf_config_dict(arch, {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0})
+    base = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id}
+    if base_config_dir and os.path.exists(os.path.join(base_config_dir, "config.json")):
+        with open(os.path.join(base_config_dir, "config.json")) as f:
+            base = json.load(f)
+    values = hf_config_dict(arch, base)
     model_type = values.pop("model_type")
     config = AutoConfig.for_model(model_type, **values)
     config.initializer_range = init_std

@@ -196,10 +196,14 @@ def current_layout() -> ParallelLayout:
 
 
 def shutdown() -> None:
-    """Tear down Megatron's parallel state and the process group (safe to call twice)."""
+    """Tear down Megatron's parallel state and the process group (safe to call twice, and after
+    a colocated vLLM engine's own teardown has already destroyed the process-wide groups)."""
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+        try:
+            parallel_state.destroy_model_parallel()
+        except (ValueError, RuntimeError):  # groups already destroyed by vLLM's teardown
+            pass
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

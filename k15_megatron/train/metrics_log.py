@@ -18,6 +18,7 @@ import time
 from typing import Iterable, Optional
 
 SUMMARY_KEYS = (
+    ("eval/pass@1", "pass@1 {:.3f}"),
     ("reward/mean", "reward {:.3f}"),
     ("accuracy/mean", "acc {:.3f}"),
     ("response/length_mean", "len {:.1f}"),

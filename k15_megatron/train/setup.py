@@ -92,3 +92,21 @@ def write_run_assets(trainer: Trainer) -> str:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     return path
+
+
+def engine_model_folder(trainer: Trainer, assets: str) -> str:
+    """A Hugging Face folder the rollout engine can start from: ``model.hf_path`` when given,
+    else ``<run_dir>/hf_engine`` with random weights of the architecture and the run's tokenizer
+    (written by rank 0). The engine's weights are replaced by the first weight sync anyway."""
+    import torch
+
+    if trainer.cfg.model.hf_path:
+        return trainer.cfg.model.hf_path
+    from k15_megatron.models.tiny import save_hf_model_from_arch
+
+    path = os.path.join(os.path.abspath(trainer.cfg.run_dir), "hf_engine")
+    if trainer.is_logging_rank:
+        save_hf_model_from_arch(trainer.arch, path, tokenizer=trainer.tokenizer, base_config_dir=assets)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return path

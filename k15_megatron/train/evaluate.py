@@ -1,0 +1,72 @@
+"""Evaluation on a held-out prompt set: pass@1, pass@k and response length.
+
+``evaluate(engine, prompts, manager, tokenizer, ...)`` samples ``num_samples`` complete
+responses per prompt with the rollout engine (temperature 0 gives greedy pass@1), scores them
+with the prompts' rewards and returns the per-prompt success counts, so two evaluations of the
+same prompts can be compared pairwise (:func:`paired_gain`).
+
+pass@k is the unbiased estimator of Chen et al. (2021): for a prompt with c correct out of n
+samples, 1 - C(n - c, k) / C(n, k), averaged over prompts.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from k15_megatron.engine.generation import generate_everywhere
+from k15_megatron.rollout.partial import expand_prompts
+
+
+def pass_at_k(num_correct: torch.Tensor, num_samples: int, k: int) -> float:
+    """Mean over prompts of 1 - C(n-c, k)/C(n, k) (``num_correct``: [P] counts out of n)."""
+    if not 1 <= k <= num_samples:
+        raise ValueError(f"pass@{k} needs 1 <= k <= num_samples={num_samples}")
+    values = []
+    for c in num_correct.tolist():
+        if num_samples - c < k:
+            values.append(1.0)
+        else:
+            values.append(1.0 - math.comb(num_samples - c, k) / math.comb(num_samples, k))
+    return sum(values) / len(values)
+
+
+def paired_gain(before: torch.Tensor, after: torch.Tensor) -> tuple[float, float]:
+    """(mean of after - before, its standard error) over prompts; inputs are [P] per-prompt
+    success rates of the same prompts."""
+    diff = (after.double() - before.double())
+    n = diff.numel()
+    if n < 2:
+        raise ValueError("a paired comparison needs at least two prompts")
+    return diff.mean().item(), (diff.std(unbiased=True) / math.sqrt(n)).item()
+
+
+def evaluate(engine, prompts, manager, tokenizer, *, num_samples: int, temperature: float,
+             max_response_tokens: int, seed: int, ks=(1,)) -> dict:
+    """Sample, score and summarise (collective). Returns metrics plus ``per_prompt`` [P] rates."""
+    from k15_megatron.rollout.engine import Sampling
+
+    start = time.perf_counter()
+    requests = expand_prompts(prompts.token_ids, k=num_samples, token_budget=max_response_tokens,
+                              max_response_tokens=max_response_tokens)
+    sampling = Sampling.from_config(engine.cfg, temperature=temperature, seed=seed)
+    results = generate_everywhere(engine, requests, sampling=sampling)
+    texts = [tokenizer.decode(r.tokens.tolist(), skip_special_tokens=True) for r in results]
+    samples = [prompts.records[i // num_samples] for i in range(len(results))]
+    scores = torch.tensor(manager.score(texts, samples) if _rank() == 0 else [0.0] * len(texts))
+    if torch.distributed.is_initialized():
+        torch.distributed.broadcast(scores, src=0)
+    correct = (scores >= 1.0 - 1e-6).view(len(prompts), num_samples)
+    counts = correct.sum(dim=1)
+    lengths = torch.tensor([r.tokens.numel() for r in results], dtype=torch.float32)
+    metrics = {f"eval/pass@{k}": pass_at_k(counts, num_samples, k) for k in ks if k <= num_samples}
+    metrics.update({"eval/response_length_mean": lengths.mean().item(), "eval/num_prompts": float(len(prompts)),
+                    "eval/seconds": time.perf_counter() - start})
+    metrics["per_prompt"] = counts.float() / num_samples
+    return metrics
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0

@@ -1,0 +1,207 @@
+"""``k15 rl CONFIG [overrides]``: the Kimi k1.5 RL loop on the colocated hybrid engine.
+
+Each iteration, on every rank (SPMD): sample prompts -> generate one segment for every open
+trajectory (partial rollouts) -> score the groups that finished -> train on them with the
+mirror-descent loss -> sync the new weights into vLLM -> evaluate / checkpoint. The algorithm
+lives in ``k15_megatron.rl`` and the system in ``k15_megatron.engine``; this module only calls
+them in order. ``run_state`` holds everything a resumed run needs besides the model, optimizer
+and RNGs (iteration, sampler with success rates, replay buffer with unfinished segments, LR
+schedule, policy version).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+from k15_megatron.checkpoint import run_ckpt
+from k15_megatron.data.prompt_set import PromptSet
+from k15_megatron.engine.generation import generate_everywhere
+from k15_megatron.engine.hybrid import HybridEngine
+from k15_megatron.engine.weight_sync import ColocatedWeightSync
+from k15_megatron.models.gpt import torch_dtype
+from k15_megatron.rewards.registry import RewardManager
+from k15_megatron.rl.replay import SegmentReplayBuffer
+from k15_megatron.rl.sampling import PromptSampler
+from k15_megatron.rollout.engine import RolloutEngine, Sampling
+from k15_megatron.rollout.partial import open_groups, pending_requests, record_results
+from k15_megatron.train.evaluate import evaluate
+from k15_megatron.train.metrics_log import MetricsLogger
+from k15_megatron.train.policy_update import update_policy
+from k15_megatron.train.preemption import PreemptionFlag
+from k15_megatron.train.rl_rewards import score_rollouts
+from k15_megatron.train.setup import build_trainer, engine_model_folder, write_run_assets
+
+
+class RLJob:
+    """The state of one RL run on this rank; ``run()`` is the loop."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.trainer = build_trainer(cfg)
+        self.assets = write_run_assets(self.trainer)
+        tok = self.trainer.tokenizer
+        if not cfg.data.train_path:
+            raise ValueError("k15 rl needs data.train_path (a JSONL of {prompt, answer} records)")
+        self.prompts = PromptSet.from_jsonl(cfg.data.train_path, tok)
+        self.eval_prompts = PromptSet.from_jsonl(cfg.data.eval_path, tok) if cfg.data.eval_path else None
+        self.sampler = PromptSampler(len(self.prompts), cfg.rl.sampling, difficulties=self.prompts.difficulties,
+                                     seed=cfg.seed)
+        self.buffer = SegmentReplayBuffer(cfg.rl.replay, group_size=cfg.rl.group_size)
+        self.rewards = RewardManager(cfg.rewards)
+        self.rollout = RolloutEngine.create(cfg.rollout, model_path=engine_model_folder(self.trainer, self.assets),
+                                            repeat=cfg.rl.repeat, seed=cfg.seed)
+        dtype = torch_dtype(cfg.precision.dtype)
+        self.hybrid = HybridEngine(model_chunks=self.trainer.chunks, optimizer=self.trainer.optimizer,
+                                   arch=self.trainer.arch, rollout=self.rollout,
+                                   weight_sync=ColocatedWeightSync(self.rollout.llm, dtype=dtype,
+                                                                   bucket_bytes=cfg.engine.sync_bucket_mb << 20),
+                                   cfg=cfg.engine, reset_optimizer=cfg.rl.reset_optimizer)
+        self.iteration = 0
+        self.logger = None
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self) -> None:
+        cfg = self.cfg
+        self.resume()
+        self.logger = MetricsLogger(cfg.logging, enabled=self.trainer.is_logging_rank,
+                                    resume_from_iteration=self.iteration)
+        preemption = PreemptionFlag()
+        self.hybrid.to_rollout(policy_version=self.iteration)
+        if self.iteration == 0:
+            self.log_eval("before")
+        while self.iteration < cfg.rl.iterations:
+            begin = time.perf_counter()
+            metrics = self.rollout_step()
+            batch = self.pop_ready_groups()
+            if batch is not None:
+                metrics.update(self.reward_step(batch))
+                metrics.update(self.train_step(batch))
+            self.iteration += 1
+            if batch is not None:
+                metrics.update(self.hybrid.to_rollout(policy_version=self.iteration))
+            metrics["time/iteration_s"] = time.perf_counter() - begin
+            self.logger.log(self.iteration, metrics, prefix="rl ")
+            last = self.iteration == cfg.rl.iterations
+            if cfg.rl.eval_interval and self.iteration % cfg.rl.eval_interval == 0 and not last:
+                self.log_eval("periodic")
+            stop = preemption.requested()  # collective: every rank asks every iteration
+            if stop or (self.should_save() and not last):
+                self.save()
+            if stop:
+                self.trainer.log(f"rl: signal received, saved iteration {self.iteration}, exiting")
+                self.close()
+                return
+        self.save()
+        self.log_eval("after")
+        self.close()
+
+    def close(self) -> None:
+        """Flush logs, then release vLLM. Its teardown destroys the process-wide torch.distributed
+        groups, so it must come after the last collective of the run."""
+        self.logger.close()
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        self.rollout.shutdown()
+
+    # -- the steps -----------------------------------------------------------------------------
+    def rollout_step(self) -> dict:
+        cfg, start = self.cfg, time.perf_counter()
+        ids = self.sampler.sample(cfg.rl.prompts_per_iteration, self.iteration)
+        open_groups(self.buffer, [(int(i), self.prompts.token_ids[int(i)]) for i in ids])
+        requests = pending_requests(self.buffer, max_response_tokens=cfg.rollout.max_response_tokens)
+        results = generate_everywhere(self.rollout, requests, sampling=Sampling.from_config(cfg.rollout))
+        record_results(self.buffer, results, iteration=self.iteration, policy_version=self.rollout.policy_version)
+        elapsed = time.perf_counter() - start
+        tokens = sum(r.generated_tokens for r in results)
+        return {"time/rollout_s": elapsed, "throughput/rollout_tokens_per_s": tokens / max(elapsed, 1e-9),
+                "rollout/segments": float(len(requests)),
+                "rollout/continued": float(sum(r.response_tokens.numel() > 0 for r in requests)),
+                "rollout/unfinished_after": float(len(self.buffer.unfinished()))}
+
+    def reward_step(self, batch) -> dict:
+        start = time.perf_counter()
+        correct, metrics = score_rollouts(batch, self.prompts.records, self.rewards, self.trainer.tokenizer,
+                                          self.cfg.rl, self.iteration)
+        self.sampler.update(batch.prompt_ids, correct.float())
+        metrics["time/reward_s"] = time.perf_counter() - start
+        return metrics
+
+    def train_step(self, batch) -> dict:
+        start = time.perf_counter()
+        metrics = self.hybrid.to_train()
+        metrics.update(update_policy(self.trainer, batch, self.cfg.rl))
+        metrics["time/train_s"] = time.perf_counter() - start
+        return metrics
+
+    def log_eval(self, tag: str) -> dict:
+        if self.eval_prompts is None:
+            return {}
+        cfg = self.cfg
+        prompts = self.eval_prompts
+        if tag == "periodic" and cfg.rl.eval_max_prompts:
+            prompts = PromptSet(prompts.records[:cfg.rl.eval_max_prompts], prompts.token_ids[:cfg.rl.eval_max_prompts],
+                                None)
+        metrics = evaluate(self.rollout, prompts, self.rewards, self.trainer.tokenizer, num_samples=1,
+                           temperature=0.0, max_response_tokens=cfg.rollout.max_response_tokens, seed=cfg.seed)
+        per_prompt = metrics.pop("per_prompt")
+        if self.trainer.is_logging_rank and tag in ("before", "after"):
+            torch.save(per_prompt, os.path.join(cfg.run_dir, f"eval_{tag}.pt"))
+        self.logger.log(self.iteration, metrics, prefix=f"eval[{tag}] ")
+        return metrics
+
+    # -- sizes and checkpoints -----------------------------------------------------------------
+    def pop_ready_groups(self):
+        """The finished groups to train on, as many as split evenly over DP ranks, updates and
+        micro-batches (the rest wait for the next iteration); None if too few are ready."""
+        rl, dp = self.cfg.rl, self.trainer.layout.dp_size
+        unit = dp * rl.updates_per_iteration * rl.groups_per_micro_batch
+        usable = (len(self.buffer.ready_groups()) // unit) * unit
+        if usable == 0:
+            return None
+        return self.buffer.pop_batch(iteration=self.iteration, max_groups=usable,
+                                     pad_token_id=self.trainer.tokenizer.pad_token_id or 0)
+
+    def should_save(self) -> bool:
+        interval = self.cfg.checkpoint.save_interval
+        return bool(interval) and self.iteration % interval == 0
+
+    def run_state(self) -> dict:
+        return {"iteration": self.iteration, "sampler": self.sampler.state_dict(), "buffer": self.buffer.state_dict(),
+                "scheduler": self.trainer.scheduler.state_dict(), "policy_version": self.rollout.policy_version}
+
+    def save(self) -> None:
+        run_ckpt.save_run_checkpoint(self.cfg.checkpoint.save_dir, self.iteration, model_chunks=self.trainer.chunks,
+                                     optimizer=self.trainer.optimizer, run_state=self.run_state(), rank_state={},
+                                     hf_assets_dir=self.assets, keep_last=self.cfg.checkpoint.keep_last)
+
+    def resume(self) -> None:
+        if self.cfg.checkpoint.resume != "auto":
+            return
+        path = run_ckpt.find_resume_checkpoint(self.cfg.checkpoint.save_dir)
+        if path is None:
+            return
+        state, _ = run_ckpt.load_run_checkpoint(path, model_chunks=self.trainer.chunks,
+                                                optimizer=self.trainer.optimizer)
+        self.iteration = state["iteration"]
+        self.sampler.load_state_dict(state["sampler"])
+        self.buffer.load_state_dict(state["buffer"])
+        self.trainer.scheduler.load_state_dict(state["scheduler"])
+        self.trainer.log(f"rl: resumed from {path} at iteration {self.iteration}")
+
+
+def run(cfg) -> None:
+    RLJob(cfg).run()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="k15 rl", description=__doc__.splitlines()[0])
+    parser.add_argument("config")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    from k15_megatron.train.launch_job import launch
+
+    return launch(run, args.config, args.overrides)

@@ -1,0 +1,67 @@
+"""The reward stage of an RL iteration: task rewards, length penalty, repeat penalty.
+
+``score_rollouts(batch, prompts, manager, tokenizer, rl_cfg, iteration)`` decodes every response,
+scores it with the rewards its prompt record selects (:class:`RewardManager`), adds the report's
+length penalty with its warm-up schedule (:mod:`k15_megatron.rl.shaping`) and subtracts the
+repeat penalty for responses cut by repeat detection. It fills ``batch.rewards`` and returns the
+correctness of each sample (task reward == 1) and metrics. Rank 0 scores and broadcasts, so
+sandboxed code or a reward model run once per iteration, not once per rank.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from k15_megatron.rl.batch import RolloutBatch
+from k15_megatron.rl.repeat import repeat_penalty
+from k15_megatron.rl.shaping import length_penalty, length_penalty_weight
+
+
+def _decode_responses(batch: RolloutBatch, tokenizer) -> list[str]:
+    texts = []
+    for row in range(batch.num_samples):
+        ids = batch.input_ids[row][batch.response_mask[row]].tolist()
+        texts.append(tokenizer.decode(ids, skip_special_tokens=True))
+    return texts
+
+
+def _score_on_rank0(batch, records, manager, tokenizer) -> torch.Tensor:
+    task = torch.zeros(batch.num_samples, dtype=torch.float32)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if rank == 0:
+        samples = [records[int(p)] for p in batch.prompt_ids]
+        task = torch.tensor(manager.score(_decode_responses(batch, tokenizer), samples), dtype=torch.float32)
+    if torch.distributed.is_initialized():
+        torch.distributed.broadcast(task, src=0)
+    return task
+
+
+def score_rollouts(batch: RolloutBatch, records, manager, tokenizer, rl_cfg, iteration: int):
+    """Fill ``batch.rewards``; returns (correct [B] bool, metrics)."""
+    task = _score_on_rank0(batch, records, manager, tokenizer)
+    correct = task >= 1.0 - 1e-6
+    lengths = batch.response_lengths
+    weight = length_penalty_weight(iteration, rl_cfg.length_penalty)
+    length_term = length_penalty(lengths, correct, batch.group_size) if weight else torch.zeros_like(task)
+    rewards = task + weight * length_term
+    repeated = torch.tensor([reason == "repeat" for reason in batch.finish_reasons])
+    if rl_cfg.repeat.penalty:
+        rewards = repeat_penalty(rewards, repeated, rl_cfg.repeat.penalty)
+    batch.rewards = rewards
+    grouped = correct.view(-1, batch.group_size).float()
+    metrics = {
+        "reward/mean": rewards.mean().item(),
+        "reward/task_mean": task.mean().item(),
+        "reward/length_penalty_mean": (weight * length_term).mean().item(),
+        "reward/length_penalty_weight": weight,
+        "accuracy/mean": correct.float().mean().item(),
+        "accuracy/groups_all_correct": (grouped.min(dim=1).values == 1).float().mean().item(),
+        "accuracy/groups_all_wrong": (grouped.max(dim=1).values == 0).float().mean().item(),
+        "response/length_mean": lengths.float().mean().item(),
+        "response/length_max": lengths.max().item(),
+        "response/repeat_share": repeated.float().mean().item(),
+        "response/segments_mean": batch.num_segments.float().mean().item(),
+    }
+    for reason in ("stop", "max_length", "repeat"):
+        metrics[f"finish/{reason}"] = sum(r == reason for r in batch.finish_reasons) / batch.num_samples
+    return correct, metrics
