@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from tooling import run_tool
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -25,7 +26,6 @@ def pytest_collection_modifyitems(config, items):
 # Shared, expensive fixtures (built once per test session)
 # ---------------------------------------------------------------------------------------------
 FAMILIES = ("llama", "qwen2", "qwen3")
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="session")
@@ -40,15 +40,6 @@ def tiny_hf_dirs(tmp_path_factory):
         shard = "150KB" if family == "llama" else None
         dirs[family] = save_tiny_hf_model(str(root / family), family, init_std=0.1, max_shard_size=shard)
     return dirs
-
-
-def run_tool(*args: str, timeout: int = 300):
-    """Run ``python tools/<script> args...`` from the repository root; returns CompletedProcess."""
-    import subprocess
-    import sys
-
-    return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=timeout)
 
 
 @pytest.fixture(scope="session")

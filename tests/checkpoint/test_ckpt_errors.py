@@ -4,7 +4,7 @@ import json
 import os
 import shutil
 
-from conftest import run_tool
+from tooling import run_tool
 from safetensors.torch import load_file, save_file
 
 

@@ -129,7 +129,7 @@ run_ckpt.save_run_checkpoint({save!r}, 2, model_chunks=chunks, optimizer=optimiz
 def test_kill_during_checkpoint_write_leaves_latest_on_a_complete_checkpoint(tiny_hf_dirs, tmp_path):
     from distributed import free_port
 
-    from conftest import REPO_ROOT
+    from tooling import REPO_ROOT
 
     save = tmp_path / "ckpts"
     script = _SAVE_FOREVER.format(root=REPO_ROOT, hf=tiny_hf_dirs["qwen3"], save=str(save), port=str(free_port()))

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO_ROOT
+from tooling import REPO_ROOT
 
 
 @pytest.mark.distributed
