@@ -36,6 +36,8 @@ COMMANDS = (
             "k15_megatron.train.sft:main"),
     Command("rl", "the Kimi k1.5 RL loop (partial rollouts, mirror descent, hybrid engine)",
             "k15_megatron.train.rl:main"),
+    Command("eval", "pass@1 / pass@k and response length on a prompt set",
+            "k15_megatron.train.eval_job:main"),
     Command("export", "write a Hugging Face folder from a k15 checkpoint",
             "k15_megatron.train.export:main"),
     Command("plot", "PNG of a run's main curves", "k15_megatron.train.plot:main"),

@@ -24,6 +24,7 @@ from typing import Any, Dict, Optional, Sequence
 
 from k15_megatron.config.fields import CHOICES, MINIMUM, at_least, one_of  # noqa: F401 (re-exported)
 from k15_megatron.config.engine import EngineConfig
+from k15_megatron.config.evaluation import EvalConfig
 from k15_megatron.config.rewards import RewardsConfig
 from k15_megatron.config.rl import RLConfig
 from k15_megatron.config.rollout import RolloutConfig
@@ -235,3 +236,5 @@ class ExperimentConfig:
     """Verifiable rewards (math, code, CoT reward model) and how prompts pick them."""
     engine: EngineConfig = field(default_factory=EngineConfig)
     """The hybrid engine: switching between training and rollout, weight sync, log-prob check."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out evaluation (k15 eval and the RL job's before/after evaluation)."""

@@ -51,7 +51,10 @@ def evaluate(engine, prompts, manager, tokenizer, *, num_samples: int, temperatu
     start = time.perf_counter()
     requests = expand_prompts(prompts.token_ids, k=num_samples, token_budget=max_response_tokens,
                               max_response_tokens=max_response_tokens)
-    sampling = Sampling.from_config(engine.cfg, temperature=temperature, seed=seed)
+    # No per-request seeds: vLLM's CPU sampler cannot rewind a seeded generator when chunked
+    # prefill splits a prompt ("CPU Generator does not use offset"); the engine's own seeded
+    # stream keeps runs reproducible.
+    sampling = Sampling.from_config(engine.cfg, temperature=temperature, seed=None)
     results = generate_everywhere(engine, requests, sampling=sampling)
     texts = [tokenizer.decode(r.tokens.tolist(), skip_special_tokens=True) for r in results]
     samples = [prompts.records[i // num_samples] for i in range(len(results))]

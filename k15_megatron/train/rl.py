@@ -145,8 +145,11 @@ class RLJob:
         if tag == "periodic" and cfg.rl.eval_max_prompts:
             prompts = PromptSet(prompts.records[:cfg.rl.eval_max_prompts], prompts.token_ids[:cfg.rl.eval_max_prompts],
                                 None)
-        metrics = evaluate(self.rollout, prompts, self.rewards, self.trainer.tokenizer, num_samples=1,
-                           temperature=0.0, max_response_tokens=cfg.rollout.max_response_tokens, seed=cfg.seed)
+        if cfg.eval.max_prompts:
+            prompts = PromptSet(prompts.records[:cfg.eval.max_prompts], prompts.token_ids[:cfg.eval.max_prompts], None)
+        metrics = evaluate(self.rollout, prompts, self.rewards, self.trainer.tokenizer,
+                           num_samples=cfg.eval.num_samples, temperature=cfg.eval.temperature,
+                           max_response_tokens=cfg.rollout.max_response_tokens, seed=cfg.seed, ks=cfg.eval.ks)
         per_prompt = metrics.pop("per_prompt")
         if self.trainer.is_logging_rank and tag in ("before", "after"):
             torch.save(per_prompt, os.path.join(cfg.run_dir, f"eval_{tag}.pt"))
