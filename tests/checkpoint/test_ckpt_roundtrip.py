@@ -44,10 +44,14 @@ def test_export_is_sharded_with_index(roundtrip_dirs):
 
 
 def _transformers_greedy(folder, prompt_ids, max_new_tokens):
+    """Plain argmax decoding with transformers' forward (EOS is just another token here, as with
+    vLLM's ignore_eos), so nothing in generate()'s logits processing can differ."""
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                         do_sample=False)
-    return out[0, len(prompt_ids):].tolist()
+    tokens = list(prompt_ids)
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            tokens.append(int(model(torch.tensor([tokens])).logits[0, -1].argmax()))
+    return tokens[len(prompt_ids):]
 
 
 def test_exported_folder_generates_same_greedy_tokens_in_transformers_and_vllm(roundtrip_dirs, vllm_engine):
