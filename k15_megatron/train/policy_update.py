@@ -90,8 +90,7 @@ def update_policy(trainer, batch: RolloutBatch, rl_cfg) -> dict:
 
     _check_shapes(batch, rl_cfg)
     layout = trainer.layout
-    if rl_cfg.reset_optimizer:
-        reset_optimizer_state(trainer.optimizer)
+    reset = reset_optimizer_state(trainer.optimizer) if rl_cfg.reset_optimizer else 0
     mine = batch.shard_groups(layout.dp_rank, layout.dp_size)
     recomputed = sequence_token_logprobs(trainer.chunks, mine.input_ids, vocab_size=trainer.arch.vocab_size,
                                          chunk_size=rl_cfg.logprob_chunk_tokens)
@@ -117,5 +116,6 @@ def update_policy(trainer, batch: RolloutBatch, rl_cfg) -> dict:
         losses.append(step["loss"])
         grad_norms.append(step["grad_norm"])
     metrics.update({"train/loss": sum(losses) / len(losses), "train/grad_norm": max(grad_norms),
-                    "train/lr": step["lr"], "train/updates": float(updates)})
+                    "train/lr": step["lr"], "train/updates": float(updates),
+                    "train/optimizers_reset": float(reset), "train/num_samples": float(mine.num_samples * layout.dp_size)})
     return metrics

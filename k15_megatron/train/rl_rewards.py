@@ -50,6 +50,7 @@ def score_rollouts(batch: RolloutBatch, records, manager, tokenizer, rl_cfg, ite
     batch.rewards = rewards
     grouped = correct.view(-1, batch.group_size).float()
     metrics = {
+        "reward/num_samples": float(batch.num_samples),
         "reward/mean": rewards.mean().item(),
         "reward/task_mean": task.mean().item(),
         "reward/length_penalty_mean": (weight * length_term).mean().item(),
