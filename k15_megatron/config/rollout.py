@@ -49,7 +49,8 @@ class RolloutConfig:
     so the log-ratio log pi_theta/pi_i of the loss is exact) | processed_logprobs = after
     temperature, top-k/top-p and logits processors: the distribution the token was really
     drawn from (use it for importance weights against the sampling distribution). The two
-    agree at temperature 1 without top-k/top-p; at temperature 0 raw is reported."""
+    agree at temperature 1 without top-k/top-p, and at temperature 0 (greedy: no temperature
+    is applied, both are the model's log-probs)."""
     dtype: str = one_of("auto", ROLLOUT_DTYPES)
     """Engine weights/activations: auto (float32 on CPU, the checkpoint's dtype on GPU) |
     float32 | bfloat16 | float16."""
