@@ -214,6 +214,10 @@ class ExperimentConfig:
     """Folder for everything a run writes; the resolved config is saved there."""
     seed: int = 1234
     """Global random seed."""
+    deterministic: bool = False
+    """Bit-for-bit reproducible runs (CPU): every rollout request samples from its own stream
+    seeded by (seed, trajectory, position), so a resumed run regenerates exactly what an
+    uninterrupted one would; torch uses deterministic algorithms."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """Model architecture and initial weights."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)

@@ -115,6 +115,59 @@ def llm_kwargs(cfg: RolloutConfig, *, model_path: str, seed: int, layout: Engine
     return kwargs
 
 
+def remove_stale_cpu_shm_segments(shm_dir: str = "/dev/shm") -> list[str]:
+    """Unlink vLLM CPU shared-memory segments that no live process maps; returns their names.
+
+    vLLM's CPU backend names the segments of its SPMD groups after the rank list only
+    (``-tp:0-[0-1]-cpushm_0`` under external_launcher). A job killed with SIGKILL leaves them
+    behind, and the next engine on the machine, e.g. the same job resumed, then fails with
+    "create shm in SHMManager failed. errno: 17". A segment still mapped by some process belongs
+    to a running engine and is left alone (two engines running at once on one machine still
+    collide: run them one after the other).
+    """
+    if not os.path.isdir(shm_dir):
+        return []
+    candidates = [n for n in os.listdir(shm_dir) if "-cpushm_" in n]
+    if not candidates:
+        return []
+    mapped = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                maps = f.read()
+        except OSError:
+            continue
+        mapped.update(n for n in candidates if f"{shm_dir}/{n}" in maps)
+    removed = []
+    for name in candidates:
+        if name not in mapped:
+            try:
+                os.unlink(os.path.join(shm_dir, name))
+                removed.append(name)
+            except OSError:
+                pass
+    return removed
+
+
+def on_cpu_platform() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def _clear_stale_segments_once_per_node() -> None:
+    """Local rank 0 removes stale segments while the node's other ranks wait."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))) == 0:
+        removed = remove_stale_cpu_shm_segments()
+        if removed:
+            import logging
+
+            logging.getLogger(__name__).warning("removed stale vLLM CPU shared memory: %s", removed)
+    dist.barrier()
+
+
 def build_llm(cfg: RolloutConfig, *, model_path: str, seed: int,
               layout: Optional[EngineLayout] = None):
     """Create the ``vllm.LLM`` of this process (every rank calls it, SPMD).
@@ -134,6 +187,8 @@ def build_llm(cfg: RolloutConfig, *, model_path: str, seed: int,
     layout = layout or current_layout(cfg)
     # Set before vLLM reads its environment: the engine core must live in this process.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if layout.spmd and on_cpu_platform():
+        _clear_stale_segments_once_per_node()
     from vllm import LLM
     from vllm.platforms import current_platform
 

@@ -113,7 +113,8 @@ class RLJob:
         ids = self.sampler.sample(cfg.rl.prompts_per_iteration, self.iteration)
         open_groups(self.buffer, [(int(i), self.prompts.token_ids[int(i)]) for i in ids])
         requests = pending_requests(self.buffer, max_response_tokens=cfg.rollout.max_response_tokens)
-        results = generate_everywhere(self.rollout, requests, sampling=Sampling.from_config(cfg.rollout))
+        sampling = Sampling.from_config(cfg.rollout, seed=cfg.seed if cfg.deterministic else None)
+        results = generate_everywhere(self.rollout, requests, sampling=sampling)
         record_results(self.buffer, results, iteration=self.iteration, policy_version=self.rollout.policy_version)
         elapsed = time.perf_counter() - start
         tokens = sum(r.generated_tokens for r in results)

@@ -45,6 +45,10 @@ class Trainer:
 
 def build_trainer(cfg, *, with_optimizer: bool = True) -> Trainer:
     """Set up processes and the model for ``cfg`` (collective; see the module docstring)."""
+    if cfg.deterministic:
+        import torch
+
+        torch.use_deterministic_algorithms(True)
     layout = initialize(cfg.parallel, seed=cfg.seed)
     arch = resolve_model_arch(cfg.model)
     padded = padded_vocab_size(arch.vocab_size, cfg.model.make_vocab_size_divisible_by, layout.tp_size)

@@ -1,0 +1,105 @@
+"""Exact resume of `k15 rl` (deterministic mode, CPU, 2 processes under torchrun).
+
+Run A goes 2N iterations uninterrupted. Run B is the same command, killed with SIGKILL (the whole
+process group) right after its checkpoint at iteration N, i.e. inside iteration N + 1, then
+started again with checkpoint.resume=auto and run to 2N. The metrics of every iteration and the
+final weights must be bit-identical to run A's.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tooling import REPO_ROOT
+
+from test_rl_job import _write_task
+
+N = 2
+VOLATILE = ("time", "time/", "throughput/", "eval/seconds", "sync/sync_s")
+
+
+def _command(run_dir, data_dir):
+    return [sys.executable, "-m", "k15_megatron.cli", "rl", "examples/tiny.yaml", f"run_dir={run_dir}",
+            f"data.train_path={data_dir}/train.jsonl", f"data.eval_path={data_dir}/eval.jsonl",
+            "parallel.tensor=2", "parallel.world_size=2", "rollout.tensor_parallel_size=2",
+            "rollout.max_response_tokens=40", "rollout.max_model_len=96", "rollout.cpu_kv_cache_gib=0.25",
+            "rl.group_size=4", "rl.prompts_per_iteration=4", f"rl.iterations={2 * N}",
+            "rl.replay.segment_token_budget=16", "rl.updates_per_iteration=2", f"checkpoint.save_interval={N}",
+            "checkpoint.keep_last=0", "optim.lr=1e-3", "deterministic=true", "rl.repeat.enabled=false"]
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants at once (torchrun's workers run in sessions of
+    their own, so killing the launcher's process group would leave them running)."""
+    import psutil
+
+    parent = psutil.Process(pid)
+    for proc in [parent] + parent.children(recursive=True):
+        try:
+            proc.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _stable(records):
+    """Per-iteration metrics without wall-clock quantities."""
+    out = []
+    for r in records:
+        out.append({k: v for k, v in r.items() if not any(k == p or k.startswith(p) for p in VOLATILE)})
+    return out
+
+
+def _final_weights(run_dir, out_dir):
+    proc = subprocess.run([sys.executable, "-m", "k15_megatron.cli", "export", str(run_dir / "checkpoints"),
+                           str(out_dir)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tensors = {}
+    for name in os.listdir(out_dir):
+        if name.endswith(".safetensors"):
+            tensors.update(load_file(out_dir / name))
+    return tensors
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_kill_and_resume_is_bit_identical(tmp_path):
+    _write_task(str(tmp_path))
+    run_a, run_b = tmp_path / "a", tmp_path / "b"
+    proc = subprocess.run(_command(run_a, tmp_path), cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    victim = subprocess.Popen(_command(run_b, tmp_path), cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+    latest = run_b / "checkpoints" / "latest"
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline and victim.poll() is None:
+            if latest.exists() and latest.read_text().strip() == f"iter_{N:07d}":
+                break
+            time.sleep(0.05)
+        assert victim.poll() is None, f"run B ended before it could be killed: {victim.stderr.read()[-3000:]}"
+        _kill_tree(victim.pid)
+        victim.wait(timeout=60)
+    finally:
+        if victim.poll() is None:
+            _kill_tree(victim.pid)
+    killed_at = max(json.loads(line)["iteration"] for line in open(run_b / "metrics.jsonl") if line.strip())
+    assert killed_at < 2 * N, "the kill came too late to interrupt the run"
+
+    proc = subprocess.run(_command(run_b, tmp_path), cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"rl: resumed from" in proc.stdout and f"at iteration {N}" in proc.stdout, proc.stdout[-3000:]
+
+    metrics_a = _stable(json.loads(line) for line in open(run_a / "metrics.jsonl"))
+    metrics_b = _stable(json.loads(line) for line in open(run_b / "metrics.jsonl"))
+    assert metrics_b == metrics_a
+    weights_a, weights_b = _final_weights(run_a, tmp_path / "hf_a"), _final_weights(run_b, tmp_path / "hf_b")
+    assert weights_a.keys() == weights_b.keys()
+    for name, tensor in weights_a.items():
+        assert torch.equal(tensor, weights_b[name]), f"{name} differs after resume"
