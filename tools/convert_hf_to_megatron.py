@@ -22,20 +22,14 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from k15_megatron.parallel.launch import relaunch_under_torchrun
+    from k15_megatron.parallel.launch import run_as_ranks
 
-    relaunch_under_torchrun(args.tp * args.pp)
-    from k15_megatron.checkpoint.convert import hf_to_megatron
-    from k15_megatron.parallel.initialize import shutdown
+    def work():
+        from k15_megatron.checkpoint.convert import hf_to_megatron
 
-    try:
         hf_to_megatron(args.hf, args.out, tp=args.tp, pp=args.pp, make_vocab_size_divisible_by=args.vocab_divisible_by)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        shutdown()
-    return 0
+
+    return run_as_ranks(args.tp * args.pp, work)
 
 
 if __name__ == "__main__":

@@ -24,23 +24,17 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from k15_megatron.parallel.launch import relaunch_under_torchrun
+    from k15_megatron.parallel.launch import run_as_ranks
 
-    relaunch_under_torchrun(args.tp * args.pp)
-    from k15_megatron.checkpoint.convert import megatron_to_hf
-    from k15_megatron.models.gpt import torch_dtype
-    from k15_megatron.parallel.initialize import shutdown
+    def work():
+        from k15_megatron.checkpoint.convert import megatron_to_hf
+        from k15_megatron.models.gpt import torch_dtype
 
-    try:
         megatron_to_hf(args.ckpt, args.out, tp=args.tp, pp=args.pp,
                        dtype=torch_dtype(args.dtype) if args.dtype else None,
                        max_shard_bytes=args.max_shard_size_mb * 1024**2)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        shutdown()
-    return 0
+
+    return run_as_ranks(args.tp * args.pp, work)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ import json
 import os
 import shutil
 
-import torch
+from k15_megatron.models.gpt import unwrap_model
+from k15_megatron.parallel.initialize import barrier, global_rank
 
 META_FILE = "k15_meta.json"
 ASSETS_DIR = "hf_assets"
@@ -32,19 +33,10 @@ _ASSET_FILES = ("config.json", "generation_config.json", "tokenizer.json", "toke
                 "merges.txt")
 
 
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
-def _barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
 
 
-def _unwrap(model):
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def copy_hf_assets(hf_dir: str | None, dest: str) -> None:
@@ -76,13 +68,13 @@ def save_model(model, ckpt_dir: str, *, arch, padded_vocab: int, hf_assets_from:
 
     ckpt_dir = os.path.abspath(ckpt_dir)
     tmp = ckpt_dir + ".tmp"
-    if _rank() == 0:
+    if global_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    _barrier()
-    dist_checkpointing.save(_unwrap(model).sharded_state_dict(), tmp)
-    _barrier()
-    if _rank() == 0:
+    barrier()
+    dist_checkpointing.save(unwrap_model(model).sharded_state_dict(), tmp)
+    barrier()
+    if global_rank() == 0:
         meta = {
             "format": FORMAT,
             "version": VERSION,
@@ -95,7 +87,7 @@ def save_model(model, ckpt_dir: str, *, arch, padded_vocab: int, hf_assets_from:
             json.dump(meta, f, indent=2)
         copy_hf_assets(hf_assets_from, os.path.join(tmp, ASSETS_DIR))
         atomic_publish(tmp, ckpt_dir)
-    _barrier()
+    barrier()
 
 
 def read_meta(ckpt_dir: str) -> dict:
@@ -129,7 +121,7 @@ def load_model(model, ckpt_dir: str) -> None:
     from megatron.core import dist_checkpointing
 
     read_meta(ckpt_dir)
-    module = _unwrap(model)
+    module = unwrap_model(model)
     try:
         state = dist_checkpointing.load(module.sharded_state_dict(), ckpt_dir)
     except Exception as exc:  # Megatron raises assorted errors for shape/key mismatches

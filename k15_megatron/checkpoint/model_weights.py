@@ -18,6 +18,7 @@ import torch
 
 from k15_megatron.checkpoint import hf_mapping
 from k15_megatron.checkpoint.safetensors_io import HFTensorReader
+from k15_megatron.models.gpt import unwrap_model
 
 
 def stage_layer_offset(model) -> int:
@@ -26,15 +27,11 @@ def stage_layer_offset(model) -> int:
     return layers[0].layer_number - 1 if len(layers) else 0
 
 
-def _unwrap(model):
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def local_named_parameters(model) -> Iterator[tuple[str, torch.nn.Parameter]]:
     """(global Megatron name, parameter) for this stage, in module order."""
-    model = _unwrap(model)
+    model = unwrap_model(model)
     offset = stage_layer_offset(model)
     for name, param in model.named_parameters():
         yield hf_mapping.global_param_name(name, offset), param

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 
 from k15_megatron.checkpoint.dist_ckpt import copy_hf_assets
+from k15_megatron.models.gpt import unwrap_model
+from k15_megatron.parallel.initialize import barrier, global_rank
 
 LATEST = "latest"
 META = "k15_meta.json"
@@ -43,19 +45,10 @@ def iteration_dir_name(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 
 
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
-def _barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
 
 
-def _unwrap(model):
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def rng_state() -> dict:
@@ -82,7 +75,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def _sharded_state(model_chunks, optimizer, *, is_loading: bool):
-    model_sd = _unwrap(model_chunks[0]).sharded_state_dict()
+    model_sd = unwrap_model(model_chunks[0]).sharded_state_dict()
     # is_loading makes a fresh optimizer create its (empty) state first, so the checkpoint's
     # moments and step counters have somewhere to go.
     return {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading)}
@@ -105,15 +98,15 @@ def save_run_checkpoint(save_dir: str, iteration: int, *, model_chunks, optimize
     save_dir = os.path.abspath(save_dir)
     final = os.path.join(save_dir, iteration_dir_name(iteration))
     tmp = final + ".tmp"
-    if _rank() == 0:
+    if global_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(os.path.join(tmp, "dist"))
-    _barrier()
+    barrier()
     dist_checkpointing.save(_sharded_state(model_chunks, optimizer, is_loading=False),
                             os.path.join(tmp, "dist"))
-    torch.save({**rank_state, "rng": rng_state()}, os.path.join(tmp, f"rank_{_rank():05d}.pt"))
-    _barrier()
-    if _rank() == 0:
+    torch.save({**rank_state, "rng": rng_state()}, os.path.join(tmp, f"rank_{global_rank():05d}.pt"))
+    barrier()
+    if global_rank() == 0:
         torch.save(run_state, os.path.join(tmp, "run_state.pt"))
         copy_hf_assets(hf_assets_dir, os.path.join(tmp, "hf_assets"))
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
@@ -123,7 +116,7 @@ def save_run_checkpoint(save_dir: str, iteration: int, *, model_chunks, optimize
         os.replace(tmp, final)
         _atomic_write_text(os.path.join(save_dir, LATEST), iteration_dir_name(iteration) + "\n")
         _prune(save_dir, keep_last)
-    _barrier()
+    barrier()
     return final
 
 
@@ -187,13 +180,13 @@ def load_run_checkpoint(path: str, *, model_chunks, optimizer) -> tuple[dict, di
 
     if not is_complete(path):
         raise ValueError(f"{path}: not a complete run checkpoint (no valid {META})")
-    rank_file = os.path.join(path, f"rank_{_rank():05d}.pt")
+    rank_file = os.path.join(path, f"rank_{global_rank():05d}.pt")
     if not os.path.exists(rank_file):
-        raise ValueError(f"{path}: no state for rank {_rank()} ({rank_file}); a run checkpoint "
+        raise ValueError(f"{path}: no state for rank {global_rank()} ({rank_file}); a run checkpoint "
                          "resumes with the world size it was saved with")
     sharded = _sharded_state(model_chunks, optimizer, is_loading=True)
     state = dist_checkpointing.load(sharded, os.path.join(path, "dist"))
-    _unwrap(model_chunks[0]).load_state_dict(state["model"], strict=True)
+    unwrap_model(model_chunks[0]).load_state_dict(state["model"], strict=True)
     optimizer.load_state_dict(state["optimizer"])
     rank_state = torch.load(rank_file, weights_only=False)
     set_rng_state(rank_state.pop("rng"))
@@ -217,6 +210,6 @@ def load_model_weights(path: str, model) -> None:
 
     if not is_complete(path):
         raise ValueError(f"{path}: not a complete run checkpoint (no valid {META})")
-    module = _unwrap(model)
+    module = unwrap_model(model)
     state = dist_checkpointing.load({"model": module.sharded_state_dict()}, os.path.join(path, "dist"))
     module.load_state_dict(state["model"], strict=True)

@@ -20,9 +20,9 @@ OmegaConf accepts them and the error message can list the alternatives.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional
 
-from k15_megatron.config.fields import CHOICES, MINIMUM, at_least, one_of  # noqa: F401 (re-exported)
+from k15_megatron.config.fields import at_least, one_of
 from k15_megatron.config.engine import EngineConfig
 from k15_megatron.config.evaluation import EvalConfig
 from k15_megatron.config.rewards import RewardsConfig

@@ -26,7 +26,8 @@ from typing import Any, Callable, List, Mapping, Optional
 from k15_megatron.config.env import have_transformer_engine, resolve_world_size
 from k15_megatron.config.errors import ConfigError
 from k15_megatron.config.model_arch import ModelArch, resolve_model_arch
-from k15_megatron.config.schema import (CHOICES, MINIMUM, DataConfig, ExperimentConfig,
+from k15_megatron.config.fields import CHOICES, MINIMUM
+from k15_megatron.config.schema import (DataConfig, ExperimentConfig,
                                         OptimConfig, ParallelConfig, PrecisionConfig)
 
 # Transformer Engine's FP8 GEMMs need both matrix dimensions to be multiples of 16.

@@ -40,6 +40,7 @@ Record formats: see `k15_megatron.data.jsonl`.
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import re
 from dataclasses import dataclass, field
@@ -282,6 +283,17 @@ def generate_splits(cfg: ArithmeticTaskConfig) -> Dict[str, List[Dict[str, Any]]
         sft.append({"prompt": problem.prompt, "response": response})
     out["sft"] = sft
     return out
+
+
+def write_task_files(cfg: ArithmeticTaskConfig, out_dir: str) -> Dict[str, str]:
+    """Generate the splits and write ``out_dir/{sft,train,eval}.jsonl``; returns split -> path."""
+    from k15_megatron.data.jsonl import write_jsonl
+
+    paths = {}
+    for split, records in generate_splits(cfg).items():
+        paths[split] = os.path.join(out_dir, f"{split}.jsonl")
+        write_jsonl(paths[split], records)
+    return paths
 
 
 _BOX = re.compile(r"\\(?:boxed|fbox)")

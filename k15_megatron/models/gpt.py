@@ -25,6 +25,13 @@ from k15_megatron.parallel.device import HAVE_CUDA
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def unwrap_model(model):
+    """The GPTModel inside DDP / Float16Module wrappers (each keeps it in ``.module``)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
 def torch_dtype(name: str) -> torch.dtype:
     """Map a ``precision.dtype`` name (fp32/bf16/fp16) to the torch dtype."""
     if name not in _DTYPES:

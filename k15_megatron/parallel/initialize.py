@@ -207,3 +207,14 @@ def shutdown() -> None:
             pass
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def global_rank() -> int:
+    """This process's rank (0 without torch.distributed)."""
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def barrier() -> None:
+    """A barrier over all ranks (nothing without torch.distributed)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()

@@ -25,3 +25,20 @@ def relaunch_under_torchrun(nprocs: int) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nprocs}", sys.argv[0], *sys.argv[1:]]
     sys.exit(subprocess.call(cmd))
+
+
+def run_as_ranks(nprocs: int, work) -> int:
+    """The body of a command-line tool that needs ``nprocs`` ranks: re-launch under torchrun if
+    needed, run ``work()`` on every rank, shut the process groups down. A ``ValueError`` or
+    ``FileNotFoundError`` (bad input) prints ``error: ...`` and gives exit status 2."""
+    relaunch_under_torchrun(nprocs)
+    from k15_megatron.parallel.initialize import shutdown
+
+    try:
+        work()
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown()
+    return 0

@@ -131,7 +131,7 @@ def generate_tests(problem: Mapping[str, Any], *, testgen: Optional[TestGenConfi
     report = ProblemReport(pid, False, "", kept, len(inputs), agreement, sum(passes), passes)
     if len(kept) < max(1, testgen.min_kept_cases):
         report.reason = (f"{len(kept)} cases kept (< testgen.min_kept_cases="
-                         f"{testgen.min_kept_cases}) of {generated} generated")
+                         f"{testgen.min_kept_cases}) of {len(inputs)} generated")
     elif report.solutions_passing < testgen.problem_min_pass:
         report.reason = (f"{report.solutions_passing} solutions pass all kept cases "
                          f"(< testgen.problem_min_pass={testgen.problem_min_pass})")

@@ -9,7 +9,6 @@ two evaluations of the same prompts can be compared pairwise).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
@@ -52,10 +51,6 @@ def run(cfg) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="k15 eval", description=__doc__.splitlines()[0])
-    parser.add_argument("config")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
-    from k15_megatron.train.launch_job import launch
+    from k15_megatron.train.launch_job import job_main
 
-    return launch(run, args.config, args.overrides)
+    return job_main("k15 eval", __doc__.splitlines()[0], run, argv)

@@ -17,6 +17,7 @@ import time
 import torch
 
 from k15_megatron.engine.generation import generate_everywhere
+from k15_megatron.parallel.initialize import global_rank
 from k15_megatron.rollout.partial import expand_prompts
 
 
@@ -58,7 +59,7 @@ def evaluate(engine, prompts, manager, tokenizer, *, num_samples: int, temperatu
     results = generate_everywhere(engine, requests, sampling=sampling)
     texts = [tokenizer.decode(r.tokens.tolist(), skip_special_tokens=True) for r in results]
     samples = [prompts.records[i // num_samples] for i in range(len(results))]
-    scores = torch.tensor(manager.score(texts, samples) if _rank() == 0 else [0.0] * len(texts))
+    scores = torch.tensor(manager.score(texts, samples) if global_rank() == 0 else [0.0] * len(texts))
     if torch.distributed.is_initialized():
         torch.distributed.broadcast(scores, src=0)
     correct = (scores >= 1.0 - 1e-6).view(len(prompts), num_samples)
@@ -70,6 +71,3 @@ def evaluate(engine, prompts, manager, tokenizer, *, num_samples: int, temperatu
     metrics["per_prompt"] = counts.float() / num_samples
     return metrics
 
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0

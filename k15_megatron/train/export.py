@@ -7,18 +7,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 
 def export_checkpoint(path: str, out_dir: str, *, tp: int, pp: int, dtype=None) -> None:
     """Export ``path`` to ``out_dir`` (collective)."""
     import torch
 
-    from k15_megatron.checkpoint import dist_ckpt, run_ckpt
+    from k15_megatron.checkpoint import run_ckpt
     from k15_megatron.checkpoint.convert import megatron_to_hf
     from k15_megatron.checkpoint.hf_export import export_hf
     from k15_megatron.config import ModelConfig, ParallelConfig, PrecisionConfig, resolve_model_arch
-    from k15_megatron.models.gpt import build_gpt_model, padded_vocab_size
+    from k15_megatron.models.gpt import build_gpt_model
     from k15_megatron.parallel.initialize import initialize
 
     path = run_ckpt.resolve_checkpoint_dir(path)
@@ -63,18 +62,9 @@ def main(argv=None) -> int:
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None)
     args = parser.parse_args(argv)
-    from k15_megatron.parallel.launch import relaunch_under_torchrun
-
-    relaunch_under_torchrun(args.tp * args.pp)
     from k15_megatron.models.gpt import torch_dtype
-    from k15_megatron.parallel.initialize import shutdown
+    from k15_megatron.parallel.launch import run_as_ranks
 
-    try:
-        export_checkpoint(args.checkpoint, args.out, tp=args.tp, pp=args.pp,
-                          dtype=torch_dtype(args.dtype) if args.dtype else None)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        shutdown()
-    return 0
+    dtype = torch_dtype(args.dtype) if args.dtype else None
+    return run_as_ranks(args.tp * args.pp,
+                        lambda: export_checkpoint(args.checkpoint, args.out, tp=args.tp, pp=args.pp, dtype=dtype))

@@ -11,7 +11,7 @@ import sys
 def launch(job, config_path: str, overrides) -> int:
     """Run ``job(cfg)`` on every rank; returns the exit status."""
     from k15_megatron.config import load_config
-    from k15_megatron.parallel.launch import relaunch_under_torchrun
+    from k15_megatron.parallel.launch import run_as_ranks
 
     try:
         cfg = load_config(config_path, overrides)
@@ -19,14 +19,16 @@ def launch(job, config_path: str, overrides) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     parallel = cfg.parallel
-    relaunch_under_torchrun(parallel.world_size or parallel.tensor * parallel.pipeline * parallel.context)
-    from k15_megatron.parallel.initialize import shutdown
+    return run_as_ranks(parallel.world_size or parallel.tensor * parallel.pipeline * parallel.context,
+                        lambda: job(cfg))
 
-    try:
-        job(cfg)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        shutdown()
-    return 0
+
+def job_main(prog: str, description: str, job, argv=None) -> int:
+    """``prog CONFIG [KEY=VALUE ...]``: the command line shared by the config-driven jobs."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("config", help="YAML recipe, e.g. examples/tiny.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides")
+    args = parser.parse_args(argv)
+    return launch(job, args.config, args.overrides)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from k15_megatron.models.gpt import torch_dtype
+from k15_megatron.models.gpt import torch_dtype, unwrap_model
 
 
 def wrap_ddp(model, *, precision_cfg, use_distributed_optimizer: bool):
@@ -78,15 +78,11 @@ def connect_schedule_hooks(model_chunks, optimizer) -> None:
     """
     from megatron.core.distributed import finalize_model_grads
 
-    config = _unwrap(model_chunks[0]).config
+    config = unwrap_model(model_chunks[0]).config
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
 
 
-def _unwrap(model):
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def build_training_objects(model, *, optim_cfg, precision_cfg):

@@ -11,7 +11,6 @@ schedule, policy version).
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
@@ -202,10 +201,6 @@ def run(cfg) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="k15 rl", description=__doc__.splitlines()[0])
-    parser.add_argument("config")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
-    from k15_megatron.train.launch_job import launch
+    from k15_megatron.train.launch_job import job_main
 
-    return launch(run, args.config, args.overrides)
+    return job_main("k15 rl", __doc__.splitlines()[0], run, argv)

@@ -11,13 +11,8 @@ run (``checkpoint.resume=auto``) continues exactly. Checkpoints every
 
 from __future__ import annotations
 
-import argparse
-import os
 import random
-import sys
 import time
-
-import torch
 
 from k15_megatron.checkpoint import run_ckpt
 from k15_megatron.data.formatting import prompt_token_ids, response_token_ids
@@ -104,10 +99,6 @@ def run(cfg) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="k15 sft", description=__doc__.splitlines()[0])
-    parser.add_argument("config")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
-    from k15_megatron.train.launch_job import launch
+    from k15_megatron.train.launch_job import job_main
 
-    return launch(run, args.config, args.overrides)
+    return job_main("k15 sft", __doc__.splitlines()[0], run, argv)

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from k15_megatron.data.arithmetic import ArithmeticTaskConfig, generate_splits
+from k15_megatron.data.arithmetic import ArithmeticTaskConfig, generate_splits, write_task_files
 from k15_megatron.data.jsonl import read_jsonl, read_prompts, read_sft, write_jsonl
 
 
@@ -20,6 +20,15 @@ def test_round_trip_of_generated_splits(tmp_path):
         assert back == records
         with open(path, encoding="utf-8") as f:
             assert sum(1 for _ in f) == len(records)  # one record per line (newlines escaped)
+
+
+def test_write_task_files_writes_the_three_splits(tmp_path):
+    cfg = ArithmeticTaskConfig(num_sft=30, num_train=20, num_eval=10)
+    paths = write_task_files(cfg, str(tmp_path / "task"))
+    splits = generate_splits(cfg)
+    assert read_sft(paths["sft"]) == splits["sft"]
+    assert read_prompts(paths["train"]) == splits["train"]
+    assert read_prompts(paths["eval"]) == splits["eval"]
 
 
 def test_unicode_extra_keys_and_blank_lines(tmp_path):

@@ -91,8 +91,10 @@ def test_per_task_timeouts_and_argument_checks(pool):
 
 def test_close_leaves_no_worker_processes():
     p = KillablePool(2)
-    pids = {r.value for r in p.map(_pid, [()] * 4, timeout_s=30)}
-    assert pids and pids == set(p.pids())
+    used = {r.value for r in p.map(_pid, [()] * 4, timeout_s=30)}
+    pids = set(p.pids())
+    # Under load one worker may take every task; each task still ran in a pool worker.
+    assert used and used <= pids and len(pids) == 2
     p.close()
     time.sleep(0.1)
     for pid in pids:

@@ -71,7 +71,7 @@ def test_llm_kwargs_spmd_layouts_and_gpu_defaults():
     assert kw["distributed_executor_backend"] == "external_launcher"
     assert kw["tensor_parallel_size"] == 2 and "data_parallel_size" not in kw
     assert kw["dtype"] == "auto" and kw["enforce_eager"] is False
-    assert "kv_cache_memory_bytes" not in kw
+    assert "kv_cache_memory_bytes" not in kw and kw["enable_sleep_mode"] is True
 
     tp1 = RolloutConfig(tensor_parallel_size=1)
     seeds = []

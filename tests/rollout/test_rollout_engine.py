@@ -54,9 +54,11 @@ def test_behaviour_logprobs_equal_transformers_logprobs_of_the_sampled_tokens(
     for req, res in zip(reqs, results):
         assert res.tokens.numel() == res.logprobs.numel() > 0
         ref = hf_logprobs(hf_model, req.prompt_tokens, res.tokens)
-        assert torch.allclose(res.logprobs, ref, atol=1e-4, rtol=0), (res.logprobs - ref).abs().max()
-    again = engine.generate(reqs, sampling=sampling)  # per-request seeds: reproducible
-    assert [r.tokens.tolist() for r in again] == [r.tokens.tolist() for r in results]
+        diff = (res.logprobs - ref).abs().max()
+        assert diff <= 1e-4, diff
+    if temperature == 1.0:  # per-request seeds: reproducible whatever else is in the batch
+        again = engine.generate(reqs[::-1], sampling=sampling)[::-1]
+        assert [r.tokens.tolist() for r in again] == [r.tokens.tolist() for r in results]
 
 
 def test_finish_reasons_follow_their_contracts(engine):

@@ -17,10 +17,8 @@ CAP, BUDGET = 40, 16  # 16 + 16 + 8 tokens: three segments per trajectory
 @pytest.fixture(scope="module")
 def engine(vllm_engine):
     """The session engine behind the RolloutEngine API (weights are never changed here)."""
-    eng = RolloutEngine(vllm_engine, cfg=RolloutConfig(max_response_tokens=CAP, max_model_len=512),
-                        repeat=RepeatConfig(enabled=False))
-    yield eng
-    eng.mark_weights_updated(0)
+    return RolloutEngine(vllm_engine, cfg=RolloutConfig(max_response_tokens=CAP, max_model_len=512),
+                         repeat=RepeatConfig(enabled=False))
 
 
 def prompts(n, *, start=20):
@@ -75,18 +73,18 @@ def test_sampled_partial_rollouts_carry_the_models_logprobs_across_segments(engi
 
     model = AutoModelForCausalLM.from_pretrained(roundtrip_dirs["qwen2"][1],
                                                  dtype=torch.float32).eval()
-    engine = RolloutEngine(engine.llm, cfg=RolloutConfig(max_response_tokens=160, max_model_len=512),
-                           repeat=engine.repeat)
+    cfg = RolloutConfig(max_response_tokens=160, max_model_len=512)
+    engine = RolloutEngine(engine.llm, cfg=cfg, repeat=engine.repeat)
     sampling = Sampling.from_config(engine.cfg, temperature=1.0, seed=7)
-    buf = SegmentReplayBuffer(ReplayConfig(segment_token_budget=16, max_segments=10), group_size=3)
+    buf = SegmentReplayBuffer(ReplayConfig(segment_token_budget=32, max_segments=5), group_size=3)
     rows = []
-    for it in range(10):
+    for it in range(5):
         new = [(i, p) for i, p in enumerate(prompts(3))] if it == 0 else []
         rollout_iteration(engine, buf, new, iteration=it, sampling=sampling)
         batch = buf.pop_batch(iteration=it)
         if batch is not None:
             rows += [(batch, r) for r in range(batch.num_samples)]
-    assert len(rows) == 9 and len(buf) == 0
+    assert len(rows) == 9 and len(buf) == 0  # 5 x 32 = the 160-token cap: all finished
     reasons = {b.finish_reasons[r] for b, r in rows}
     assert reasons <= {"stop", "max_length"} and "stop" in reasons
     assert len({int(b.num_segments[r]) for b, r in rows}) > 1, "lengths should differ"

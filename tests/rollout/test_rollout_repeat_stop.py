@@ -88,7 +88,7 @@ def repeat_engine(vllm_engine, roundtrip_dirs):
     from k15_megatron.config.rollout import RolloutConfig
     from k15_megatron.rollout import RolloutEngine
 
-    cfg = RolloutConfig(max_response_tokens=200, max_model_len=512, repeat_check_interval=INTERVAL,
+    cfg = RolloutConfig(max_response_tokens=96, max_model_len=512, repeat_check_interval=INTERVAL,
                         cpu_kv_cache_gib=0.25)
     session = RolloutEngine(vllm_engine, cfg=cfg, repeat=ENGINE_REPEAT)
     if session.repeat_stop_installed:
@@ -111,8 +111,8 @@ def _greedy_runs(engine, *, repeat, budget, cap, n_prompts=12):
 
 
 def test_looping_responses_are_stopped_during_generation_where_thresholds_allow(repeat_engine):
-    _, free = _greedy_runs(repeat_engine, repeat=RepeatConfig(enabled=False), budget=200, cap=200)
-    _, cut = _greedy_runs(repeat_engine, repeat=ENGINE_REPEAT, budget=200, cap=200)
+    _, free = _greedy_runs(repeat_engine, repeat=RepeatConfig(enabled=False), budget=96, cap=96)
+    _, cut = _greedy_runs(repeat_engine, repeat=ENGINE_REPEAT, budget=96, cap=96)
     num_repeats = 0
     for ref, res in zip(free, cut):
         toks = ref.tokens.tolist()
@@ -160,8 +160,8 @@ def test_engine_without_the_processor_cuts_afterwards_at_the_same_token(vllm_eng
     plain = RolloutEngine(vllm_engine, cfg=repeat_engine.cfg, repeat=ENGINE_REPEAT)
     if plain.repeat_stop_installed:
         pytest.skip("the session engine has the processor: no post-hoc path to compare")
-    _, during = _greedy_runs(repeat_engine, repeat=ENGINE_REPEAT, budget=200, cap=200)
-    _, after = _greedy_runs(plain, repeat=ENGINE_REPEAT, budget=200, cap=200)
+    _, during = _greedy_runs(repeat_engine, repeat=ENGINE_REPEAT, budget=96, cap=96)
+    _, after = _greedy_runs(plain, repeat=ENGINE_REPEAT, budget=96, cap=96)
     assert [(r.finish_reason, r.tokens.tolist()) for r in during] == [
         (r.finish_reason, r.tokens.tolist()) for r in after]
     wasted = [(a.generated_tokens, d.generated_tokens) for a, d in zip(after, during)

@@ -4,8 +4,6 @@ replicas with different requests); both give the single-process engine's greedy 
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 

@@ -94,7 +94,7 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
 
     proc = subprocess.run(_command(run_b, tmp_path), cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert f"rl: resumed from" in proc.stdout and f"at iteration {N}" in proc.stdout, proc.stdout[-3000:]
+    assert "rl: resumed from" in proc.stdout and f"at iteration {N}" in proc.stdout, proc.stdout[-3000:]
 
     metrics_a = _stable(json.loads(line) for line in open(run_a / "metrics.jsonl"))
     metrics_b = _stable(json.loads(line) for line in open(run_b / "metrics.jsonl"))
