@@ -74,11 +74,32 @@ def set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["megatron_tracker"])
 
 
-def _sharded_state(model_chunks, optimizer, *, is_loading: bool):
+def optimizer_has_state(optimizer) -> bool:
+    """True if any wrapped torch optimizer holds state (moments); False right after a reset."""
+    members = getattr(optimizer, "chained_optimizers", None)
+    if members is not None:
+        return any(optimizer_has_state(m) for m in members)
+    inner = getattr(optimizer, "optimizer", None)
+    if inner is not None and inner is not optimizer:
+        return optimizer_has_state(inner)
+    return bool(getattr(optimizer, "state", None))
+
+
+def _sharded_state(model_chunks, optimizer, *, is_loading: bool, with_optimizer: bool):
     model_sd = unwrap_model(model_chunks[0]).sharded_state_dict()
+    if not with_optimizer:
+        return {"model": model_sd}
     # is_loading makes a fresh optimizer create its (empty) state first, so the checkpoint's
     # moments and step counters have somewhere to go.
     return {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading)}
+
+
+def _all_ranks_agree(flag: bool) -> bool:
+    """True only if ``flag`` is True on every rank (all ranks must save the same structure)."""
+    value = torch.tensor([1 if flag else 0])
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+    return bool(value.item())
 
 
 def _atomic_write_text(path: str, text: str) -> None:
@@ -102,7 +123,10 @@ def save_run_checkpoint(save_dir: str, iteration: int, *, model_chunks, optimize
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(os.path.join(tmp, "dist"))
     barrier()
-    dist_checkpointing.save(_sharded_state(model_chunks, optimizer, is_loading=False),
+    # An optimizer without state (e.g. reset at the start of an RL iteration that had nothing to
+    # train on) is saved as such: there are no moments to write.
+    with_optimizer = _all_ranks_agree(optimizer_has_state(optimizer))
+    dist_checkpointing.save(_sharded_state(model_chunks, optimizer, is_loading=False, with_optimizer=with_optimizer),
                             os.path.join(tmp, "dist"))
     torch.save({**rank_state, "rng": rng_state()}, os.path.join(tmp, f"rank_{global_rank():05d}.pt"))
     barrier()
@@ -111,7 +135,8 @@ def save_run_checkpoint(save_dir: str, iteration: int, *, model_chunks, optimize
         copy_hf_assets(hf_assets_dir, os.path.join(tmp, "hf_assets"))
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         with open(os.path.join(tmp, META), "w") as f:
-            json.dump({"format": FORMAT, "iteration": iteration, "world_size": world}, f)
+            json.dump({"format": FORMAT, "iteration": iteration, "world_size": world,
+                       "optimizer_state": with_optimizer}, f)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _atomic_write_text(os.path.join(save_dir, LATEST), iteration_dir_name(iteration) + "\n")
@@ -184,10 +209,13 @@ def load_run_checkpoint(path: str, *, model_chunks, optimizer) -> tuple[dict, di
     if not os.path.exists(rank_file):
         raise ValueError(f"{path}: no state for rank {global_rank()} ({rank_file}); a run checkpoint "
                          "resumes with the world size it was saved with")
-    sharded = _sharded_state(model_chunks, optimizer, is_loading=True)
+    with open(os.path.join(path, META)) as f:
+        with_optimizer = json.load(f).get("optimizer_state", True)
+    sharded = _sharded_state(model_chunks, optimizer, is_loading=True, with_optimizer=with_optimizer)
     state = dist_checkpointing.load(sharded, os.path.join(path, "dist"))
     unwrap_model(model_chunks[0]).load_state_dict(state["model"], strict=True)
-    optimizer.load_state_dict(state["optimizer"])
+    if with_optimizer:
+        optimizer.load_state_dict(state["optimizer"])
     rank_state = torch.load(rank_file, weights_only=False)
     set_rng_state(rank_state.pop("rng"))
     run_state = torch.load(os.path.join(path, "run_state.pt"), weights_only=False)

@@ -150,3 +150,23 @@ def test_kill_during_checkpoint_write_leaves_latest_on_a_complete_checkpoint(tin
     assert (save / (iteration_dir_name(2) + ".tmp")).exists(), "the kill should have hit the second save"
     assert open(save / LATEST).read().strip() == iteration_dir_name(1)
     assert find_resume_checkpoint(str(save)) == str(save / iteration_dir_name(1))
+
+
+def _empty_optimizer_worker(rank, world_size, hf_dir, save_dir):
+    from k15_megatron.checkpoint.run_ckpt import load_run_checkpoint, save_run_checkpoint
+    from k15_megatron.rl.optim_reset import reset_optimizer_state
+
+    arch, model, chunks, optimizer, scheduler = _setup(hf_dir, tp=world_size)
+    _step(arch, chunks, optimizer, scheduler)
+    reset_optimizer_state(optimizer)  # as at the start of an RL iteration with nothing to train
+    save_run_checkpoint(save_dir, 1, model_chunks=chunks, optimizer=optimizer, run_state={"iteration": 1},
+                        rank_state={})
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    arch, model, chunks, optimizer, scheduler = _setup(hf_dir, tp=world_size)
+    load_run_checkpoint(os.path.join(save_dir, iteration_dir_name(1)), model_chunks=chunks, optimizer=optimizer)
+    return all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.distributed
+def test_checkpoint_of_a_reset_optimizer_loads(tiny_hf_dirs, tmp_path):
+    assert all(run_distributed(_empty_optimizer_worker, 2, tiny_hf_dirs["qwen3"], str(tmp_path)))
