@@ -19,14 +19,19 @@ Decisions made here, once:
   this process.
 * CPU specifics: float32 for ``dtype=auto``, eager execution, a fixed KV cache of
   ``cpu_kv_cache_gib`` (vLLM's utilisation-based sizing on CPU reserves a fraction of the
-  whole NUMA node and fails on shared machines).
+  whole NUMA node and fails on shared machines). Under external_launcher, vLLM's CPU
+  shared-memory segments get a per-job name (``_cpu_shm_named_after``), so several jobs or
+  test runs can hold TP engines on one machine at once; segments left by killed jobs are
+  unlinked (``remove_stale_cpu_shm_segments``).
 * Repeat stop: the logits processor of :mod:`k15_megatron.rollout.repeat_stop` is registered,
   so looping responses are cut while they are generated.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import uuid
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -120,10 +125,9 @@ def remove_stale_cpu_shm_segments(shm_dir: str = "/dev/shm") -> list[str]:
 
     vLLM's CPU backend names the segments of its SPMD groups after the rank list only
     (``-tp:0-[0-1]-cpushm_0`` under external_launcher). A job killed with SIGKILL leaves them
-    behind, and the next engine on the machine, e.g. the same job resumed, then fails with
-    "create shm in SHMManager failed. errno: 17". A segment still mapped by some process belongs
-    to a running engine and is left alone (two engines running at once on one machine still
-    collide: run them one after the other).
+    behind (their memory stays taken until reboot). A segment still mapped by some process
+    belongs to a running engine and is left alone. Engines built here never reuse an old name
+    (``_cpu_shm_named_after``), so this only reclaims memory.
     """
     if not os.path.isdir(shm_dir):
         return []
@@ -168,6 +172,42 @@ def _clear_stale_segments_once_per_node() -> None:
     dist.barrier()
 
 
+def _job_token() -> str:
+    """A random token, the same on every rank (broadcast from rank 0 over the default group)."""
+    import torch.distributed as dist
+
+    token = [uuid.uuid4().hex[:12] if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+    return token[0]
+
+
+@contextlib.contextmanager
+def _cpu_shm_named_after(token: str):
+    """Make vLLM's CPU shared-memory segments of this engine unique to this job.
+
+    The CPU worker names its TP/PP segments after its ``distributed_init_method``, which the
+    external launcher hard-codes as "env://": every engine on the machine gets the same names,
+    so a second engine running at the same time (another job, a concurrent test run) fails
+    with "create shm in SHMManager failed. errno: 17". While the engine is built, the launcher
+    reports "env://k15-<token>" instead; the worker keeps what follows the last ':' (the token)
+    as its segment prefix. torch.distributed is already initialised at this point, so vLLM
+    uses the string for nothing else.
+    """
+    from vllm.v1.executor.uniproc_executor import ExecutorWithExternalLauncher
+
+    original = ExecutorWithExternalLauncher._distributed_args
+
+    def distributed_args(self):
+        method, rank, local_rank = original(self)
+        return f"{method}k15-job:{token}", rank, local_rank
+
+    ExecutorWithExternalLauncher._distributed_args = distributed_args
+    try:
+        yield
+    finally:
+        ExecutorWithExternalLauncher._distributed_args = original
+
+
 def build_llm(cfg: RolloutConfig, *, model_path: str, seed: int,
               layout: Optional[EngineLayout] = None):
     """Create the ``vllm.LLM`` of this process (every rank calls it, SPMD).
@@ -192,6 +232,9 @@ def build_llm(cfg: RolloutConfig, *, model_path: str, seed: int,
     from vllm import LLM
     from vllm.platforms import current_platform
 
-    kwargs = llm_kwargs(cfg, model_path=model_path, seed=seed, layout=layout,
-                        on_cpu=current_platform.is_cpu())
-    return LLM(**kwargs), layout
+    on_cpu = current_platform.is_cpu()
+    kwargs = llm_kwargs(cfg, model_path=model_path, seed=seed, layout=layout, on_cpu=on_cpu)
+    if not (layout.spmd and on_cpu):
+        return LLM(**kwargs), layout
+    with _cpu_shm_named_after(_job_token()):
+        return LLM(**kwargs), layout

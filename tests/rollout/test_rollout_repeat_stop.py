@@ -113,20 +113,20 @@ def _greedy_runs(engine, *, repeat, budget, cap, n_prompts=12):
 def test_looping_responses_are_stopped_during_generation_where_thresholds_allow(repeat_engine):
     _, free = _greedy_runs(repeat_engine, repeat=RepeatConfig(enabled=False), budget=96, cap=96)
     _, cut = _greedy_runs(repeat_engine, repeat=ENGINE_REPEAT, budget=96, cap=96)
-    num_repeats = 0
+    num_early = 0
     for ref, res in zip(free, cut):
         toks = ref.tokens.tolist()
         n = brute_first_repeat(toks, ENGINE_REPEAT)
         if n is None or (2 in toks and toks.index(2) < n):  # EOS came first
             assert res.finish_reason == ref.finish_reason and res.tokens.tolist() == toks
             continue
-        num_repeats += 1
         assert res.finish_reason == "repeat"
         assert res.tokens.tolist() == toks[:n]
         assert torch_allclose(res.logprobs, ref.logprobs[:n])
-        # stopped while generating: at most one check interval past the cut (+ forced EOS)
-        assert n <= res.generated_tokens <= n + INTERVAL < ref.tokens.numel()
-    assert num_repeats >= 3, "the tiny random model should loop on several prompts"
+        # stopped while generating: at most one check interval past the cut (the forced EOS)
+        assert n <= res.generated_tokens <= min(n + INTERVAL, ref.tokens.numel())
+        num_early += res.generated_tokens < ref.tokens.numel()
+    assert num_early >= 3, "the tiny random model should loop early on several prompts"
 
 
 def test_repeat_spanning_segments_is_cut_at_the_same_token_as_in_one_call(repeat_engine):
@@ -164,9 +164,9 @@ def test_engine_without_the_processor_cuts_afterwards_at_the_same_token(vllm_eng
     _, after = _greedy_runs(plain, repeat=ENGINE_REPEAT, budget=96, cap=96)
     assert [(r.finish_reason, r.tokens.tolist()) for r in during] == [
         (r.finish_reason, r.tokens.tolist()) for r in after]
-    wasted = [(a.generated_tokens, d.generated_tokens) for a, d in zip(after, during)
-              if d.finish_reason == "repeat"]
-    assert wasted and all(a > d for a, d in wasted)
+    spent = [(a.generated_tokens, d.generated_tokens) for a, d in zip(after, during)
+             if d.finish_reason == "repeat"]
+    assert all(a >= d for a, d in spent) and sum(a > d for a, d in spent) >= 3
 
 
 def torch_allclose(a, b):

@@ -27,6 +27,13 @@ def _generate(cfg, model_path, prompts):
     return engine, tokens
 
 
+def _mapped_cpu_shm_segments() -> list[str]:
+    """Names of vLLM CPU shared-memory segments this process maps."""
+    with open("/proc/self/maps") as f:
+        return sorted({line.split("/dev/shm/")[1].strip() for line in f
+                       if "/dev/shm/" in line and "-cpushm" in line})
+
+
 def _two_layouts(rank, world_size, model_path, store_dir):
     """Each layout in turn; vLLM's shutdown destroys the default process group (see
     RolloutEngine.shutdown), so the group is re-created for the second engine."""
@@ -42,7 +49,8 @@ def _two_layouts(rank, world_size, model_path, store_dir):
         # own share, of different sizes (4 and 3 prompts)
         mine = PROMPTS if tp == 2 else PROMPTS[rank::2][: 4 - rank]
         engine, tokens = _generate(cfg, model_path, mine)
-        out[name] = dict(layout=engine.layout, prompts=mine, tokens=tokens)
+        out[name] = dict(layout=engine.layout, prompts=mine, tokens=tokens,
+                         segments=_mapped_cpu_shm_segments())
         engine.shutdown()
         assert not dist.is_initialized()
     return out
@@ -68,6 +76,9 @@ def test_spmd_engines_generate_the_single_process_greedy_tokens(vllm_engine, rou
         tp2, dp2 = res["tp2"], res["dp2"]
         assert (tp2["layout"].tensor_parallel_size, tp2["layout"].data_parallel_size) == (2, 1)
         assert tp2["tokens"] == ref_tokens  # one engine over both ranks: same output on each
+        # the TP group's shared memory carries a per-job prefix (concurrent jobs never collide)
+        assert tp2["segments"] and all(not n.startswith("-") for n in tp2["segments"])
+        assert tp2["segments"] == results[0]["tp2"]["segments"]
         assert (dp2["layout"].tensor_parallel_size, dp2["layout"].data_parallel_size,
                 dp2["layout"].data_parallel_rank) == (1, 2, rank)
         assert len(dp2["prompts"]) == 4 - rank  # replicas run different batches
