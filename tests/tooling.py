@@ -13,3 +13,25 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run_tool(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run ``python <args>`` from the repository root; returns the CompletedProcess."""
     return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def megatron_from_hf(hf_dir: str, *, tp: int = 1, pp: int = 1, seed: int = 3, lr: float = 1e-2,
+                     clip_grad: float = 1.0, train_iters: int = 10):
+    """Inside a rank: start the parallel state, build the Megatron model of ``hf_dir`` with its HF
+    weights, wrap it for training. Returns (arch, model, chunks, optimizer, scheduler)."""
+    from k15_megatron.checkpoint.model_weights import load_hf_weights
+    from k15_megatron.config import (ModelConfig, OptimConfig, ParallelConfig, PrecisionConfig,
+                                     resolve_model_arch)
+    from k15_megatron.models.gpt import build_gpt_model, padded_vocab_size
+    from k15_megatron.parallel.initialize import initialize
+    from k15_megatron.train.optimizer import build_training_objects
+
+    parallel, precision = ParallelConfig(tensor=tp, pipeline=pp), PrecisionConfig(dtype="fp32")
+    initialize(parallel, seed=seed)
+    arch = resolve_model_arch(ModelConfig(hf_path=hf_dir))
+    padded = padded_vocab_size(arch.vocab_size, 128, tp)
+    model = build_gpt_model(arch, parallel_cfg=parallel, precision_cfg=precision, padded_vocab=padded)
+    load_hf_weights(model, hf_dir, arch, padded)
+    chunks, optimizer, scheduler = build_training_objects(
+        model, optim_cfg=OptimConfig(lr=lr, clip_grad=clip_grad, train_iters=train_iters), precision_cfg=precision)
+    return arch, model, chunks, optimizer, scheduler

@@ -9,28 +9,14 @@ import time
 import pytest
 import torch
 from distributed import run_distributed
+from tooling import megatron_from_hf
 
 from k15_megatron.checkpoint.run_ckpt import (LATEST, find_resume_checkpoint, is_complete,
                                               iteration_dir_name)
 
 
 def _setup(hf_dir, tp):
-    from k15_megatron.checkpoint.model_weights import load_hf_weights
-    from k15_megatron.config import (ModelConfig, OptimConfig, ParallelConfig, PrecisionConfig,
-                                     resolve_model_arch)
-    from k15_megatron.models.gpt import build_gpt_model, padded_vocab_size
-    from k15_megatron.parallel.initialize import initialize
-    from k15_megatron.train.optimizer import build_training_objects
-
-    parallel, precision = ParallelConfig(tensor=tp), PrecisionConfig(dtype="fp32")
-    initialize(parallel, seed=3)
-    arch = resolve_model_arch(ModelConfig(hf_path=hf_dir))
-    padded = padded_vocab_size(arch.vocab_size, 128, tp)
-    model = build_gpt_model(arch, parallel_cfg=parallel, precision_cfg=precision, padded_vocab=padded)
-    load_hf_weights(model, hf_dir, arch, padded)
-    chunks, optimizer, scheduler = build_training_objects(
-        model, optim_cfg=OptimConfig(lr=1e-2, train_iters=10), precision_cfg=precision)
-    return arch, model, chunks, optimizer, scheduler
+    return megatron_from_hf(hf_dir, tp=tp, seed=3, lr=1e-2)
 
 
 def _step(arch, chunks, optimizer, scheduler):

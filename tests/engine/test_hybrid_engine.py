@@ -16,31 +16,19 @@ is carried to new segments.
 import pytest
 import torch
 from distributed import run_distributed
+from tooling import megatron_from_hf
 
 
 def _hybrid_worker(rank, world_size, hf_dir, tp, pp, engine_tp):
-    from k15_megatron.checkpoint.model_weights import load_hf_weights
-    from k15_megatron.config import (ModelConfig, OptimConfig, ParallelConfig, PrecisionConfig,
-                                     resolve_model_arch)
     from k15_megatron.config.engine import EngineConfig
     from k15_megatron.config.rl import RepeatConfig
     from k15_megatron.config.rollout import RolloutConfig
     from k15_megatron.engine.hybrid import HybridEngine
     from k15_megatron.engine.weight_sync import ColocatedWeightSync
-    from k15_megatron.models.gpt import build_gpt_model, padded_vocab_size
-    from k15_megatron.parallel.initialize import initialize
     from k15_megatron.rollout.engine import RolloutEngine, Sampling, SegmentRequest
-    from k15_megatron.train.optimizer import build_training_objects
     from k15_megatron.train.step import train_step
 
-    parallel, precision = ParallelConfig(tensor=tp, pipeline=pp), PrecisionConfig(dtype="fp32")
-    initialize(parallel, seed=5)
-    arch = resolve_model_arch(ModelConfig(hf_path=hf_dir))
-    padded = padded_vocab_size(arch.vocab_size, 128, tp)
-    model = build_gpt_model(arch, parallel_cfg=parallel, precision_cfg=precision, padded_vocab=padded)
-    load_hf_weights(model, hf_dir, arch, padded)
-    chunks, optimizer, scheduler = build_training_objects(
-        model, optim_cfg=OptimConfig(lr=1e-2, clip_grad=1.0), precision_cfg=precision)
+    arch, model, chunks, optimizer, scheduler = megatron_from_hf(hf_dir, tp=tp, pp=pp, seed=5, lr=1e-2)
     rollout_cfg = RolloutConfig(tensor_parallel_size=engine_tp, max_response_tokens=64, max_model_len=128,
                                 cpu_kv_cache_gib=0.25, max_num_seqs=16)
     rollout = RolloutEngine.create(rollout_cfg, model_path=hf_dir, repeat=RepeatConfig(enabled=False), seed=0)

@@ -7,25 +7,13 @@ optimizer + LR schedule -> train_step over two micro-batches, under TP=2 and PP=
 import pytest
 import torch
 from distributed import run_distributed
+from tooling import megatron_from_hf
 
 
 def _train_worker(rank, world_size, hf_dir, tp, pp):
-    from k15_megatron.checkpoint.model_weights import load_hf_weights
-    from k15_megatron.config import (ModelConfig, OptimConfig, ParallelConfig, PrecisionConfig,
-                                     resolve_model_arch)
-    from k15_megatron.models.gpt import build_gpt_model, padded_vocab_size
-    from k15_megatron.parallel.initialize import initialize
-    from k15_megatron.train.optimizer import build_training_objects
     from k15_megatron.train.step import train_step
 
-    parallel, precision = ParallelConfig(tensor=tp, pipeline=pp), PrecisionConfig(dtype="fp32")
-    initialize(parallel, seed=7)
-    arch = resolve_model_arch(ModelConfig(hf_path=hf_dir))
-    padded = padded_vocab_size(arch.vocab_size, 128, tp)
-    model = build_gpt_model(arch, parallel_cfg=parallel, precision_cfg=precision, padded_vocab=padded)
-    load_hf_weights(model, hf_dir, arch, padded)
-    chunks, optimizer, scheduler = build_training_objects(
-        model, optim_cfg=OptimConfig(lr=1e-3, clip_grad=1.0, train_iters=10), precision_cfg=precision)
+    arch, model, chunks, optimizer, scheduler = megatron_from_hf(hf_dir, tp=tp, pp=pp, seed=7, lr=1e-3)
     tokens = torch.randint(0, arch.vocab_size, (4, 33), generator=torch.Generator().manual_seed(0))
     positions = torch.arange(32).expand(2, -1)
     micro_batches = [
@@ -53,22 +41,9 @@ def _replica_worker(rank, world_size, hf_dir, pp):
     return what must stay identical: parameters across DP replicas / the two embedding copies."""
     from megatron.core import parallel_state as ps
 
-    from k15_megatron.checkpoint.model_weights import load_hf_weights
-    from k15_megatron.config import (ModelConfig, OptimConfig, ParallelConfig, PrecisionConfig,
-                                     resolve_model_arch)
-    from k15_megatron.models.gpt import build_gpt_model, padded_vocab_size
-    from k15_megatron.parallel.initialize import initialize
-    from k15_megatron.train.optimizer import build_training_objects
     from k15_megatron.train.step import train_step
 
-    parallel, precision = ParallelConfig(pipeline=pp), PrecisionConfig(dtype="fp32")
-    initialize(parallel, seed=7)
-    arch = resolve_model_arch(ModelConfig(hf_path=hf_dir))
-    padded = padded_vocab_size(arch.vocab_size, 128, 1)
-    model = build_gpt_model(arch, parallel_cfg=parallel, precision_cfg=precision, padded_vocab=padded)
-    load_hf_weights(model, hf_dir, arch, padded)
-    chunks, optimizer, scheduler = build_training_objects(
-        model, optim_cfg=OptimConfig(lr=1e-2, clip_grad=1.0), precision_cfg=precision)
+    arch, model, chunks, optimizer, scheduler = megatron_from_hf(hf_dir, pp=pp, seed=7, lr=1e-2)
     # Different tokens on each DP rank; the same on the two stages of a pipeline.
     data_seed = ps.get_data_parallel_rank() + 100
     tokens = torch.randint(0, arch.vocab_size, (2, 17), generator=torch.Generator().manual_seed(data_seed))
