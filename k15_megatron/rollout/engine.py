@@ -203,7 +203,7 @@ class RolloutEngine:
                 seed=_request_seed(sampling.seed, req), logprobs=0, flat_logprobs=True,
                 detokenize=False, extra_args=extra))
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        return [self._result(req, out, sampling) for req, out in zip(requests, outputs)]
+        return [self._result(req, out) for req, out in zip(requests, outputs)]
 
     def _check(self, req: SegmentRequest) -> None:
         if req.prompt_tokens.dim() != 1 or req.response_tokens.dim() != 1:
@@ -221,7 +221,7 @@ class RolloutEngine:
                 f"engine's max_model_len={self.max_model_len}; raise rollout.max_model_len or "
                 "shorten the prompt")
 
-    def _result(self, req: SegmentRequest, out, sampling: Sampling) -> SegmentResult:
+    def _result(self, req: SegmentRequest, out) -> SegmentResult:
         completion = out.outputs[0]
         tokens = list(completion.token_ids)
         generated = len(tokens)
@@ -237,10 +237,9 @@ class RolloutEngine:
         if self.repeat.enabled:
             keep = repeat_cut(self.repeat, req.response_tokens.tolist(), tokens)
             if keep is not None:
-                # With the processor active, vLLM ran at most one check interval past the cut.
-                assert (not self.repeat_stop_installed or sampling.ignore_eos
-                        or len(tokens) - keep <= self.cfg.repeat_check_interval), (
-                    len(tokens), keep)
+                # With the processor active vLLM stopped about one check interval past the cut
+                # (tests/rollout pin the bound); without it, at the budget. Either way the
+                # response ends where the thresholds were first met.
                 tokens, logprobs, reason = tokens[:keep], logprobs[:keep], "repeat"
         return SegmentResult(trajectory_id=req.trajectory_id,
                              tokens=torch.tensor(tokens, dtype=torch.long),
