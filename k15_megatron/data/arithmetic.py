@@ -15,13 +15,14 @@ Difficulty: level ``d`` has ``d + 1`` operands (``d`` steps), from 1 to
 ``ArithmeticTaskConfig.max_operands - 1``. The labels feed the curriculum sampler.
 
 Why demonstrations contain mistakes (design note, measured in docs/tiny_task.md): RL sharpens
-what sampling already reaches. If every demonstration is right, a tiny SFT model either knows an
-answer or cannot reach it, and RL has nothing to pick from. Real SFT data is rejection-sampled and
-imperfect, so a configurable share ``wrong_share`` of the demonstrations contains exactly one
+what sampling already reaches. With only right demonstrations a tiny SFT model tends to either
+know an answer or be unable to reach it, which leaves RL little to pick from. Real SFT data is
+rejection-sampled and imperfect, so a configurable share ``wrong_share`` of the demonstrations contains exactly one
 plausible slip, propagated honestly through the later steps: a forgotten carry (47+8=45) or a
 forgotten borrow (52-8=54) where the step has one, an off-by-one result otherwise. The SFT model
 then samples the slips at about their data rate, pass@k stays far above pass@1, and RL, which
-rewards only right final answers, has a clear signal to learn from.
+rewards only right final answers, has a clear signal to learn from (measured: with 30% slips the
+paired pass@1 gain of the calibrated recipe is 2-3x that on clean demonstrations).
 
 Splits: a prompt's split is a pure function of its text (a SHA-256 bucket, `split_of`), so the
 SFT, RL-train and held-out eval sets never share a prompt, for any seed or size. Eval and RL-train
