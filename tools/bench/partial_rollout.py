@@ -25,8 +25,9 @@ buffer (k15_megatron.rollout.partial.rollout_iteration):
 Measured after warm-up iterations (partial rollouts need a few to reach steady state), the two
 modes interleaved iteration by iteration (same engine, alternating order) so that load changes
 on a shared machine affect both alike: wall time per iteration, generated tokens and finished
-trajectories per iteration. For equal work the
-partial time is normalised to N finished trajectories per iteration:
+trajectories per iteration, and decoding steps per iteration (the longest segment of each
+call: all its requests decode together), a load-independent view of the same effect. For equal
+work the partial time is normalised to N finished trajectories per iteration:
   ours = partial time / finished * N,  baseline = full-rollout time per iteration (N finished).
 
 Run: python tools/bench/partial_rollout.py [--mean-length 64 --cap 1024 --budget 128]
@@ -94,28 +95,33 @@ class ModeRun:
         self.buf = SegmentReplayBuffer(replay, group_size=args.group_size)
         self.sampling = Sampling.from_config(engine.cfg, temperature=1.0)
         self.gen = torch.Generator().manual_seed(0)
-        self.time, self.iters, self.tokens, self.finished = 0.0, 0, 0, 0
+        self.time, self.iters, self.tokens, self.finished, self.steps = 0.0, 0, 0, 0, 0
         self.lengths: list[int] = []
 
     def iteration(self, it: int) -> None:
+        """One rollout iteration (the steps of rollout_iteration, keeping the results)."""
         import torch
 
-        from k15_megatron.rollout import rollout_iteration
+        from k15_megatron.rollout import open_groups, pending_requests, record_results
 
         a = self.args
         prompts = [(it * a.prompts + j, torch.randint(3, 100, (16,), generator=self.gen))
                    for j in range(a.prompts)]
         t0 = time.perf_counter()
         self.engine.mark_weights_updated(it)  # as after a weight sync: prefix cache dropped
-        stats = rollout_iteration(self.engine, self.buf, prompts, iteration=it,
-                                  sampling=self.sampling)
+        open_groups(self.buf, prompts)
+        requests = pending_requests(self.buf, max_response_tokens=a.cap)
+        results = self.engine.generate(requests, sampling=self.sampling)
+        record_results(self.buf, results, iteration=it, policy_version=it)
         elapsed = time.perf_counter() - t0
         batch = self.buf.pop_batch(iteration=it)
         if it >= self.warmup:
             self.time += elapsed
             self.iters += 1
-            self.tokens += stats.generated_tokens
-            self.finished += stats.num_finished
+            self.tokens += sum(r.generated_tokens for r in results)
+            self.finished += sum(r.finished for r in results)
+            # decoding steps of the call = its longest segment (all requests decode together)
+            self.steps += max(r.generated_tokens for r in results)
             if batch is not None:
                 self.lengths += batch.response_lengths.tolist()
 
@@ -163,6 +169,7 @@ def main() -> None:
         print(f"{name:16s} budget {budget:5d}: {r.time / r.iters:.3f} s/iteration, "
               f"{r.tokens / r.iters:.0f} tokens/iteration, "
               f"{r.finished / r.iters:.1f} finished/iteration (N = {n}), "
+              f"{r.steps / r.iters:.0f} decoding steps/iteration, "
               f"{r.time / r.finished * 1e3:.1f} ms per finished trajectory")
     ours = part.time / part.finished * n
     base = full.time / full.iters
