@@ -67,13 +67,17 @@ def roundtrip_dirs(tiny_hf_dirs, tmp_path_factory):
 def vllm_engine(roundtrip_dirs):
     """THE vLLM (CPU) engine of the test session, on the exported tiny Qwen2 folder.
 
-    One engine per session keeps the suite fast; tests must not change its weights.
+    One engine per session keeps the suite fast; tests must not change its weights. It carries
+    the repeat-stop logits processor, as the engines the jobs build do; it acts only on requests
+    that ask for it, so tests of plain generation are unaffected.
     """
     from vllm import LLM
+
+    from k15_megatron.rollout.repeat_stop import REPEAT_STOP_PROCESSOR
 
     _, hf_dir = roundtrip_dirs["qwen2"]
     # A fixed, small KV cache: vLLM's CPU default sizes it from the whole machine's memory.
     engine = LLM(hf_dir, dtype="float32", enforce_eager=True, max_model_len=1024, seed=0,
-                 kv_cache_memory_bytes=256 << 20)
+                 kv_cache_memory_bytes=256 << 20, logits_processors=[REPEAT_STOP_PROCESSOR])
     yield engine
     del engine

@@ -202,8 +202,34 @@ class RolloutEngine:
                 top_k=sampling.top_k, max_tokens=req.max_new_tokens, ignore_eos=sampling.ignore_eos,
                 seed=_request_seed(sampling.seed, req), logprobs=0, flat_logprobs=True,
                 detokenize=False, extra_args=extra))
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        outputs = []
+        for wave in self._waves(prompts, seeded=sampling.seed is not None):
+            outputs += self.llm.generate([prompts[i] for i in wave], [params[i] for i in wave], use_tqdm=False)
         return [self._result(req, out) for req, out in zip(requests, outputs)]
+
+    def _waves(self, prompts: list, *, seeded: bool) -> list[range]:
+        """Consecutive groups of requests to submit together: all at once, except seeded sampling
+        on CPU. There vLLM (0.32) crashes ("CPU Generator does not use offset") when the scheduler
+        splits a seeded request's prefill over steps (chunked prefill): it rewinds the request's
+        generator, which CPU generators cannot do. So each wave's prefill tokens must fit one
+        scheduler step (``max_num_batched_tokens``); with per-request seeds the tokens drawn do
+        not depend on which requests share a batch, so the results are the same."""
+        if not seeded or HAVE_CUDA:
+            return [range(len(prompts))]
+        budget = self.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+        waves, start, used = [], 0, 0
+        for i, prompt in enumerate(prompts):
+            size = len(prompt["prompt_token_ids"])
+            if size > budget:
+                raise ValueError(f"a {size}-token prompt (with its earlier segments) exceeds the engine's "
+                                 f"max_num_batched_tokens={budget}: seeded sampling (deterministic=true) on "
+                                 "CPU needs rollout.max_num_batched_tokens >= the longest prompt + response")
+            if used + size > budget:
+                waves.append(range(start, i))
+                start, used = i, 0
+            used += size
+        waves.append(range(start, len(prompts)))
+        return waves
 
     def _check(self, req: SegmentRequest) -> None:
         if req.prompt_tokens.dim() != 1 or req.response_tokens.dim() != 1:

@@ -108,3 +108,24 @@ def test_wrapping_checks_the_logprobs_mode(vllm_engine):
     with pytest.raises(ValueError, match="rollout.logprobs_mode"):
         RolloutEngine(vllm_engine, cfg=RolloutConfig(logprobs_mode="processed_logprobs"),
                       repeat=NO_REPEAT)
+
+
+def test_seeded_sampling_whose_prefill_exceeds_one_scheduler_step_runs_in_waves(engine):
+    """Per-request seeds with more prompt tokens than one scheduler step holds: on CPU vLLM would
+    chunk a seeded prefill and crash, so RolloutEngine submits waves that fit; the tokens are
+    those each request gets when generated alone (the point of per-request seeds)."""
+    budget = engine.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    length = 400
+    count = budget // length + 2
+    reqs = [SegmentRequest(i, torch.tensor([1] + [10 + (7 * i + 3 * t) % 80 for t in range(length - 1)]),
+                           torch.zeros(0, dtype=torch.long), 6, 256) for i in range(count)]
+    assert sum(r.prompt_tokens.numel() for r in reqs) > budget
+    sampling = Sampling.from_config(engine.cfg, temperature=1.0, seed=7)
+    together = engine.generate(reqs, sampling=sampling)
+    alone = [engine.generate([r], sampling=sampling)[0] for r in reqs]
+    assert [r.tokens.tolist() for r in together] == [r.tokens.tolist() for r in alone]
+    waves = engine._waves([{"prompt_token_ids": r.prompt_tokens.tolist()} for r in reqs], seeded=True)
+    assert [i for w in waves for i in w] == list(range(count)) and len(waves) > 1
+    assert engine._waves([{"prompt_token_ids": [1]}] * count, seeded=False) == [range(count)]
+    with pytest.raises(ValueError, match="rollout.max_num_batched_tokens"):
+        engine._waves([{"prompt_token_ids": [1] * (budget + 1)}], seeded=True)

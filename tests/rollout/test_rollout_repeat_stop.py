@@ -77,26 +77,17 @@ ENGINE_REPEAT = RepeatConfig(max_period=8, min_repeats=4, min_span_tokens=12)
 INTERVAL = 4
 
 
-@pytest.fixture(scope="session")
-def repeat_engine(vllm_engine, roundtrip_dirs):
-    """An engine with the repeat-stop logits processor: the session engine if it was built
-    with it, else one more in-process engine on the same folder (built by RolloutEngine.create).
-
-    Session-scoped and never shut down early on purpose: vLLM's engine teardown destroys the
-    process-wide distributed state that every other in-process engine (the session engine)
-    still uses, so a second engine must live as long as the first."""
+@pytest.fixture(scope="module")
+def repeat_engine(vllm_engine):
+    """The session engine (built with the repeat-stop logits processor) behind the RolloutEngine API."""
     from k15_megatron.config.rollout import RolloutConfig
     from k15_megatron.rollout import RolloutEngine
 
     cfg = RolloutConfig(max_response_tokens=96, max_model_len=512, repeat_check_interval=INTERVAL,
                         cpu_kv_cache_gib=0.25)
-    session = RolloutEngine(vllm_engine, cfg=cfg, repeat=ENGINE_REPEAT)
-    if session.repeat_stop_installed:
-        return session
-    own = RolloutEngine.create(cfg, model_path=roundtrip_dirs["qwen2"][1], repeat=ENGINE_REPEAT,
-                               seed=0)
-    assert own.repeat_stop_installed
-    return own
+    engine = RolloutEngine(vllm_engine, cfg=cfg, repeat=ENGINE_REPEAT)
+    assert engine.repeat_stop_installed
+    return engine
 
 
 def _greedy_runs(engine, *, repeat, budget, cap, n_prompts=12):
@@ -105,6 +96,7 @@ def _greedy_runs(engine, *, repeat, budget, cap, n_prompts=12):
     from k15_megatron.rollout import RolloutEngine, Sampling, expand_prompts
 
     eng = RolloutEngine(engine.llm, cfg=engine.cfg, repeat=repeat, layout=engine.layout)
+    eng.repeat_stop_installed = engine.repeat_stop_installed
     ps = [torch.tensor([1, 10 + i, 6 + (7 * i) % 90, 12]) for i in range(n_prompts)]
     reqs = expand_prompts(ps, k=1, token_budget=budget, max_response_tokens=cap)
     return reqs, eng.generate(reqs, sampling=Sampling.from_config(eng.cfg, temperature=0.0))
@@ -158,8 +150,9 @@ def test_engine_without_the_processor_cuts_afterwards_at_the_same_token(vllm_eng
     from k15_megatron.rollout import RolloutEngine
 
     plain = RolloutEngine(vllm_engine, cfg=repeat_engine.cfg, repeat=ENGINE_REPEAT)
-    if plain.repeat_stop_installed:
-        pytest.skip("the session engine has the processor: no post-hoc path to compare")
+    # What an engine built without the processor does: requests carry no repeat-stop arguments
+    # (the processor then leaves them alone) and looping responses are cut after generation.
+    plain.repeat_stop_installed = False
     _, during = _greedy_runs(repeat_engine, repeat=ENGINE_REPEAT, budget=96, cap=96)
     _, after = _greedy_runs(plain, repeat=ENGINE_REPEAT, budget=96, cap=96)
     assert [(r.finish_reason, r.tokens.tolist()) for r in during] == [
