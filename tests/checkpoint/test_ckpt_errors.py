@@ -4,7 +4,8 @@ import json
 import os
 import shutil
 
-from tooling import run_tool
+import pytest
+from tooling import REPO_ROOT, run_tool
 from safetensors.torch import load_file, save_file
 
 
@@ -49,3 +50,25 @@ def test_export_of_a_non_checkpoint_is_refused(tiny_hf_dirs, tmp_path):
     proc = run_tool("tools/convert_megatron_to_hf.py", "--ckpt", tiny_hf_dirs["qwen2"], "--out", str(tmp_path / "o"))
     assert proc.returncode == 2
     assert "not a k15 checkpoint" in proc.stderr and tiny_hf_dirs["qwen2"] in proc.stderr
+
+
+def test_init_from_a_checkpoint_of_another_architecture_names_every_difference(tmp_path):
+    """Shapes can agree while the model differs (rope_theta): the saved config.json decides."""
+    import dataclasses
+    import json
+
+    from k15_megatron.checkpoint.hf_config import hf_config_dict
+    from k15_megatron.checkpoint.model_init import check_same_architecture
+    from k15_megatron.config import load_config, resolve_model_arch
+
+    arch = resolve_model_arch(load_config(os.path.join(REPO_ROOT, "examples", "tiny_arith.yaml"), []).model)
+    (tmp_path / "hf_assets").mkdir()
+    (tmp_path / "hf_assets" / "config.json").write_text(json.dumps(hf_config_dict(arch)))
+    check_same_architecture(str(tmp_path), arch)  # the same architecture passes
+    other = dataclasses.replace(arch, rope_theta=10000.0, norm_epsilon=1e-5)
+    with pytest.raises(ValueError) as err:
+        check_same_architecture(str(tmp_path), other)
+    message = str(err.value)
+    assert "model.rope_theta=10000.0 here, 1000000.0 in the checkpoint" in message
+    assert "model.norm_epsilon" in message and str(tmp_path / "hf_assets" / "config.json") in message
+    check_same_architecture(str(tmp_path / "hf_assets"), other)  # no hf_assets below: nothing to compare
