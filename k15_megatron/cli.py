@@ -30,8 +30,8 @@ class Command:
 
 COMMANDS = (
     Command("config", "inspect experiment configs (show)", "k15_megatron.config.commands:main"),
-    Command("demo", "tiny end-to-end run: build, convert, train, export",
-            "k15_megatron.train.demo:main"),
+    Command("tiny", "the built-in tiny default: data, SFT, eval, RL, eval, paired report",
+            "k15_megatron.train.tiny_job:main"),
     Command("sft", "supervised fine-tuning on JSONL prompt/response data (packed)",
             "k15_megatron.train.sft:main"),
     Command("rl", "the Kimi k1.5 RL loop (partial rollouts, mirror descent, hybrid engine)",

@@ -40,7 +40,8 @@ def run(cfg) -> dict:
     if trainer.is_logging_rank:
         os.makedirs(os.path.dirname(os.path.abspath(cfg.eval.output)), exist_ok=True)
         with open(cfg.eval.output, "w") as f:
-            json.dump({"weights": trainer.init_source, "eval_path": cfg.data.eval_path, **metrics,
+            json.dump({"weights": trainer.init_source, "eval_path": cfg.data.eval_path,
+                       "num_samples": cfg.eval.num_samples, "temperature": cfg.eval.temperature, **metrics,
                        "per_prompt": per_prompt.tolist()}, f, indent=1)
         summary = ", ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in metrics.items())
         print(f"eval: {summary} -> {cfg.eval.output}", flush=True)

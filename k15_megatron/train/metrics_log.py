@@ -4,7 +4,8 @@
 enabled (rank 0), so callers need no rank checks. ``log(iteration, metrics)`` appends
 ``{"iteration": i, "time": unix_seconds, **metrics}`` to ``<dir>/metrics.jsonl`` (flushed per
 line, so a killed run keeps everything logged so far), adds every numeric value as a TensorBoard
-scalar under its own name (``reward/mean``, ``time/rollout_s`` ...), and prints one summary line.
+scalar under its own name (``reward/mean``, ``time/rollout_s`` ...), and prints one summary line (every
+``logging.log_interval`` iterations).
 
 ``read_metrics(path)`` loads a metrics file back (skipping a torn last line left by a kill).
 """
@@ -25,6 +26,8 @@ SUMMARY_KEYS = (
     ("train/loss", "loss {:.4f}"),
     ("logprob/mean_abs_diff", "lp-diff {:.1e}"),
     ("throughput/rollout_tokens_per_s", "roll {:.0f} tok/s"),
+    ("throughput/train_tokens_per_s", "train {:.0f} tok/s"),
+    ("memory/mem_peak_gib", "mem {:.2f} GiB"),
     ("time/iteration_s", "{:.1f} s"),
 )
 
@@ -60,8 +63,9 @@ class MetricsLogger:
 
             self._tb = SummaryWriter(log_dir=os.path.join(logging_cfg.dir, "tensorboard"))
 
-    def log(self, iteration: int, metrics: dict, *, prefix: str = "") -> None:
-        """Record ``metrics`` of ``iteration`` everywhere enabled; prints a summary line."""
+    def log(self, iteration: int, metrics: dict, *, prefix: str = "", always_print: bool = False) -> None:
+        """Record ``metrics`` of ``iteration`` everywhere enabled; prints a summary line when
+        ``iteration`` is a multiple of ``logging.log_interval`` (or ``always_print``)."""
         if not self.enabled:
             return
         record = {"iteration": iteration, "time": time.time()}
@@ -76,7 +80,8 @@ class MetricsLogger:
                 if key not in ("iteration", "time") and isinstance(value, float) and math.isfinite(value):
                     self._tb.add_scalar(key, value, iteration)
             self._tb.flush()
-        print(f"{prefix}iter {iteration:5d} | " + summary_line(record), flush=True)
+        if always_print or iteration % self.cfg.log_interval == 0:
+            print(f"{prefix}iter {iteration:5d} | " + summary_line(record), flush=True)
 
     def close(self) -> None:
         if self._jsonl is not None:

@@ -22,6 +22,7 @@ from k15_megatron.engine.generation import generate_everywhere
 from k15_megatron.engine.hybrid import HybridEngine
 from k15_megatron.engine.weight_sync import ColocatedWeightSync
 from k15_megatron.models.gpt import torch_dtype
+from k15_megatron.parallel.device import device_memory_stats
 from k15_megatron.rewards.registry import RewardManager
 from k15_megatron.rl.replay import SegmentReplayBuffer
 from k15_megatron.rl.sampling import PromptSampler
@@ -31,6 +32,7 @@ from k15_megatron.train.evaluate import evaluate
 from k15_megatron.train.metrics_log import MetricsLogger
 from k15_megatron.train.policy_update import update_policy
 from k15_megatron.train.preemption import PreemptionFlag
+from k15_megatron.train.progress import PhaseProgress
 from k15_megatron.train.rl_rewards import score_rollouts
 from k15_megatron.train.setup import build_trainer, engine_model_folder, write_run_assets
 
@@ -72,17 +74,27 @@ class RLJob:
         self.hybrid.to_rollout(policy_version=self.iteration)
         if self.iteration == 0:
             self.log_eval("before")
+        progress = PhaseProgress("rl", cfg.rl.iterations, enabled=self.trainer.is_logging_rank)
         while self.iteration < cfg.rl.iterations:
             begin = time.perf_counter()
-            metrics = self.rollout_step()
+            progress.start_iteration(self.iteration + 1)
+            with progress.phase("rollout") as phase:
+                metrics = self.rollout_step()
+                phase["tokens"] = metrics["rollout/generated_tokens"]
             batch = self.pop_ready_groups()
             if batch is not None:
-                metrics.update(self.reward_step(batch))
-                metrics.update(self.train_step(batch))
+                with progress.phase("reward"):
+                    metrics.update(self.reward_step(batch))
+                with progress.phase("train") as phase:
+                    metrics.update(self.train_step(batch))
+                    phase["tokens"] = metrics["train/tokens"]
             self.iteration += 1
             if batch is not None:
-                metrics.update(self.hybrid.to_rollout(policy_version=self.iteration))
+                with progress.phase("sync"):
+                    metrics.update(self.hybrid.to_rollout(policy_version=self.iteration))
             metrics["time/iteration_s"] = time.perf_counter() - begin
+            metrics.update({f"memory/{k}": v for k, v in device_memory_stats().items()})
+            progress.end_iteration()
             self.logger.log(self.iteration, metrics, prefix="rl ")
             last = self.iteration == cfg.rl.iterations
             if cfg.rl.eval_interval and self.iteration % cfg.rl.eval_interval == 0 and not last:
@@ -118,6 +130,7 @@ class RLJob:
         elapsed = time.perf_counter() - start
         tokens = sum(r.generated_tokens for r in results)
         return {"time/rollout_s": elapsed, "throughput/rollout_tokens_per_s": tokens / max(elapsed, 1e-9),
+                "rollout/generated_tokens": float(tokens),
                 "rollout/segments": float(len(requests)),
                 "rollout/continued": float(sum(r.response_tokens.numel() > 0 for r in requests)),
                 "rollout/unfinished_after": float(len(self.buffer.unfinished()))}
@@ -134,7 +147,10 @@ class RLJob:
         start = time.perf_counter()
         metrics = self.hybrid.to_train()
         metrics.update(update_policy(self.trainer, batch, self.cfg.rl))
-        metrics["time/train_s"] = time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        tokens = float(batch.attention_mask.sum())
+        metrics.update({"time/train_s": elapsed, "train/tokens": tokens,
+                        "throughput/train_tokens_per_s": tokens / max(elapsed, 1e-9)})
         return metrics
 
     def log_eval(self, tag: str) -> dict:
@@ -153,7 +169,7 @@ class RLJob:
         per_prompt = metrics.pop("per_prompt")
         if self.trainer.is_logging_rank and tag in ("before", "after"):
             torch.save(per_prompt, os.path.join(cfg.run_dir, f"eval_{tag}.pt"))
-        self.logger.log(self.iteration, metrics, prefix=f"eval[{tag}] ")
+        self.logger.log(self.iteration, metrics, prefix=f"eval[{tag}] ", always_print=True)
         return metrics
 
     # -- sizes and checkpoints -----------------------------------------------------------------

@@ -1,0 +1,210 @@
+"""``k15 tiny``: the built-in tiny default, end to end, and the evidence that RL did the learning.
+
+The README's main job. Every stage is the real command a user would type, run in its own
+process group with the recipes ``examples/tiny_arith_*.yaml`` (docs/tiny_task.md has the design):
+
+1. ``data``: the arithmetic task (:mod:`k15_megatron.data.arithmetic`): SFT demonstrations
+   (30% end in one plausible slip), RL-train prompts and 1,000 held-out eval prompts;
+2. ``sft``: ``k15 sft`` from random weights;
+3. ``eval-sft``: ``k15 eval`` of the SFT checkpoint, greedily and with 8 samples at temperature 1;
+4. ``rl``: ``k15 rl`` from the SFT checkpoint;
+5. ``eval-rl``: the same two evaluations of the RL checkpoint;
+6. ``report``: paired before/after comparisons on the same prompts (gain, standard error, z) and
+   the training-reward curve, written to ``OUT/report.json`` and ``OUT/report.md``, plus
+   ``k15 plot`` of the RL run.
+
+A stage whose output is complete and whose command is unchanged is not run again, so an
+interrupted ``k15 tiny`` continues where it stopped (``--fresh`` starts over). The exit status is
+0 only when the report's checks hold: both paired pass@1 gains exceed ``--min-z`` standard errors
+and the training reward rises.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+# One intra-op thread per process and no OpenMP core binding: on a small shared machine vLLM's
+# CPU engine was 5-10x faster this way (docs/tiny_task.md); setdefault keeps a user's choice.
+STAGE_ENV = {"OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_LOGGING_LEVEL": "ERROR",
+             "PYTHONWARNINGS": "ignore::UserWarning,ignore::FutureWarning", "TOKENIZERS_PARALLELISM": "false"}
+
+EVALS = {"greedy": ["eval.temperature=0", "eval.num_samples=1", "eval.ks=[1]"], "sampled": []}
+
+
+def _parse_args(argv):
+    parser = argparse.ArgumentParser(prog="k15 tiny", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.path.join(os.environ.get("K15_RUNS", "runs"), "tiny-arith"),
+                        help="run folder (default: $K15_RUNS/tiny-arith, K15_RUNS defaults to runs)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the task data and of every stage")
+    parser.add_argument("--fresh", action="store_true", help="run every stage again")
+    parser.add_argument("--min-z", type=float, default=3.0, help="required paired gain in standard errors")
+    for stage in ("task", "sft", "rl", "eval"):
+        parser.add_argument(f"--{stage}", action="append", default=[], metavar="KEY=VALUE",
+                            help=f"override for the {stage} stage (repeatable)")
+    return parser.parse_args(argv)
+
+
+# -- stages ---------------------------------------------------------------------------------------
+class Stages:
+    """Runs the stages of one ``k15 tiny`` folder, skipping those already complete."""
+
+    def __init__(self, out: str, *, fresh: bool):
+        self.out = os.path.abspath(out)
+        self.fresh = fresh
+        self.seconds: Dict[str, float] = {}
+        os.makedirs(os.path.join(self.out, "stages"), exist_ok=True)
+
+    def _marker(self, name: str) -> str:
+        return os.path.join(self.out, "stages", f"{name}.done")
+
+    def done(self, name: str, signature: str) -> bool:
+        path = self._marker(name)
+        if self.fresh or not os.path.exists(path):
+            return False
+        with open(path) as f:
+            return json.load(f).get("signature") == signature
+
+    def mark(self, name: str, signature: str, seconds: float) -> None:
+        with open(self._marker(name), "w") as f:
+            json.dump({"signature": signature, "seconds": seconds}, f)
+
+    def recorded_seconds(self, name: str) -> float:
+        with open(self._marker(name)) as f:
+            return json.load(f)["seconds"]
+
+    def run_command(self, name: str, args: Sequence[str]) -> None:
+        """Run ``k15 <args>`` as stage ``name`` (skipped when done with the same arguments)."""
+        signature = shlex.join(args)
+        if self.done(name, signature):
+            self.seconds[name] = self.recorded_seconds(name)
+            print(f"== {name}: already complete, skipped ({self._marker(name)})", flush=True)
+            return
+        print(f"== {name}: k15 {signature}", flush=True)
+        env = dict(os.environ)
+        for key, value in STAGE_ENV.items():
+            env.setdefault(key, value)
+        start = time.perf_counter()
+        status = subprocess.call([sys.executable, "-m", "k15_megatron.cli", *args], env=env)
+        elapsed = time.perf_counter() - start
+        if status != 0:
+            raise SystemExit(f"k15 tiny: stage {name!r} failed with exit status {status}: k15 {signature}")
+        self.seconds[name] = elapsed
+        self.mark(name, signature, elapsed)
+        print(f"== {name}: done in {elapsed:.0f} s", flush=True)
+
+    def run_python(self, name: str, signature: str, work) -> None:
+        if self.done(name, signature):
+            self.seconds[name] = self.recorded_seconds(name)
+            print(f"== {name}: already complete, skipped", flush=True)
+            return
+        start = time.perf_counter()
+        work()
+        self.seconds[name] = time.perf_counter() - start
+        self.mark(name, signature, self.seconds[name])
+
+
+def _task_config(seed: int, overrides: List[str]):
+    from omegaconf import OmegaConf
+
+    from k15_megatron.data.arithmetic import ArithmeticTaskConfig
+
+    base = OmegaConf.structured(ArithmeticTaskConfig(seed=seed))
+    try:
+        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(overrides))
+    except Exception as exc:  # OmegaConf names the bad key
+        raise SystemExit(f"k15 tiny: bad --task override {overrides}: {exc}") from exc
+    return OmegaConf.to_object(merged)
+
+
+def run_pipeline(args) -> dict:
+    """All stages (see the module docstring); returns the report."""
+    from k15_megatron.data.arithmetic import write_task_files
+
+    stages = Stages(args.out, fresh=args.fresh)
+    out = stages.out
+    task = _task_config(args.seed, args.task)
+    data_dir = os.path.join(out, "data")
+    stages.run_python("data", json.dumps(vars(task), sort_keys=True), lambda: write_task_files(task, data_dir))
+    seed = f"seed={args.seed}"
+    sft_ckpt = os.path.join(out, "sft", "checkpoints")
+    rl_ckpt = os.path.join(out, "rl", "checkpoints")
+    stages.run_command("sft", ["sft", str(EXAMPLES / "tiny_arith_sft.yaml"), seed, f"run_dir={out}/sft",
+                               f"data.train_path={data_dir}/sft.jsonl", *args.sft])
+    eval_files = {}
+    for model, ckpt in (("sft", sft_ckpt), ("rl", None)):
+        if model == "rl":
+            stages.run_command("rl", ["rl", str(EXAMPLES / "tiny_arith_rl.yaml"), seed, f"run_dir={out}/rl",
+                                      f"model.init_from={sft_ckpt}", f"data.train_path={data_dir}/train.jsonl",
+                                      *args.rl])
+            ckpt = rl_ckpt
+        for mode, mode_overrides in EVALS.items():
+            output = os.path.join(out, "eval", f"{model}_{mode}.json")
+            stages.run_command(f"eval-{model}-{mode}",
+                               ["eval", str(EXAMPLES / "tiny_arith_eval.yaml"), seed,
+                                f"run_dir={out}/eval/{model}_{mode}", f"model.init_from={ckpt}",
+                                f"data.eval_path={data_dir}/eval.jsonl", f"eval.output={output}",
+                                *mode_overrides, *args.eval])
+            eval_files[(model, mode)] = output
+    subprocess.call([sys.executable, "-m", "k15_megatron.cli", "plot", os.path.join(out, "rl")])
+    report = build_report(eval_files, os.path.join(out, "rl", "metrics.jsonl"), stages.seconds, min_z=args.min_z)
+    report["command"] = "k15 tiny " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["tiny"] else sys.argv[1:])
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    text = render_report(report)
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(text)
+    print(text, flush=True)
+    return report
+
+
+# -- the report -------------------------------------------------------------------------------------
+def build_report(eval_files: dict, metrics_path: str, seconds: dict, *, min_z: float) -> dict:
+    """Paired comparisons of the evaluations and the reward curve (:mod:`k15_megatron.train.tiny_report`)."""
+    from k15_megatron.train.tiny_report import paired_comparison, reward_curve
+
+    evals = {key: json.load(open(path)) for key, path in eval_files.items()}
+    comparisons = {mode: paired_comparison(evals[("sft", mode)], evals[("rl", mode)]) for mode in EVALS}
+    curve = reward_curve(metrics_path)
+    checks = {f"{mode} pass@1 gain > {min_z:g} SE": comparisons[mode]["z"] > min_z for mode in EVALS}
+    checks[f"training reward rises (slope > {min_z:g} SE)"] = curve["slope_z"] > min_z
+    return {"comparisons": comparisons, "reward_curve": curve, "seconds": seconds,
+            "total_seconds": sum(seconds.values()), "checks": checks, "passed": all(checks.values())}
+
+
+def render_report(report: dict) -> str:
+    lines = ["", "# k15 tiny: SFT -> RL on held-out arithmetic (paired, same prompts)", ""]
+    lines.append("| pass@1 | SFT | RL | gain (points) | SE | z |")
+    lines.append("|---|---|---|---|---|---|")
+    for mode, c in report["comparisons"].items():
+        lines.append(f"| {mode} ({c['num_prompts']} prompts x {c['num_samples']}) | {c['before']:.3f} | "
+                     f"{c['after']:.3f} | {100 * c['gain']:+.1f} | {100 * c['se']:.1f} | {c['z']:.1f} |")
+    extra = [f"{k} {c['before_extra'][k]:.3f} -> {c['after_extra'][k]:.3f}"
+             for c in report["comparisons"].values() for k in c["before_extra"]]
+    if extra:
+        lines += ["", "Also: " + "; ".join(extra)]
+    curve = report["reward_curve"]
+    lines += ["", f"Training reward (task accuracy per iteration): first fifth {curve['first_fifth']:.3f} -> "
+                  f"last fifth {curve['last_fifth']:.3f}; slope {curve['slope_per_iteration']:+.4f} "
+                  f"per iteration ({curve['slope_z']:.1f} SE) over {curve['iterations']} iterations.", ""]
+    stage_times = ", ".join(f"{k} {v:.0f} s" for k, v in report["seconds"].items())
+    lines += [f"Wall time: {report['total_seconds'] / 60:.1f} min ({stage_times}).", ""]
+    for check, ok in report["checks"].items():
+        lines.append(f"- [{'x' if ok else ' '}] {check}")
+    lines += ["", "RESULT: " + ("PASS" if report["passed"] else "FAIL"), ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = _parse_args(argv)
+    report = run_pipeline(args)
+    return 0 if report["passed"] else 1

@@ -1,0 +1,56 @@
+"""`k15 tiny` (the README's main job) runs every stage as the real command, reports paired
+before/after gains computed from the `k15 eval` outputs, and skips completed stages on a re-run.
+
+Shortened: a few hundred demonstrations, 8 SFT steps, 5 RL iterations, 40 eval prompts. Whether
+RL beats three standard errors at full size is measured by `make tiny` (README, docs/tiny_task.md),
+not here; this test checks the pipeline and its arithmetic.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+from tooling import REPO_ROOT
+
+QUICK = ["--task", "num_sft=800", "--task", "num_train=64", "--task", "num_eval=40",
+         "--sft", "optim.train_iters=8", "--sft", "optim.lr_warmup_iters=1", "--sft", "logging.log_interval=4",
+         "--rl", "rl.iterations=5", "--rl", "rl.prompts_per_iteration=8", "--rl", "rl.groups_per_micro_batch=2",
+         "--rl", "checkpoint.save_interval=0", "--rl", "rl.length_penalty.warmup_iterations=2"]
+
+
+def _tiny(out, *extra):
+    return subprocess.run([sys.executable, "-m", "k15_megatron.cli", "tiny", "--out", str(out), *QUICK, *extra],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_tiny_pipeline_runs_every_stage_and_reports_paired_gains(tmp_path):
+    out = tmp_path / "tiny"
+    proc = _tiny(out, "--min-z", "-1e9")  # any gain passes: the full-size bar is measured by `make tiny`
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.load(open(out / "report.json"))
+    for mode, num_samples in (("greedy", 1), ("sampled", 8)):
+        before = json.load(open(out / "eval" / f"sft_{mode}.json"))
+        after = json.load(open(out / "eval" / f"rl_{mode}.json"))
+        assert len(before["per_prompt"]) == len(after["per_prompt"]) == 40
+        assert before["num_samples"] == num_samples
+        diffs = [a - b for a, b in zip(after["per_prompt"], before["per_prompt"])]
+        mean = sum(diffs) / 40
+        se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 39 / 40)
+        c = report["comparisons"][mode]
+        assert c["gain"] == pytest.approx(mean) and c["se"] == pytest.approx(se)
+        assert c["before"] == pytest.approx(before["eval/pass@1"]) and c["after"] == pytest.approx(after["eval/pass@1"])
+    metrics = [json.loads(line) for line in open(out / "rl" / "metrics.jsonl")]
+    assert report["reward_curve"]["iterations"] == sum("accuracy/mean" in r for r in metrics) == 5
+    assert report["passed"] and "RESULT: PASS" in proc.stdout
+    assert "rl 5/5 | rollout " in proc.stdout  # the per-phase line (logs get one per iteration)
+    assert os.path.exists(out / "rl" / "curves.png") and os.path.exists(out / "report.md")
+
+    again = _tiny(out, "--min-z", "1e9")  # nothing re-runs; now the checks cannot hold
+    assert again.returncode == 1, again.stdout[-3000:] + again.stderr[-3000:]
+    assert again.stdout.count("already complete, skipped") == 7
+    assert "RESULT: FAIL" in again.stdout
