@@ -30,7 +30,7 @@ def _tiny(out, *extra):
 @pytest.mark.slow
 def test_tiny_pipeline_runs_every_stage_and_reports_paired_gains(tmp_path):
     out = tmp_path / "tiny"
-    proc = _tiny(out, "--min-z", "-1e9")  # any gain passes: the full-size bar is measured by `make tiny`
+    proc = _tiny(out, "--min-z=-1e9")  # any gain passes: the full-size bar is measured by `make tiny`
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.load(open(out / "report.json"))
     for mode, num_samples in (("greedy", 1), ("sampled", 8)):
@@ -50,7 +50,7 @@ def test_tiny_pipeline_runs_every_stage_and_reports_paired_gains(tmp_path):
     assert "rl 5/5 | rollout " in proc.stdout  # the per-phase line (logs get one per iteration)
     assert os.path.exists(out / "rl" / "curves.png") and os.path.exists(out / "report.md")
 
-    again = _tiny(out, "--min-z", "1e9")  # nothing re-runs; now the checks cannot hold
+    again = _tiny(out, "--min-z=1e9")  # nothing re-runs; now the checks cannot hold
     assert again.returncode == 1, again.stdout[-3000:] + again.stderr[-3000:]
     assert again.stdout.count("already complete, skipped") == 7
     assert "RESULT: FAIL" in again.stdout
