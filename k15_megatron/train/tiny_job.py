@@ -157,7 +157,7 @@ def run_pipeline(args) -> dict:
             eval_files[(model, mode)] = output
     subprocess.call([sys.executable, "-m", "k15_megatron.cli", "plot", os.path.join(out, "rl")])
     report = build_report(eval_files, os.path.join(out, "rl", "metrics.jsonl"), stages.seconds, min_z=args.min_z)
-    report["command"] = "k15 tiny " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["tiny"] else sys.argv[1:])
+    report["command"] = "k15 tiny " + shlex.join(args.argv)
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
     text = render_report(report)
@@ -172,7 +172,10 @@ def build_report(eval_files: dict, metrics_path: str, seconds: dict, *, min_z: f
     """Paired comparisons of the evaluations and the reward curve (:mod:`k15_megatron.train.tiny_report`)."""
     from k15_megatron.train.tiny_report import paired_comparison, reward_curve
 
-    evals = {key: json.load(open(path)) for key, path in eval_files.items()}
+    evals = {}
+    for key, path in eval_files.items():
+        with open(path) as f:
+            evals[key] = json.load(f)
     comparisons = {mode: paired_comparison(evals[("sft", mode)], evals[("rl", mode)]) for mode in EVALS}
     curve = reward_curve(metrics_path)
     checks = {f"{mode} pass@1 gain > {min_z:g} SE": comparisons[mode]["z"] > min_z for mode in EVALS}
@@ -205,6 +208,8 @@ def render_report(report: dict) -> str:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parse_args(argv)
+    args.argv = argv
     report = run_pipeline(args)
     return 0 if report["passed"] else 1

@@ -38,9 +38,9 @@ import sys
 import tempfile
 import time
 
+from k15_megatron.train.tiny_job import STAGE_ENV as ENV  # the tiny default's process settings
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-ENV = {"OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_LOGGING_LEVEL": "ERROR",
-       "PYTHONWARNINGS": "ignore::UserWarning,ignore::FutureWarning", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def _prepare(work: str, num_prompts: int, seed: int) -> tuple[str, str]:
