@@ -21,7 +21,7 @@ from tooling import REPO_ROOT
 from test_rl_job import _write_task
 
 N = 2
-VOLATILE = ("time", "time/", "throughput/", "eval/seconds", "sync/sync_s")
+VOLATILE = ("time", "time/", "throughput/", "eval/seconds", "sync/sync_s", "memory/")
 
 
 def _command(run_dir, data_dir):
