@@ -54,6 +54,8 @@ from k15_megatron.data.formatting import prompt_token_ids, response_token_ids  #
 from k15_megatron.data.jsonl import read_prompts, read_sft, write_jsonl  # noqa: E402
 from k15_megatron.rl.loss import mirror_descent_loss  # noqa: E402
 from k15_megatron.rl.sampling import PromptSampler  # noqa: E402
+from k15_megatron.train.evaluate import prompt_pass_at_k  # noqa: E402
+from k15_megatron.train.tiny_report import paired_stats, trend  # noqa: E402
 
 
 @dataclass
@@ -199,13 +201,6 @@ def generate(llm, prompts: List[List[int]], *, n: int, temperature: float, max_t
 
 
 # ---- evaluation -------------------------------------------------------------------------------
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples with c correct (Chen et al. 2021)."""
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
-
-
 def evaluate(llm, tokenizer, records: List[dict], s: Settings) -> Dict[str, list]:
     """Per-prompt greedy correctness (0/1), sampled mean correctness, pass@k, response length."""
     prompts = [prompt_token_ids(tokenizer, r["prompt"]) for r in records]
@@ -220,32 +215,18 @@ def evaluate(llm, tokenizer, records: List[dict], s: Settings) -> Dict[str, list
         hits = [check_answer(tokenizer.decode(c.token_ids, skip_special_tokens=True), rec["answer"])
                 for c in smp.outputs]
         out["sampled"].append(sum(hits) / len(hits))
-        out["pass_at_k"].append(pass_at_k(len(hits), int(sum(hits)), s.eval_samples))
+        out["pass_at_k"].append(prompt_pass_at_k(len(hits), int(sum(hits)), s.eval_samples))
         out["length"].append(sum(len(c.token_ids) for c in smp.outputs) / len(smp.outputs))
     return out
 
 
-def mean_se(values: Sequence[float]) -> tuple:
-    """Mean and standard error of the mean (sample std / sqrt(n))."""
-    n = len(values)
-    m = sum(values) / n
-    var = sum((v - m) ** 2 for v in values) / max(1, n - 1)
-    return m, math.sqrt(var / n)
-
-
 def eval_summary(ev: Dict[str, list], records: List[dict]) -> Dict[str, float]:
-    out = {name: mean_se(ev[name])[0] for name in ("greedy", "sampled", "pass_at_k", "length")}
+    out = {name: math.fsum(ev[name]) / len(ev[name]) for name in ("greedy", "sampled", "pass_at_k", "length")}
     for level in sorted({r["difficulty"] for r in records}):
         idx = [i for i, r in enumerate(records) if r["difficulty"] == level]
         out[f"sampled_d{level}"] = sum(ev["sampled"][i] for i in idx) / len(idx)
         out[f"greedy_d{level}"] = sum(ev["greedy"][i] for i in idx) / len(idx)
     return out
-
-
-def paired_gain(before: Sequence[float], after: Sequence[float]) -> Dict[str, float]:
-    """Mean per-prompt gain, its standard error, and gain / SE."""
-    gain, se = mean_se([a - b for a, b in zip(after, before)])
-    return {"gain": gain, "se": se, "z": gain / se if se > 0 else float("inf")}
 
 
 # ---- RL ---------------------------------------------------------------------------------------
@@ -331,22 +312,6 @@ def run_rl(model, llm, tokenizer, records: List[dict], s: Settings) -> List[dict
               f"mismatch {stats['logprob_mismatch']:.1e} rollout {t1 - t0:.1f}s "
               f"train {t2 - t1:.1f}s sync {t3 - t2:.1f}s", flush=True)
     return curve
-
-
-def curve_trend(curve: List[dict]) -> Dict[str, float]:
-    """Least-squares slope of reward per iteration with its SE, first/last fifth means."""
-    y = [row["reward"] for row in curve]
-    n = len(y)
-    fifth = max(1, n // 5)
-    out = {"reward_first": sum(y[:fifth]) / fifth, "reward_last": sum(y[-fifth:]) / fifth}
-    if n >= 3:
-        xm, ym = (n - 1) / 2, sum(y) / n
-        sxx = sum((x - xm) ** 2 for x in range(n))
-        slope = sum((x - xm) * (v - ym) for x, v in enumerate(y)) / sxx
-        resid = sum((v - ym - slope * (x - xm)) ** 2 for x, v in enumerate(y))
-        out["slope"] = slope
-        out["slope_se"] = math.sqrt(resid / (n - 2) / sxx)
-    return out
 
 
 # ---- driver -----------------------------------------------------------------------------------
@@ -436,10 +401,11 @@ def main(argv: Sequence[str]) -> Dict[str, object]:
         "settings": dataclasses.asdict(s),
         "num_params": sum(p.numel() for p in model.parameters()), **sft_stats,
         "before": eval_summary(before, data["eval"]), "after": eval_summary(after, data["eval"]),
-        "gain_greedy": paired_gain(before["greedy"], after["greedy"]),
-        "gain_sampled": paired_gain(before["sampled"], after["sampled"]),
-        "gain_pass_at_k": paired_gain(before["pass_at_k"], after["pass_at_k"]),
-        "reward_curve": curve_trend(curve), "times": clock.times, "load_avg": os.getloadavg(),
+        "gain_greedy": paired_stats(before["greedy"], after["greedy"]),
+        "gain_sampled": paired_stats(before["sampled"], after["sampled"]),
+        "gain_pass_at_k": paired_stats(before["pass_at_k"], after["pass_at_k"]),
+        "reward_curve": trend(range(len(curve)), [row["reward"] for row in curve]) if len(curve) >= 5 else {},
+        "times": clock.times, "load_avg": os.getloadavg(),
     }
     with open(os.path.join(s.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)

@@ -3,7 +3,7 @@
 ``evaluate(engine, prompts, manager, tokenizer, ...)`` samples ``num_samples`` complete
 responses per prompt with the rollout engine (temperature 0 gives greedy pass@1), scores them
 with the prompts' rewards and returns the per-prompt success counts, so two evaluations of the
-same prompts can be compared pairwise (:func:`paired_gain`).
+same prompts can be compared pairwise (:func:`k15_megatron.train.tiny_report.paired_stats`).
 
 pass@k is the unbiased estimator of Chen et al. (2021): for a prompt with c correct out of n
 samples, 1 - C(n - c, k) / C(n, k), averaged over prompts.
@@ -25,23 +25,15 @@ def pass_at_k(num_correct: torch.Tensor, num_samples: int, k: int) -> float:
     """Mean over prompts of 1 - C(n-c, k)/C(n, k) (``num_correct``: [P] counts out of n)."""
     if not 1 <= k <= num_samples:
         raise ValueError(f"pass@{k} needs 1 <= k <= num_samples={num_samples}")
-    values = []
-    for c in num_correct.tolist():
-        if num_samples - c < k:
-            values.append(1.0)
-        else:
-            values.append(1.0 - math.comb(num_samples - c, k) / math.comb(num_samples, k))
+    values = [prompt_pass_at_k(num_samples, c, k) for c in num_correct.tolist()]
     return sum(values) / len(values)
 
 
-def paired_gain(before: torch.Tensor, after: torch.Tensor) -> tuple[float, float]:
-    """(mean of after - before, its standard error) over prompts; inputs are [P] per-prompt
-    success rates of the same prompts."""
-    diff = (after.double() - before.double())
-    n = diff.numel()
-    if n < 2:
-        raise ValueError("a paired comparison needs at least two prompts")
-    return diff.mean().item(), (diff.std(unbiased=True) / math.sqrt(n)).item()
+def prompt_pass_at_k(n: int, c: int, k: int) -> float:
+    """1 - C(n-c, k)/C(n, k): pass@k of one prompt with ``c`` correct of ``n`` samples."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
 def evaluate(engine, prompts, manager, tokenizer, *, num_samples: int, temperature: float,

@@ -66,53 +66,40 @@ class Stages:
         self.seconds: Dict[str, float] = {}
         os.makedirs(os.path.join(self.out, "stages"), exist_ok=True)
 
-    def _marker(self, name: str) -> str:
-        return os.path.join(self.out, "stages", f"{name}.done")
-
-    def done(self, name: str, signature: str) -> bool:
-        path = self._marker(name)
-        if self.fresh or not os.path.exists(path):
-            return False
-        with open(path) as f:
-            return json.load(f).get("signature") == signature
-
-    def mark(self, name: str, signature: str, seconds: float) -> None:
-        with open(self._marker(name), "w") as f:
-            json.dump({"signature": signature, "seconds": seconds}, f)
-
-    def recorded_seconds(self, name: str) -> float:
-        with open(self._marker(name)) as f:
-            return json.load(f)["seconds"]
+    def run(self, name: str, signature: str, work) -> bool:
+        """Run ``work()`` as stage ``name`` unless its marker records the same ``signature``
+        (then only its recorded seconds are taken); a finished stage writes its marker.
+        Returns whether the stage ran."""
+        path = os.path.join(self.out, "stages", f"{name}.done")
+        if not self.fresh and os.path.exists(path):
+            with open(path) as f:
+                record = json.load(f)
+            if record.get("signature") == signature:
+                self.seconds[name] = record["seconds"]
+                print(f"== {name}: already complete, skipped ({path})", flush=True)
+                return False
+        start = time.perf_counter()
+        work()
+        self.seconds[name] = time.perf_counter() - start
+        with open(path, "w") as f:
+            json.dump({"signature": signature, "seconds": self.seconds[name]}, f)
+        return True
 
     def run_command(self, name: str, args: Sequence[str]) -> None:
         """Run ``k15 <args>`` as stage ``name`` (skipped when done with the same arguments)."""
         signature = shlex.join(args)
-        if self.done(name, signature):
-            self.seconds[name] = self.recorded_seconds(name)
-            print(f"== {name}: already complete, skipped ({self._marker(name)})", flush=True)
-            return
-        print(f"== {name}: k15 {signature}", flush=True)
-        env = dict(os.environ)
-        for key, value in STAGE_ENV.items():
-            env.setdefault(key, value)
-        start = time.perf_counter()
-        status = subprocess.call([sys.executable, "-m", "k15_megatron.cli", *args], env=env)
-        elapsed = time.perf_counter() - start
-        if status != 0:
-            raise SystemExit(f"k15 tiny: stage {name!r} failed with exit status {status}: k15 {signature}")
-        self.seconds[name] = elapsed
-        self.mark(name, signature, elapsed)
-        print(f"== {name}: done in {elapsed:.0f} s", flush=True)
 
-    def run_python(self, name: str, signature: str, work) -> None:
-        if self.done(name, signature):
-            self.seconds[name] = self.recorded_seconds(name)
-            print(f"== {name}: already complete, skipped", flush=True)
-            return
-        start = time.perf_counter()
-        work()
-        self.seconds[name] = time.perf_counter() - start
-        self.mark(name, signature, self.seconds[name])
+        def work():
+            print(f"== {name}: k15 {signature}", flush=True)
+            env = dict(os.environ)
+            for key, value in STAGE_ENV.items():
+                env.setdefault(key, value)
+            status = subprocess.call([sys.executable, "-m", "k15_megatron.cli", *args], env=env)
+            if status != 0:
+                raise SystemExit(f"k15 tiny: stage {name!r} failed with exit status {status}: k15 {signature}")
+
+        if self.run(name, signature, work):
+            print(f"== {name}: done in {self.seconds[name]:.0f} s", flush=True)
 
 
 def _task_config(seed: int, overrides: List[str]):
@@ -136,7 +123,7 @@ def run_pipeline(args) -> dict:
     out = stages.out
     task = _task_config(args.seed, args.task)
     data_dir = os.path.join(out, "data")
-    stages.run_python("data", json.dumps(vars(task), sort_keys=True), lambda: write_task_files(task, data_dir))
+    stages.run("data", json.dumps(vars(task), sort_keys=True), lambda: write_task_files(task, data_dir))
     seed = f"seed={args.seed}"
     sft_ckpt = os.path.join(out, "sft", "checkpoints")
     rl_ckpt = os.path.join(out, "rl", "checkpoints")

@@ -1,5 +1,6 @@
 """The statistics of the tiny default's report: paired before/after gains and the reward trend.
 
+``paired_stats`` and ``trend`` work on plain sequences (the calibration tool uses them too).
 ``paired_comparison(before, after)`` takes two ``k15 eval`` outputs of the same prompts (JSON
 dicts with ``per_prompt`` success rates) and returns the mean gain, the standard error of the
 per-prompt differences (sample standard deviation / sqrt(P)) and z = gain / SE.
@@ -13,41 +14,45 @@ iterations with its standard error (residual variance / sum of squared centred i
 from __future__ import annotations
 
 import math
-from typing import Dict, List
+from typing import Dict, Sequence
 
 from k15_megatron.train.metrics_log import read_metrics
+
+
+def paired_stats(before: Sequence[float], after: Sequence[float]) -> Dict[str, float]:
+    """Mean of the per-item differences after - before, its standard error (sample standard
+    deviation / sqrt(n)) and z = gain / SE, in float64."""
+    if len(after) != len(before):
+        raise ValueError(f"the evaluations cover different prompt sets ({len(before)} vs {len(after)} prompts)")
+    n = len(after)
+    if n < 2:
+        raise ValueError("a paired comparison needs at least two prompts")
+    diffs = [x - y for x, y in zip(after, before)]
+    gain = math.fsum(diffs) / n
+    se = math.sqrt(math.fsum((d - gain) ** 2 for d in diffs) / (n - 1) / n)
+    return {"gain": gain, "se": se, "z": gain / se if se > 0 else (math.inf if gain > 0 else 0.0)}
 
 
 def paired_comparison(before: dict, after: dict) -> Dict[str, object]:
     """Gain of ``after`` over ``before`` on the same prompts (see the module docstring)."""
     b, a = before["per_prompt"], after["per_prompt"]
-    if len(a) != len(b):
-        raise ValueError(f"the evaluations cover different prompt sets ({len(b)} vs {len(a)} prompts)")
     if before.get("eval_path") != after.get("eval_path"):
         raise ValueError(f"the evaluations used different files: {before.get('eval_path')} vs {after.get('eval_path')}")
+    stats = paired_stats(b, a)
     n = len(a)
-    if n < 2:
-        raise ValueError("a paired comparison needs at least two prompts")
-    diffs = [x - y for x, y in zip(a, b)]
-    gain = math.fsum(diffs) / n
-    variance = math.fsum((d - gain) ** 2 for d in diffs) / (n - 1)
-    se = math.sqrt(variance / n)
     extra_keys = [k for k in before if k.startswith("eval/pass@") and k != "eval/pass@1"]
     return {"num_prompts": n, "num_samples": int(before["num_samples"]),
-            "before": math.fsum(b) / n, "after": math.fsum(a) / n, "gain": gain, "se": se,
-            "z": gain / se if se > 0 else (math.inf if gain > 0 else 0.0),
+            "before": math.fsum(b) / n, "after": math.fsum(a) / n, **stats,
             "before_extra": {k.removeprefix("eval/"): before[k] for k in extra_keys},
             "after_extra": {k.removeprefix("eval/"): after[k] for k in extra_keys if k in after}}
 
 
-def reward_curve(metrics_path: str, key: str = "accuracy/mean") -> Dict[str, float]:
-    """Trend of ``key`` over the RL iterations (see the module docstring)."""
-    points = [(r["iteration"], r[key]) for r in read_metrics(metrics_path) if key in r]
-    if len(points) < 5:
-        raise ValueError(f"{metrics_path}: {len(points)} iterations with {key!r}; need at least 5 for a trend")
-    xs: List[float] = [float(x) for x, _ in points]
-    ys: List[float] = [float(y) for _, y in points]
+def trend(xs: Sequence[float], ys: Sequence[float]) -> Dict[str, float]:
+    """Means of the first and last fifths of ``ys`` and the least-squares slope of ``ys`` on
+    ``xs`` with its standard error (residual variance / sum of squared centred xs) and z."""
     n = len(xs)
+    if n < 5 or len(ys) != n:
+        raise ValueError(f"a trend needs at least 5 points with one y each (got {n} xs, {len(ys)} ys)")
     fifth = max(1, n // 5)
     x_mean, y_mean = math.fsum(xs) / n, math.fsum(ys) / n
     sxx = math.fsum((x - x_mean) ** 2 for x in xs)
@@ -58,3 +63,11 @@ def reward_curve(metrics_path: str, key: str = "accuracy/mean") -> Dict[str, flo
     return {"iterations": n, "first_fifth": math.fsum(ys[:fifth]) / fifth, "last_fifth": math.fsum(ys[-fifth:]) / fifth,
             "slope_per_iteration": slope, "slope_se": slope_se,
             "slope_z": slope / slope_se if slope_se > 0 else (math.inf if slope > 0 else 0.0)}
+
+
+def reward_curve(metrics_path: str, key: str = "accuracy/mean") -> Dict[str, float]:
+    """Trend of ``key`` over the RL iterations (see the module docstring)."""
+    points = [(r["iteration"], r[key]) for r in read_metrics(metrics_path) if key in r]
+    if len(points) < 5:
+        raise ValueError(f"{metrics_path}: {len(points)} iterations with {key!r}; need at least 5 for a trend")
+    return trend([float(x) for x, _ in points], [float(y) for _, y in points])
