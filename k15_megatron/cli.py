@@ -31,16 +31,16 @@ class Command:
 COMMANDS = (
     Command("config", "inspect experiment configs (show)", "k15_megatron.config.commands:main"),
     Command("tiny", "the built-in tiny default: data, SFT, eval, RL, eval, paired report",
-            "k15_megatron.train.tiny_job:main"),
+            "k15_megatron.jobs.tiny:main"),
     Command("sft", "supervised fine-tuning on JSONL prompt/response data (packed)",
-            "k15_megatron.train.sft:main"),
+            "k15_megatron.jobs.sft:main"),
     Command("rl", "the Kimi k1.5 RL loop (partial rollouts, mirror descent, hybrid engine)",
-            "k15_megatron.train.rl:main"),
+            "k15_megatron.jobs.rl:main"),
     Command("eval", "pass@1 / pass@k and response length on a prompt set",
-            "k15_megatron.train.eval_job:main"),
+            "k15_megatron.jobs.eval:main"),
     Command("export", "write a Hugging Face folder from a k15 checkpoint",
-            "k15_megatron.train.export:main"),
-    Command("plot", "PNG of a run's main curves", "k15_megatron.train.plot:main"),
+            "k15_megatron.jobs.export:main"),
+    Command("plot", "PNG of a run's main curves", "k15_megatron.jobs.plot:main"),
 )
 
 

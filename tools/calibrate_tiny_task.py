@@ -54,8 +54,8 @@ from k15_megatron.data.formatting import prompt_token_ids, response_token_ids  #
 from k15_megatron.data.jsonl import read_prompts, read_sft, write_jsonl  # noqa: E402
 from k15_megatron.rl.loss import mirror_descent_loss  # noqa: E402
 from k15_megatron.rl.sampling import PromptSampler  # noqa: E402
-from k15_megatron.train.evaluate import prompt_pass_at_k  # noqa: E402
-from k15_megatron.train.tiny_report import paired_stats, trend  # noqa: E402
+from k15_megatron.jobs.evaluate import prompt_pass_at_k  # noqa: E402
+from k15_megatron.jobs.tiny_report import paired_stats, trend  # noqa: E402
 
 
 @dataclass

@@ -17,7 +17,7 @@ import shutil
 import torch
 
 from k15_megatron.checkpoint.dist_ckpt import atomic_publish, copy_hf_assets
-from k15_megatron.checkpoint.hf_config import hf_config_dict
+from k15_megatron.config.hf_config import hf_config_dict
 from k15_megatron.checkpoint.model_weights import iter_hf_tensors
 from k15_megatron.checkpoint.safetensors_io import ShardedSafetensorsWriter, write_index
 

@@ -16,7 +16,6 @@ import torch
 
 from k15_megatron.engine import memory
 from k15_megatron.rl.mismatch import logprob_mismatch_metrics
-from k15_megatron.train.logprobs import sequence_token_logprobs
 
 
 class LogprobDriftError(RuntimeError):
@@ -38,7 +37,7 @@ class HybridEngine:
     """Owns the switch between the trainer (Megatron) and the rollout engine (vLLM)."""
 
     def __init__(self, *, model_chunks, optimizer, arch, rollout, weight_sync, cfg,
-                 reset_optimizer: bool):
+                 reset_optimizer: bool, recompute_logprobs):
         """
         Args:
             model_chunks: the DDP-wrapped Megatron model chunks of this rank.
@@ -48,10 +47,13 @@ class HybridEngine:
             weight_sync: a transport with ``sync(model, arch)`` (engine/weight_sync.py).
             cfg: the ``engine`` config section.
             reset_optimizer: rl.reset_optimizer; a state about to be reset is dropped, not offloaded.
+            recompute_logprobs: ``f(model_chunks, input_ids [B, T]) -> [B, T-1]`` float32 token
+                log-probs of the trainer (collective; the log-prob check after each sync).
         """
         self.model_chunks, self.optimizer, self.arch = model_chunks, optimizer, arch
         self.rollout, self.weight_sync, self.cfg = rollout, weight_sync, cfg
         self.reset_optimizer = reset_optimizer
+        self.recompute_logprobs = recompute_logprobs
         self.mode = "train"
 
     def to_rollout(self, policy_version: int) -> dict:
@@ -118,7 +120,7 @@ class HybridEngine:
             ids[i, n_prompt:n_prompt + n_new] = result.tokens
             mask[i, n_prompt - 1:n_prompt - 1 + n_new] = True
             behaviour[i, n_prompt - 1:n_prompt - 1 + n_new] = result.logprobs
-        trainer = sequence_token_logprobs(self.model_chunks, ids, vocab_size=self.arch.vocab_size)
+        trainer = self.recompute_logprobs(self.model_chunks, ids)
         metrics = logprob_mismatch_metrics(behaviour, trainer, mask)
         metrics = {f"logprob_check/{k}": float(v) for k, v in metrics.items()}
         tolerance = self.cfg.check_max_abs_diff

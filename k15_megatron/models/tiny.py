@@ -129,7 +129,7 @@ def save_hf_model_from_arch(arch, out_dir: str, *, seed: int = 0, init_std: floa
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from k15_megatron.checkpoint.hf_config import hf_config_dict
+    from k15_megatron.config.hf_config import hf_config_dict
 
     tokenizer = tokenizer or build_char_tokenizer()
     if arch.vocab_size < len(tokenizer):

@@ -72,7 +72,7 @@ def write_run_assets(trainer: Trainer) -> str:
     import json
 
     from k15_megatron.checkpoint.dist_ckpt import copy_hf_assets
-    from k15_megatron.checkpoint.hf_config import hf_config_dict
+    from k15_megatron.config.hf_config import hf_config_dict
 
     path = os.path.join(os.path.abspath(trainer.cfg.run_dir), "hf_assets")
     if trainer.is_logging_rank:

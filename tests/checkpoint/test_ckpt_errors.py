@@ -57,7 +57,7 @@ def test_init_from_a_checkpoint_of_another_architecture_names_every_difference(t
     import dataclasses
     import json
 
-    from k15_megatron.checkpoint.hf_config import hf_config_dict
+    from k15_megatron.config.hf_config import hf_config_dict
     from k15_megatron.checkpoint.model_init import check_same_architecture
     from k15_megatron.config import load_config, resolve_model_arch
 

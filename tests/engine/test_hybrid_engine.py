@@ -13,6 +13,8 @@ train/sync round checks that switching back and forth keeps working and that the
 is carried to new segments.
 """
 
+import functools
+
 import pytest
 import torch
 from distributed import run_distributed
@@ -26,6 +28,7 @@ def _hybrid_worker(rank, world_size, hf_dir, tp, pp, engine_tp):
     from k15_megatron.engine.hybrid import HybridEngine
     from k15_megatron.engine.weight_sync import ColocatedWeightSync
     from k15_megatron.rollout.engine import RolloutEngine, Sampling, SegmentRequest
+    from k15_megatron.train.logprobs import sequence_token_logprobs
     from k15_megatron.train.step import train_step
 
     arch, model, chunks, optimizer, scheduler = megatron_from_hf(hf_dir, tp=tp, pp=pp, seed=5, lr=1e-2)
@@ -35,7 +38,8 @@ def _hybrid_worker(rank, world_size, hf_dir, tp, pp, engine_tp):
     hybrid = HybridEngine(model_chunks=chunks, optimizer=optimizer, arch=arch, rollout=rollout,
                           weight_sync=ColocatedWeightSync(rollout.llm, dtype=torch.float32),
                           cfg=EngineConfig(check_num_sequences=4, check_max_tokens=24, check_max_abs_diff=1e-4),
-                          reset_optimizer=True)
+                          reset_optimizer=True,
+                          recompute_logprobs=functools.partial(sequence_token_logprobs, vocab_size=arch.vocab_size))
 
     probe = [SegmentRequest(trajectory_id=0, prompt_tokens=torch.tensor([5, 6, 7]),
                             response_tokens=torch.zeros(0, dtype=torch.long), token_budget=12,

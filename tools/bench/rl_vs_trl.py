@@ -38,7 +38,7 @@ import sys
 import tempfile
 import time
 
-from k15_megatron.train.tiny_job import STAGE_ENV as ENV  # the tiny default's process settings
+from k15_megatron.jobs.tiny import STAGE_ENV as ENV  # the tiny default's process settings
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -72,7 +72,7 @@ def run_ours(args, work: str, model_dir: str, prompts: str) -> dict:
     start = time.perf_counter()
     subprocess.run(cmd, check=True, env={**os.environ, **ENV}, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - start
-    from k15_megatron.train.metrics_log import read_metrics
+    from k15_megatron.jobs.metrics_log import read_metrics
 
     loop = [r for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if "time/iteration_s" in r]
     return {"loop_s": sum(r["time/iteration_s"] for r in loop),

@@ -11,6 +11,7 @@ schedule, policy version).
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 
@@ -21,6 +22,11 @@ from k15_megatron.data.prompt_set import PromptSet
 from k15_megatron.engine.generation import generate_everywhere
 from k15_megatron.engine.hybrid import HybridEngine
 from k15_megatron.engine.weight_sync import ColocatedWeightSync
+from k15_megatron.jobs.evaluate import evaluate
+from k15_megatron.jobs.metrics_log import MetricsLogger
+from k15_megatron.jobs.preemption import PreemptionFlag
+from k15_megatron.jobs.progress import PhaseProgress
+from k15_megatron.jobs.rl_rewards import score_rollouts
 from k15_megatron.models.gpt import torch_dtype
 from k15_megatron.parallel.device import device_memory_stats
 from k15_megatron.rewards.registry import RewardManager
@@ -28,12 +34,8 @@ from k15_megatron.rl.replay import SegmentReplayBuffer
 from k15_megatron.rl.sampling import PromptSampler
 from k15_megatron.rollout.engine import RolloutEngine, Sampling
 from k15_megatron.rollout.partial import open_groups, pending_requests, record_results
-from k15_megatron.train.evaluate import evaluate
-from k15_megatron.train.metrics_log import MetricsLogger
+from k15_megatron.train.logprobs import sequence_token_logprobs
 from k15_megatron.train.policy_update import update_policy
-from k15_megatron.train.preemption import PreemptionFlag
-from k15_megatron.train.progress import PhaseProgress
-from k15_megatron.train.rl_rewards import score_rollouts
 from k15_megatron.train.setup import build_trainer, engine_model_folder, write_run_assets
 
 
@@ -60,7 +62,9 @@ class RLJob:
                                    arch=self.trainer.arch, rollout=self.rollout,
                                    weight_sync=ColocatedWeightSync(self.rollout.llm, dtype=dtype,
                                                                    bucket_bytes=cfg.engine.sync_bucket_mb << 20),
-                                   cfg=cfg.engine, reset_optimizer=cfg.rl.reset_optimizer)
+                                   cfg=cfg.engine, reset_optimizer=cfg.rl.reset_optimizer,
+                                   recompute_logprobs=functools.partial(sequence_token_logprobs,
+                                                                        vocab_size=self.trainer.arch.vocab_size))
         self.iteration = 0
         self.logger = None
 
@@ -217,6 +221,6 @@ def run(cfg) -> None:
 
 
 def main(argv=None) -> int:
-    from k15_megatron.train.launch_job import job_main
+    from k15_megatron.jobs.launch import job_main
 
     return job_main("k15 rl", __doc__.splitlines()[0], run, argv)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from typing import Dict, Sequence
 
-from k15_megatron.train.metrics_log import read_metrics
+from k15_megatron.jobs.metrics_log import read_metrics
 
 
 def paired_stats(before: Sequence[float], after: Sequence[float]) -> Dict[str, float]:

@@ -19,7 +19,7 @@ from k15_megatron.engine.weight_sync import ColocatedWeightSync
 from k15_megatron.models.gpt import torch_dtype
 from k15_megatron.rewards.registry import RewardManager
 from k15_megatron.rollout.engine import RolloutEngine
-from k15_megatron.train.evaluate import evaluate
+from k15_megatron.jobs.evaluate import evaluate
 from k15_megatron.train.setup import build_trainer, engine_model_folder, write_run_assets
 
 
@@ -52,6 +52,6 @@ def run(cfg) -> dict:
 
 
 def main(argv=None) -> int:
-    from k15_megatron.train.launch_job import job_main
+    from k15_megatron.jobs.launch import job_main
 
     return job_main("k15 eval", __doc__.splitlines()[0], run, argv)

@@ -8,7 +8,7 @@ import statistics
 import numpy as np
 import pytest
 
-from k15_megatron.train.tiny_report import paired_comparison, reward_curve
+from k15_megatron.jobs.tiny_report import paired_comparison, reward_curve
 
 
 def _eval(rates, path="eval.jsonl", num_samples=8):

@@ -26,7 +26,7 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from k15_megatron.train.metrics_log import read_metrics
+    from k15_megatron.jobs.metrics_log import read_metrics
 
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path):

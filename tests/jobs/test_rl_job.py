@@ -30,7 +30,7 @@ def _write_task(folder):
 
 def _rl_worker(rank, world_size, overrides):
     from k15_megatron.config import load_config
-    from k15_megatron.train.rl import RLJob
+    from k15_megatron.jobs.rl import RLJob
 
     cfg = load_config(os.path.join(REPO_ROOT, "examples", "tiny.yaml"), overrides)
     job = RLJob(cfg)

@@ -3,7 +3,7 @@
 ``evaluate(engine, prompts, manager, tokenizer, ...)`` samples ``num_samples`` complete
 responses per prompt with the rollout engine (temperature 0 gives greedy pass@1), scores them
 with the prompts' rewards and returns the per-prompt success counts, so two evaluations of the
-same prompts can be compared pairwise (:func:`k15_megatron.train.tiny_report.paired_stats`).
+same prompts can be compared pairwise (:func:`k15_megatron.jobs.tiny_report.paired_stats`).
 
 pass@k is the unbiased estimator of Chen et al. (2021): for a prompt with c correct out of n
 samples, 1 - C(n - c, k) / C(n, k), averaged over prompts.

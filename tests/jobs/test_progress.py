@@ -3,7 +3,7 @@
 import io
 import time
 
-from k15_megatron.train.progress import PhaseProgress, format_rate
+from k15_megatron.jobs.progress import PhaseProgress, format_rate
 
 
 def test_log_output_gets_one_finished_line_per_iteration_with_rates():

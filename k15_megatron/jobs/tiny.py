@@ -158,8 +158,8 @@ def run_pipeline(args) -> dict:
 
 # -- the report -------------------------------------------------------------------------------------
 def build_report(eval_files: dict, metrics_path: str, seconds: dict, *, min_z: float) -> dict:
-    """Paired comparisons of the evaluations and the reward curve (:mod:`k15_megatron.train.tiny_report`)."""
-    from k15_megatron.train.tiny_report import paired_comparison, reward_curve
+    """Paired comparisons of the evaluations and the reward curve (:mod:`k15_megatron.jobs.tiny_report`)."""
+    from k15_megatron.jobs.tiny_report import paired_comparison, reward_curve
 
     evals = {}
     for key, path in eval_files.items():

@@ -18,8 +18,8 @@ from k15_megatron.checkpoint import run_ckpt
 from k15_megatron.data.formatting import prompt_token_ids, response_token_ids
 from k15_megatron.data.jsonl import read_sft
 from k15_megatron.data.packing import pack_examples, rows_to_micro_batches
-from k15_megatron.train.metrics_log import MetricsLogger
-from k15_megatron.train.preemption import PreemptionFlag
+from k15_megatron.jobs.metrics_log import MetricsLogger
+from k15_megatron.jobs.preemption import PreemptionFlag
 from k15_megatron.train.setup import build_trainer, write_run_assets
 from k15_megatron.train.step import train_step
 
@@ -99,6 +99,6 @@ def run(cfg) -> None:
 
 
 def main(argv=None) -> int:
-    from k15_megatron.train.launch_job import job_main
+    from k15_megatron.jobs.launch import job_main
 
     return job_main("k15 sft", __doc__.splitlines()[0], run, argv)
