@@ -33,5 +33,6 @@ def megatron_from_hf(hf_dir: str, *, tp: int = 1, pp: int = 1, seed: int = 3, lr
     model = build_gpt_model(arch, parallel_cfg=parallel, precision_cfg=precision, padded_vocab=padded)
     load_hf_weights(model, hf_dir, arch, padded)
     chunks, optimizer, scheduler = build_training_objects(
-        model, optim_cfg=OptimConfig(lr=lr, clip_grad=clip_grad, train_iters=train_iters), precision_cfg=precision)
+        model, optim_cfg=OptimConfig(lr=lr, clip_grad=clip_grad), precision_cfg=precision,
+        num_steps=train_iters)
     return arch, model, chunks, optimizer, scheduler

@@ -87,7 +87,8 @@ class LogprobCheckConfig:
     """Behaviour (rollout engine) vs trainer log-prob drift: monitor and optional correction."""
 
     tis_enabled: bool = False
-    """Weight the loss by truncated importance ratios pi_trainer / pi_behaviour."""
+    """Weight the loss by truncated importance ratios pi_trainer / pi_behaviour. Needs
+    ``rl.reference=recompute`` (with ``behaviour`` the ratio is a no-op and is refused)."""
     tis_level: str = "token"
     """token (per-token ratios) | sequence (product over the response)."""
     tis_clip: float = 2.0
@@ -101,7 +102,8 @@ class RLConfig:
     tau: float = 0.01
     """KL weight tau of the mirror-descent objective (Open; a public re-implementation: 0.01)."""
     group_size: int = 8
-    """k: responses sampled per prompt; the tau*log Z baseline is estimated from them (Open)."""
+    """k: responses sampled per prompt; the tau*log Z baseline is estimated from them (Open).
+    At least 2: with k=1 the baseline equals the reward and every advantage is 0."""
     log_z: str = "mean"
     """Baseline: mean (report's practical r_bar) | exact (tau * log mean exp(r / tau))."""
     normalize: str = "none"
@@ -111,7 +113,8 @@ class RLConfig:
     reset_optimizer: bool = True
     """Clear the optimizer state at the start of every iteration (report)."""
     logprob_chunk_tokens: int = 2048
-    """Tokens per chunk in token_logprobs; bounds the extra memory to chunk * vocab_local."""
+    """Tokens per chunk of float32 logits in the RL loss and the recompute: the loss holds at most
+    one [chunk, vocab/TP] block (and its gradient), never a micro-batch's full logits."""
     length_penalty: LengthPenaltyConfig = field(default_factory=LengthPenaltyConfig)
     """Length reward and its warm-up schedule."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -129,7 +132,9 @@ class RLConfig:
     updates_per_iteration: int = 1
     """Optimizer steps per iteration; the ready groups are split into this many mini-batches."""
     groups_per_micro_batch: int = 1
-    """Whole groups per Megatron micro-batch (a group is never split: its baseline needs all k)."""
+    """Whole groups per Megatron micro-batch (a group is never split: its baseline needs all k),
+    in the training steps and in the reference log-prob recompute alike: the rows one forward
+    holds are groups_per_micro_batch * group_size, whatever the batch size."""
     reference: str = "recompute"
     """log pi_i of the loss: recompute (the trainer's log-probs at the start of the iteration,
     exact) | behaviour (the rollout engine's, free but includes older policies' segments)."""
@@ -154,7 +159,9 @@ class RLConfig:
             need(value in allowed, key, f"must be one of {list(allowed)}, got {value!r}")
 
         need(self.tau > 0, "tau", f"must be > 0, got {self.tau}")
-        need(self.group_size >= 1, "group_size", f"must be >= 1, got {self.group_size}")
+        need(self.group_size >= 2, "group_size",
+             f"must be >= 2, got {self.group_size}: the baseline is the mean reward of the k "
+             "responses of a prompt, so with k=1 every advantage is 0 and nothing is learned")
         choice(self.log_z, "log_z", LOG_Z_MODES)
         choice(self.normalize, "normalize", NORMALIZE_MODES)
         need(self.normalize_constant > 0, "normalize_constant", "must be > 0")
@@ -198,4 +205,9 @@ class RLConfig:
         c = self.logprob_check
         choice(c.tis_level, "logprob_check.tis_level", TIS_LEVELS)
         need(c.tis_clip > 0, "logprob_check.tis_clip", f"must be > 0, got {c.tis_clip}")
+        need(not (c.tis_enabled and self.reference == "behaviour"), "logprob_check.tis_enabled",
+             f"true with {prefix}.reference=behaviour does nothing: the importance ratio "
+             "pi_trainer / pi_behaviour is computed against the behaviour log-probs, which are "
+             f"then the reference too; set {prefix}.reference=recompute or "
+             f"{prefix}.logprob_check.tis_enabled=false")
         return errors

@@ -36,8 +36,11 @@ class RolloutConfig:
     max_model_len: int = at_least(20480, 2)
     """vLLM context length (prompt + response tokens). A prompt longer than
     max_model_len - max_response_tokens is an error, not a silently shorter response cap."""
-    temperature: float = at_least(1.0, 0.0)
-    """Sampling temperature (0 = greedy)."""
+    temperature: float = 1.0
+    """Sampling temperature of ``k15 rl``'s rollouts; only 1.0 is accepted. The trainer's
+    log-probs (the loss, the reference recompute, the importance ratios) are those of the
+    policy at temperature 1, so samples drawn at another temperature would come from a
+    distribution the loss does not model. Evaluation samples at ``eval.temperature``."""
     top_p: float = 1.0
     """Nucleus sampling: keep the smallest token set with this much probability, in (0, 1]."""
     top_k: int = at_least(0, 0)
@@ -80,6 +83,12 @@ class RolloutConfig:
     def config_errors(self, prefix: str) -> List[str]:
         """Cross-field checks; one message per problem naming its dotted key under ``prefix``."""
         errors: List[str] = []
+        if self.temperature != 1.0:
+            errors.append(
+                f"{prefix}.temperature={self.temperature}: RL rollouts must sample at temperature "
+                "1.0, the distribution whose log-probs the trainer computes (a tempered sample "
+                f"would be off-policy for the loss); set {prefix}.temperature=1.0 (evaluation "
+                "has its own eval.temperature)")
         if not 0.0 < self.top_p <= 1.0:
             errors.append(f"{prefix}.top_p={self.top_p} must be in (0, 1]")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

@@ -20,7 +20,7 @@ OmegaConf accepts them and the error message can list the alternatives.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from k15_megatron.config.fields import at_least, one_of
 from k15_megatron.config.engine import EngineConfig
@@ -90,9 +90,10 @@ class ParallelConfig:
     pipeline: int = at_least(1, 1)
     """Pipeline-parallel size (PP)."""
     context: int = at_least(1, 1)
-    """Context-parallel size (CP): the sequence is split over this many ranks."""
+    """Context-parallel size (CP). Not implemented yet: validation refuses values above 1."""
     expert: int = at_least(1, 1)
-    """Expert-parallel size (EP); must divide data-parallel x context-parallel."""
+    """Expert-parallel size (EP) for mixture-of-experts models. Not implemented yet:
+    validation refuses values above 1."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism (needs tensor > 1; an error otherwise, never silently
     switched off)."""
@@ -108,20 +109,44 @@ class ParallelConfig:
 
 @dataclass
 class PrecisionConfig:
-    """Numeric formats for parameters, activations and gradients."""
+    """Numeric formats for parameters, activations and gradients.
+
+    The ``fp8*`` keys become Megatron-Core TransformerConfig fields as Megatron-LM's
+    ``--fp8-*`` flags set them (:func:`k15_megatron.models.gpt.fp8_config_fields`); FP8 needs
+    Transformer Engine and a GPU that has it (:mod:`k15_megatron.config.fp8`)."""
 
     dtype: str = one_of("bf16", ("bf16", "fp16", "fp32"))
     """Parameter/activation dtype: bf16 | fp16 | fp32."""
     fp8: Optional[str] = one_of(None, ("e4m3", "hybrid"))
-    """FP8 GEMMs through Transformer Engine: null (off) | e4m3 | hybrid (e4m3 fwd, e5m2 bwd)."""
+    """FP8 GEMMs through Transformer Engine (TransformerConfig.fp8, Megatron-LM
+    ``--fp8-format``): null (off) | e4m3 | hybrid (e4m3 forward, e5m2 gradients)."""
     fp8_recipe: str = one_of("delayed", ("delayed", "tensorwise", "blockwise", "mxfp8"))
-    """FP8 scaling recipe: delayed | tensorwise | blockwise | mxfp8 (Blackwell only)."""
+    """FP8 scaling recipe (``--fp8-recipe``): delayed (amax history) | tensorwise (current
+    scaling, TE >= 2.2) | blockwise (TE >= 2.3, compute capability >= 9.0) | mxfp8 (TE >= 2.1,
+    Blackwell, compute capability >= 10.0)."""
+    fp8_margin: int = at_least(0, 0)
+    """Scaling-factor margin: scale = max_fp8 / amax / 2**margin (``--fp8-margin``)."""
     fp8_amax_history_len: int = at_least(1024, 1)
-    """Length of the amax history window for delayed scaling."""
+    """Amax history window of the delayed recipe (``--fp8-amax-history-len``; 1024 is TE's
+    DelayedScaling default, Megatron-LM's flag defaults to 1)."""
     fp8_amax_compute_algo: str = one_of("max", ("max", "most_recent"))
-    """How the scale is computed from the amax history: max | most_recent."""
+    """How the delayed recipe picks amax from its history: max | most_recent
+    (``--fp8-amax-compute-algo``; max is TE's default, Megatron-LM's flag defaults to most_recent)."""
+    fp8_wgrad: bool = True
+    """Weight-gradient GEMMs in FP8 too; false computes them in ``dtype`` (``--no-fp8-wgrad``)."""
+    fp8_param_gather: bool = False
+    """Keep GEMM weights in FP8 and all-gather them as FP8 (TransformerConfig.fp8_param and
+    DDP ``fp8_param_gather``, Megatron-LM ``--fp8-param-gather``); needs precision.fp8 and
+    optim.use_distributed_optimizer."""
     grad_reduce_in_fp32: bool = True
     """Accumulate and all-reduce gradients in fp32."""
+
+    def config_errors(self, prefix: str) -> List[str]:
+        """Rules within this section (the platform rules are in :mod:`k15_megatron.config.fp8`)."""
+        if self.fp8_param_gather and self.fp8 is None:
+            return [f"{prefix}.fp8_param_gather=true needs {prefix}.fp8 (e4m3 or hybrid); set one "
+                    f"or set {prefix}.fp8_param_gather=false"]
+        return []
 
 
 @dataclass
@@ -149,11 +174,13 @@ class OptimConfig:
     lr_decay_style: str = one_of("constant", ("constant", "linear", "cosine"))
     """constant | linear | cosine decay after warm-up."""
     lr_decay_iters: Optional[int] = at_least(None, 1)
-    """Iterations over which the rate decays to min_lr (``None``: train_iters)."""
+    """Optimizer steps over which the rate decays to min_lr (``None``: the job's step count,
+    optim.train_iters for SFT, rl.iterations x rl.updates_per_iteration for RL)."""
     use_distributed_optimizer: bool = False
     """Shard optimizer state across data-parallel ranks (Megatron distributed optimizer)."""
     train_iters: int = at_least(100, 1)
-    """Total optimizer steps."""
+    """Optimizer steps of ``k15 sft`` (and its schedule length when lr_decay_iters is null).
+    ``k15 rl`` makes rl.iterations x rl.updates_per_iteration steps and schedules over those."""
 
 
 @dataclass
@@ -161,17 +188,18 @@ class DataConfig:
     """Sequence shapes and where training/evaluation data live."""
 
     seq_length: int = at_least(4096, 1)
-    """Tokens per sequence (packed or padded)."""
+    """SFT: tokens per packed row. (RL lengths are rollout.max_model_len.)"""
     micro_batch_size: int = at_least(1, 1)
-    """Sequences per forward/backward on one data-parallel rank."""
+    """SFT: rows per forward/backward on one data-parallel rank. (RL micro-batches are
+    rl.groups_per_micro_batch groups.)"""
     global_batch_size: int = at_least(8, 1)
-    """Sequences per optimizer step over all data-parallel ranks."""
+    """SFT: rows per optimizer step over all data-parallel ranks. (An RL step trains on
+    the groups of rl.prompts_per_iteration / rl.updates_per_iteration.)"""
     train_path: Optional[str] = None
-    """Training data file or folder."""
+    """Training JSONL file: SFT records for ``k15 sft``, prompt records for ``k15 rl``
+    (formats in :mod:`k15_megatron.data.jsonl`)."""
     eval_path: Optional[str] = None
-    """Evaluation data file or folder."""
-    num_workers: int = at_least(0, 0)
-    """DataLoader worker processes per rank."""
+    """Held-out prompt JSONL file for ``k15 eval`` and the RL job's evaluations."""
 
 
 @dataclass
@@ -182,8 +210,6 @@ class CheckpointConfig:
     """Folder receiving checkpoints."""
     save_interval: int = at_least(0, 0)
     """Save every this many iterations (0: only at the end)."""
-    load: Optional[str] = None
-    """Checkpoint to resume from (model, optimizer and schedule state)."""
     resume: str = one_of("auto", ("auto", "never"))
     """auto: resume from the newest checkpoint in save_dir if any | never."""
     keep_last: int = at_least(3, 0)

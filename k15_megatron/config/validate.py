@@ -10,7 +10,8 @@ line names the key(s), their values and the fix. Two kinds of rules:
   TP*PP*CP divides the world; EP divides DP*CP; heads and query groups divide by TP; layers
   divide by PP (or an explicit uneven split fits); the sequence divides by 2*CP and, with
   sequence parallelism, by TP*CP; the global batch divides by micro batch * DP; fp8 needs
-  Transformer Engine and GEMM sizes that are multiples of 16.
+  Transformer Engine, a GPU and TE version that have its recipe (:mod:`k15_megatron.config.fp8`)
+  and GEMM sizes that are multiples of 16.
 
 Choice documented here: ``sequence_parallel=true`` with ``tensor=1`` is an ERROR, not a
 warning. Megatron silently switches it off, which leaves the saved config claiming a layout
@@ -25,10 +26,11 @@ from typing import Any, Callable, List, Mapping, Optional
 
 from k15_megatron.config.env import have_transformer_engine, resolve_world_size
 from k15_megatron.config.errors import ConfigError
+from k15_megatron.config.fp8 import Fp8Platform, fp8_errors, probe_fp8_platform
 from k15_megatron.config.model_arch import ModelArch, resolve_model_arch
 from k15_megatron.config.fields import CHOICES, MINIMUM
 from k15_megatron.config.schema import (DataConfig, ExperimentConfig,
-                                        OptimConfig, ParallelConfig, PrecisionConfig)
+                                        OptimConfig, ParallelConfig)
 
 # Transformer Engine's FP8 GEMMs need both matrix dimensions to be multiples of 16.
 _FP8_ALIGN = 16
@@ -39,6 +41,7 @@ def validate(
     *,
     te_available: Optional[Callable[[], bool]] = None,
     environ: Optional[Mapping[str, str]] = None,
+    fp8_platform: Optional[Callable[[], Optional[Fp8Platform]]] = None,
 ) -> None:
     """Raise ConfigError listing every problem in ``cfg``; return None when it is valid.
 
@@ -46,6 +49,8 @@ def validate(
         te_available: probe for Transformer Engine (default: ``find_spec`` on the real
             package). Tests inject a stand-in to reach the rules behind the fp8 check.
         environ: environment used when ``parallel.world_size`` is null (default os.environ).
+        fp8_platform: probe of the TE version and GPU compute capability behind the fp8
+            recipe rules (default :func:`k15_megatron.config.fp8.probe_fp8_platform`).
 
     Reads ``<model.hf_path>/config.json`` to learn head and layer counts.
     """
@@ -61,12 +66,30 @@ def validate(
     if sizes_ok:
         errors += _layout_errors(par, arch, cfg.data, cfg.model.make_vocab_size_divisible_by,
                                  environ)
+        errors += _not_implemented_errors(par)
         errors += _sequence_errors(par, cfg.data.seq_length)
-        errors += _precision_errors(cfg.precision, arch, par.tensor,
-                                    te_available or have_transformer_engine)
+        errors += _precision_errors(cfg, arch, te_available or have_transformer_engine,
+                                    fp8_platform or probe_fp8_platform)
     errors += _optim_errors(cfg.optim)
     if errors:
         raise ConfigError(errors)
+
+
+def rl_job_errors(cfg: ExperimentConfig) -> List[str]:
+    """Rules that only ``k15 rl`` needs, checked before its processes start.
+
+    The RL job's learning-rate schedule runs over its real number of optimizer steps,
+    ``rl.iterations x rl.updates_per_iteration`` (:func:`rl_optimizer_steps`), not over
+    ``optim.train_iters`` (the SFT step count)."""
+    steps = rl_optimizer_steps(cfg.rl)
+    return schedule_errors(cfg.optim, num_steps=steps,
+                           steps_key=f"rl.iterations x rl.updates_per_iteration = {steps}")
+
+
+def rl_optimizer_steps(rl_cfg: Any) -> int:
+    """Optimizer steps of a full ``k15 rl`` run: one per mini-batch, ``updates_per_iteration``
+    per iteration (an iteration with no finished group makes none, so this is an upper bound)."""
+    return rl_cfg.iterations * rl_cfg.updates_per_iteration
 
 
 def section_field_errors(obj: Any, prefix: str = "") -> List[str]:
@@ -173,6 +196,21 @@ def _pipeline_split_errors(par: ParallelConfig, num_layers: int) -> List[str]:
     return []
 
 
+def _not_implemented_errors(par: ParallelConfig) -> List[str]:
+    """Layouts the schema can describe but no job can run yet: no data path splits sequences
+    over context-parallel ranks, and there is no mixture-of-experts model to split over
+    expert-parallel ranks."""
+    errors = []
+    if par.context > 1:
+        errors.append(f"parallel.context={par.context}: context parallelism is not implemented "
+                      "yet (no job splits sequences over context-parallel ranks); set "
+                      "parallel.context=1")
+    if par.expert > 1:
+        errors.append(f"parallel.expert={par.expert}: expert parallelism is not implemented yet "
+                      "(no mixture-of-experts model is supported); set parallel.expert=1")
+    return errors
+
+
 def _sequence_errors(par: ParallelConfig, seq: int) -> List[str]:
     errors = []
     tp, cp = par.tensor, par.context
@@ -192,25 +230,25 @@ def _sequence_errors(par: ParallelConfig, seq: int) -> List[str]:
     return errors
 
 
-def _precision_errors(prec: PrecisionConfig, arch: Optional[ModelArch], tp: int,
-                      te_available: Callable[[], bool]) -> List[str]:
+def _precision_errors(cfg: ExperimentConfig, arch: Optional[ModelArch],
+                      te_available: Callable[[], bool], fp8_platform) -> List[str]:
+    prec, tp = cfg.precision, cfg.parallel.tensor
     if prec.fp8 is None:
         return []
-    if not te_available():
-        return [f"precision.fp8={prec.fp8!r} needs Transformer Engine, which is not installed "
-                "here; set precision.fp8=null or install the gpu extra "
-                "(transformer-engine[pytorch])"]
-    if arch is None:
-        return []
+    te_installed = te_available()
+    errors = fp8_errors(prec, te_installed=te_installed, platform=fp8_platform() if te_installed else None,
+                        use_distributed_optimizer=cfg.optim.use_distributed_optimizer)
+    if not te_installed or arch is None:
+        return errors
     dims = {
         "model.hidden_size": arch.hidden_size,
         "model.ffn_hidden_size / parallel.tensor": arch.ffn_hidden_size / tp,
         "model.num_attention_heads x model.kv_channels / parallel.tensor":
             arch.num_attention_heads * arch.kv_channels / tp,
     }
-    return [f"precision.fp8={prec.fp8!r}: {name} = {value:g} is not a multiple of {_FP8_ALIGN} "
-            "(Transformer Engine FP8 GEMM requirement); set precision.fp8=null"
-            for name, value in dims.items() if value % _FP8_ALIGN]
+    return errors + [f"precision.fp8={prec.fp8!r}: {name} = {value:g} is not a multiple of {_FP8_ALIGN} "
+                     "(Transformer Engine FP8 GEMM requirement); set precision.fp8=null"
+                     for name, value in dims.items() if value % _FP8_ALIGN]
 
 
 def _optim_errors(opt: OptimConfig) -> List[str]:
@@ -220,13 +258,23 @@ def _optim_errors(opt: OptimConfig) -> List[str]:
     for key, beta in (("optim.adam_beta1", opt.adam_beta1), ("optim.adam_beta2", opt.adam_beta2)):
         if beta >= 1.0:
             errors.append(f"{key}={beta} must be < 1")
-    if opt.lr_decay_style != "constant":
-        decay = opt.lr_decay_iters if opt.lr_decay_iters is not None else opt.train_iters
-        if opt.lr_warmup_iters >= decay:
-            errors.append(f"optim.lr_warmup_iters={opt.lr_warmup_iters} must be smaller than the "
-                          f"decay length {decay} (optim.lr_decay_iters, or optim.train_iters when "
-                          f"null) with optim.lr_decay_style={opt.lr_decay_style!r}")
-    return errors
+    return errors + schedule_errors(opt, num_steps=opt.train_iters,
+                                    steps_key=f"optim.train_iters={opt.train_iters}")
+
+
+def schedule_errors(opt: OptimConfig, *, num_steps: int, steps_key: str) -> List[str]:
+    """The warm-up must end before the decay does. The decay length is
+    ``optim.lr_decay_iters``, else the job's optimizer step count ``num_steps`` (named by
+    ``steps_key``: ``optim.train_iters`` for SFT, rl.iterations x rl.updates_per_iteration
+    for RL)."""
+    if opt.lr_decay_style == "constant":
+        return []
+    decay = opt.lr_decay_iters if opt.lr_decay_iters is not None else num_steps
+    if opt.lr_warmup_iters >= decay:
+        return [f"optim.lr_warmup_iters={opt.lr_warmup_iters} must be smaller than the decay "
+                f"length {decay} (optim.lr_decay_iters, or {steps_key} when null) with "
+                f"optim.lr_decay_style={opt.lr_decay_style!r}"]
+    return []
 
 
 def _divisors(n: int) -> str:

@@ -6,7 +6,9 @@ mirror-descent loss -> sync the new weights into vLLM -> evaluate / checkpoint. 
 lives in ``k15_megatron.rl`` and the system in ``k15_megatron.engine``; this module only calls
 them in order. ``run_state`` holds everything a resumed run needs besides the model, optimizer
 and RNGs (iteration, sampler with success rates, replay buffer with unfinished segments, LR
-schedule, policy version).
+schedule, policy version); each rank's state adds the random stream of vLLM's sampler, so a
+resumed run draws the same samples as an uninterrupted one in either sampling mode (see
+``start``).
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ import time
 import torch
 
 from k15_megatron.checkpoint import run_ckpt
+from k15_megatron.config.validate import rl_optimizer_steps
 from k15_megatron.data.prompt_set import PromptSet
-from k15_megatron.engine.generation import generate_everywhere
 from k15_megatron.engine.hybrid import HybridEngine
 from k15_megatron.engine.weight_sync import ColocatedWeightSync
 from k15_megatron.jobs.evaluate import evaluate
@@ -33,7 +35,7 @@ from k15_megatron.rewards.registry import RewardManager
 from k15_megatron.rl.replay import SegmentReplayBuffer
 from k15_megatron.rl.sampling import PromptSampler
 from k15_megatron.rollout.engine import RolloutEngine, Sampling
-from k15_megatron.rollout.partial import open_groups, pending_requests, record_results
+from k15_megatron.rollout.partial import rollout_iteration
 from k15_megatron.train.logprobs import sequence_token_logprobs
 from k15_megatron.train.policy_update import update_policy
 from k15_megatron.train.setup import build_trainer, engine_model_folder, write_run_assets
@@ -44,7 +46,7 @@ class RLJob:
 
     def __init__(self, cfg):
         self.cfg = cfg
-        self.trainer = build_trainer(cfg)
+        self.trainer = build_trainer(cfg, num_optimizer_steps=rl_optimizer_steps(cfg.rl))
         self.assets = write_run_assets(self.trainer)
         tok = self.trainer.tokenizer
         if not cfg.data.train_path:
@@ -71,11 +73,10 @@ class RLJob:
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> None:
         cfg = self.cfg
-        self.resume()
+        self.start()
         self.logger = MetricsLogger(cfg.logging, enabled=self.trainer.is_logging_rank,
                                     resume_from_iteration=self.iteration)
         preemption = PreemptionFlag()
-        self.hybrid.to_rollout(policy_version=self.iteration)
         if self.iteration == 0:
             self.log_eval("before")
         progress = PhaseProgress("rl", cfg.rl.iterations, enabled=self.trainer.is_logging_rank)
@@ -124,20 +125,12 @@ class RLJob:
 
     # -- the steps -----------------------------------------------------------------------------
     def rollout_step(self) -> dict:
-        cfg, start = self.cfg, time.perf_counter()
+        cfg = self.cfg
         ids = self.sampler.sample(cfg.rl.prompts_per_iteration, self.iteration)
-        open_groups(self.buffer, [(int(i), self.prompts.token_ids[int(i)]) for i in ids])
-        requests = pending_requests(self.buffer, max_response_tokens=cfg.rollout.max_response_tokens)
+        prompts = [(int(i), self.prompts.token_ids[int(i)]) for i in ids]
         sampling = Sampling.from_config(cfg.rollout, seed=cfg.seed if cfg.deterministic else None)
-        results = generate_everywhere(self.rollout, requests, sampling=sampling)
-        record_results(self.buffer, results, iteration=self.iteration, policy_version=self.rollout.policy_version)
-        elapsed = time.perf_counter() - start
-        tokens = sum(r.generated_tokens for r in results)
-        return {"time/rollout_s": elapsed, "throughput/rollout_tokens_per_s": tokens / max(elapsed, 1e-9),
-                "rollout/generated_tokens": float(tokens),
-                "rollout/segments": float(len(requests)),
-                "rollout/continued": float(sum(r.response_tokens.numel() > 0 for r in requests)),
-                "rollout/unfinished_after": float(len(self.buffer.unfinished()))}
+        return rollout_iteration(self.rollout, self.buffer, prompts, iteration=self.iteration,
+                                 sampling=sampling).metrics()
 
     def reward_step(self, batch) -> dict:
         start = time.perf_counter()
@@ -198,22 +191,36 @@ class RLJob:
 
     def save(self) -> None:
         run_ckpt.save_run_checkpoint(self.cfg.checkpoint.save_dir, self.iteration, model_chunks=self.trainer.chunks,
-                                     optimizer=self.trainer.optimizer, run_state=self.run_state(), rank_state={},
+                                     optimizer=self.trainer.optimizer, run_state=self.run_state(),
+                                     rank_state={"rollout_sampler_rng": self.rollout.sampler_rng_state()},
                                      hf_assets_dir=self.assets, keep_last=self.cfg.checkpoint.keep_last)
 
-    def resume(self) -> None:
+    def start(self) -> None:
+        """Resume from the newest checkpoint if there is one, then push the weights into vLLM
+        under the policy version they had. The sampler's random stream is put back after that
+        sync: its log-prob check draws from the same stream, which an uninterrupted run had done
+        before it saved."""
+        state, rank_state = self.resume()
+        self.hybrid.to_rollout(policy_version=state.get("policy_version", 0))
+        if "rollout_sampler_rng" in rank_state:
+            self.rollout.set_sampler_rng_state(rank_state["rollout_sampler_rng"])
+
+    def resume(self) -> tuple[dict, dict]:
+        """Load the newest checkpoint (with checkpoint.resume=auto); its (run_state, rank_state),
+        or two empty dicts for a fresh run."""
         if self.cfg.checkpoint.resume != "auto":
-            return
+            return {}, {}
         path = run_ckpt.find_resume_checkpoint(self.cfg.checkpoint.save_dir)
         if path is None:
-            return
-        state, _ = run_ckpt.load_run_checkpoint(path, model_chunks=self.trainer.chunks,
-                                                optimizer=self.trainer.optimizer)
+            return {}, {}
+        state, rank_state = run_ckpt.load_run_checkpoint(path, model_chunks=self.trainer.chunks,
+                                                         optimizer=self.trainer.optimizer)
         self.iteration = state["iteration"]
         self.sampler.load_state_dict(state["sampler"])
         self.buffer.load_state_dict(state["buffer"])
         self.trainer.scheduler.load_state_dict(state["scheduler"])
         self.trainer.log(f"rl: resumed from {path} at iteration {self.iteration}")
+        return state, rank_state
 
 
 def run(cfg) -> None:
@@ -221,6 +228,7 @@ def run(cfg) -> None:
 
 
 def main(argv=None) -> int:
+    from k15_megatron.config.validate import rl_job_errors
     from k15_megatron.jobs.launch import job_main
 
-    return job_main("k15 rl", __doc__.splitlines()[0], run, argv)
+    return job_main("k15 rl", __doc__.splitlines()[0], run, argv, job_errors=rl_job_errors)

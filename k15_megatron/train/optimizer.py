@@ -21,6 +21,9 @@ def wrap_ddp(model, *, precision_cfg, use_distributed_optimizer: bool):
         grad_reduce_in_fp32=precision_cfg.grad_reduce_in_fp32,
         overlap_grad_reduce=False,
         use_distributed_optimizer=use_distributed_optimizer,
+        # FP8 weights all-gathered as FP8 (Megatron-LM --fp8-param-gather sets both this and
+        # TransformerConfig.fp8_param).
+        fp8_param_gather=precision_cfg.fp8_param_gather,
     )
     return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
 
@@ -47,11 +50,13 @@ def build_optimizer(model_chunks, *, optim_cfg, precision_cfg):
     return get_megatron_optimizer(config, list(model_chunks))
 
 
-def build_scheduler(optimizer, *, optim_cfg):
-    """Megatron's OptimizerParamScheduler: linear warm-up then the configured decay."""
+def build_scheduler(optimizer, *, optim_cfg, num_steps: int):
+    """Megatron's OptimizerParamScheduler: linear warm-up then the configured decay over
+    ``optim.lr_decay_iters`` steps, or over the job's ``num_steps`` optimizer steps when that
+    is null (SFT: ``optim.train_iters``; RL: ``rl.iterations x rl.updates_per_iteration``)."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    decay_iters = optim_cfg.lr_decay_iters or optim_cfg.train_iters
+    decay_iters = optim_cfg.lr_decay_iters or num_steps
     return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if optim_cfg.lr_warmup_iters else optim_cfg.lr,
@@ -83,13 +88,12 @@ def connect_schedule_hooks(model_chunks, optimizer) -> None:
     config.grad_scale_func = optimizer.scale_loss
 
 
-
-
-def build_training_objects(model, *, optim_cfg, precision_cfg):
+def build_training_objects(model, *, optim_cfg, precision_cfg, num_steps: int):
     """(DDP model chunks, MegatronOptimizer, OptimizerParamScheduler) for one model chunk,
-    with the schedule hooks connected (see :func:`connect_schedule_hooks`)."""
+    with the schedule hooks connected (see :func:`connect_schedule_hooks`); the schedule
+    spans ``num_steps`` optimizer steps (see :func:`build_scheduler`)."""
     chunks = [wrap_ddp(model, precision_cfg=precision_cfg,
                        use_distributed_optimizer=optim_cfg.use_distributed_optimizer)]
     optimizer = build_optimizer(chunks, optim_cfg=optim_cfg, precision_cfg=precision_cfg)
     connect_schedule_hooks(chunks, optimizer)
-    return chunks, optimizer, build_scheduler(optimizer, optim_cfg=optim_cfg)
+    return chunks, optimizer, build_scheduler(optimizer, optim_cfg=optim_cfg, num_steps=num_steps)

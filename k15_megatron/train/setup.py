@@ -43,8 +43,13 @@ class Trainer:
             print(message, flush=True)
 
 
-def build_trainer(cfg, *, with_optimizer: bool = True) -> Trainer:
-    """Set up processes and the model for ``cfg`` (collective; see the module docstring)."""
+def build_trainer(cfg, *, with_optimizer: bool = True, num_optimizer_steps: int | None = None) -> Trainer:
+    """Set up processes and the model for ``cfg`` (collective; see the module docstring).
+
+    ``num_optimizer_steps``: how many optimizer steps the job makes, the length of the
+    learning-rate schedule when ``optim.lr_decay_iters`` is null (default
+    ``optim.train_iters``, SFT's count; ``k15 rl`` passes rl.iterations x
+    rl.updates_per_iteration)."""
     if cfg.deterministic:
         import torch
 
@@ -61,7 +66,9 @@ def build_trainer(cfg, *, with_optimizer: bool = True) -> Trainer:
     source = load_initial_weights(model, cfg.model, arch, padded)
     chunks, optimizer, scheduler = [model], None, None
     if with_optimizer:
-        chunks, optimizer, scheduler = build_training_objects(model, optim_cfg=cfg.optim, precision_cfg=cfg.precision)
+        steps = cfg.optim.train_iters if num_optimizer_steps is None else num_optimizer_steps
+        chunks, optimizer, scheduler = build_training_objects(model, optim_cfg=cfg.optim, precision_cfg=cfg.precision,
+                                                              num_steps=steps)
     return Trainer(cfg=cfg, layout=layout, arch=arch, padded_vocab=padded, tokenizer=tokenizer, model=model,
                    chunks=chunks, optimizer=optimizer, scheduler=scheduler, init_source=source)
 

@@ -10,7 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 from transformers import Qwen2Config
 
-from k15_megatron.config import load_config, resolve_model_arch
+from k15_megatron.config import ConfigError, load_config, resolve_model_arch
 from k15_megatron.config.schema import ExperimentConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -50,14 +50,17 @@ def test_cluster_recipe_resolves_to_the_intended_layout(qwen2_5_7b_models_dir):
     cfg = load_config(path, ["parallel.world_size=32"], environ={})
     assert cfg.model.hf_path == str(qwen2_5_7b_models_dir / "Qwen2.5-7B")  # via ${oc.env:...}
     p = cfg.parallel
-    assert (p.tensor, p.context, p.pipeline, p.sequence_parallel) == (4, 8, 1, True)
-    assert cfg.data.seq_length == 131072 and cfg.precision.dtype == "bf16"
+    assert (p.tensor, p.context, p.pipeline, p.sequence_parallel) == (4, 1, 1, True)
+    assert cfg.rollout.max_model_len == 131072 and cfg.precision.dtype == "bf16"
     assert cfg.precision.fp8 is None
     arch = resolve_model_arch(cfg.model)
     assert (arch.num_attention_heads, arch.num_query_groups, arch.add_qkv_bias) == (28, 4, True)
     # FP8 on a machine with Transformer Engine: the 7B GEMM shapes pass the alignment rule.
     load_config(path, ["parallel.world_size=32", "precision.fp8=hybrid"],
                 te_available=lambda: True, environ={})
+    # Context parallelism, the usual 128k layout, is refused until it has a data path.
+    with pytest.raises(ConfigError, match=r"parallel.context=8: context parallelism is not implemented"):
+        load_config(path, ["parallel.world_size=32", "parallel.context=8"], environ={})
 
 
 def test_tiny_schedule_interpolations():
