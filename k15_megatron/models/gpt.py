@@ -50,19 +50,48 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
     return padded
 
 
+# precision key -> TransformerConfig field, as Megatron-LM's core_transformer_config_from_args
+# maps its --fp8-* flags (args.fp8_param_gather becomes fp8_param).
+FP8_FIELDS = {
+    "fp8": "fp8",
+    "fp8_recipe": "fp8_recipe",
+    "fp8_margin": "fp8_margin",
+    "fp8_amax_history_len": "fp8_amax_history_len",
+    "fp8_amax_compute_algo": "fp8_amax_compute_algo",
+    "fp8_wgrad": "fp8_wgrad",
+    "fp8_param_gather": "fp8_param",
+}
+
+
+def fp8_config_fields(precision_cfg, *, available: frozenset | None = None) -> dict:
+    """The TransformerConfig ``fp8*`` keyword arguments of ``precision_cfg``; ``{}`` with FP8 off.
+
+    Megatron-Core then enters Transformer Engine's ``fp8_autocast`` (and ``fp8_model_init`` for
+    FP8 parameters) around its transformer layers itself. ``available``: the field names the
+    installed TransformerConfig has (default: no check); a missing one raises ValueError naming
+    the precision key, so a Megatron-Core release without it cannot drop the setting silently.
+    """
+    if not precision_cfg.fp8:
+        return {}
+    fields = {field: getattr(precision_cfg, key) for key, field in FP8_FIELDS.items()}
+    if available is not None:
+        missing = [f"precision.{key} (TransformerConfig.{field})" for key, field in FP8_FIELDS.items()
+                   if field not in available]
+        if missing:
+            raise ValueError(f"this megatron-core has no {', '.join(missing)}; set precision.fp8=null "
+                             "or install a megatron-core that has them")
+    return fields
+
+
 def transformer_config(arch, *, parallel_cfg, precision_cfg):
     """Megatron's TransformerConfig for ``arch`` under the given parallel and precision sections."""
+    import dataclasses
+
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     dtype = torch_dtype(precision_cfg.dtype)
-    fp8_kwargs = {}
-    if precision_cfg.fp8:
-        fp8_kwargs = dict(
-            fp8=precision_cfg.fp8,
-            fp8_recipe=precision_cfg.fp8_recipe,
-            fp8_amax_history_len=precision_cfg.fp8_amax_history_len,
-            fp8_amax_compute_algo=precision_cfg.fp8_amax_compute_algo,
-        )
+    fp8_kwargs = fp8_config_fields(
+        precision_cfg, available=frozenset(f.name for f in dataclasses.fields(TransformerConfig)))
     return TransformerConfig(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -147,7 +176,7 @@ def build_gpt_model(arch, *, parallel_cfg, precision_cfg, padded_vocab: int, vp_
     config = transformer_config(arch, parallel_cfg=parallel_cfg, precision_cfg=precision_cfg)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=gpt_layer_spec(qk_layernorm=arch.qk_layernorm),
+        transformer_layer_spec=gpt_layer_spec(qk_layernorm=arch.qk_layernorm, fp8=config.fp8),
         vocab_size=padded_vocab,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),

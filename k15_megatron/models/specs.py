@@ -2,12 +2,15 @@
 
 Transformer Engine's fused layers (fused LayerNorm+Linear, FP8-capable GEMMs, TE attention with
 context parallelism) when TE is importable; Megatron-Core's local PyTorch modules otherwise.
+FP8 (``precision.fp8``) exists only with the TE spec.
 The two specs name some parameters differently (TE fuses the pre-attention / pre-MLP norms into
 ``linear_qkv.layer_norm_weight`` / ``linear_fc1.layer_norm_weight``); the checkpoint name mapping
 in :mod:`k15_megatron.checkpoint.hf_mapping` accepts both.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 from k15_megatron.parallel.device import HAVE_TE
 
@@ -17,10 +20,18 @@ def uses_transformer_engine() -> bool:
     return HAVE_TE
 
 
-def gpt_layer_spec(*, qk_layernorm: bool):
-    """The ModuleSpec of one decoder layer (RMSNorm, causal self-attention, gated MLP)."""
+def gpt_layer_spec(*, qk_layernorm: bool, fp8: Optional[str] = None):
+    """The ModuleSpec of one decoder layer (RMSNorm, causal self-attention, gated MLP).
+
+    ``fp8`` (TransformerConfig.fp8): FP8 GEMMs exist only in TE's modules; without TE
+    Megatron-Core would accept the setting and silently compute in the base dtype, so this
+    raises ValueError instead (config validation refuses it earlier, naming precision.fp8).
+    """
     from megatron.core.models.gpt import gpt_layer_specs
 
     if uses_transformer_engine():
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+    if fp8:
+        raise ValueError(f"precision.fp8={fp8!r} needs the Transformer Engine layer spec, and "
+                         "transformer_engine is not importable here; set precision.fp8=null")
     return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")

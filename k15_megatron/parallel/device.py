@@ -9,15 +9,14 @@ What differs is decided here, once:
 * ``prepare_megatron_for_device()``: on CPU, applies the redirections in
   :mod:`k15_megatron.parallel.cpu_megatron` so that stock Megatron-Core runs; on GPU it does
   nothing, so the GPU path is untouched Megatron-Core.
-* ``fp8_autocast(enabled, recipe)``: Transformer Engine's FP8 context on GPU, a no-op context
-  where FP8 is off (FP8 requested without TE is refused earlier, by config validation).
+* FP8 has no context here: Megatron-Core's TransformerBlock enters Transformer Engine's
+  ``fp8_autocast`` itself when TransformerConfig.fp8 is set (:mod:`k15_megatron.config.fp8`).
 * ``empty_device_cache()`` / ``device_memory_stats()``: GPU memory hooks that are no-ops (or
   host-memory readings) on CPU.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 import resource
@@ -66,17 +65,6 @@ def prepare_megatron_for_device() -> None:
     from k15_megatron.parallel import cpu_megatron
 
     cpu_megatron.apply()
-
-
-def fp8_autocast(enabled: bool, recipe=None):
-    """Transformer Engine's FP8 autocast when ``enabled`` (requires TE), else a no-op context."""
-    if not enabled:
-        return contextlib.nullcontext()
-    if not HAVE_TE:
-        raise RuntimeError("FP8 was requested but Transformer Engine is not installed")
-    import transformer_engine.pytorch as te
-
-    return te.fp8_autocast(enabled=True, fp8_recipe=recipe)
 
 
 def empty_device_cache() -> None:
