@@ -49,7 +49,8 @@ class SamplingConfig:
     curriculum_switch_iteration: int = 0
     """Curriculum: iterations before this sample uniformly, from it on only hard problems."""
     curriculum_hard_threshold: float = 0.5
-    """Curriculum: a problem is hard when its difficulty label is >= this value."""
+    """Curriculum: a problem is hard when its difficulty, min-max normalised over the prompt
+    set to [0, 1], is >= this value (0.5 with labels 1..5: labels 3, 4, 5 are hard)."""
 
 
 @dataclass
@@ -181,6 +182,9 @@ class RLConfig:
         need(s.priority_floor >= 0, "sampling.priority_floor", "must be >= 0")
         need(s.curriculum_switch_iteration >= 0, "sampling.curriculum_switch_iteration",
              "must be >= 0")
+        need(0.0 <= s.curriculum_hard_threshold <= 1.0, "sampling.curriculum_hard_threshold",
+             f"must be in [0, 1] (difficulties are normalised to [0, 1]), got "
+             f"{s.curriculum_hard_threshold}")
 
         r = self.replay
         need(r.segment_token_budget >= 1, "replay.segment_token_budget", "must be >= 1")

@@ -9,8 +9,12 @@ non-negative per-problem weights:
   never attempted gets s_i = ``unseen_success_rate`` (default 0.0: optimistic, so every new
   problem is tried early with the highest priority).
 - curriculum (the report's ablation): uniform over all problems before
-  ``curriculum_switch_iteration``, then uniform over the hard ones only (difficulty label >=
-  ``curriculum_hard_threshold``; labels come with the data or from a model's pass rate).
+  ``curriculum_switch_iteration``, then uniform over the hard ones only. Labels come with the
+  data on any scale (the arithmetic task's integer step counts 1..5, a model's pass rate, ...);
+  they are min-max normalised over the prompt set, (label - min) / (max - min) in [0, 1], and a
+  problem is hard when its normalised difficulty is >= ``curriculum_hard_threshold`` (default
+  0.5: labels 1..5 make 3, 4 and 5 hard). Labels that are all equal cannot separate easy from
+  hard and are refused.
 
 Rules for degenerate cases (documented so runs never stop on them): if every weight is 0 (all
 tracked problems solved, no floor) the draw is uniform over the problems the rule allows (all of
@@ -44,8 +48,21 @@ def prioritized_weights(success_rates, difficulties, iteration, cfg):
     return (1.0 - success_rates).clamp(min=0.0) + cfg.priority_floor
 
 
+def normalized_difficulties(labels: torch.Tensor) -> torch.Tensor:
+    """[N] labels -> [N] float64 in [0, 1]: (label - min) / (max - min). ValueError when every
+    label is the same (no problem is harder than another)."""
+    labels = labels.double()
+    low, high = labels.min(), labels.max()
+    if not high > low:
+        raise ValueError(f"rl.sampling.strategy=curriculum: every difficulty label is {float(low):g}, "
+                         "so no problem is harder than another; give the prompts at least two "
+                         "difficulty levels or use another rl.sampling.strategy")
+    return (labels - low) / (high - low)
+
+
 def curriculum_weights(success_rates, difficulties, iteration, cfg):
-    """1 for all problems before the switch iteration; afterwards 1 only for hard problems."""
+    """1 for all problems before the switch iteration; afterwards 1 only for hard problems
+    (``difficulties`` normalised to [0, 1], see :func:`normalized_difficulties`)."""
     if difficulties is None:
         raise ValueError("rl.sampling.strategy=curriculum needs a difficulty label per problem")
     if iteration < cfg.curriculum_switch_iteration:
@@ -67,7 +84,8 @@ class PromptSampler:
     Args:
         num_problems: N, problems are indexed 0..N-1.
         cfg: the ``rl.sampling`` section.
-        difficulties: optional [N] float labels (needed by the curriculum strategy).
+        difficulties: optional [N] labels on any scale (needed by the curriculum strategy,
+            which normalises them to [0, 1]; see :func:`normalized_difficulties`).
         seed: seed of the sampler's own torch.Generator.
     """
 
@@ -87,7 +105,10 @@ class PromptSampler:
             raise ValueError("rl.sampling.strategy=curriculum needs difficulty labels")
         self.cfg = cfg
         self.num_problems = num_problems
-        self.difficulties = None if difficulties is None else difficulties.double()
+        self.difficulties = None
+        if difficulties is not None:
+            self.difficulties = (normalized_difficulties(difficulties) if cfg.strategy == "curriculum"
+                                 else difficulties.double())
         self.attempts = torch.zeros(num_problems, dtype=torch.float64)
         self.successes = torch.zeros(num_problems, dtype=torch.float64)
         self.ema = torch.zeros(num_problems, dtype=torch.float64)

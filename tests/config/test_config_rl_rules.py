@@ -62,3 +62,7 @@ def test_k15_rl_refuses_a_schedule_error_before_starting_processes(capsys):
     err = capsys.readouterr().err
     assert status == 2
     assert "optim.lr_warmup_iters=5" in err and "rl.iterations x rl.updates_per_iteration = 2" in err
+
+
+def test_curriculum_threshold_is_on_the_normalised_scale():
+    assert "rl.sampling.curriculum_hard_threshold" in refused("rl.sampling.curriculum_hard_threshold=3")

@@ -108,6 +108,37 @@ def test_curriculum_uniform_then_hard_only():
         PromptSampler(6, cfg)
 
 
+def test_curriculum_with_integer_labels_moves_from_easy_to_hard():
+    """Labels 1..5 (the arithmetic task's step counts), 200 problems each, threshold 0.5:
+    normalised difficulties are 0, .25, .5, .75, 1, so labels 3-5 are hard. Before the switch
+    the draws are uniform over all labels (easy share 2/5), from the switch on only hard ones.
+    Bound: 6000 draws give the easy share a standard deviation of sqrt(.4 * .6 / 6000) = 0.0063,
+    so |share - 0.4| < 0.04 fails by chance with probability < 1e-9; likewise each hard label's
+    share after the switch is 1/3 +- 0.04 (sd 0.0061)."""
+    labels = torch.arange(1, 6).repeat_interleave(200)            # [1000] ints 1..5
+    cfg = SamplingConfig(strategy="curriculum", with_replacement=True, curriculum_switch_iteration=3)
+    sampler = PromptSampler(1000, cfg, difficulties=labels, seed=5)
+    n = 6000
+    before = labels[sampler.sample(n, iteration=2)]
+    after = labels[sampler.sample(n, iteration=3)]
+    assert abs(float((before <= 2).double().mean()) - 0.4) < 0.04
+    assert abs(float(before.double().mean()) - 3.0) < 0.1          # sd of the mean: 1.41/77 = 0.018
+    assert int((after <= 2).sum()) == 0
+    for label in (3, 4, 5):
+        assert abs(float((after == label).double().mean()) - 1 / 3) < 0.04
+    assert abs(float(after.double().mean()) - 4.0) < 0.1           # sd of the mean: 0.82/77 = 0.011
+
+
+def test_curriculum_threshold_scale_and_constant_labels():
+    labels = torch.tensor([10.0, 20.0, 30.0, 40.0, 50.0])         # any scale: normalised 0..1
+    cfg = SamplingConfig(strategy="curriculum", curriculum_switch_iteration=0,
+                         curriculum_hard_threshold=0.75)
+    probs = PromptSampler(5, cfg, difficulties=labels).probabilities(0)
+    assert probs.tolist() == [0.0, 0.0, 0.0, 0.5, 0.5]
+    with pytest.raises(ValueError, match="every difficulty label is 3"):
+        PromptSampler(3, cfg, difficulties=torch.tensor([3, 3, 3]))
+
+
 def _run(sampler, iterations, start):
     draws = []
     for it in range(start, start + iterations):
