@@ -1,7 +1,8 @@
 """The ``engine:`` section: how the colocated hybrid engine switches between train and rollout.
 
-Plain dataclass, defaults only here. Memory steps (offloading, vLLM sleep) act on GPUs only;
-on CPU they are skipped by the device seam and the same config is valid.
+Plain dataclass, defaults only here. The trainer's memory steps (engine/memory.py) run on every
+device and report the bytes they free (``offload/*_bytes``); on CPU the host copies are plain
+CPU tensors, on GPU pinned host memory. vLLM's sleep mode is CUDA-only (a no-op on CPU).
 """
 
 from __future__ import annotations
@@ -17,14 +18,17 @@ class EngineConfig:
     """Switching the same processes between Megatron training and vLLM rollouts."""
 
     offload_optimizer_states: bool = True
-    """GPU: move the optimizer's state tensors to host memory during rollouts (freed instead
-    of copied when rl.reset_optimizer discards them anyway)."""
+    """Copy the optimizer's state tensors (Adam's moments) to host memory during rollouts and
+    free them on the device. Ignored with rl.reset_optimizer: the state is then dropped at the
+    switch to rollouts (the next update starts from a fresh state anyway)."""
     offload_grad_buffers: bool = True
-    """GPU: release Megatron DDP's gradient buffers during rollouts (they are zeroed at the
-    next step anyway, so nothing is copied)."""
+    """Free Megatron DDP's gradient buffers during rollouts (they are zeroed at the next step
+    anyway, so nothing is copied)."""
     offload_params: bool = False
-    """GPU: also move the trainer's parameter buffers to host memory during rollouts (after
-    the weight sync). Frees the most memory, costs a host round trip per iteration."""
+    """Also copy the model parameters to host memory during rollouts (after the weight sync and
+    the log-prob check) and free them on the device: DDP's flat parameter buffers with the
+    distributed optimizer, each parameter otherwise. The fp32 main copies of a bf16/fp16
+    optimizer stay. Frees the most memory, costs a host round trip per iteration."""
     vllm_sleep_level: int = one_of(1, (1, 2))
     """GPU: vLLM sleep mode during training: 1 = drop the KV cache and offload weights to host,
     2 = drop both (weights are re-synced from Megatron anyway, so 2 is safe here)."""

@@ -1,15 +1,19 @@
 """The colocated hybrid engine: the same processes switch between Megatron training and vLLM rollout.
 
-``to_rollout(policy_version)``: free the trainer's device memory it does not need during
-rollouts, wake vLLM, push the trainer's weights into vLLM in place (no disk, no restart), tag
-new segments with ``policy_version``, and check that vLLM's log-probs equal the trainer's on a
-few sampled sequences. ``to_train()``: put vLLM to sleep and restore the trainer's memory. Each
-step is timed; both return a metrics dict. On CPU the memory steps are no-ops (device seam),
-the sync and the check run for real.
+``to_rollout(policy_version)``: free the trainer's memory it does not need during rollouts
+(engine/memory.py: gradient buffers, optimizer state - dropped when ``rl.reset_optimizer``
+discards it anyway -, optionally the parameters after the sync), wake vLLM, push the trainer's
+weights into vLLM in place (no disk, no restart), tag new segments with ``policy_version``, and
+check that vLLM's log-probs equal the trainer's on a few sampled sequences. ``to_train()``: put
+vLLM to sleep and restore what ``to_rollout`` freed, bit for bit (gradient buffers come back
+zeroed). Each step is timed and reports its bytes (``offload/*_bytes``, ``onload/*_bytes``);
+both return a metrics dict. The memory steps run on CPU too (only pinning and CUDA
+synchronisation are GPU-only); vLLM's sleep/wake are no-ops on CPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -46,7 +50,8 @@ class HybridEngine:
             rollout: a :class:`k15_megatron.rollout.engine.RolloutEngine`.
             weight_sync: a transport with ``sync(model, arch)`` (engine/weight_sync.py).
             cfg: the ``engine`` config section.
-            reset_optimizer: rl.reset_optimizer; a state about to be reset is dropped, not offloaded.
+            reset_optimizer: rl.reset_optimizer: the optimizer state is dropped at ``to_rollout``
+                (the next update would discard it anyway), whatever ``cfg`` says about offloading.
             recompute_logprobs: ``f(model_chunks, input_ids [B, T]) -> [B, T-1]`` float32 token
                 log-probs of the trainer (collective; the log-prob check after each sync).
         """
@@ -55,6 +60,7 @@ class HybridEngine:
         self.reset_optimizer = reset_optimizer
         self.recompute_logprobs = recompute_logprobs
         self.mode = "train"
+        self._offloaded: dict = {}  # name -> memory.Offloaded, restored by to_train
 
     def to_rollout(self, policy_version: int) -> dict:
         """Switch to generation with the trainer's current weights (collective)."""
@@ -63,21 +69,23 @@ class HybridEngine:
         metrics: dict = {}
         with _Timer(metrics, "offload"):
             if self.cfg.offload_grad_buffers:
-                metrics["offload/grad_bytes"] = memory.release_grad_buffers(self.model_chunks)
-            if self.cfg.offload_optimizer_states and not self.reset_optimizer:
-                metrics["offload/optimizer_bytes"] = memory.offload_optimizer_states(self.optimizer)
+                self._offload("grad", memory.release_grad_buffers(self.model_chunks), metrics)
+            if self.reset_optimizer:
+                metrics["offload/optimizer_dropped_bytes"] = memory.drop_optimizer_states(self.optimizer)
+            elif self.cfg.offload_optimizer_states:
+                self._offload("optimizer", memory.offload_optimizer_states(self.optimizer), metrics)
         with _Timer(metrics, "wake"):
             self.rollout.wake_up()
         with _Timer(metrics, "sync"):
             sync = self.weight_sync.sync(self.model_chunks[0], self.arch)
             self.rollout.mark_weights_updated(policy_version)
         metrics.update({f"sync/{k}": v for k, v in sync.items()})
-        if self.cfg.offload_params:
-            with _Timer(metrics, "offload_params"):
-                metrics["offload/param_bytes"] = memory.offload_params(self.model_chunks)
         if self.cfg.check_num_sequences > 0:
             with _Timer(metrics, "logprob_check"):
                 metrics.update(self.check_logprobs())
+        if self.cfg.offload_params:
+            with _Timer(metrics, "offload_params"):
+                self._offload("param", memory.offload_params(self.model_chunks), metrics)
         self.mode = "rollout"
         return metrics
 
@@ -89,24 +97,39 @@ class HybridEngine:
         with _Timer(metrics, "sleep"):
             self.rollout.sleep(level=self.cfg.vllm_sleep_level)
         with _Timer(metrics, "onload"):
-            if self.cfg.offload_params:
-                memory.onload_params(self.model_chunks)
-            if self.cfg.offload_grad_buffers:
-                memory.restore_grad_buffers(self.model_chunks)
-            if self.cfg.offload_optimizer_states and not self.reset_optimizer:
-                memory.onload_optimizer_states(self.optimizer)
+            for name in ("param", "grad", "optimizer"):
+                if name in self._offloaded:
+                    metrics[f"onload/{name}_bytes"] = self._offloaded.pop(name).restore()
         self.mode = "train"
         return metrics
+
+    def _offload(self, name: str, record: memory.Offloaded, metrics: dict) -> None:
+        self._offloaded[name] = record
+        metrics[f"offload/{name}_bytes"] = record.nbytes
+
+    @contextlib.contextmanager
+    def trainer_state_resident(self):
+        """Within this context the parameters and optimizer state that ``to_rollout`` freed are
+        back in place (a checkpoint save reads them); on exit they are freed again. The
+        gradient buffers stay freed (no checkpoint holds them)."""
+        back = [name for name in ("param", "optimizer") if name in self._offloaded]
+        for name in back:
+            self._offloaded.pop(name).restore()
+        try:
+            yield
+        finally:
+            if "param" in back:
+                self._offloaded["param"] = memory.offload_params(self.model_chunks)
+            if "optimizer" in back:
+                self._offloaded["optimizer"] = memory.offload_optimizer_states(self.optimizer)
 
     def check_logprobs(self) -> dict:
         """Sample a few sequences, recompute their log-probs with the trainer, compare.
 
         Every rank samples the same prompts (fixed token ids from the tokenizer's range) with a
-        fixed seed; the trainer's recomputation needs the parameters on the device, so with
-        ``offload_params`` it is skipped. Raises LogprobDriftError past the configured tolerance.
+        fixed seed; it runs before ``offload_params`` frees the parameters the trainer's
+        recomputation needs. Raises LogprobDriftError past the configured tolerance.
         """
-        if self.cfg.offload_params:
-            return {}
         results = self.rollout.sample_for_check(num_sequences=self.cfg.check_num_sequences,
                                                 max_tokens=self.cfg.check_max_tokens,
                                                 vocab_size=self.arch.vocab_size)
@@ -120,7 +143,7 @@ class HybridEngine:
             ids[i, n_prompt:n_prompt + n_new] = result.tokens
             mask[i, n_prompt - 1:n_prompt - 1 + n_new] = True
             behaviour[i, n_prompt - 1:n_prompt - 1 + n_new] = result.logprobs
-        trainer = self.recompute_logprobs(self.model_chunks, ids)
+        trainer = self.recompute_logprobs(self.model_chunks, ids).cpu()  # compared on the host
         metrics = logprob_mismatch_metrics(behaviour, trainer, mask)
         metrics = {f"logprob_check/{k}": float(v) for k, v in metrics.items()}
         tolerance = self.cfg.check_max_abs_diff

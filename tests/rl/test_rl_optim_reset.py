@@ -1,4 +1,7 @@
-"""reset_optimizer_state: after a reset the next step equals a fresh optimizer's, bit for bit."""
+"""reset_optimizer_state: after a reset the next step equals a fresh optimizer's, bit for bit; it
+reports the bytes of state it discarded and is idempotent. leaf_optimizers walks Megatron's
+ChainedOptimizer here; its walk through a real Megatron FP32Optimizer (which needs the device
+seam) is exercised by tests/engine/test_engine_memory.py."""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-from k15_megatron.rl.optim_reset import reset_optimizer_state
+from k15_megatron.rl.optim_reset import leaf_optimizers, optimizer_has_state, reset_optimizer_state
 
 
 def _params(seed=0):
@@ -33,8 +36,11 @@ def test_adam_reset_equals_fresh_optimizer():
     opt = torch.optim.Adam(params, lr=0.1, betas=(0.8, 0.9), weight_decay=0.01)
     _train(opt, params, 3)
     assert all(int(opt.state[p]["step"]) == 3 for p in params)
-    assert reset_optimizer_state(opt) == 1
-    assert len(opt.state) == 0 and opt.param_groups[0]["lr"] == 0.1
+    # exp_avg + exp_avg_sq (float32, like the parameter) + a float32 0-dim step per parameter
+    expected = sum(2 * p.numel() * 4 + 4 for p in params)
+    assert reset_optimizer_state(opt) == expected
+    assert len(opt.state) == 0 and opt.param_groups[0]["lr"] == 0.1 and not optimizer_has_state(opt)
+    assert reset_optimizer_state(opt) == 0  # idempotent: nothing left to discard
 
     twin = [torch.nn.Parameter(p.detach().clone()) for p in params]
     fresh = torch.optim.Adam(twin, lr=0.1, betas=(0.8, 0.9), weight_decay=0.01)
@@ -67,8 +73,10 @@ def test_megatron_chained_optimizer_members_are_reset():
     chained = ChainedOptimizer([opt_a, opt_b])
     _train(opt_a, a, 2)
     _train(opt_b, b, 2)
-    assert reset_optimizer_state(chained) == 2
-    assert len(opt_a.state) == 0 and len(opt_b.state) == 0
+    assert list(leaf_optimizers(chained)) == [opt_a, opt_b]
+    assert optimizer_has_state(chained)
+    assert reset_optimizer_state(chained) == sum(2 * p.numel() * 4 + 4 for p in a + b)
+    assert len(opt_a.state) == 0 and len(opt_b.state) == 0 and not optimizer_has_state(chained)
 
 
 class _GroupStepSGD(torch.optim.Optimizer):
@@ -99,6 +107,6 @@ def test_group_level_step_counter_is_restarted():
 
 
 def test_unknown_object_is_a_value_error():
-    assert reset_optimizer_state(None) == 0
+    assert reset_optimizer_state(None) == 0 and list(leaf_optimizers(None)) == []
     with pytest.raises(ValueError, match="object"):
         reset_optimizer_state(object())
