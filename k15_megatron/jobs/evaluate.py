@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from k15_megatron.engine.generation import generate_everywhere
 from k15_megatron.parallel.initialize import global_rank
 from k15_megatron.rollout.partial import expand_prompts
+from k15_megatron.rollout.replicas import generate_everywhere
 
 
 def pass_at_k(num_correct: torch.Tensor, num_samples: int, k: int) -> float:

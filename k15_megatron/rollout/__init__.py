@@ -8,6 +8,8 @@
 - ``repeat_stop``: repeat detection during generation: the cut rule around
                    ``rl.repeat.RepeatDetector``; ``repeat_processor`` the vLLM logits processor.
 - ``partial``:     partial rollouts through the segment replay buffer (``rollout_iteration``).
+- ``replicas``:    ``generate_everywhere``: generation over all engine replicas, every rank
+                   receiving every result.
 
 vLLM is imported only when an engine is built (``repeat_processor`` is loaded by vLLM itself),
 so importing this package is cheap.
@@ -17,9 +19,10 @@ from k15_megatron.rollout.engine import (FINISH_REASONS, RolloutEngine, Sampling
                                          SegmentResult)
 from k15_megatron.rollout.partial import (IterationStats, expand_prompts, open_groups,
                                           pending_requests, record_results, rollout_iteration)
+from k15_megatron.rollout.replicas import generate_everywhere
 
 __all__ = [
     "FINISH_REASONS", "IterationStats", "RolloutEngine", "Sampling", "SegmentRequest",
-    "SegmentResult", "expand_prompts", "open_groups", "pending_requests", "record_results",
+    "SegmentResult", "expand_prompts", "generate_everywhere", "open_groups", "pending_requests", "record_results",
     "rollout_iteration",
 ]

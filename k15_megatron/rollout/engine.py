@@ -139,6 +139,29 @@ class RolloutEngine:
         self.policy_version = int(policy_version)
         self.llm.reset_prefix_cache()
 
+    def sampler_rng_state(self) -> dict:
+        """The random stream vLLM's sampler draws from for requests without a seed of their own.
+
+        The engine core runs in this process (see rollout.build), and vLLM 0.32's samplers draw
+        from torch's default generators: on CPU, ``TopKTopPSampler.forward_cpu`` takes every
+        step's Gumbel-noise seeds from the default CPU generator (``torch.randint``, one per
+        batch row, seeded requests included); on GPU the noise comes from the current device's
+        default CUDA generator (GPU: not run). Returns ``{"cpu": ByteTensor[, "cuda": ...]}``;
+        a run checkpoint stores it so that a resumed run continues the same stream."""
+        state = {"cpu": torch.get_rng_state()}
+        if HAVE_CUDA:
+            state["cuda"] = torch.cuda.get_rng_state()
+        return state
+
+    def set_sampler_rng_state(self, state: dict) -> None:
+        """Restore a state returned by :meth:`sampler_rng_state` (same kind of device)."""
+        torch.set_rng_state(state["cpu"])
+        if HAVE_CUDA:
+            if "cuda" not in state:
+                raise ValueError("the saved sampler state has no CUDA generator state (saved on a "
+                                 "machine without CUDA); it cannot resume the GPU sampler's stream")
+            torch.cuda.set_rng_state(state["cuda"])
+
     def sleep(self, level: int = 1) -> None:
         """Free the engine's device memory while the trainer runs (GPU: vLLM sleep mode; level 1
         offloads weights and drops the KV cache, level 2 drops both). No-op on CPU, where vLLM has

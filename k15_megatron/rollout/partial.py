@@ -6,10 +6,11 @@ one rollout iteration (PAPER.md section 4):
 
     open_groups(buffer, prompts)                   # k empty trajectories per new prompt
     requests = pending_requests(buffer, max_response_tokens=...)   # every unfinished one
-    results = engine.generate(requests, sampling=...)
+    results = generate_everywhere(engine, requests, sampling=...)  # all replicas
     record_results(buffer, results, iteration=i, policy_version=engine.policy_version)
 
-``rollout_iteration`` does exactly that. Unfinished trajectories (finish reason 'budget') stay
+``rollout_iteration`` does exactly that, and is the one implementation of it (``k15 rl`` and
+the partial-rollout benchmark call it). Unfinished trajectories (finish reason 'budget') stay
 in the buffer and are continued from where they stopped in the next iteration, with the
 policy of that iteration; each segment records its iteration and policy version.
 
@@ -18,6 +19,7 @@ policy of that iteration; each segment records its iteration and policy version.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -25,6 +27,7 @@ import torch
 
 from k15_megatron.rl.replay import SegmentReplayBuffer, Trajectory
 from k15_megatron.rollout.engine import RolloutEngine, Sampling, SegmentRequest, SegmentResult
+from k15_megatron.rollout.replicas import generate_everywhere
 
 Prompt = tuple[int, torch.Tensor]
 """(prompt id in the data set, [P] int64 prompt token ids)."""
@@ -86,23 +89,48 @@ class IterationStats:
     num_continued: int
     """Of those, trajectories that already had segments."""
     generated_tokens: int
-    """Tokens kept in the buffer (after repeat cuts)."""
+    """Tokens the engine produced, including those a repeat cut dropped (the compute spent)."""
+    decoding_steps: int
+    """The longest segment's generated tokens: all requests decode together, so this many
+    decoding steps (a load-independent measure of the iteration's length)."""
     num_finished: int
     """Trajectories that finished in this iteration."""
+    num_unfinished: int
+    """Trajectories left open in the buffer afterwards (continued next iteration)."""
+    policy_version: int
+    """The weights version the segments were generated with (and are tagged with)."""
+    seconds: float
+    """Wall time of the iteration."""
+
+    def metrics(self) -> dict:
+        """The ``rollout/...`` metrics of ``k15 rl`` (floats; tokens/s over the wall time)."""
+        return {"time/rollout_s": self.seconds,
+                "throughput/rollout_tokens_per_s": self.generated_tokens / max(self.seconds, 1e-9),
+                "rollout/generated_tokens": float(self.generated_tokens),
+                "rollout/segments": float(self.num_requests),
+                "rollout/continued": float(self.num_continued),
+                "rollout/unfinished_after": float(self.num_unfinished),
+                "rollout/policy_version": float(self.policy_version)}
 
 
 def rollout_iteration(engine: RolloutEngine, buffer: SegmentReplayBuffer,
                       prompts: Sequence[Prompt], *, iteration: int,
                       sampling: Sampling) -> IterationStats:
     """Open groups for ``prompts``, generate one segment for every unfinished trajectory
-    (new and carried over) with ``engine``, record them at ``iteration`` and the engine's
-    policy version. Ready groups are then available from ``buffer.pop_batch``."""
+    (new and carried over) over all of ``engine``'s replicas, record them at ``iteration`` and
+    the engine's policy version (collective when there are several replicas). Ready groups are
+    then available from ``buffer.pop_batch``."""
+    start = time.perf_counter()
     open_groups(buffer, prompts)
     requests = pending_requests(buffer, max_response_tokens=engine.cfg.max_response_tokens)
-    results = engine.generate(requests, sampling=sampling)
+    results = generate_everywhere(engine, requests, sampling=sampling)
     record_results(buffer, results, iteration=iteration, policy_version=engine.policy_version)
     return IterationStats(
         num_requests=len(requests),
         num_continued=sum(r.response_tokens.numel() > 0 for r in requests),
-        generated_tokens=sum(r.tokens.numel() for r in results),
-        num_finished=sum(r.finished for r in results))
+        generated_tokens=sum(r.generated_tokens for r in results),
+        decoding_steps=max((r.generated_tokens for r in results), default=0),
+        num_finished=sum(r.finished for r in results),
+        num_unfinished=len(buffer.unfinished()),
+        policy_version=engine.policy_version,
+        seconds=time.perf_counter() - start)

@@ -1,11 +1,22 @@
-"""Exact resume of `k15 rl` (deterministic mode, CPU, 2 processes under torchrun).
+"""Exact resume of `k15 rl` on CPU (2 processes under torchrun), in both sampling modes.
 
 Run A goes 2N iterations uninterrupted. Run B is the same command, killed with SIGKILL (the whole
 process group) right after its checkpoint at iteration N, i.e. inside iteration N + 1, then
 started again with checkpoint.resume=auto and run to 2N. The metrics of every iteration and the
-final weights must be bit-identical to run A's.
+final weights must be bit-identical to run A's:
+
+* ``deterministic=true``: every request samples from its own stream seeded by (seed, trajectory,
+  position);
+* the default mode: vLLM's sampler draws from the engine's random stream, whose state the
+  checkpoint carries (restored after the resume's weight sync, whose log-prob check draws
+  from the same stream).
+
+Responses span three 16-token segments, so iterations 1..N train nothing and the engine still
+holds the initial weights (policy version 0) at the checkpoint: the segments continued after the
+resume must carry that version, not the iteration number (``rollout/policy_version``).
 """
 
+import functools
 import json
 import os
 import signal
@@ -24,14 +35,15 @@ N = 2
 VOLATILE = ("time", "time/", "throughput/", "eval/seconds", "sync/sync_s", "memory/")
 
 
-def _command(run_dir, data_dir):
+def _command(run_dir, data_dir, *, deterministic):
     return [sys.executable, "-m", "k15_megatron.cli", "rl", "examples/tiny.yaml", f"run_dir={run_dir}",
             f"data.train_path={data_dir}/train.jsonl", f"data.eval_path={data_dir}/eval.jsonl",
             "parallel.tensor=2", "parallel.world_size=2", "rollout.tensor_parallel_size=2",
             "rollout.max_response_tokens=40", "rollout.max_model_len=96", "rollout.cpu_kv_cache_gib=0.25",
             "rl.group_size=4", "rl.prompts_per_iteration=4", f"rl.iterations={2 * N}",
             "rl.replay.segment_token_budget=16", "rl.updates_per_iteration=2", f"checkpoint.save_interval={N}",
-            "checkpoint.keep_last=0", "optim.lr=1e-3", "deterministic=true", "rl.repeat.enabled=false"]
+            "checkpoint.keep_last=0", "optim.lr=1e-3", f"deterministic={str(deterministic).lower()}",
+            "rl.repeat.enabled=false"]
 
 
 def _kill_tree(pid: int) -> None:
@@ -68,13 +80,15 @@ def _final_weights(run_dir, out_dir):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_kill_and_resume_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "default"])
+def test_kill_and_resume_is_bit_identical(tmp_path, deterministic):
     _write_task(str(tmp_path))
     run_a, run_b = tmp_path / "a", tmp_path / "b"
-    proc = subprocess.run(_command(run_a, tmp_path), cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    command = functools.partial(_command, data_dir=tmp_path, deterministic=deterministic)
+    proc = subprocess.run(command(run_a), cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
-    victim = subprocess.Popen(_command(run_b, tmp_path), cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+    victim = subprocess.Popen(command(run_b), cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True, start_new_session=True)
     latest = run_b / "checkpoints" / "latest"
     deadline = time.time() + 600
@@ -92,13 +106,16 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
     killed_at = max(json.loads(line)["iteration"] for line in open(run_b / "metrics.jsonl") if line.strip())
     assert killed_at < 2 * N, "the kill came too late to interrupt the run"
 
-    proc = subprocess.run(_command(run_b, tmp_path), cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(command(run_b), cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "rl: resumed from" in proc.stdout and f"at iteration {N}" in proc.stdout, proc.stdout[-3000:]
 
     metrics_a = _stable(json.loads(line) for line in open(run_a / "metrics.jsonl"))
     metrics_b = _stable(json.loads(line) for line in open(run_b / "metrics.jsonl"))
     assert metrics_b == metrics_a
+    loop = [r for r in metrics_a if "rollout/policy_version" in r]
+    assert [r["iteration"] for r in loop] == list(range(1, 2 * N + 1))
+    assert loop[N]["rollout/policy_version"] < N, "the checkpoint's policy version should lag its iteration"
     weights_a, weights_b = _final_weights(run_a, tmp_path / "hf_a"), _final_weights(run_b, tmp_path / "hf_b")
     assert weights_a.keys() == weights_b.keys()
     for name, tensor in weights_a.items():

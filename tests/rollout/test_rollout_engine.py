@@ -129,3 +129,20 @@ def test_seeded_sampling_whose_prefill_exceeds_one_scheduler_step_runs_in_waves(
     assert engine._waves([{"prompt_token_ids": [1]}] * count, seeded=False) == [range(count)]
     with pytest.raises(ValueError, match="rollout.max_num_batched_tokens"):
         engine._waves([{"prompt_token_ids": [1] * (budget + 1)}], seeded=True)
+
+
+def test_sampler_rng_state_is_the_stream_unseeded_sampling_draws_from(engine):
+    """Without per-request seeds vLLM's CPU sampler draws from torch's default generator
+    (in-process engine): putting the saved state back repeats the same samples, which is how a
+    resumed run continues the stream; drawing on without it gives other samples."""
+    reqs = expand_prompts(prompts(4), k=2, token_budget=24, max_response_tokens=256)
+    sampling = Sampling.from_config(engine.cfg, temperature=1.0, seed=None, ignore_eos=True)
+    state = engine.sampler_rng_state()
+    first = [r.tokens.tolist() for r in engine.generate(reqs, sampling=sampling)]
+    after_first = engine.sampler_rng_state()
+    assert not torch.equal(after_first["cpu"], state["cpu"]), "sampling drew nothing from the stream"
+    drawn_on = [r.tokens.tolist() for r in engine.generate(reqs, sampling=sampling)]
+    assert drawn_on != first
+    engine.set_sampler_rng_state(state)
+    assert [r.tokens.tolist() for r in engine.generate(reqs, sampling=sampling)] == first
+    assert torch.equal(engine.sampler_rng_state()["cpu"], after_first["cpu"])

@@ -44,6 +44,10 @@ def test_continued_greedy_segments_equal_one_greedy_call_and_metadata_is_right(e
     assert [(s.num_requests, s.num_continued, s.num_finished) for s in stats] == [
         (4, 0, 0), (8, 4, 0), (8, 8, 4), (4, 4, 4)]
     assert [s.generated_tokens for s in stats] == [64, 128, 96, 32]
+    assert [s.decoding_steps for s in stats] == [16, 16, 16, 8]
+    assert [s.num_unfinished for s in stats] == [4, 8, 4, 0]
+    assert [s.policy_version for s in stats] == [10, 11, 12, 13]
+    assert stats[1].metrics()["rollout/continued"] == 4.0
     assert batches[0] is None and batches[1] is None and len(buf) == 0
 
     for it, first_iter in ((2, 0), (3, 1)):

@@ -99,32 +99,27 @@ class ModeRun:
         self.lengths: list[int] = []
 
     def iteration(self, it: int) -> None:
-        """One rollout iteration (the steps of rollout_iteration, keeping the results)."""
+        """One rollout iteration of ``k15 rl`` (rollout_iteration), after a weight sync."""
         import torch
 
-        from k15_megatron.rollout import open_groups, pending_requests, record_results
+        from k15_megatron.rollout import rollout_iteration
 
         a = self.args
         prompts = [(it * a.prompts + j, torch.randint(3, 100, (16,), generator=self.gen))
                    for j in range(a.prompts)]
         t0 = time.perf_counter()
         self.engine.mark_weights_updated(it)  # as after a weight sync: prefix cache dropped
-        open_groups(self.buf, prompts)
-        requests = pending_requests(self.buf, max_response_tokens=a.cap)
-        results = self.engine.generate(requests, sampling=self.sampling)
-        record_results(self.buf, results, iteration=it, policy_version=it)
+        stats = rollout_iteration(self.engine, self.buf, prompts, iteration=it, sampling=self.sampling)
         elapsed = time.perf_counter() - t0
         batch = self.buf.pop_batch(iteration=it)
         if it >= self.warmup:
             self.time += elapsed
             self.iters += 1
-            self.tokens += sum(r.generated_tokens for r in results)
-            self.finished += sum(r.finished for r in results)
-            # decoding steps of the call = its longest segment (all requests decode together)
-            self.steps += max(r.generated_tokens for r in results)
+            self.tokens += stats.generated_tokens
+            self.finished += stats.num_finished
+            self.steps += stats.decoding_steps
             if batch is not None:
                 self.lengths += batch.response_lengths.tolist()
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

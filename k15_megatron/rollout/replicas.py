@@ -15,7 +15,9 @@ import torch
 
 
 def generate_everywhere(engine, requests: Sequence, *, sampling) -> list:
-    """``engine.generate`` over all replicas (collective when there are several)."""
+    """``engine.generate`` (a :class:`~k15_megatron.rollout.engine.RolloutEngine`) over all
+    replicas: one ``SegmentResult`` per request, in request order, on every rank (collective
+    when there are several replicas; raises RuntimeError if a result went missing)."""
     layout = engine.layout
     replicas = layout.data_parallel_size
     if replicas == 1:
