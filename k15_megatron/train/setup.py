@@ -12,6 +12,7 @@ import dataclasses
 import os
 
 from k15_megatron.checkpoint.model_init import load_initial_weights
+from k15_megatron.checkpoint.run_ckpt import resolve_checkpoint_dir
 from k15_megatron.config import resolve_model_arch, save_resolved_config
 from k15_megatron.models.gpt import build_gpt_model, padded_vocab_size
 from k15_megatron.models.tokenizer import load_tokenizer, tokenizer_folder
@@ -28,6 +29,8 @@ class Trainer:
     arch: object
     padded_vocab: int
     tokenizer: object
+    tokenizer_dir: str | None
+    """Folder the tokenizer was loaded from (None: the built-in character tokenizer)."""
     model: object
     chunks: list
     optimizer: object
@@ -54,12 +57,13 @@ def build_trainer(cfg, *, with_optimizer: bool = True, num_optimizer_steps: int 
         import torch
 
         torch.use_deterministic_algorithms(True)
-    layout = initialize(cfg.parallel, seed=cfg.seed)
     arch = resolve_model_arch(cfg.model)
+    # The tokenizer is checked before any process group starts (a bad folder is a user error).
+    init_checkpoint = resolve_checkpoint_dir(cfg.model.init_from) if cfg.model.init_from else None
+    tokenizer_dir = tokenizer_folder(cfg.model, init_checkpoint=init_checkpoint)
+    tokenizer = load_tokenizer(cfg.model, vocab_size=arch.vocab_size, init_checkpoint=init_checkpoint)
+    layout = initialize(cfg.parallel, seed=cfg.seed)
     padded = padded_vocab_size(arch.vocab_size, cfg.model.make_vocab_size_divisible_by, layout.tp_size)
-    tokenizer = load_tokenizer(cfg.model)
-    if len(tokenizer) > arch.vocab_size:
-        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size is {arch.vocab_size}")
     if layout.rank == 0:
         save_resolved_config(cfg, cfg.run_dir)
     model = build_gpt_model(arch, parallel_cfg=cfg.parallel, precision_cfg=cfg.precision, padded_vocab=padded)
@@ -69,7 +73,8 @@ def build_trainer(cfg, *, with_optimizer: bool = True, num_optimizer_steps: int 
         steps = cfg.optim.train_iters if num_optimizer_steps is None else num_optimizer_steps
         chunks, optimizer, scheduler = build_training_objects(model, optim_cfg=cfg.optim, precision_cfg=cfg.precision,
                                                               num_steps=steps)
-    return Trainer(cfg=cfg, layout=layout, arch=arch, padded_vocab=padded, tokenizer=tokenizer, model=model,
+    return Trainer(cfg=cfg, layout=layout, arch=arch, padded_vocab=padded, tokenizer=tokenizer,
+                   tokenizer_dir=tokenizer_dir, model=model,
                    chunks=chunks, optimizer=optimizer, scheduler=scheduler, init_source=source)
 
 
@@ -84,7 +89,7 @@ def write_run_assets(trainer: Trainer) -> str:
     path = os.path.join(os.path.abspath(trainer.cfg.run_dir), "hf_assets")
     if trainer.is_logging_rank:
         os.makedirs(path, exist_ok=True)
-        source = tokenizer_folder(trainer.cfg.model)
+        source = trainer.tokenizer_dir
         if source:
             copy_hf_assets(source, path)
         else:
