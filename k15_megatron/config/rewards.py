@@ -30,7 +30,15 @@ class MathRewardConfig:
     """Regex with one group that captures the final answer; the LAST match counts. Empty: the
     argument of the last \\boxed{...} (or \\fbox{...}) in the response."""
     time_limit_s: float = 5.0
-    """Hard wall-clock limit per scored answer; the worker process is killed past it (score 0)."""
+    """CPU seconds the checker may spend on one answer; its worker process is killed past it
+    (score 0). CPU time, not wall clock, so waiting for a core on a loaded machine never counts."""
+    wall_time_limit_s: float = 0.0
+    """Wall-clock backstop per answer (for a checker that blocks without computing);
+    0: ``3 * time_limit_s + 10``."""
+    relative_tolerance: float = 1e-6
+    """How close a decimal answer must be to an exact value (or the reverse), relative to the
+    larger magnitude: ``0.333333`` counts for ``\\frac{1}{3}``. Two exact values, or two
+    decimals, must be equal (no tolerance); see `k15_megatron.rewards.math`."""
     max_response_chars: int = 2_000_000
     """Responses longer than this score 0 unparsed (a 128k-token chain of thought is ~0.5 MB)."""
     max_answer_chars: int = 1_000
@@ -40,7 +48,8 @@ class MathRewardConfig:
     num_workers: int = 2
     """Worker processes of the scoring pool (each holds math-verify and sympy in memory)."""
     float_rounding: int = 6
-    """Decimal places math-verify rounds floats to before comparing."""
+    """Decimal places math-verify rounds floats to; only percentages still compare this way
+    (plain numbers use ``relative_tolerance``)."""
     strict: bool = True
     """math-verify strict mode: variables must match and sets/intervals keep their type."""
 
@@ -50,7 +59,11 @@ class CodeRewardConfig:
     """Sandboxed test execution (`k15_megatron.rewards.code`, `k15_megatron.rewards.sandbox`)."""
 
     time_limit_s: float = 5.0
-    """Wall-clock limit per test case; CPU time is limited to ceil(this) + 1 s as well."""
+    """CPU seconds per test case (the program and its children, polled every ~20 ms; each
+    process is also held by RLIMIT_CPU = ceil(this) + 1). Waiting for a core never counts."""
+    wall_time_limit_s: float = 0.0
+    """Wall-clock backstop per test case (a program that sleeps or blocks);
+    0: ``3 * time_limit_s + 10``."""
     memory_mb: int = 1024
     """Address-space limit (RLIMIT_AS) of every sandboxed process, in MiB."""
     max_output_bytes: int = 1 << 20
@@ -85,7 +98,7 @@ class CodeRewardConfig:
     cpp_flags: List[str] = field(default_factory=lambda: ["-O2", "-std=c++17"])
     """Compiler flags for language=cpp."""
     compile_time_limit_s: float = 30.0
-    """Wall-clock limit of one compilation."""
+    """CPU seconds of one compilation (wall-clock backstop: 3 * this + 10)."""
     compile_memory_mb: int = 2048
     """Address-space limit of the compiler, in MiB."""
 
@@ -159,6 +172,12 @@ class RewardsConfig:
 
         m, c, r, t = self.math, self.code, self.rm, self.testgen
         need(m.time_limit_s > 0, "math.time_limit_s", f"must be > 0, got {m.time_limit_s}")
+        need(0 <= m.relative_tolerance < 1, "math.relative_tolerance",
+             f"must be in [0, 1), got {m.relative_tolerance}")
+        for section, cfg in (("math", m), ("code", c)):
+            need(cfg.wall_time_limit_s == 0 or cfg.wall_time_limit_s >= cfg.time_limit_s,
+                 f"{section}.wall_time_limit_s", f"must be 0 (automatic) or >= "
+                 f"{section}.time_limit_s={cfg.time_limit_s}, got {cfg.wall_time_limit_s}")
         for key in ("max_response_chars", "max_answer_chars", "max_nesting_depth", "num_workers"):
             value = getattr(m, key)
             need(value >= 1, f"math.{key}", f"must be >= 1, got {value}")
@@ -207,6 +226,13 @@ class RewardsConfig:
     def config_errors(self, prefix: str) -> List[str]:
         """Hook for the generic schema validator: same checks as `validate`."""
         return self.validate(prefix)
+
+
+def wall_time_limit(cpu_limit_s: float, wall_limit_s: float = 0.0) -> float:
+    """The wall-clock backstop for a CPU-time limit: ``wall_limit_s`` if set, else
+    ``3 * cpu_limit_s + 10`` seconds (room for a machine where each job gets a third of a core,
+    plus process start-up)."""
+    return wall_limit_s if wall_limit_s > 0 else 3.0 * cpu_limit_s + 10.0
 
 
 def parse_reward_spec(spec: str) -> Dict[str, float]:

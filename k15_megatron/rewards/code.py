@@ -33,7 +33,7 @@ import threading
 from dataclasses import asdict, dataclass, field
 from typing import Mapping, Optional, Sequence
 
-from k15_megatron.config.rewards import CODE_LANGUAGES, CodeRewardConfig
+from k15_megatron.config.rewards import CODE_LANGUAGES, CodeRewardConfig, wall_time_limit
 from k15_megatron.rewards.pool import KillablePool
 from k15_megatron.rewards.sandbox import ExecResult, Limits, SandboxError, execute
 
@@ -133,7 +133,7 @@ def _check_tests(tests: Sequence[Mapping[str, str]], language: str) -> None:
 
 def _compile_cpp(program: str, cfg: CodeRewardConfig) -> tuple[Optional[bytes], str]:
     limits = Limits.from_config(cfg, time_limit_s=cfg.compile_time_limit_s,
-                                memory_mb=cfg.compile_memory_mb)
+                                memory_mb=cfg.compile_memory_mb, wall_time_limit_s=0.0)
     compiler = _resolve(cfg.cpp_compiler)
     res = execute([compiler, *cfg.cpp_flags, "main.cpp", "-o", "prog"],
                   files={"main.cpp": program.encode()}, limits=limits, config=cfg,
@@ -162,7 +162,8 @@ def run_tests(program: str, tests: Sequence[Mapping[str, str]], language: str = 
               config: Optional[CodeRewardConfig] = None) -> CodeResult:
     """Run ``program`` on every test in its own sandbox; see the module docstring.
 
-    ``time_limit_s`` (wall clock per test) and ``memory_mb`` override ``config`` (default
+    ``time_limit_s`` (CPU seconds per test; the wall-clock backstop follows it unless
+    ``config.wall_time_limit_s`` is set) and ``memory_mb`` override ``config`` (default
     `CodeRewardConfig`). Raises ValueError for malformed tests and SandboxError when the
     sandbox cannot run at all; never raises because of what the program does.
     """
@@ -207,8 +208,9 @@ def reward_of(verdicts: Sequence[Verdict], *, all_or_nothing: bool) -> float:
 
 def _program_deadline(num_tests: int, language: str, cfg: CodeRewardConfig,
                       time_limit_s: Optional[float]) -> float:
-    per_test = (time_limit_s or cfg.time_limit_s) + 5.0  # sandbox set-up and drain slack
-    compile_s = cfg.compile_time_limit_s + 5.0 if language == "cpp" else 0.0
+    wall = wall_time_limit(time_limit_s or cfg.time_limit_s, cfg.wall_time_limit_s)
+    per_test = wall + 5.0  # sandbox set-up and drain slack
+    compile_s = wall_time_limit(cfg.compile_time_limit_s) + 5.0 if language == "cpp" else 0.0
     return max(1, num_tests) * per_test + compile_s + 10.0
 
 

@@ -13,11 +13,32 @@ A policy under RL produces anything, so the checker is defensive in two layers:
    longer than ``max_response_chars``, answers longer than ``max_answer_chars`` or nesting
    brackets deeper than ``max_nesting_depth`` score 0 with a logged reason. The extraction scans
    backwards from the end, so a megabyte of chain of thought costs one ``rfind``.
-2. The parse and comparison run in a `KillablePool` worker with a hard wall-clock deadline of
-   ``time_limit_s``: sympy can hang inside C (``9^{9^{9^9}}`` becomes a bignum power) where
-   neither signals nor math-verify's own alarm-based timeout help, so the worker is SIGKILLed
-   and replaced and the answer scores 0 with reason ``timeout``. math-verify's own timeouts are
-   switched off (they rely on SIGALRM and would only duplicate this).
+2. The parse and comparison run in a `KillablePool` worker under a CPU-time limit of
+   ``time_limit_s`` (the work itself: a worker waiting for a core on a loaded machine is not
+   charged) and a generous wall-clock backstop (``wall_time_limit_s``): sympy can hang inside C
+   (``9^{9^{9^9}}`` becomes a bignum power) where neither signals nor math-verify's own
+   alarm-based timeout help, so the worker is SIGKILLed and replaced and the answer scores 0
+   with reason ``timeout``. math-verify's own timeouts are switched off (they rely on SIGALRM
+   and would only duplicate this).
+
+Numbers are compared relatively, not by absolute rounding. math-verify 0.9.0 rounds floats to
+``float_rounding`` decimal places and chops differences below about 1e-15, so it credits
+``\\frac{1}{2^{98}}`` for ``\\frac{1}{2^{99}}`` and ``0.000000002`` for ``0.000000001``. In the
+worker its numeric comparison (``math_verify.grader.sympy_numeric_eq``, which every path --
+plain numbers, set and tuple elements, interval ends, equation sides, matrix entries --
+reaches) is wrapped by `numbers_equal`: when both sides are plain numbers it decides alone,
+on exact rationals where it can (a decimal literal is the exact rational it writes):
+
+- both exact (no decimal literal): equal only if equal (to 50 significant digits for
+  irrational forms such as ``\\sqrt{8}`` vs ``2\\sqrt{2}``);
+- both decimal literals: equal only if the same rational (``0.50`` = ``0.5``);
+- one decimal, one exact: the decimal is an approximation, credited when within the relative
+  tolerance ``relative_tolerance`` (default 1e-6: ``0.333333`` and ``0.3333333333`` count for
+  ``\\frac{1}{3}``, ``0.33333`` does not); 0 equals only 0.
+
+Percentages and anything that is not a plain number keep math-verify's own comparison.
+Plain scientific notation (``2e-9``, ``1.5E+3``), which math-verify reads as Euler's e, is
+rewritten to ``2\\times10^{-9}`` before parsing.
 
 Batches (`score_batch`) are spread over the pool's workers. Pools are created lazily, one per
 distinct `MathRewardConfig`, and closed at interpreter exit (or by `close_pools`).
@@ -32,7 +53,7 @@ import threading
 from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
-from k15_megatron.config.rewards import MathRewardConfig
+from k15_megatron.config.rewards import MathRewardConfig, wall_time_limit
 from k15_megatron.rewards.pool import KillablePool
 
 logger = logging.getLogger(__name__)
@@ -138,25 +159,115 @@ def _guard(text: str, what: str, cfg: MathRewardConfig) -> str:
     return ""
 
 
+_SCIENTIFIC = re.compile(r"([+-]?(?:\d+\.?\d*|\.\d+))[eE]([+-]?\d+)")
+
+
 def _as_latex(answer: str) -> str:
     answer = answer.strip()
     if answer.startswith("$") and answer.endswith("$"):
         answer = answer.strip("$")
+    sci = _SCIENTIFIC.fullmatch(answer.strip())
+    if sci:
+        answer = f"{sci.group(1)}\\times10^{{{int(sci.group(2))}}}"
     return f"${answer}$"
+
+
+_EXACT_DIGITS = 50
+
+
+def numbers_equal(a, b, *, relative_tolerance: float) -> Optional[bool]:
+    """Whether sympy numbers ``a`` and ``b`` are equal under the policy of the module
+    docstring; None when they are not both plain real numbers (math-verify then decides)."""
+    from math_verify.grader import get_pct_val
+    from sympy import Expr, Float, Rational
+
+    if not (isinstance(a, Expr) and isinstance(b, Expr)):
+        return None
+    if get_pct_val(a) is not None or get_pct_val(b) is not None:
+        return None
+    try:
+        if not (a.is_number and b.is_number):
+            return None
+        decimal_a, decimal_b = bool(a.atoms(Float)), bool(b.atoms(Float))
+        exact_a = a.doit().xreplace({f: Rational(str(f)) for f in a.atoms(Float)})
+        exact_b = b.doit().xreplace({f: Rational(str(f)) for f in b.atoms(Float)})
+        tolerance = relative_tolerance if decimal_a != decimal_b else 0
+        if exact_a.is_Rational and exact_b.is_Rational:
+            return bool(abs(exact_a - exact_b)
+                        <= Rational(str(tolerance)) * max(abs(exact_a), abs(exact_b)))
+        value_a, value_b = exact_a.evalf(_EXACT_DIGITS), exact_b.evalf(_EXACT_DIGITS)
+        if not (value_a.is_real and value_b.is_real):
+            return None
+        scale = max(abs(value_a), abs(value_b))
+        return bool(abs(value_a - value_b) <= max(tolerance, 10.0 ** (5 - _EXACT_DIGITS)) * scale)
+    except Exception:  # noqa: BLE001 (sympy raises many types on exotic input)
+        return None
+
+
+def _difference_is_zero(a, b) -> Optional[bool]:
+    """For expressions that are not plain numbers but differ by a number (``x + 2^{-99}`` vs
+    ``x + 2^{-98}``): equal only if that number is exactly 0 (math-verify would chop it)."""
+    from sympy import Expr, Float, Rational, expand
+
+    if not (isinstance(a, Expr) and isinstance(b, Expr)):
+        return None
+    try:
+        exact = [e.xreplace({f: Rational(str(f)) for f in e.atoms(Float)}) for e in (a, b)]
+        difference = expand(exact[0] - exact[1])
+        if not difference.is_number:
+            return None
+        return None if difference.is_zero is None else bool(difference.is_zero)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+_RELATIVE_TOLERANCE = [1e-6]  # set per task in the worker (one task at a time)
+
+
+def _relative_numeric_eq(a, b, float_rounding: int, numeric_precision: int) -> bool:
+    verdict = numbers_equal(a, b, relative_tolerance=_RELATIVE_TOLERANCE[0])
+    if verdict is None:
+        verdict = _difference_is_zero(a, b)
+    if verdict is not None:
+        return verdict
+    return _MATH_VERIFY_NUMERIC_EQ[0](a, b, float_rounding, numeric_precision)
+
+
+_MATH_VERIFY_NUMERIC_EQ: list = []
+
+
+def install_relative_comparison() -> None:
+    """Wrap math-verify's numeric comparison with `numbers_equal` (idempotent; see the module
+    docstring). Raises RuntimeError if math-verify no longer has the function it wraps."""
+    from math_verify import grader
+
+    if _MATH_VERIFY_NUMERIC_EQ:
+        return
+    original = getattr(grader, "sympy_numeric_eq", None)
+    if original is None:
+        raise RuntimeError("math_verify.grader.sympy_numeric_eq is gone: the installed "
+                           "math-verify is not the 0.9 line this checker was written for")
+    _MATH_VERIFY_NUMERIC_EQ.append(original)
+    grader.sympy_numeric_eq = _relative_numeric_eq
 
 
 def _init_worker() -> None:
     # math-verify logs the whole input on failures; an adversarial answer would flood the log.
     for name in ("math_verify", "latex2sympy2_extended"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
-    import math_verify  # noqa: F401  (pay the import before the first deadline starts)
+    install_relative_comparison()
+    # Pay imports and parser set-up before the first CPU limit starts counting.
+    _verify("x^2 + 0.5", "x^2 + \\frac{1}{2}", 6, True, 1e-6)
 
 
-def _verify(answer: str, gold: str, float_rounding: int, strict: bool) -> tuple[bool, str]:
+def _verify(answer: str, gold: str, float_rounding: int, strict: bool,
+            relative_tolerance: float) -> tuple[bool, str]:
     """Worker-side check. Returns (equivalent, reason) where reason explains a 0 without
     comparison ("gold did not parse", ...)."""
     from math_verify import parse, verify
 
+    install_relative_comparison()
+    _RELATIVE_TOLERANCE[0] = relative_tolerance
     gold_parsed = parse(_as_latex(gold), parsing_timeout=None)
     if not gold_parsed:
         return False, "gold did not parse"
@@ -207,8 +318,12 @@ class MathScorer:
                     logger.warning("math reward 0 without parsing: %s", reason)
             else:
                 todo.append((i, answer, gold_answer))
-        args = [(a, g, self.config.float_rounding, self.config.strict) for _, a, g in todo]
-        outcomes = self.pool.map(_verify, args, timeout_s=self.config.time_limit_s)
+        cfg = self.config
+        args = [(a, g, cfg.float_rounding, cfg.strict, cfg.relative_tolerance)
+                for _, a, g in todo]
+        outcomes = self.pool.map(_verify, args, cpu_limit_s=cfg.time_limit_s,
+                                 timeout_s=wall_time_limit(cfg.time_limit_s,
+                                                           cfg.wall_time_limit_s))
         for (i, answer, _), outcome in zip(todo, outcomes):
             if outcome.ok:
                 equal, reason = outcome.value

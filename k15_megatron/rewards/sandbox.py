@@ -49,11 +49,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence
 
-from k15_megatron.config.rewards import CodeRewardConfig
+from k15_megatron.config.rewards import CodeRewardConfig, wall_time_limit
 from k15_megatron.rewards import isolation as iso
+from k15_megatron.rewards.pool import process_cpu_seconds
 
 _NAMESPACES = iso.CLONE_NEWNS | iso.CLONE_NEWNET | iso.CLONE_NEWPID | iso.CLONE_NEWIPC
 _DRAIN_AFTER_KILL_S = 5.0
+_CPU_POLL_S = 0.02
 _MAX_COLLECT_BYTES = 256 << 20
 # execve errors that are the program's own doing (a binary too big for the memory limit, or
 # not an executable); any other exec failure means the sandbox is misconfigured.
@@ -69,6 +71,7 @@ class Limits:
     """Resource limits of one execution (units in the names)."""
 
     time_limit_s: float
+    """CPU seconds of the program (polled; RLIMIT_CPU = ceil(this) + 1 per process as well)."""
     memory_mb: int
     max_output_bytes: int
     max_processes: int
@@ -76,6 +79,13 @@ class Limits:
     max_open_files: int
     max_workdir_mb: int = 64
     max_workdir_files: int = 4096
+    wall_time_limit_s: float = 0.0
+    """Wall-clock backstop; 0: `wall_time_limit` of ``time_limit_s``."""
+
+    @property
+    def wall_s(self) -> float:
+        """The wall-clock limit in effect."""
+        return wall_time_limit(self.time_limit_s, self.wall_time_limit_s)
 
     @classmethod
     def from_config(cls, cfg: CodeRewardConfig, **overrides: float) -> "Limits":
@@ -83,7 +93,8 @@ class Limits:
         values = dict(time_limit_s=cfg.time_limit_s, memory_mb=cfg.memory_mb,
                       max_output_bytes=cfg.max_output_bytes, max_processes=cfg.max_processes,
                       max_file_mb=cfg.max_file_mb, max_open_files=cfg.max_open_files,
-                      max_workdir_mb=cfg.max_workdir_mb, max_workdir_files=cfg.max_workdir_files)
+                      max_workdir_mb=cfg.max_workdir_mb, max_workdir_files=cfg.max_workdir_files,
+                      wall_time_limit_s=cfg.wall_time_limit_s)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -407,12 +418,13 @@ class _Killer:
 
     def __init__(self, supervisor: int, full: bool):
         self.supervisor, self.full = supervisor, full
-        self.pidfd = -1
+        self.pidfd = self.program = -1
 
     def learn(self, report: bytes) -> None:
         if self.pidfd < 0:
             for tag, value, _ in _parse_reports(report):
                 if tag == b"P":
+                    self.program = value
                     try:
                         self.pidfd = os.pidfd_open(value)
                     except ProcessLookupError:
@@ -445,27 +457,31 @@ class _Killer:
 
 def _pump(pid: int, out_r: int, err_r: int, rep_r: int, start: float, limits: Limits,
           full: bool) -> tuple[dict[int, bytes], bool, bool]:
-    """Read the three pipes to EOF under the output cap and the wall-clock deadline. Past
-    either, the program is killed and the supervisor (which then reaps everything and reports)
-    gets ``_DRAIN_AFTER_KILL_S`` to finish before its whole group is killed too."""
+    """Read the three pipes to EOF under the output cap, the CPU-time limit (the program's own
+    CPU plus that of the children it reaped, polled every ``_CPU_POLL_S``) and the wall-clock
+    backstop. Past any, the program is killed and the supervisor (which then reaps everything
+    and reports) gets ``_DRAIN_AFTER_KILL_S`` to finish before its whole group is killed too."""
     buffers: dict[int, bytearray] = {out_r: bytearray(), err_r: bytearray(), rep_r: bytearray()}
     selector = selectors.DefaultSelector()
     for fd in buffers:
         selector.register(fd, selectors.EVENT_READ)
     killer = _Killer(pid, full)
-    deadline = start + limits.time_limit_s
+    deadline = start + limits.wall_s
     killed_at: Optional[float] = None
     timed_out = overflow = False
     try:
         while selector.get_map():
             now = time.monotonic()
-            if killed_at is None and now >= deadline:
+            if killed_at is None and (now >= deadline or (
+                    killer.program > 0 and process_cpu_seconds(
+                        killer.program, include_children=True) > limits.time_limit_s)):
                 timed_out, killed_at = True, now
                 killer.kill_program()
             if killed_at is not None and now - killed_at > _DRAIN_AFTER_KILL_S:
                 killer.kill_supervisor()  # something still holds a pipe (no-namespace mode)
                 break
-            wait = (deadline if killed_at is None else killed_at + _DRAIN_AFTER_KILL_S) - now
+            wait = (min(deadline, now + _CPU_POLL_S) if killed_at is None
+                    else killed_at + _DRAIN_AFTER_KILL_S) - now
             for key, _ in selector.select(timeout=max(wait, 0.0)):
                 chunk = os.read(key.fd, 65536)
                 if not chunk:

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from k15_megatron.config.rewards import MathRewardConfig
+from k15_megatron.config.rewards import MathRewardConfig, wall_time_limit
 from k15_megatron.rewards import math as mr
 
 COT = "Let me work through this carefully.\nFirst ... then ... so the final answer is "
@@ -40,8 +40,10 @@ FAMILIES = [
 
 @pytest.fixture(scope="module")
 def fast_limit():
-    """A 1 s hard limit so the adversarial cases stay quick."""
+    """A 1 s CPU limit so the adversarial cases stay quick. The worker is started here: the
+    timed tests measure checking, not interpreter start-up on a loaded machine."""
     cfg = MathRewardConfig(time_limit_s=1.0, num_workers=1)
+    assert mr.score(r"\boxed{1}", "1", config=cfg) == 1.0
     yield cfg
     mr.get_scorer(cfg).close()
 
@@ -129,7 +131,9 @@ def test_power_tower_returns_zero_within_the_limit(fast_limit, tower):
     result = mr.check(COT + rf"\boxed{{{tower}}}", "1", config=fast_limit)
     elapsed = time.monotonic() - start
     assert result.score == 0.0
-    assert elapsed < fast_limit.time_limit_s + 1.0, elapsed
+    # killed at 1 s of CPU; on a loaded machine that takes longer than 1 s of wall clock, but
+    # never longer than the wall-clock backstop
+    assert elapsed < wall_time_limit(fast_limit.time_limit_s) + 1.0, elapsed
     # the scorer still works afterwards (a killed worker is replaced)
     assert mr.score(r"\boxed{3}", "3", config=fast_limit) == 1.0
 
