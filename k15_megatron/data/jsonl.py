@@ -109,7 +109,12 @@ def read_sft(path: str) -> List[Dict[str, Any]]:
 
 def read_prompts(path: str) -> List[Dict[str, Any]]:
     """RL/eval records of ``path``, each validated (ValueError naming ``path:line``)."""
+    return [record for _, record in read_prompts_numbered(path)]
+
+
+def read_prompts_numbered(path: str) -> List[Tuple[int, Dict[str, Any]]]:
+    """``[(line number, record)]`` of :func:`read_prompts` (1-based line numbers)."""
     numbered = _numbered_records(path)
     for line_no, record in numbered:
         validate_prompt_record(record, f"{path}:{line_no}")
-    return [record for _, record in numbered]
+    return numbered

@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from k15_megatron.data.prompt_set import PromptSet
+from k15_megatron.data.prompt_set import PromptSet, prompt_token_limit
 from k15_megatron.engine.weight_sync import ColocatedWeightSync
 from k15_megatron.models.gpt import torch_dtype
 from k15_megatron.rewards.registry import RewardManager
@@ -28,7 +28,10 @@ def run(cfg) -> dict:
         raise ValueError("k15 eval needs data.eval_path (a JSONL of {prompt, answer} records)")
     trainer = build_trainer(cfg, with_optimizer=False)
     assets = write_run_assets(trainer)
-    prompts = PromptSet.from_jsonl(cfg.data.eval_path, trainer.tokenizer, limit=cfg.eval.max_prompts)
+    prompts = PromptSet.from_jsonl(cfg.data.eval_path, trainer.tokenizer, limit=cfg.eval.max_prompts,
+                                   max_prompt_tokens=prompt_token_limit(cfg.rollout))
+    if prompts.filtered_lines:
+        trainer.log(f"eval: {prompts.filter_report(cfg.data.eval_path)}")
     rollout = RolloutEngine.create(cfg.rollout, model_path=engine_model_folder(trainer, assets),
                                    repeat=cfg.rl.repeat, seed=cfg.seed)
     ColocatedWeightSync(rollout.llm, dtype=torch_dtype(cfg.precision.dtype)).sync(trainer.model, trainer.arch)
@@ -41,7 +44,8 @@ def run(cfg) -> dict:
         os.makedirs(os.path.dirname(os.path.abspath(cfg.eval.output)), exist_ok=True)
         with open(cfg.eval.output, "w") as f:
             json.dump({"weights": trainer.init_source, "eval_path": cfg.data.eval_path,
-                       "num_samples": cfg.eval.num_samples, "temperature": cfg.eval.temperature, **metrics,
+                       "num_samples": cfg.eval.num_samples, "temperature": cfg.eval.temperature,
+                       "data/prompts_filtered_too_long": len(prompts.filtered_lines), **metrics,
                        "per_prompt": per_prompt.tolist()}, f, indent=1)
         summary = ", ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in metrics.items())
         print(f"eval: {summary} -> {cfg.eval.output}", flush=True)

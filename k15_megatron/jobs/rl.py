@@ -21,7 +21,7 @@ import torch
 
 from k15_megatron.checkpoint import run_ckpt
 from k15_megatron.config.validate import rl_optimizer_steps
-from k15_megatron.data.prompt_set import PromptSet
+from k15_megatron.data.prompt_set import PromptSet, prompt_token_limit
 from k15_megatron.engine.hybrid import HybridEngine
 from k15_megatron.engine.weight_sync import ColocatedWeightSync
 from k15_megatron.jobs.evaluate import evaluate
@@ -51,8 +51,11 @@ class RLJob:
         tok = self.trainer.tokenizer
         if not cfg.data.train_path:
             raise ValueError("k15 rl needs data.train_path (a JSONL of {prompt, answer} records)")
-        self.prompts = PromptSet.from_jsonl(cfg.data.train_path, tok)
-        self.eval_prompts = PromptSet.from_jsonl(cfg.data.eval_path, tok) if cfg.data.eval_path else None
+        limit = prompt_token_limit(cfg.rollout)
+        self.prompts = PromptSet.from_jsonl(cfg.data.train_path, tok, max_prompt_tokens=limit)
+        self.eval_prompts = (PromptSet.from_jsonl(cfg.data.eval_path, tok, max_prompt_tokens=limit)
+                             if cfg.data.eval_path else None)
+        self.data_metrics = self.report_filtered_prompts()  # logged with the first iteration
         self.sampler = PromptSampler(len(self.prompts), cfg.rl.sampling, difficulties=self.prompts.difficulties,
                                      seed=cfg.seed)
         self.buffer = SegmentReplayBuffer(cfg.rl.replay, group_size=cfg.rl.group_size)
@@ -69,6 +72,18 @@ class RLJob:
                                                                         vocab_size=self.trainer.arch.vocab_size))
         self.iteration = 0
         self.logger = None
+
+    def report_filtered_prompts(self) -> dict:
+        """Log the prompts dropped at load as too long; their counts as metrics."""
+        metrics = {}
+        for key, path, prompts in (("data/prompts_filtered_too_long", self.cfg.data.train_path, self.prompts),
+                                   ("data/eval_prompts_filtered_too_long", self.cfg.data.eval_path,
+                                    self.eval_prompts)):
+            if prompts is not None:
+                metrics[key] = float(len(prompts.filtered_lines))
+                if prompts.filtered_lines:
+                    self.trainer.log(f"rl: {prompts.filter_report(path)}")
+        return metrics
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> None:
@@ -98,6 +113,8 @@ class RLJob:
                 with progress.phase("sync"):
                     metrics.update(self.hybrid.to_rollout(policy_version=self.iteration))
             metrics["time/iteration_s"] = time.perf_counter() - begin
+            metrics.update(self.data_metrics)
+            self.data_metrics = {}
             metrics.update({f"memory/{k}": v for k, v in device_memory_stats().items()})
             progress.end_iteration()
             self.logger.log(self.iteration, metrics, prefix="rl ")

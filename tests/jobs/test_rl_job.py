@@ -24,7 +24,10 @@ def _write_task(folder):
 
     splits = generate_splits(ArithmeticTaskConfig(num_sft=0, num_train=64, num_eval=8, max_operands=4,
                                                   reward="k15_megatron.data.arithmetic:arithmetic_reward"))
-    write_jsonl(os.path.join(folder, "train.jsonl"), splits["train"])
+    # One prompt longer than rollout.max_model_len - rollout.max_response_tokens: dropped at load.
+    too_long = {"prompt": "1" * 80, "answer": "1", "difficulty": 1,
+                "reward": "k15_megatron.data.arithmetic:arithmetic_reward"}
+    write_jsonl(os.path.join(folder, "train.jsonl"), splits["train"] + [too_long])
     write_jsonl(os.path.join(folder, "eval.jsonl"), splits["eval"])
 
 
@@ -61,13 +64,14 @@ def test_short_rl_job_keeps_the_loop_invariants(tmp_path):
         "rollout.cpu_kv_cache_gib=0.25", "rl.group_size=4", "rl.prompts_per_iteration=4",
         f"rl.updates_per_iteration={updates}", f"rl.iterations={iterations}", "rl.replay.segment_token_budget=16",
         "rl.length_penalty.warmup_iterations=1", "checkpoint.save_interval=2", "optim.lr=1e-4",
-        "engine.check_max_abs_diff=1e-4", "rl.repeat.enabled=false",
+        "engine.check_max_abs_diff=1e-4", "rl.repeat.enabled=false", "optim.lr_decay_style=linear",
     ]
     per_rank = run_distributed(_rl_worker, 2, overrides, timeout_s=600)
 
     records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     loop = [r for r in records if "time/iteration_s" in r]
     assert [r["iteration"] for r in loop] == list(range(1, iterations + 1))
+    assert loop[0]["data/prompts_filtered_too_long"] == 1 and loop[0]["data/eval_prompts_filtered_too_long"] == 0
     trained = [r for r in loop if "train/loss" in r]
     assert trained, "no iteration trained (no group finished?)"
     for r in trained:
@@ -89,3 +93,5 @@ def test_short_rl_job_keeps_the_loop_invariants(tmp_path):
     assert latest == f"iter_{iterations:07d}"
     state = torch.load(run_dir / "checkpoints" / latest / "run_state.pt", weights_only=False)
     assert state["iteration"] == iterations and "buffer" in state and "sampler" in state
+    # The LR schedule spans the run's optimizer steps, not optim.train_iters (10 in tiny.yaml).
+    assert state["scheduler"]["lr_decay_steps"] == iterations * updates
