@@ -3,7 +3,9 @@
     python tools/convert_hf_to_megatron.py --hf HF_DIR --out CKPT_DIR [--tp N --pp M]
 
 With N*M > 1 the tool starts N*M processes itself (torchrun); under torchrun or srun it runs as
-one of the ranks. Each rank reads only the tensors of its own shard.
+one of the ranks. Each rank reads only the tensors of its own shard. Bad input (a missing folder,
+an unsupported model_type, a layout the model does not split into) is reported once, before any
+process starts, with exit status 2.
 """
 
 import argparse
@@ -24,12 +26,17 @@ def main(argv=None):
     args = parse_args(argv)
     from k15_megatron.parallel.launch import run_as_ranks
 
+    def check():
+        from k15_megatron.checkpoint.convert import check_hf_to_megatron
+
+        check_hf_to_megatron(args.hf, tp=args.tp, pp=args.pp, make_vocab_size_divisible_by=args.vocab_divisible_by)
+
     def work():
         from k15_megatron.checkpoint.convert import hf_to_megatron
 
         hf_to_megatron(args.hf, args.out, tp=args.tp, pp=args.pp, make_vocab_size_divisible_by=args.vocab_divisible_by)
 
-    return run_as_ranks(args.tp * args.pp, work)
+    return run_as_ranks(args.tp * args.pp, work, check=check)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@
 
 The checkpoint loads under any layout; N*M > 1 splits the work over N*M processes (started by
 the tool itself unless under torchrun/srun). transformers and vLLM load the output unchanged.
+Bad input (not a k15 checkpoint, a layout the model does not split into) is reported once,
+before any process starts, with exit status 2.
 """
 
 import argparse
@@ -26,6 +28,11 @@ def main(argv=None):
     args = parse_args(argv)
     from k15_megatron.parallel.launch import run_as_ranks
 
+    def check():
+        from k15_megatron.checkpoint.convert import check_megatron_to_hf
+
+        check_megatron_to_hf(args.ckpt, tp=args.tp, pp=args.pp)
+
     def work():
         from k15_megatron.checkpoint.convert import megatron_to_hf
         from k15_megatron.models.gpt import torch_dtype
@@ -34,7 +41,7 @@ def main(argv=None):
                        dtype=torch_dtype(args.dtype) if args.dtype else None,
                        max_shard_bytes=args.max_shard_size_mb * 1024**2)
 
-    return run_as_ranks(args.tp * args.pp, work)
+    return run_as_ranks(args.tp * args.pp, work, check=check)
 
 
 if __name__ == "__main__":

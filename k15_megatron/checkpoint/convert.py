@@ -35,6 +35,48 @@ def _hf_dtype(hf_dir: str) -> torch.dtype | None:
     return getattr(torch, name) if isinstance(name, str) and hasattr(torch, name) else None
 
 
+# The tools' flags for the config keys that the layout rules name.
+_FLAG_NAMES = (("parallel.tensor", "--tp"), ("parallel.pipeline", "--pp"),
+               ("model.make_vocab_size_divisible_by", "--vocab-divisible-by"))
+
+
+def _layout_errors(arch, *, tp: int, pp: int, divisible_by: int, source: str) -> None:
+    """ValueError unless ``arch`` (read from ``source``) splits over TP x PP ranks; the message
+    names the tools' flags (see :func:`k15_megatron.config.validate.model_split_errors`)."""
+    from k15_megatron.config.validate import model_split_errors
+
+    errors = model_split_errors(arch, ParallelConfig(tensor=tp, pipeline=pp), divisible_by)
+    if errors:
+        text = "; ".join(errors)
+        for key, flag in _FLAG_NAMES:
+            text = text.replace(key, flag)
+        raise ValueError(f"{source}: {text}")
+
+
+def check_hf_to_megatron(hf_dir: str, *, tp: int, pp: int, make_vocab_size_divisible_by: int) -> None:
+    """Everything :func:`hf_to_megatron` can refuse before any rank starts: a missing folder,
+    an unsupported ``model_type`` or incomplete config.json, no safetensors weights, a layout
+    the model does not split into. Raises ValueError naming the folder or flag."""
+    if not os.path.isdir(hf_dir):
+        raise ValueError(f"--hf {hf_dir}: no such folder")
+    arch = resolve_model_arch(ModelConfig(hf_path=hf_dir))
+    if not any(name.endswith(".safetensors") for name in os.listdir(hf_dir)):
+        raise ValueError(f"{hf_dir}: no *.safetensors weights (save the model with "
+                         "save_pretrained(..., safe_serialization=True))")
+    if make_vocab_size_divisible_by < 1:
+        raise ValueError(f"--vocab-divisible-by={make_vocab_size_divisible_by} must be >= 1")
+    _layout_errors(arch, tp=tp, pp=pp, divisible_by=make_vocab_size_divisible_by,
+                   source=os.path.join(hf_dir, "config.json"))
+
+
+def check_megatron_to_hf(ckpt_dir: str, *, tp: int, pp: int) -> None:
+    """Everything :func:`megatron_to_hf` can refuse before any rank starts (not a k15
+    checkpoint, a layout the model does not split into). Raises ValueError."""
+    meta = dist_ckpt.read_meta(ckpt_dir)
+    _layout_errors(dist_ckpt.arch_from_meta(meta), tp=tp, pp=pp, divisible_by=meta["padded_vocab"],
+                   source=ckpt_dir)
+
+
 def _build(arch, tp: int, pp: int, divisible_by: int):
     parallel = ParallelConfig(tensor=tp, pipeline=pp)
     initialize(parallel)

@@ -146,6 +146,17 @@ def _layout_errors(par: ParallelConfig, arch: Optional[ModelArch], data: DataCon
     return errors
 
 
+def model_split_errors(arch: ModelArch, par: ParallelConfig, divisible_by: int) -> List[str]:
+    """Whether ``arch`` splits over ``par.tensor`` x ``par.pipeline`` ranks (heads and query
+    groups by TP, the padded vocabulary by TP, layers by PP): the rules a layout must meet
+    before any rank builds the model (also used by the conversion tools)."""
+    if par.tensor < 1 or par.pipeline < 1:
+        return [f"parallel.tensor={par.tensor} and parallel.pipeline={par.pipeline} must be >= 1"]
+    return (_tensor_split_errors(arch, par.tensor)
+            + _vocab_padding_errors(arch.vocab_size, divisible_by, par.tensor)
+            + _pipeline_split_errors(par, arch.num_layers))
+
+
 def _tensor_split_errors(arch: ModelArch, tp: int) -> List[str]:
     errors = []
     for key, value in (("model.num_attention_heads", arch.num_attention_heads),

@@ -27,10 +27,23 @@ def relaunch_under_torchrun(nprocs: int) -> None:
     sys.exit(subprocess.call(cmd))
 
 
-def run_as_ranks(nprocs: int, work) -> int:
-    """The body of a command-line tool that needs ``nprocs`` ranks: re-launch under torchrun if
-    needed, run ``work()`` on every rank, shut the process groups down. A ``ValueError`` or
-    ``FileNotFoundError`` (bad input) prints ``error: ...`` and gives exit status 2."""
+def run_as_ranks(nprocs: int, work, *, check=None) -> int:
+    """The body of a command-line tool that needs ``nprocs`` ranks: check the input, re-launch
+    under torchrun if needed, run ``work()`` on every rank, shut the process groups down.
+
+    ``check()`` validates the input before any process starts; its ``ValueError`` /
+    ``FileNotFoundError`` is printed once (``error: ...``, by rank 0 only when already under a
+    launcher) and gives exit status 2 without starting workers. The same errors raised by
+    ``work()`` also print ``error: ...`` and give status 2."""
+    try:
+        if check is not None:
+            check()
+        if nprocs < 1:
+            raise ValueError(f"the tool needs at least one process, got {nprocs}")
+    except (ValueError, FileNotFoundError) as exc:
+        if os.environ.get("RANK", "0") == "0" and os.environ.get("SLURM_PROCID", "0") == "0":
+            print(f"error: {exc}", file=sys.stderr)
+        return 2
     relaunch_under_torchrun(nprocs)
     from k15_megatron.parallel.initialize import shutdown
 

@@ -72,3 +72,46 @@ def test_init_from_a_checkpoint_of_another_architecture_names_every_difference(t
     assert "model.rope_theta=10000.0 here, 1000000.0 in the checkpoint" in message
     assert "model.norm_epsilon" in message and str(tmp_path / "hf_assets" / "config.json") in message
     check_same_architecture(str(tmp_path / "hf_assets"), other)  # no hf_assets below: nothing to compare
+
+
+def _refused_once(proc, *fragments):
+    """Exit 2, each fragment in stderr, the message printed once, no traceback from any launcher."""
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.count("error:") == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("layout", [["--tp", "2"], ["--pp", "2"]])
+def test_unsupported_architecture_with_several_ranks_is_named_once_before_any_worker(tiny_hf_dirs, tmp_path,
+                                                                                      layout):
+    hf = _copy(tiny_hf_dirs["qwen2"], tmp_path / "gpt2ish")
+    config = json.load(open(hf / "config.json"))
+    config["model_type"] = "gpt2"
+    json.dump(config, open(hf / "config.json", "w"))
+    proc = run_tool("tools/convert_hf_to_megatron.py", "--hf", str(hf), "--out", str(tmp_path / "out"), *layout)
+    _refused_once(proc, "gpt2", "qwen2")
+    assert "torch.distributed.run" not in proc.stderr and not os.path.exists(tmp_path / "out")
+
+
+def test_missing_folder_and_bad_layouts_are_named_once(tiny_hf_dirs, tmp_path):
+    missing = str(tmp_path / "nowhere")
+    _refused_once(run_tool("tools/convert_hf_to_megatron.py", "--hf", missing, "--out", str(tmp_path / "o"),
+                           "--tp", "2"), missing, "no such folder")
+    hf = tiny_hf_dirs["qwen2"]
+    heads = json.load(open(os.path.join(hf, "config.json")))["num_attention_heads"]
+    bad_tp = heads + 1  # never divides the heads
+    _refused_once(run_tool("tools/convert_hf_to_megatron.py", "--hf", hf, "--out", str(tmp_path / "o"),
+                           "--tp", str(bad_tp)), f"--tp={bad_tp}", "config.json")
+    _refused_once(run_tool("tools/convert_hf_to_megatron.py", "--hf", hf, "--out", str(tmp_path / "o"),
+                           "--tp", "0"), "--tp=0")
+    _refused_once(run_tool("tools/convert_hf_to_megatron.py", "--hf", hf, "--out", str(tmp_path / "o"),
+                           "--pp", "7"), "--pp=7")
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_export_of_a_non_checkpoint_with_several_ranks_is_named_once(tiny_hf_dirs, tmp_path):
+    proc = run_tool("tools/convert_megatron_to_hf.py", "--ckpt", tiny_hf_dirs["qwen2"], "--out", str(tmp_path / "o"),
+                    "--tp", "2")
+    _refused_once(proc, "not a k15 checkpoint", tiny_hf_dirs["qwen2"])
