@@ -33,7 +33,9 @@ import torch
 
 from k15_megatron.checkpoint.dist_ckpt import copy_hf_assets
 from k15_megatron.models.gpt import unwrap_model
+from k15_megatron.parallel.device import collective_device
 from k15_megatron.parallel.initialize import barrier, global_rank
+from k15_megatron.rl.optim_reset import optimizer_has_state
 
 LATEST = "latest"
 META = "k15_meta.json"
@@ -74,17 +76,6 @@ def set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["megatron_tracker"])
 
 
-def optimizer_has_state(optimizer) -> bool:
-    """True if any wrapped torch optimizer holds state (moments); False right after a reset."""
-    members = getattr(optimizer, "chained_optimizers", None)
-    if members is not None:
-        return any(optimizer_has_state(m) for m in members)
-    inner = getattr(optimizer, "optimizer", None)
-    if inner is not None and inner is not optimizer:
-        return optimizer_has_state(inner)
-    return bool(getattr(optimizer, "state", None))
-
-
 def _sharded_state(model_chunks, optimizer, *, is_loading: bool, with_optimizer: bool):
     model_sd = unwrap_model(model_chunks[0]).sharded_state_dict()
     if not with_optimizer:
@@ -96,9 +87,10 @@ def _sharded_state(model_chunks, optimizer, *, is_loading: bool, with_optimizer:
 
 def _all_ranks_agree(flag: bool) -> bool:
     """True only if ``flag`` is True on every rank (all ranks must save the same structure)."""
-    value = torch.tensor([1 if flag else 0])
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+    if not torch.distributed.is_initialized():
+        return flag
+    value = torch.tensor([1 if flag else 0], device=collective_device())
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
     return bool(value.item())
 
 

@@ -64,15 +64,16 @@ def block_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
     earlier tokens of its own example (Megatron's convention: masked positions are True)."""
     same_doc = document_ids.unsqueeze(2) == document_ids.unsqueeze(1)
     seq = document_ids.shape[1]
-    causal = torch.ones(seq, seq, dtype=torch.bool).tril()
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=document_ids.device).tril()
     allowed = same_doc & causal
     # Padding rows attend to themselves only, so their softmax stays finite.
-    allowed |= torch.eye(seq, dtype=torch.bool)
+    allowed |= torch.eye(seq, dtype=torch.bool, device=document_ids.device)
     return (~allowed).unsqueeze(1)
 
 
 def rows_to_micro_batches(rows: Sequence[PackedRow], micro_batch_size: int) -> List[dict]:
-    """Group rows into micro-batch dicts for :func:`k15_megatron.train.schedule.forward_backward`."""
+    """Group rows into micro-batch dicts for :func:`k15_megatron.train.schedule.forward_backward`
+    (host tensors: the schedule moves each micro-batch to the compute device when it runs it)."""
     batches = []
     for start in range(0, len(rows) - micro_batch_size + 1, micro_batch_size):
         chunk = rows[start:start + micro_batch_size]

@@ -23,6 +23,7 @@ from typing import Iterator
 import torch
 
 from k15_megatron.checkpoint.model_weights import iter_hf_tensors
+from k15_megatron.parallel.device import collective_device
 
 _END = "__end_of_stage__"
 
@@ -91,7 +92,7 @@ def iter_model_hf_tensors(model, arch, *, dtype: torch.dtype | None = None,
     group = ps.get_pipeline_model_parallel_group()
     ranks = torch.distributed.get_process_group_ranks(group)
     my_stage = ps.get_pipeline_model_parallel_rank()
-    device = next(iter(model.parameters())).device
+    device = collective_device(group)  # received buckets: NCCL broadcasts device tensors only
     for stage, src in enumerate(ranks):
         buckets = _stage_buckets(model, arch, dtype=dtype, bucket_bytes=bucket_bytes) if stage == my_stage else None
         while True:

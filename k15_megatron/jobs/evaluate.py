@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from k15_megatron.parallel.device import collective_device
 from k15_megatron.parallel.initialize import global_rank
 from k15_megatron.rollout.partial import expand_prompts
 from k15_megatron.rollout.replicas import generate_everywhere
@@ -53,7 +54,9 @@ def evaluate(engine, prompts, manager, tokenizer, *, num_samples: int, temperatu
     samples = [prompts.records[i // num_samples] for i in range(len(results))]
     scores = torch.tensor(manager.score(texts, samples) if global_rank() == 0 else [0.0] * len(texts))
     if torch.distributed.is_initialized():
+        scores = scores.to(collective_device())  # NCCL broadcasts device tensors only
         torch.distributed.broadcast(scores, src=0)
+        scores = scores.cpu()
     correct = (scores >= 1.0 - 1e-6).view(len(prompts), num_samples)
     counts = correct.sum(dim=1)
     lengths = torch.tensor([r.tokens.numel() for r in results], dtype=torch.float32)

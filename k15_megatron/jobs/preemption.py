@@ -12,6 +12,8 @@ import signal
 
 import torch
 
+from k15_megatron.parallel.device import collective_device
+
 
 class PreemptionFlag:
     """Records SIGTERM/SIGUSR1 and answers, collectively, whether to stop."""
@@ -29,9 +31,11 @@ class PreemptionFlag:
 
     def requested(self) -> bool:
         """True on every rank if any rank received a signal (collective when distributed)."""
-        flag = torch.tensor([1 if self.received is not None else 0], dtype=torch.int32)
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if not torch.distributed.is_initialized():
+            return self.received is not None
+        flag = torch.tensor([1 if self.received is not None else 0], dtype=torch.int32,
+                            device=collective_device())
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
 
     def restore(self) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from k15_megatron.parallel.device import collective_device
 from k15_megatron.rl.batch import RolloutBatch
 from k15_megatron.rl.repeat import repeat_penalty
 from k15_megatron.rl.shaping import length_penalty, length_penalty_weight
@@ -32,7 +33,9 @@ def _score_on_rank0(batch, records, manager, tokenizer) -> torch.Tensor:
         samples = [records[int(p)] for p in batch.prompt_ids]
         task = torch.tensor(manager.score(_decode_responses(batch, tokenizer), samples), dtype=torch.float32)
     if torch.distributed.is_initialized():
+        task = task.to(collective_device())  # NCCL broadcasts device tensors only
         torch.distributed.broadcast(task, src=0)
+        task = task.cpu()
     return task
 
 

@@ -3,14 +3,15 @@
 Megatron-Core assumes CUDA in a handful of places. On a CPU-only machine "the CUDA device" can
 only mean the CPU, so :func:`apply` maps Megatron's notion of the current accelerator onto it:
 
-1. ``torch.cuda.current_device()`` returns the CPU device, ``torch.cuda.synchronize()`` is a
-   no-op and ``Tensor.cuda()`` returns the tensor itself. Megatron allocates buffers
+1. ``torch.cuda.current_device()`` returns the CPU compute device
+   (:func:`k15_megatron.parallel.device.compute_device`), ``torch.cuda.synchronize()`` is a
+   no-op and ``Tensor.cuda()`` moves to the compute device (the tensor itself). Megatron allocates buffers
    (``GlobalMemoryBuffer``, DDP grad buffers, p2p shape tensors, rotary frequencies, tied
    embedding sync) through these calls. They are only patched when CUDA is absent, so nothing
    that could have used a GPU is redirected.
 2. Factory calls with a literal ``device="cuda"`` (pipeline schedules, optimizer scalars, grad
    clipping, causal masks, the rerun state machine) are rewritten to the CPU by giving exactly
-   those modules a ``torch`` namespace whose tensor factories map "cuda" to "cpu".
+   those modules a ``torch`` namespace whose tensor factories map "cuda" to the compute device.
 3. The model-parallel RNG tracker forks the CPU generator instead of CUDA generators, keeping
    Megatron's semantics: a separate, seeded stream per tensor-parallel rank for weight init and
    dropout, restored afterwards.
@@ -30,6 +31,8 @@ from __future__ import annotations
 import importlib
 
 import torch
+
+from k15_megatron.parallel.device import compute_device
 
 _APPLIED = False
 
@@ -65,14 +68,14 @@ class _CpuTorchNamespace:
 
         def factory(*args, **kwargs):
             if _is_cuda_device(kwargs.get("device")):
-                kwargs["device"] = "cpu"
+                kwargs["device"] = compute_device()
             return attr(*args, **kwargs)
 
         return factory
 
 
 def _cpu_current_device():
-    return torch.device("cpu")
+    return compute_device()
 
 
 def _noop(*args, **kwargs):
@@ -80,7 +83,7 @@ def _noop(*args, **kwargs):
 
 
 def _tensor_cuda_is_identity(self, *args, **kwargs):
-    return self
+    return self.to(compute_device())
 
 
 def _patch_cuda_namespace() -> None:

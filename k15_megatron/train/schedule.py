@@ -5,6 +5,11 @@ One function, :func:`forward_backward`, runs any (TP, PP) layout through
 and a loss function and never see pipeline stages. :func:`forward_logits` is the forward-only
 special case that returns the vocabulary-parallel logits on the last stage.
 
+Micro-batches may be built on the host: each is moved to the compute device
+(:func:`k15_megatron.parallel.device.to_device`) right before Megatron's forward, one at a time,
+so only the running micro-batch occupies device memory. Tensors the loss function creates must be
+created on the device of the model output it receives.
+
 A micro-batch is a dict with ``input_ids`` and ``position_ids`` [B, S] (long), optionally an
 ``attention_mask`` [B, 1, S, S] (bool, True = masked; default causal), plus whatever the loss
 function reads (e.g. ``labels``, ``loss_mask``). The loss function receives
@@ -19,6 +24,8 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
+
+from k15_megatron.parallel.device import compute_device, to_device
 
 
 def _as_list(model):
@@ -48,7 +55,9 @@ def forward_backward(model, micro_batches: Sequence[dict], loss_fn: Callable, *,
     iterator = iter(batches)
 
     def forward_step(data_iterator, chunk):
-        mb = next(data_iterator)
+        # The one place micro-batches built on the host reach the device (a no-op for tensors
+        # already there); the loss function sees the same, moved, micro-batch.
+        mb = to_device(next(data_iterator))
         output = chunk(mb["input_ids"], mb["position_ids"], mb.get("attention_mask"), labels=mb.get("labels"))
 
         def loss_func(output_tensor):
@@ -74,11 +83,11 @@ def forward_logits(model, input_ids: torch.Tensor, position_ids: torch.Tensor | 
     from megatron.core import parallel_state
 
     if position_ids is None:
-        position_ids = torch.arange(input_ids.shape[1]).unsqueeze(0).expand_as(input_ids)
+        position_ids = torch.arange(input_ids.shape[1], device=compute_device()).unsqueeze(0).expand_as(input_ids)
     batch = {"input_ids": input_ids, "position_ids": position_ids}
 
     def keep_logits(mb, logits):
-        return logits.new_zeros(()), torch.tensor(1, dtype=torch.int), {"logits": logits.detach()}
+        return logits.new_zeros(()), torch.tensor(1, dtype=torch.int, device=logits.device), {"logits": logits.detach()}
 
     for chunk in _as_list(model):
         chunk.eval()
