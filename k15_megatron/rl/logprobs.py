@@ -85,11 +85,13 @@ class _ChunkedLogprobs(torch.autograd.Function):
             target = torch.where(in_range, target, torch.zeros_like(target))
             zmax = z.max(dim=1).values
             _all_reduce(zmax, dist.ReduceOp.MAX, group)
-            ez = (z - zmax.unsqueeze(1)).exp_()
-            parts = [ez.sum(dim=1), target]
-            if want_entropy:  # row-wise dot product, no third [n, V] buffer
-                parts.append(torch.bmm(ez.unsqueeze(1), z.unsqueeze(2)).view(-1))
-            del ez
+            if want_entropy:  # z is still needed: one more [n, V_local] buffer
+                ez = (z - zmax.unsqueeze(1)).exp_()
+                parts = [ez.sum(dim=1), target, torch.bmm(ez.unsqueeze(1), z.unsqueeze(2)).view(-1)]
+            else:  # in place: one [n, V_local] buffer per chunk
+                ez = z.sub_(zmax.unsqueeze(1)).exp_()
+                parts = [ez.sum(dim=1), target]
+            del ez, z
             stacked = torch.stack(parts)
             _all_reduce(stacked, dist.ReduceOp.SUM, group)  # one collective for all sums
             sumexp = stacked[0]
@@ -174,7 +176,8 @@ def token_logprobs(
         group: the tensor-parallel process group across which the vocabulary is sharded, rank r
             owning ids [r * V_local, (r + 1) * V_local); None = the whole vocabulary is local.
             Every rank of the group must call with the same labels and token count.
-        chunk_size: tokens per chunk; extra memory ~ 3 * chunk_size * V_local * 4 bytes.
+        chunk_size: tokens per chunk; the float32 [chunk_size, V_local] blocks alive at once
+            are one (forward and backward) or two (forward with ``return_entropy``).
         temperature: logits are divided by it (match the sampler's processed log-probs).
         return_entropy: also return the per-token entropy of the (tempered) distribution, with
             its gradient (dH/dz = -p (log p + H)); costs one more reduction per chunk.

@@ -34,8 +34,10 @@ def _log_ratio(behaviour_logprobs, trainer_logprobs, mask):
     if not (behaviour_logprobs.shape == trainer_logprobs.shape == mask.shape):
         raise ValueError(f"behaviour_logprobs {tuple(behaviour_logprobs.shape)}, trainer_logprobs "
                          f"{tuple(trainer_logprobs.shape)} and mask {tuple(mask.shape)} must match")
-    m = mask.to(torch.bool)
-    diff = trainer_logprobs.detach().double() - behaviour_logprobs.detach().double()
+    # On the trainer's device: the recompute returns device tensors, rollout batches live on the host.
+    device = trainer_logprobs.device
+    m = mask.to(device=device, dtype=torch.bool)
+    diff = trainer_logprobs.detach().double() - behaviour_logprobs.detach().to(device).double()
     return torch.where(m, diff, torch.zeros_like(diff)), m
 
 
@@ -48,7 +50,8 @@ def logprob_mismatch_stats(behaviour_logprobs: torch.Tensor, trainer_logprobs: t
         mask: same shape, True on the response tokens to compare.
 
     Returns:
-        float64 scalars: sum_abs_diff, sum_k1, sum_k3, num_tokens (summed) and max_abs_diff.
+        float64 scalars on ``trainer_logprobs``' device: sum_abs_diff, sum_k1, sum_k3,
+        num_tokens (summed) and max_abs_diff.
     """
     l, m = _log_ratio(behaviour_logprobs, trainer_logprobs, mask)
     k3 = torch.where(m, torch.expm1(l) - l, torch.zeros_like(l))
@@ -57,13 +60,16 @@ def logprob_mismatch_stats(behaviour_logprobs: torch.Tensor, trainer_logprobs: t
         "sum_k1": (-l).sum(),
         "sum_k3": k3.sum(),
         "num_tokens": m.sum().double(),
-        "max_abs_diff": l.abs().max() if l.numel() else torch.zeros((), dtype=torch.float64),
+        "max_abs_diff": l.abs().max() if l.numel() else torch.zeros((), dtype=torch.float64, device=l.device),
     }
 
 
 def reduce_mismatch_stats(stats: dict[str, torch.Tensor],
                           group: Optional[dist.ProcessGroup] = None) -> dict[str, torch.Tensor]:
-    """All-reduce the stats over ``group`` (sums summed, max maxed); returns new tensors."""
+    """All-reduce the stats over ``group`` (sums summed, max maxed); returns new tensors.
+
+    The stats must be on the device the group's backend serves (the compute device for NCCL).
+    """
     sums = torch.stack([stats[k] for k in _SUM_KEYS])
     peak = stats["max_abs_diff"].clone()
     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)

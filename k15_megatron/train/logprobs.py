@@ -1,17 +1,101 @@
-"""The trainer's token log-probs of given sequences (forward only, any TP/PP layout).
+"""The trainer's token log-probs: the output head that the RL loss and the recompute use.
 
-Used to recompute the policy's log-probs of rollout tokens (the logprob-consistency check after a
-weight sync, and the reference log-probs of the mirror-descent loss). Log-probs are those of the
-unpadded vocabulary, computed chunk-wise over the TP-sharded logits by
-:func:`k15_megatron.rl.logprobs.token_logprobs`, and returned on every rank.
+Megatron's GPTModel ends in the output layer, whose [S, B, V/TP] logits (in the model dtype,
+then copied to [B, S, V/TP] and, under Float16Module, upcast to float32) exist whole for the
+micro-batch, with a gradient of the same size in backward. At 8k tokens and a 152k vocabulary
+that is 4.6 GiB per float32 copy. So the log-prob paths here never let the model form logits:
+
+- :func:`hidden_state_output` makes the last pipeline stage return its final hidden states
+  [B, S, H] (after the final norm, gathered over the sequence-parallel region if any) instead of
+  logits, and hands back the :class:`OutputHead` (the output weight shard [V/TP, H] and the
+  vocabulary-parallel group);
+- :meth:`OutputHead.token_logprobs` forms the logits chunk by chunk inside
+  :func:`k15_megatron.rl.logprobs.token_logprobs` (hidden + weight path), so forward and backward
+  hold at most one [chunk, V/TP] float32 block; the weight gradient reaches the parameter
+  through autograd, as from Megatron's own ColumnParallelLinear.
+
+:func:`sequence_token_logprobs` is the forward-only recompute (reference log-probs of the
+mirror-descent loss, the log-prob check after a weight sync): micro-batches of a fixed number of
+rows through Megatron's pipeline schedule, the [B, T-1] result kept on the compute device and
+returned on every rank. ``tools/bench/logprobs_memory.py`` measures this path.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+from typing import Optional
+
 import torch
 
+from k15_megatron.models.gpt import unwrap_model
+from k15_megatron.parallel.device import compute_device
 from k15_megatron.rl.logprobs import token_logprobs
 from k15_megatron.train.schedule import forward_backward
+
+
+@dataclasses.dataclass
+class OutputHead:
+    """The output layer of this rank's last pipeline stage, as the log-prob loss needs it.
+
+    ``weight`` is the output weight shard [V_pad/TP, H] (the tied embedding's copy when
+    embeddings are shared), ``group`` the tensor-parallel group the vocabulary is split over
+    (None at TP=1), ``sequence_parallel`` whether the hidden states were gathered from the
+    sequence-parallel region (then that gather's backward sums the TP ranks' partial hidden
+    gradients, so token_logprobs must not all-reduce them again).
+    """
+
+    weight: Optional[torch.Tensor]
+    group: Optional[object]
+    sequence_parallel: bool
+
+    def token_logprobs(self, hidden_BSH: torch.Tensor, labels_BS: torch.Tensor, *, vocab_size: int,
+                       chunk_size: int, temperature: float = 1.0) -> torch.Tensor:
+        """log softmax(hidden @ weight.T / temperature)[label] of the unpadded vocabulary, [B, S]
+        float32, chunked over tokens (at most one [chunk_size, V/TP] float32 block alive)."""
+        if self.weight is None:
+            raise RuntimeError("OutputHead.token_logprobs called on a rank without the output layer")
+        return token_logprobs(hidden_BSH, labels_BS, weight=self.weight, group=self.group,
+                              chunk_size=chunk_size, temperature=temperature, vocab_size=vocab_size,
+                              reduce_hidden_grad=not self.sequence_parallel)
+
+
+def _hidden_forward(layer, group):
+    """A replacement for ColumnParallelLinear.forward that returns its (full-sequence) input."""
+    def forward(input_, weight=None, runtime_gather_output=None):
+        if getattr(layer, "sequence_parallel", False):
+            from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+            input_ = gather_from_sequence_parallel_region(input_, tensor_parallel_output_grad=True, group=group)
+        return input_, None
+    return forward
+
+
+@contextlib.contextmanager
+def hidden_state_output(model_chunks):
+    """Within the block, the model chunk holding the output layer returns hidden states
+    [B, S, H] where it returned logits [B, S, V/TP]; yields this rank's :class:`OutputHead`
+    (weight None on ranks without the output layer). Restores the output layer on exit."""
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
+    head = OutputHead(weight=None, group=group, sequence_parallel=False)
+    patched = []
+    for chunk in (model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]):
+        model = unwrap_model(chunk)
+        if not getattr(model, "post_process", False):
+            continue
+        layer = model.output_layer
+        shared = getattr(model, "share_embeddings_and_output_weights", False)
+        head.weight = model.shared_embedding_or_output_weight() if shared else layer.weight
+        head.sequence_parallel = bool(getattr(layer, "sequence_parallel", False))
+        layer.forward = _hidden_forward(layer, group)
+        patched.append(layer)
+    try:
+        yield head
+    finally:
+        for layer in patched:
+            del layer.forward  # back to the class's forward
 
 
 def _broadcast_from_last_stage(tensor: torch.Tensor) -> torch.Tensor:
@@ -27,30 +111,36 @@ def _broadcast_from_last_stage(tensor: torch.Tensor) -> torch.Tensor:
 def sequence_token_logprobs(model_chunks, input_ids: torch.Tensor, *, vocab_size: int,
                             temperature: float = 1.0, micro_batch_size: int | None = None,
                             chunk_size: int = 2048) -> torch.Tensor:
-    """log p(input_ids[b, t] | input_ids[b, :t]) for t >= 1, as a [B, T-1] float32 tensor.
+    """log p(input_ids[b, t] | input_ids[b, :t]) for t >= 1, as a [B, T-1] float32 tensor on
+    :func:`compute_device`, equal on every rank (collective over the model-parallel groups).
 
-    ``input_ids`` [B, T] must be the same on every rank (right padding is fine: mask the
-    result). ``temperature`` divides the logits first (match the sampler's processed log-probs).
+    ``input_ids`` [B, T] must be the same on every rank of the model-parallel group (right
+    padding is fine: mask the result). The model runs ``micro_batch_size`` rows at a time
+    (default: all B) through the pipeline schedule, and each micro-batch's log-probs are formed
+    from hidden states ``chunk_size`` tokens at a time, so the memory is set by those two
+    numbers, not by B. ``temperature`` divides the logits first (match the sampler's processed
+    log-probs).
+
+    Raises:
+        ValueError: B is not a multiple of ``micro_batch_size``.
     """
-    from megatron.core import parallel_state as ps
-
     batch_size, seq_len = input_ids.shape
     mbs = micro_batch_size or batch_size
-    if batch_size % mbs:
+    if mbs < 1 or batch_size % mbs:
         raise ValueError(f"batch of {batch_size} sequences is not divisible by micro_batch_size={mbs}")
-    positions = torch.arange(seq_len).unsqueeze(0).expand(mbs, -1)
+    device = compute_device()
+    positions = torch.arange(seq_len).unsqueeze(0).expand(mbs, -1)  # moved per micro-batch by the schedule
     micro_batches = [{"input_ids": input_ids[i:i + mbs], "position_ids": positions, "index": i}
                      for i in range(0, batch_size, mbs)]
-    group = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
-    result = torch.zeros(batch_size, seq_len - 1, dtype=torch.float32)
-
-    def collect(mb, logits):
-        lp = token_logprobs(logits[:, :-1], mb["input_ids"][:, 1:], group=group, chunk_size=chunk_size,
-                           temperature=temperature, vocab_size=vocab_size)
-        result[mb["index"]: mb["index"] + lp.shape[0]] = lp.float().cpu()
-        return logits.new_zeros(()), torch.tensor(1, dtype=torch.int), {}
-
+    result = torch.zeros(batch_size, seq_len - 1, dtype=torch.float32, device=device)
     for chunk in (model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]):
         chunk.eval()
-    forward_backward(model_chunks, micro_batches, collect, forward_only=True)
+    with hidden_state_output(model_chunks) as head:
+        def collect(mb, hidden):
+            lp = head.token_logprobs(hidden[:, :-1], mb["input_ids"][:, 1:], vocab_size=vocab_size,
+                                     chunk_size=chunk_size, temperature=temperature)
+            result[mb["index"]: mb["index"] + lp.shape[0]] = lp
+            return hidden.new_zeros(()), torch.ones((), dtype=torch.int, device=device), {}
+
+        forward_backward(model_chunks, micro_batches, collect, forward_only=True)
     return _broadcast_from_last_stage(result)

@@ -2,34 +2,50 @@
 
 ``update_policy(trainer, batch, rl_cfg)``:
 
-1. resets the optimizer state (``rl.reset_optimizer``, PAPER.md section 1);
+1. resets the optimizer state (``rl.reset_optimizer``, PAPER.md section 1). The reset is
+   idempotent: in ``k15 rl`` the hybrid engine already dropped the state at ``to_rollout``
+   (``offload/optimizer_dropped_bytes``), so ``train/optimizer_reset_bytes`` is 0 there;
 2. computes log pi_i of every response token: the trainer's own log-probs before any update
-   (``rl.reference=recompute``) or the rollout engine's behaviour log-probs;
+   (``rl.reference=recompute``, :func:`k15_megatron.train.logprobs.sequence_token_logprobs` in
+   micro-batches of ``rl.groups_per_micro_batch`` groups) or the rollout engine's behaviour
+   log-probs;
 3. splits this data-parallel rank's groups into ``rl.updates_per_iteration`` mini-batches and
    takes one optimizer step on each, with micro-batches of whole groups; per micro-batch the
-   loss is :func:`k15_megatron.rl.loss.mirror_descent_loss` of the sequence log-probs
-   (:func:`k15_megatron.rl.logprobs.token_logprobs` over the TP-sharded, unpadded vocabulary,
-   summed under the loss mask).
+   loss is :func:`k15_megatron.rl.loss.mirror_descent_loss` of the sequence log-probs, formed
+   from the last stage's hidden states and the output weight shard
+   (:class:`k15_megatron.train.logprobs.OutputHead`: ``rl.logprob_chunk_tokens`` tokens of
+   float32 logits at a time, never the micro-batch's full [S, B, V/TP] logits or their gradient).
 
 Every sample of ``batch`` must already carry its total reward. The batch is the same on every
-rank; each data-parallel rank trains on its own contiguous share of the groups.
+rank; each data-parallel rank trains on its own contiguous share of the groups. The returned
+metrics are global: sums, counts and maxima are all-reduced over the data-parallel group (on the
+compute device) before any mean is formed, and equal on every rank.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
+from k15_megatron.parallel.device import compute_device
 from k15_megatron.rl.batch import RolloutBatch
-from k15_megatron.rl.logprobs import token_logprobs
 from k15_megatron.rl.loss import mirror_descent_loss, sequence_logprobs
-from k15_megatron.rl.mismatch import logprob_mismatch_metrics, truncated_is_weights
+from k15_megatron.rl.mismatch import (finalize_mismatch_metrics, logprob_mismatch_stats, reduce_mismatch_stats,
+                                      truncated_is_weights)
 from k15_megatron.rl.optim_reset import reset_optimizer_state
-from k15_megatron.train.logprobs import sequence_token_logprobs
-from k15_megatron.train.step import train_step
+from k15_megatron.train.logprobs import hidden_state_output, sequence_token_logprobs
+from k15_megatron.train.step import global_step_metrics, train_step
 
 
-def _micro_batches(batch: RolloutBatch, ref_logprobs: torch.Tensor, groups_per_micro_batch: int) -> list[dict]:
-    """Megatron micro-batches of whole groups; per-token tensors shifted to label positions."""
+def micro_batches(batch: RolloutBatch, ref_logprobs: torch.Tensor, groups_per_micro_batch: int) -> list[dict]:
+    """Megatron micro-batches of ``groups_per_micro_batch`` whole groups, where ``batch`` lives
+    (the schedule moves each to the compute device when it runs).
+
+    Each holds ``input_ids``/``position_ids`` [R, T-1], and shifted to label positions
+    ``targets`` [R, T-1] (input_ids[:, 1:]), ``loss_mask``, ``behaviour`` and ``reference``
+    (``ref_logprobs`` [B, T-1] rows) [R, T-1], ``rewards`` [R]; R = groups * group_size.
+    """
     k = batch.group_size
     rows = groups_per_micro_batch * k
     if batch.num_samples % rows:
@@ -51,10 +67,37 @@ def _micro_batches(batch: RolloutBatch, ref_logprobs: torch.Tensor, groups_per_m
     return out
 
 
-def _loss_fn(rl_cfg, *, vocab_size: int, tp_group):
-    def loss(mb: dict, logits: torch.Tensor):
-        token_lp = token_logprobs(logits, mb["targets"], group=tp_group, chunk_size=rl_cfg.logprob_chunk_tokens,
-                                  vocab_size=vocab_size)
+class _LogRatioStats:
+    """Per-sample log-ratios d = log pi_theta - log pi_i seen by the loss, kept as
+    [count, sum] and [max |d|] on the compute device (this rank's micro-batches)."""
+
+    def __init__(self):
+        device = compute_device()
+        self.sums = torch.zeros(2, dtype=torch.float64, device=device)
+        self.abs_max = torch.zeros(1, dtype=torch.float64, device=device)
+
+    def add(self, log_ratio: torch.Tensor) -> None:
+        d = log_ratio.detach().double()
+        self.sums += torch.stack([torch.tensor(float(d.numel()), dtype=torch.float64, device=d.device), d.sum()])
+        if d.numel():
+            self.abs_max = torch.maximum(self.abs_max, d.abs().max().reshape(1))
+
+    def global_metrics(self) -> dict[str, float]:
+        """Mean and max |d| over every data-parallel rank's samples (collective)."""
+        sums, abs_max = global_step_metrics(self.sums, self.abs_max)
+        return {"train/log_ratio_mean": float(sums[1] / sums[0].clamp(min=1)),
+                "train/log_ratio_abs_max": float(abs_max[0])}
+
+
+def mirror_descent_loss_fn(rl_cfg, *, token_logprobs, log_ratios: _LogRatioStats | None = None):
+    """The loss function (for :func:`k15_megatron.train.schedule.forward_backward`) of one
+    micro-batch of :func:`micro_batches`: ``token_logprobs(output, targets)`` -> [R, T-1]
+    log-probs -> sequence log-probs under the loss mask -> mirror-descent loss summed over the
+    R samples (Megatron divides by the returned sample count). ``update_policy`` passes the
+    chunked hidden-state head (:meth:`OutputHead.token_logprobs`); the memory benchmark also
+    passes a plain full-vocabulary one. ``log_ratios`` collects log pi_theta - log pi_i."""
+    def loss(mb: dict, output: torch.Tensor):
+        token_lp = token_logprobs(output, mb["targets"])
         mask = mb["loss_mask"]
         weights = None
         check = rl_cfg.logprob_check
@@ -70,10 +113,11 @@ def _loss_fn(rl_cfg, *, vocab_size: int, tp_group):
                                                   level="sequence")
         loss_sum = mirror_descent_loss(seq_lp, ref_lp, mb["rewards"], rl_cfg.group_size, rl_cfg.tau,
                                        rl_cfg.log_z, sample_weights=sample_weights, reduction="sum")
-        num = torch.tensor(seq_lp.numel(), dtype=torch.int)
-        kl = (seq_lp - ref_lp).detach()
-        return loss_sum, num, {"loss_sum": loss_sum.detach().clone(), "num_tokens": num.clone(),
-                               "log_ratio_sum": kl.sum(), "log_ratio_abs_max": kl.abs().max()}
+        if log_ratios is not None:
+            log_ratios.add(seq_lp - ref_lp)
+        num = torch.tensor(seq_lp.numel(), dtype=torch.int, device=loss_sum.device)
+        # clone: Megatron divides the returned loss in place.
+        return loss_sum, num, {"loss_sum": loss_sum.detach().clone(), "num_tokens": num.clone()}
     return loss
 
 
@@ -84,19 +128,39 @@ def _check_shapes(batch: RolloutBatch, rl_cfg) -> None:
         raise ValueError(f"batch group size {batch.group_size} != rl.group_size {rl_cfg.group_size}")
 
 
-def update_policy(trainer, batch: RolloutBatch, rl_cfg) -> dict:
-    """Train on ``batch`` (see the module docstring); returns metrics, equal on all ranks."""
+def _mismatch_metrics(behaviour: torch.Tensor, recomputed: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """Behaviour vs recomputed log-prob drift over every data-parallel rank's tokens (collective)."""
     from megatron.core import parallel_state as ps
 
+    stats = logprob_mismatch_stats(behaviour, recomputed, mask)
+    if ps.get_data_parallel_world_size() > 1:
+        stats = reduce_mismatch_stats(stats, group=ps.get_data_parallel_group())
+    return {f"logprob/{k}": v for k, v in finalize_mismatch_metrics(stats).items()}
+
+
+def update_policy(trainer, batch: RolloutBatch, rl_cfg) -> dict:
+    """Train on ``batch`` (see the module docstring); returns metrics, global over data-parallel
+    ranks and equal on all ranks (collective).
+
+    Raises:
+        ValueError: the batch has no rewards, a group size other than ``rl.group_size``, or this
+            rank's groups do not split into ``rl.updates_per_iteration`` mini-batches of
+            micro-batches of ``rl.groups_per_micro_batch`` groups.
+    """
     _check_shapes(batch, rl_cfg)
     layout = trainer.layout
-    reset = reset_optimizer_state(trainer.optimizer) if rl_cfg.reset_optimizer else 0
+    reset_bytes = reset_optimizer_state(trainer.optimizer) if rl_cfg.reset_optimizer else 0
     mine = batch.shard_groups(layout.dp_rank, layout.dp_size)
+    device = compute_device()
+    rows_per_micro_batch = rl_cfg.groups_per_micro_batch * mine.group_size
+    if mine.num_samples % rows_per_micro_batch:
+        raise ValueError(f"{mine.num_groups} groups per data-parallel rank cannot form micro-batches of "
+                         f"rl.groups_per_micro_batch={rl_cfg.groups_per_micro_batch}")
     recomputed = sequence_token_logprobs(trainer.chunks, mine.input_ids, vocab_size=trainer.arch.vocab_size,
+                                         micro_batch_size=rows_per_micro_batch,
                                          chunk_size=rl_cfg.logprob_chunk_tokens)
-    behaviour = mine.behaviour_logprobs[:, 1:]
-    mask = mine.loss_mask[:, 1:]
-    metrics = {f"logprob/{k}": float(v) for k, v in logprob_mismatch_metrics(behaviour, recomputed, mask).items()}
+    behaviour = mine.behaviour_logprobs[:, 1:].to(device)
+    metrics = _mismatch_metrics(behaviour, recomputed, mine.loss_mask[:, 1:].to(device))
     reference = recomputed if rl_cfg.reference == "recompute" else behaviour
 
     groups = mine.num_groups
@@ -104,18 +168,22 @@ def update_policy(trainer, batch: RolloutBatch, rl_cfg) -> dict:
     if groups % updates:
         raise ValueError(f"{groups} groups per data-parallel rank cannot be split into "
                          f"rl.updates_per_iteration={updates} equal mini-batches")
-    tp_group = ps.get_tensor_model_parallel_group() if layout.tp_size > 1 else None
-    loss_fn = _loss_fn(rl_cfg, vocab_size=trainer.arch.vocab_size, tp_group=tp_group)
+    log_ratios = _LogRatioStats()
     per_update = groups // updates
     losses, grad_norms = [], []
-    for u in range(updates):
-        part = mine.select_groups(torch.arange(u * per_update, (u + 1) * per_update))
-        rows = slice(u * per_update * mine.group_size, (u + 1) * per_update * mine.group_size)
-        micro = _micro_batches(part, reference[rows], rl_cfg.groups_per_micro_batch)
-        step = train_step(trainer.chunks, trainer.optimizer, trainer.scheduler, micro, loss_fn=loss_fn)
-        losses.append(step["loss"])
-        grad_norms.append(step["grad_norm"])
+    with hidden_state_output(trainer.chunks) as head:
+        token_lp = functools.partial(head.token_logprobs, vocab_size=trainer.arch.vocab_size,
+                                     chunk_size=rl_cfg.logprob_chunk_tokens)
+        loss_fn = mirror_descent_loss_fn(rl_cfg, token_logprobs=token_lp, log_ratios=log_ratios)
+        for u in range(updates):
+            part = mine.select_groups(torch.arange(u * per_update, (u + 1) * per_update))
+            rows = slice(u * per_update * mine.group_size, (u + 1) * per_update * mine.group_size)
+            micro = micro_batches(part, reference[rows], rl_cfg.groups_per_micro_batch)
+            step = train_step(trainer.chunks, trainer.optimizer, trainer.scheduler, micro, loss_fn=loss_fn)
+            losses.append(step["loss"])
+            grad_norms.append(step["grad_norm"])
+    metrics.update(log_ratios.global_metrics())
     metrics.update({"train/loss": sum(losses) / len(losses), "train/grad_norm": max(grad_norms),
                     "train/lr": step["lr"], "train/updates": float(updates),
-                    "train/optimizers_reset": float(reset), "train/num_samples": float(mine.num_samples * layout.dp_size)})
+                    "train/optimizer_reset_bytes": float(reset_bytes), "train/num_samples": float(mine.num_samples * layout.dp_size)})
     return metrics
