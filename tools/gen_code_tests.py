@@ -17,7 +17,8 @@ import dataclasses
 import sys
 
 from k15_megatron.config.rewards import CodeRewardConfig, RewardsConfig, TestGenConfig
-from k15_megatron.rewards.testgen import generate_jsonl, read_jsonl
+from k15_megatron.data.jsonl import read_jsonl
+from k15_megatron.rewards.testgen import generate_jsonl
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,7 +1,8 @@
-"""JSONL prompt sets: the record formats the `k15 sft`, `k15 rl` and `k15 eval` jobs read.
+"""JSONL files: the package's one reader and writer, and the record formats the `k15 sft`,
+`k15 rl` and `k15 eval` jobs read.
 
 One JSON object per line, UTF-8. Blank lines are skipped; anything else that is not a JSON object
-is an error naming the file and line.
+is an error naming the file and line (:func:`read_jsonl`; metrics files allow a torn last line).
 
 SFT records (`read_sft`)::
 
@@ -34,12 +35,17 @@ SFT_KEYS = ("prompt", "response")
 PROMPT_KEYS = ("prompt", "answer")
 
 
-def read_jsonl(path: str) -> List[Dict[str, Any]]:
-    """All records of ``path``; ValueError naming ``path:line`` for a malformed line."""
-    return [record for _, record in _numbered_records(path)]
+def read_jsonl(path: str, *, allow_torn_last_line: bool = False) -> List[Dict[str, Any]]:
+    """All records of ``path``; ValueError naming ``path:line`` for a malformed line.
+
+    ``allow_torn_last_line``: a final line without its newline that is not valid JSON is
+    ignored (what a process killed while appending leaves, e.g. in metrics.jsonl); a bad line
+    anywhere else is still an error."""
+    return [record for _, record in _numbered_records(path, allow_torn_last_line=allow_torn_last_line)]
 
 
-def _numbered_records(path: str) -> List[Tuple[int, Dict[str, Any]]]:
+def _numbered_records(path: str, *, allow_torn_last_line: bool = False) -> List[Tuple[int, Dict[str, Any]]]:
+    """The one JSONL reader of the package: ``[(line number, record)]``, blank lines skipped."""
     records = []
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
@@ -48,6 +54,8 @@ def _numbered_records(path: str) -> List[Tuple[int, Dict[str, Any]]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
+                if allow_torn_last_line and not line.endswith("\n") and not f.read(1):
+                    break
                 raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
             if not isinstance(record, dict):
                 raise ValueError(f"{path}:{line_no}: expected a JSON object, got "

@@ -98,15 +98,11 @@ def summary_line(record: dict) -> str:
 
 
 def read_metrics(path: str) -> list[dict]:
-    """All records of a metrics.jsonl (a torn final line from a killed run is ignored)."""
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-    return records
+    """All records of a metrics.jsonl (a torn final line from a killed run is ignored; any
+    other bad line is a ValueError naming the file and line)."""
+    from k15_megatron.data.jsonl import read_jsonl
+
+    return read_jsonl(path, allow_torn_last_line=True)
 
 
 def _truncate_after(path: str, iteration: int) -> None:

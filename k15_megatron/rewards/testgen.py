@@ -169,17 +169,3 @@ def generate_jsonl(problems: Iterable[Mapping[str, Any]], output_path: str, *,
             if report.kept:
                 out.write(json.dumps(output_record(problem, report, testgen=testgen)) + "\n")
     return reports
-
-
-def read_jsonl(path: str) -> list[dict[str, Any]]:
-    """Records of a JSONL file; ValueError names the file and line of a bad record."""
-    records = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not valid JSON ({err})") from None
-    return records

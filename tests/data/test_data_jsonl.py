@@ -72,3 +72,39 @@ def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
         write_jsonl(path, records())
     assert read_prompts(path) == [{"prompt": "old", "answer": "1"}]
     assert os.listdir(tmp_path) == ["p.jsonl"]
+
+
+def test_torn_last_line_is_ignored_only_where_allowed_and_only_at_the_end(tmp_path):
+    """metrics.jsonl after a kill mid-append: the torn tail is dropped; a bad line before the end
+    (or a torn tail where it is not allowed) is an error naming the file and line."""
+    from k15_megatron.jobs.metrics_log import read_metrics
+
+    torn = tmp_path / "metrics.jsonl"
+    torn.write_text('{"iteration": 1}\n{"iteration": 2}\n{"itera')
+    assert read_metrics(str(torn)) == [{"iteration": 1}, {"iteration": 2}]
+    with pytest.raises(ValueError, match=r"metrics\.jsonl:3: not valid JSON"):
+        read_jsonl(str(torn))
+    middle = tmp_path / "bad.jsonl"
+    middle.write_text('{"iteration": 1}\n{"itera\n{"iteration": 3}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: not valid JSON"):
+        read_metrics(str(middle))
+
+
+def test_one_jsonl_reader():
+    """JSONL files are read by data/jsonl.py alone: no other module of the package or tool
+    parses lines of a file with json.loads."""
+    import re
+
+    from tooling import REPO_ROOT
+
+    offenders = []
+    for top in ("k15_megatron", "tools"):
+        for root, _, files in os.walk(os.path.join(REPO_ROOT, top)):
+            for name in files:
+                path = os.path.join(root, name)
+                if not name.endswith(".py") or path.endswith(os.path.join("data", "jsonl.py")):
+                    continue
+                text = open(path, encoding="utf-8").read()
+                if re.search(r"for [\w, ]+ in (enumerate\()?(f|handle|fh|file)\b.*:\s*\n(.*\n){0,6}.*json\.loads", text):
+                    offenders.append(os.path.relpath(path, REPO_ROOT))
+    assert not offenders, offenders
