@@ -11,7 +11,8 @@ and their logs are in ``DIR/work``. The exit status is 1 when a check failed. Th
 * ``sft``: ``k15 sft`` on the tiny Qwen2-style model (examples/tiny.yaml) for 4 steps (bf16 on
   CUDA, fp32 on CPU), saving at steps 2 and 4: exits 0, every loss finite, the loss falls.
 * ``resume``: the same run resumed from its step-4 checkpoint to step 6 against a run trained
-  straight to step 6: the losses of steps 5 and 6 agree (deterministic mode).
+  straight to step 6: the losses of steps 5 and 6 agree within 1e-4 (relative; GPU atomics may
+  differ in the last bits, a lost optimizer state or schedule would not stay that close).
 * ``ref_logprobs``: the reference log-prob recompute
   (:func:`k15_megatron.train.logprobs.sequence_token_logprobs`) on the recorded rollout batch,
   in micro-batches and whole, against a float64 log-softmax of the model's own logits (fp32).
@@ -51,7 +52,7 @@ CHECKS = ("sft", "resume", "ref_logprobs", "policy_update", "fp8", "pytest_gpu")
 CHECK_TIMEOUT_S = 240
 """Seconds one check's process may run on a GPU (``--timeout``; 1800 on a CPU)."""
 ENV = {"OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
-       "CUBLAS_WORKSPACE_CONFIG": ":4096:8", "PYTHONWARNINGS": "ignore::UserWarning,ignore::FutureWarning"}
+       "PYTHONWARNINGS": "ignore::UserWarning,ignore::FutureWarning"}
 
 
 class Skip(Exception):
@@ -103,7 +104,7 @@ def run_sft(out: Path, name: str, *, iters: int, extra=()) -> tuple[int, list[di
     args = [sys.executable, "-m", "k15_megatron.cli", "sft", str(TINY), f"run_dir={out / name}",
             f"data.train_path={data}", f"optim.train_iters={iters}", "optim.lr=2e-3",
             "checkpoint.save_interval=2", "data.global_batch_size=4", "data.micro_batch_size=2",
-            "logging.tensorboard=false", "deterministic=true", "seed=0", f"precision.dtype={dtype}", *extra]
+            "logging.tensorboard=false", "seed=0", f"precision.dtype={dtype}", *extra]
     proc = subprocess.run(args, cwd=REPO, env={**os.environ, **ENV}, capture_output=True, text=True,
                           timeout=CHECK_TIMEOUT_S)
     metrics_path = out / name / "metrics.jsonl"
@@ -237,6 +238,11 @@ def run_check(name: str, out: Path) -> dict:
     return {"check": name, "status": status, "detail": detail, "seconds": round(seconds, 1)}
 
 
+def _set_timeout(seconds: int) -> None:
+    global CHECK_TIMEOUT_S
+    CHECK_TIMEOUT_S = seconds
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(REPO / "runs" / "gpu_check"), help="work and results folder")
@@ -245,8 +251,7 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=int, default=None,
                         help=f"seconds per check process (default {CHECK_TIMEOUT_S} on a GPU, 1800 on a CPU)")
     args = parser.parse_args(argv)
-    global CHECK_TIMEOUT_S
-    CHECK_TIMEOUT_S = args.timeout or (CHECK_TIMEOUT_S if _use_cuda() else 1800)
+    _set_timeout(args.timeout or (CHECK_TIMEOUT_S if _use_cuda() else 1800))
     checks = [c for c in args.checks.split(",") if c]
     unknown = sorted(set(checks) - set(CHECKS))
     if unknown:
