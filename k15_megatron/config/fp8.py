@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import importlib.util
+import os
 from typing import List, Optional, Tuple
 
 RECIPE_NEEDS = {
@@ -73,7 +74,11 @@ def probe_fp8_platform() -> Optional[Fp8Platform]:
         te_version = "unknown"
     import torch
 
-    capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+    capability = None
+    if torch.cuda.is_available():
+        # This rank's own GPU: probing device 0 from every rank would put a CUDA context on it.
+        local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
+        capability = torch.cuda.get_device_capability(local % torch.cuda.device_count())
     return Fp8Platform(te_version=te_version, compute_capability=capability)
 
 
