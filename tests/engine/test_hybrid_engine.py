@@ -10,7 +10,10 @@ different layouts on each side:
 
 The model has tied embeddings (the harder case for vLLM's in-place reload). A second
 train/sync round checks that switching back and forth keeps working and that the policy version
-is carried to new segments.
+is carried to new segments. The memory steps run for real on CPU: the TP=2 case drops the
+optimizer state (``rl.reset_optimizer``), the PP=2 case offloads it and the parameters
+(``engine.offload_params``) and trains again after ``to_train`` restored them; each case checks
+the bytes reported against the sizes of the tensors it freed.
 """
 
 import functools
@@ -21,12 +24,17 @@ from distributed import run_distributed
 from tooling import megatron_from_hf
 
 
-def _hybrid_worker(rank, world_size, hf_dir, tp, pp, engine_tp):
+def _nbytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _hybrid_worker(rank, world_size, hf_dir, tp, pp, engine_tp, reset_optimizer):
     from k15_megatron.config.engine import EngineConfig
     from k15_megatron.config.rl import RepeatConfig
     from k15_megatron.config.rollout import RolloutConfig
     from k15_megatron.engine.hybrid import HybridEngine
     from k15_megatron.engine.weight_sync import ColocatedWeightSync
+    from k15_megatron.rl.optim_reset import optimizer_has_state, state_tensors
     from k15_megatron.rollout.engine import RolloutEngine, Sampling, SegmentRequest
     from k15_megatron.train.logprobs import sequence_token_logprobs
     from k15_megatron.train.step import train_step
@@ -37,8 +45,9 @@ def _hybrid_worker(rank, world_size, hf_dir, tp, pp, engine_tp):
     rollout = RolloutEngine.create(rollout_cfg, model_path=hf_dir, repeat=RepeatConfig(enabled=False), seed=0)
     hybrid = HybridEngine(model_chunks=chunks, optimizer=optimizer, arch=arch, rollout=rollout,
                           weight_sync=ColocatedWeightSync(rollout.llm, dtype=torch.float32),
-                          cfg=EngineConfig(check_num_sequences=4, check_max_tokens=24, check_max_abs_diff=1e-4),
-                          reset_optimizer=True,
+                          cfg=EngineConfig(check_num_sequences=4, check_max_tokens=24, check_max_abs_diff=1e-4,
+                                           offload_params=not reset_optimizer),
+                          reset_optimizer=reset_optimizer,
                           recompute_logprobs=functools.partial(sequence_token_logprobs, vocab_size=arch.vocab_size))
 
     probe = [SegmentRequest(trajectory_id=0, prompt_tokens=torch.tensor([5, 6, 7]),
@@ -49,15 +58,30 @@ def _hybrid_worker(rank, world_size, hf_dir, tp, pp, engine_tp):
 
     tokens = torch.randint(3, arch.vocab_size, (2, 33), generator=torch.Generator().manual_seed(1))
     batch = [{"input_ids": tokens[:, :-1], "labels": tokens[:, 1:], "position_ids": torch.arange(32).expand(2, -1)}]
+    params = [p for chunk in chunks for p in chunk.parameters()]
+    grads = [buffer.grad_data for chunk in chunks for buffer in chunk.buffers]
     rounds = []
     for version in (1, 2):
-        if hybrid.mode == "rollout":
-            hybrid.to_train()
+        onload = hybrid.to_train() if hybrid.mode == "rollout" else {}
         for _ in range(2):
             train_step(chunks, optimizer, scheduler, batch)
+        moments = [t for _, _, t in state_tensors(optimizer) if t.dim() > 0]
+        expected = {"offload/grad_bytes": _nbytes(grads), "offload/param_bytes": _nbytes(params),
+                    "offload/optimizer_bytes": _nbytes(moments),
+                    "offload/optimizer_dropped_bytes": _nbytes([t for _, _, t in state_tensors(optimizer)])}
+        kept = [p.detach().clone() for p in params]
         metrics = hybrid.to_rollout(policy_version=version)
         after = rollout.generate(probe, sampling=greedy)[0]
-        rounds.append({"check_max": metrics["logprob_check/max_abs_diff"],
+        resident = None
+        if not reset_optimizer:
+            freed = sum(t.untyped_storage().nbytes() for t in params + moments)
+            with hybrid.trainer_state_resident():
+                resident = all(torch.equal(a, p) for a, p in zip(kept, params))
+            resident = resident and freed == 0 == sum(t.untyped_storage().nbytes() for t in params + moments)
+        rounds.append({"bytes": {k: v for k, v in metrics.items() if k.startswith("offload/")},
+                       "expected": expected, "onload": onload, "resident": resident,
+                       "has_state": optimizer_has_state(optimizer),
+                       "check_max": metrics["logprob_check/max_abs_diff"],
                        "check_tokens": metrics["logprob_check/num_tokens"],
                        "policy_version": rollout.policy_version,
                        "probe_logprobs_changed": not torch.allclose(after.logprobs, before.logprobs, atol=1e-3),
@@ -67,12 +91,24 @@ def _hybrid_worker(rank, world_size, hf_dir, tp, pp, engine_tp):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.parametrize("tp,pp,engine_tp", [(2, 1, 2), (1, 2, 1)],
-                         ids=["megatron-TP2_vllm-TP2", "megatron-PP2_vllm-TP1x2"])
-def test_weight_sync_makes_vllm_logprobs_equal_megatron(tiny_hf_dirs, tp, pp, engine_tp):
-    per_rank = run_distributed(_hybrid_worker, 2, tiny_hf_dirs["qwen2"], tp, pp, engine_tp, timeout_s=400)
+@pytest.mark.parametrize("tp,pp,engine_tp,reset_optimizer", [(2, 1, 2, True), (1, 2, 1, False)],
+                         ids=["megatron-TP2_vllm-TP2_reset", "megatron-PP2_vllm-TP1x2_offload-params"])
+def test_weight_sync_makes_vllm_logprobs_equal_megatron(tiny_hf_dirs, tp, pp, engine_tp, reset_optimizer):
+    per_rank = run_distributed(_hybrid_worker, 2, tiny_hf_dirs["qwen2"], tp, pp, engine_tp, reset_optimizer,
+                               timeout_s=400)
     for rank, rounds in enumerate(per_rank):
         for version, r in enumerate(rounds, start=1):
+            names = {"offload/grad_bytes"} | ({"offload/optimizer_dropped_bytes"} if reset_optimizer else
+                                              {"offload/optimizer_bytes", "offload/param_bytes"})
+            assert set(r["bytes"]) == names
+            assert all(r["bytes"][k] == r["expected"][k] > 0 for k in names), (r["bytes"], r["expected"])
+            assert r["has_state"] is not reset_optimizer
+            if version == 2:  # to_train put back exactly what to_rollout freed
+                assert {k.replace("onload/", "offload/"): v for k, v in r["onload"].items()
+                        if k.startswith("onload/")} == {k: v for k, v in rounds[0]["bytes"].items()
+                                                         if k != "offload/optimizer_dropped_bytes"}
+            if not reset_optimizer:
+                assert r["resident"], "trainer_state_resident() did not bring back and free again the weights"
             assert r["check_tokens"] > 0
             assert r["check_max"] < 1e-4, f"rank {rank} round {version}: max |diff| {r['check_max']:.2e}"
             assert r["policy_version"] == version
