@@ -241,9 +241,11 @@ class ExperimentConfig:
     seed: int = 1234
     """Global random seed."""
     deterministic: bool = False
-    """Bit-for-bit reproducible runs (CPU): every rollout request samples from its own stream
-    seeded by (seed, trajectory, position), so a resumed run regenerates exactly what an
-    uninterrupted one would; torch uses deterministic algorithms."""
+    """Per-request random streams: every rollout request samples from its own stream seeded by
+    (seed, trajectory, position), so its samples do not depend on which requests share a vLLM
+    batch; torch uses deterministic algorithms. Either way a resumed `k15 rl` run continues
+    exactly where it stopped on CPU (the checkpoint carries the engine's own sampler stream,
+    which requests without a seed draw from); on GPU neither mode has been run."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """Model architecture and initial weights."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)

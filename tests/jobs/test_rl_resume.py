@@ -32,7 +32,8 @@ from tooling import REPO_ROOT
 from test_rl_job import _write_task
 
 N = 2
-VOLATILE = ("time", "time/", "throughput/", "eval/seconds", "sync/sync_s", "memory/")
+VOLATILE = ("time", "time/", "throughput/", "eval/seconds", "sync/sync_s", "memory/",
+            "data/")  # data/: counts taken when the data is loaded, logged again by a resumed process
 
 
 def _command(run_dir, data_dir, *, deterministic):
@@ -60,7 +61,7 @@ def _kill_tree(pid: int) -> None:
 
 
 def _stable(records):
-    """Per-iteration metrics without wall-clock quantities."""
+    """Per-iteration metrics without wall-clock quantities and load-time counts."""
     out = []
     for r in records:
         out.append({k: v for k, v in r.items() if not any(k == p or k.startswith(p) for p in VOLATILE)})
