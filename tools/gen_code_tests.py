@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
                             memory_mb=args.memory_mb,
                             num_sandbox_uids=max(CodeRewardConfig().num_sandbox_uids,
                                                  args.workers))
-    errors = RewardsConfig(code=code, testgen=testgen).validate()
+    errors = RewardsConfig(code=code).validate() + testgen.validate(prefix="--testgen")
     if errors:
         raise SystemExit("invalid options:\n  " + "\n  ".join(errors))
     problems = read_jsonl(args.input)

@@ -107,8 +107,10 @@ class CodeRewardConfig:
 class RewardModelConfig:
     """Chain-of-thought reward model (`k15_megatron.rewards.judge`)."""
 
-    backend: str = "vllm"
-    """vllm: the rollout engine's offline LLM object | openai: an OpenAI-compatible endpoint."""
+    backend: str = "openai"
+    """openai: an OpenAI-compatible endpoint (``vllm serve``, SGLang, a hosted API), built from
+    the keys below; what `k15 rl` and `k15 eval` use | vllm: a `VLLMJudge` on an engine the
+    caller owns, passed as ``RewardManager(config, judge=...)`` (library use only)."""
     base_url: str = ""
     """openai backend: URL up to /v1 (``http://host:8000/v1``); /chat/completions is appended."""
     model: str = ""
@@ -129,7 +131,10 @@ class RewardModelConfig:
 
 @dataclass
 class TestGenConfig:
-    """CYaRon test generation (`k15_megatron.rewards.testgen`, PAPER.md section 6 numbers)."""
+    """CYaRon test generation (`k15_megatron.rewards.testgen`, PAPER.md section 6 numbers).
+
+    Settings of the offline data tool ``tools/gen_code_tests.py`` (its flags), not a section of
+    the job configuration: no job generates tests."""
 
     __test__ = False  # not a pytest test class despite the name
 
@@ -144,6 +149,23 @@ class TestGenConfig:
     min_kept_cases: int = 1
     """A problem with fewer kept cases than this is dropped."""
 
+    def validate(self, prefix: str = "testgen") -> list[str]:
+        """One message per invalid field, each naming its key (empty if valid)."""
+        errors: list[str] = []
+
+        def need(ok: bool, key: str, msg: str) -> None:
+            if not ok:
+                errors.append(f"{prefix}.{key}: {msg}")
+
+        need(self.num_cases >= 1, "num_cases", f"must be >= 1, got {self.num_cases}")
+        need(self.num_solutions >= 1, "num_solutions", f"must be >= 1, got {self.num_solutions}")
+        need(1 <= self.case_min_agree <= self.num_solutions, "case_min_agree",
+             f"must be in [1, num_solutions={self.num_solutions}], got {self.case_min_agree}")
+        need(1 <= self.problem_min_pass <= self.num_solutions, "problem_min_pass",
+             f"must be in [1, num_solutions={self.num_solutions}], got {self.problem_min_pass}")
+        need(self.min_kept_cases >= 0, "min_kept_cases", f"must be >= 0, got {self.min_kept_cases}")
+        return errors
+
 
 @dataclass
 class RewardsConfig:
@@ -155,8 +177,6 @@ class RewardsConfig:
     """Sandboxed code execution."""
     rm: RewardModelConfig = field(default_factory=RewardModelConfig)
     """Chain-of-thought reward model."""
-    testgen: TestGenConfig = field(default_factory=TestGenConfig)
-    """Offline test-case generation (tools/gen_code_tests.py)."""
     sources: Dict[str, str] = field(default_factory=dict)
     """data_source -> reward spec (``"math"``, ``"math=0.8,rm=0.2"``, ``"pkg.mod:fn"``)."""
     default: str = "math"
@@ -170,7 +190,7 @@ class RewardsConfig:
             if not ok:
                 errors.append(f"{prefix}.{key}: {msg}")
 
-        m, c, r, t = self.math, self.code, self.rm, self.testgen
+        m, c, r = self.math, self.code, self.rm
         need(m.time_limit_s > 0, "math.time_limit_s", f"must be > 0, got {m.time_limit_s}")
         need(0 <= m.relative_tolerance < 1, "math.relative_tolerance",
              f"must be in [0, 1), got {m.relative_tolerance}")
@@ -199,9 +219,11 @@ class RewardsConfig:
              f"must be >= code.num_workers ({c.num_workers}), got {c.num_sandbox_uids}")
         need(r.backend in JUDGE_BACKENDS, "rm.backend",
              f"must be one of {list(JUDGE_BACKENDS)}, got {r.backend!r}")
-        if r.backend == "openai":
-            need(bool(r.base_url), "rm.base_url", "must be set when rm.backend=openai")
-            need(bool(r.model), "rm.model", "must be set when rm.backend=openai")
+        if r.backend == "openai" and self._names_rm():
+            need(bool(r.base_url), "rm.base_url",
+                 "must be set when rm.backend=openai and rewards.default or sources use rm")
+            need(bool(r.model), "rm.model",
+                 "must be set when rm.backend=openai and rewards.default or sources use rm")
         need(r.max_tokens >= 1, "rm.max_tokens", f"must be >= 1, got {r.max_tokens}")
         need(r.temperature >= 0, "rm.temperature", f"must be >= 0, got {r.temperature}")
         need(r.max_concurrency >= 1, "rm.max_concurrency", f"must be >= 1, got {r.max_concurrency}")
@@ -210,18 +232,17 @@ class RewardsConfig:
         if r.prompt_template:
             for name in ("{question}", "{response}"):
                 need(name in r.prompt_template, "rm.prompt_template", f"must contain {name}")
-        need(t.num_cases >= 1, "testgen.num_cases", f"must be >= 1, got {t.num_cases}")
-        need(t.num_solutions >= 1, "testgen.num_solutions", f"must be >= 1, got {t.num_solutions}")
-        need(1 <= t.case_min_agree <= t.num_solutions, "testgen.case_min_agree",
-             f"must be in [1, testgen.num_solutions={t.num_solutions}], got {t.case_min_agree}")
-        need(1 <= t.problem_min_pass <= t.num_solutions, "testgen.problem_min_pass",
-             f"must be in [1, testgen.num_solutions={t.num_solutions}], got {t.problem_min_pass}")
-        need(t.min_kept_cases >= 0, "testgen.min_kept_cases",
-             f"must be >= 0, got {t.min_kept_cases}")
         errors += _spec_errors(self.default, f"{prefix}.default")
         for source, spec in self.sources.items():
             errors += _spec_errors(spec, f"{prefix}.sources.{source}")
         return errors
+
+    def _names_rm(self) -> bool:
+        specs = [self.default, *self.sources.values()]
+        try:
+            return any("rm" in parse_reward_spec(spec) for spec in specs)
+        except ValueError:
+            return False  # reported by _spec_errors
 
     def config_errors(self, prefix: str) -> List[str]:
         """Hook for the generic schema validator: same checks as `validate`."""

@@ -63,6 +63,7 @@ def evaluate(engine, prompts, manager, tokenizer, *, num_samples: int, temperatu
     metrics = {f"eval/pass@{k}": pass_at_k(counts, num_samples, k) for k in ks if k <= num_samples}
     metrics.update({"eval/response_length_mean": lengths.mean().item(), "eval/num_prompts": float(len(prompts)),
                     "eval/seconds": time.perf_counter() - start})
+    metrics.update(manager.metrics())  # reward failures and latencies (rank 0 scored)
     metrics["per_prompt"] = counts.float() / num_samples
     return metrics
 

@@ -4,7 +4,9 @@
 scores it with the rewards its prompt record selects (:class:`RewardManager`), adds the report's
 length penalty with its warm-up schedule (:mod:`k15_megatron.rl.shaping`) and subtracts the
 repeat penalty for responses cut by repeat detection. It fills ``batch.rewards`` and returns the
-correctness of each sample (task reward == 1) and metrics. Rank 0 scores and broadcasts, so
+correctness of each sample (task reward == 1) and metrics, including the reward manager's
+``rewards/<name>/...`` counters (failures, latencies, timeouts) since the previous call.
+Rank 0 scores and broadcasts, so
 sandboxed code or a reward model run once per iteration, not once per rank.
 """
 
@@ -68,4 +70,5 @@ def score_rollouts(batch: RolloutBatch, records, manager, tokenizer, rl_cfg, ite
     }
     for reason in ("stop", "max_length", "repeat"):
         metrics[f"finish/{reason}"] = sum(r == reason for r in batch.finish_reasons) / batch.num_samples
+    metrics.update(manager.metrics())  # rank 0 scored: its failure counters and latencies
     return correct, metrics

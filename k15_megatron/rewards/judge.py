@@ -1,5 +1,9 @@
 """Chain-of-thought reward model: a generative judge that reasons, then emits a JSON verdict.
 
+In a job it is the ``rm`` reward of `k15_megatron.rewards.registry`, configured by
+``rewards.rm.*`` (backend ``openai``: any OpenAI-compatible endpoint, e.g. a local
+``vllm serve``).
+
 PAPER.md section 6: the report's CoT reward model (reason step by step, then a JSON verdict)
 spot-checked at 98.5% against 84.4% for a classic value-head model. This module holds the three
 parts of such a judge, none of which depends on a particular model:
@@ -61,6 +65,8 @@ class JudgeVerdict:
     score: float
     reason: str = ""
     verdict: Optional[dict] = None
+    request_failed: bool = False
+    """The judge gave no text (request error or timeout): not a verdict at all."""
 
 
 def render_prompt(question: str, response: str, reference: str = "", *,
@@ -239,4 +245,5 @@ def judge_batch(client: JudgeClient, questions: Sequence[str], responses: Sequen
         raise RuntimeError(f"judge client returned {len(replies)} replies for {len(prompts)} "
                            "prompts")
     return [parse_verdict(reply.text) if reply.text is not None
-            else JudgeVerdict(0.0, reply.error or "request failed") for reply in replies]
+            else JudgeVerdict(0.0, reply.error or "request failed", request_failed=True)
+            for reply in replies]

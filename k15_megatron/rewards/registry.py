@@ -16,10 +16,23 @@ Selection (`RewardManager.spec_for`): a sample's own ``reward`` field (a spec st
 ``config.default``. A spec names registered rewards or ``package.module:function`` strings,
 several with weights (``"math=0.8,rm=0.2"``); the combined reward is the weighted mean.
 
-`RewardManager.metrics()` reports per reward name: calls, items, failures (a raising function
-or a value outside [0, 1]: those items score 0), total latency in seconds, mean reward, plus
-event counters the rewards themselves add (math timeouts, code worker failures, judge parse
-failures). A sandbox that cannot run at all (`SandboxError`) is not swallowed: it raises.
+Failures stay with the samples they belong to. A reward function returns NaN for an item it
+could not score (a record without the field it needs, a judge request that failed or timed
+out); a function that raises on a batch is called again item by item, so only the items it
+raises on fail. Every failed item scores 0 and is counted; the rest of the batch keeps its
+rewards. A sandbox that cannot run at all (`SandboxError`) and a configuration error
+(`RewardConfigError`) are not swallowed: they raise.
+
+`RewardManager.metrics()` reports per reward name: calls, items, failures, total latency in
+seconds and mean latency per call, mean reward, plus event counters the rewards add
+(``math/timeouts``, ``math/missing_answer``, ``code/no_code_block``, ``rm/request_failures``,
+``rm/parse_failures``...). `k15 rl` logs them with every iteration's metrics (metrics.jsonl
+and TensorBoard), `k15 eval` with its results.
+
+The ``rm`` reward's judge: a client passed as ``RewardManager(config, judge=...)`` (e.g. a
+`VLLMJudge` on an engine the caller owns), else, with ``rewards.rm.backend=openai``, an
+`OpenAIJudge` built from ``rewards.rm.*`` on first use (any OpenAI-compatible endpoint, such
+as a local ``vllm serve``): the path `k15 rl` and `k15 eval` take.
 """
 
 from __future__ import annotations
@@ -55,19 +68,38 @@ class RewardContext:
 RewardFn = Callable[[Sequence[str], Sequence[Mapping[str, Any]], RewardContext], list[float]]
 
 
+class RewardConfigError(ValueError):
+    """A reward cannot run as configured (raised, never scored as 0)."""
+
+
+def _missing(samples: Sequence[Mapping[str, Any]], key: str, reward: str,
+             ctx: RewardContext) -> list[bool]:
+    """Which samples lack ``key``; counts and logs them as ``<reward>/missing_<key>``."""
+    missing = [key not in s for s in samples]
+    if any(missing):
+        ctx.count(reward, f"missing_{key}", sum(missing))
+        logger.warning("reward %r needs sample[%r]; %d of %d samples lack it (scored 0)",
+                       reward, key, sum(missing), len(samples))
+    return missing
+
+
 def math_reward(responses: Sequence[str], samples: Sequence[Mapping[str, Any]],
                 ctx: RewardContext) -> list[float]:
     """Rule-based answer checking against ``sample["answer"]`` (`rewards.math`)."""
     from k15_megatron.rewards.math import get_scorer
 
-    golds = [str(_need(s, "answer", "math")) for s in samples]
-    results = get_scorer(ctx.config.math).check_batch(responses, golds)
-    for r in results:
+    missing = _missing(samples, "answer", "math", ctx)
+    todo = [i for i, m in enumerate(missing) if not m]
+    results = get_scorer(ctx.config.math).check_batch([responses[i] for i in todo],
+                                                       [str(samples[i]["answer"]) for i in todo])
+    scores = [math.nan] * len(responses)
+    for i, r in zip(todo, results):
+        scores[i] = r.score
         if r.reason.startswith("timeout"):
             ctx.count("math", "timeouts")
         elif r.reason and not r.reason.startswith(("no ", "empty")):
             ctx.count("math", "rejected_inputs")
-    return [r.score for r in results]
+    return scores
 
 
 def code_reward(responses: Sequence[str], samples: Sequence[Mapping[str, Any]],
@@ -75,15 +107,15 @@ def code_reward(responses: Sequence[str], samples: Sequence[Mapping[str, Any]],
     """Sandboxed tests ``sample["tests"]`` on the response's last fenced code block."""
     from k15_megatron.rewards.code import extract_code, run_tests_batch
 
-    scores = [0.0] * len(responses)
+    missing = _missing(samples, "tests", "code", ctx)
+    scores = [math.nan if m else 0.0 for m in missing]
     todo = []
     for i, (response, sample) in enumerate(zip(responses, samples)):
-        program = extract_code(response)
-        if program is None:
+        program = None if missing[i] else extract_code(response)
+        if program is None and not missing[i]:
             ctx.count("code", "no_code_block")
-        else:
-            todo.append((i, program, list(_need(sample, "tests", "code")),
-                         sample.get("language", "python")))
+        elif program is not None:
+            todo.append((i, program, list(sample["tests"]), sample.get("language", "python")))
     if todo:
         results = run_tests_batch([t[1] for t in todo], [t[2] for t in todo],
                                   [t[3] for t in todo], config=ctx.config.code)
@@ -96,19 +128,29 @@ def code_reward(responses: Sequence[str], samples: Sequence[Mapping[str, Any]],
 
 def rm_reward(responses: Sequence[str], samples: Sequence[Mapping[str, Any]],
               ctx: RewardContext) -> list[float]:
-    """Chain-of-thought reward model (`rewards.judge`); needs ``ctx.judge``."""
+    """Chain-of-thought reward model (`rewards.judge`) through ``ctx.judge``. A failed or
+    timed-out request is a failure of that item (NaN); an unparsable verdict is a 0."""
     from k15_megatron.rewards.judge import judge_batch
 
     if ctx.judge is None:
-        raise ValueError("reward 'rm' needs a judge client: RewardManager(config, judge=...)")
-    questions = [_prompt_text(_need(s, "prompt", "rm")) for s in samples]
-    references = [str(s.get("answer", "")) for s in samples]
-    verdicts = judge_batch(ctx.judge, questions, responses, references,
+        raise RewardConfigError("reward 'rm' needs a judge client: set rewards.rm.backend=openai "
+                                "with rewards.rm.base_url and rewards.rm.model, or pass "
+                                "RewardManager(config, judge=...)")
+    missing = _missing(samples, "prompt", "rm", ctx)
+    todo = [i for i, m in enumerate(missing) if not m]
+    verdicts = judge_batch(ctx.judge, [_prompt_text(samples[i]["prompt"]) for i in todo],
+                           [responses[i] for i in todo],
+                           [str(samples[i].get("answer", "")) for i in todo],
                            template=ctx.config.rm.prompt_template)
-    for v in verdicts:
-        if v.reason:
-            ctx.count("rm", "parse_failures")
-    return [v.score for v in verdicts]
+    scores = [math.nan] * len(responses)
+    for i, v in zip(todo, verdicts):
+        if v.request_failed:
+            ctx.count("rm", "request_failures")
+        else:
+            scores[i] = v.score
+            if v.reason:
+                ctx.count("rm", "parse_failures")
+    return scores
 
 
 REGISTRY: dict[str, RewardFn] = {"math": math_reward, "code": code_reward, "rm": rm_reward}
@@ -132,12 +174,6 @@ def resolve(name: str) -> RewardFn:
     return fn
 
 
-def _need(sample: Mapping[str, Any], key: str, reward: str) -> Any:
-    if key not in sample:
-        raise ValueError(f"reward {reward!r} needs sample[{key!r}]; sample has {sorted(sample)}")
-    return sample[key]
-
-
 def _prompt_text(prompt: Any) -> str:
     if isinstance(prompt, str):
         return prompt
@@ -154,6 +190,12 @@ class RewardManager:
         self.config = config
         self.ctx = RewardContext(config, judge)
         self._stats: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+
+    def _ensure_judge(self) -> None:
+        if self.ctx.judge is None and self.config.rm.backend == "openai":
+            from k15_megatron.rewards.judge import OpenAIJudge
+
+            self.ctx.judge = OpenAIJudge.from_config(self.config.rm)
 
     def spec_for(self, sample: Mapping[str, Any]) -> dict[str, float]:
         """``{reward name: weight}`` for one sample (see module docstring)."""
@@ -191,17 +233,10 @@ class RewardManager:
     def _call(self, name: str, responses: list[str], samples: list) -> list[float]:
         stats = self._stats[name]
         fn = resolve(name)  # an unknown name is a config/data error: raise, naming it
+        if name == "rm":
+            self._ensure_judge()
         start = time.perf_counter()
-        try:
-            raw = list(fn(responses, samples, self.ctx))
-            if len(raw) != len(responses):
-                raise ValueError(f"returned {len(raw)} values for {len(responses)} responses")
-        except SandboxError:
-            raise
-        except Exception:
-            logger.exception("reward %r failed on a batch of %d; scoring it 0", name,
-                             len(responses))
-            raw = [math.nan] * len(responses)
+        raw = self._run(name, fn, responses, samples)
         stats["latency_s"] += time.perf_counter() - start
         scores = []
         for value in raw:
@@ -214,16 +249,50 @@ class RewardManager:
         stats["sum"] += sum(scores)
         return scores
 
+    def _run(self, name: str, fn: RewardFn, responses: list[str], samples: list) -> list:
+        """``fn`` on the batch; if it raises, on each item alone (NaN where it raises again)."""
+        try:
+            return _checked(fn, responses, samples, self.ctx)
+        except (SandboxError, RewardConfigError):
+            raise
+        except Exception as err:  # noqa: BLE001 (a custom reward may raise anything)
+            if len(responses) == 1:
+                logger.exception("reward %r failed on one item; scoring it 0", name)
+                return [math.nan]
+            logger.warning("reward %r failed on a batch of %d (%s: %s); scoring it item by item",
+                           name, len(responses), type(err).__name__, err)
+            self.ctx.count(name, "batch_retries")
+        values = []
+        for response, sample in zip(responses, samples):
+            try:
+                values += _checked(fn, [response], [sample], self.ctx)
+            except (SandboxError, RewardConfigError):
+                raise
+            except Exception:  # noqa: BLE001
+                logger.exception("reward %r failed on one item; scoring it 0", name)
+                values.append(math.nan)
+        return values
+
     def metrics(self, *, reset: bool = True) -> dict[str, float]:
-        """``rewards/<name>/{calls,items,failures,latency_s,mean}`` plus reported events,
+        """``rewards/<name>/{calls,items,failures,latency_s,latency_per_call_s,mean}`` plus
+        reported events,
         accumulated since the last reset."""
         out: dict[str, float] = {}
         for name, stats in self._stats.items():
             for key in ("calls", "items", "failures", "latency_s"):
                 out[f"rewards/{name}/{key}"] = float(stats[key])
+            out[f"rewards/{name}/latency_per_call_s"] = (stats["latency_s"] / stats["calls"]
+                                                         if stats["calls"] else 0.0)
             out[f"rewards/{name}/mean"] = stats["sum"] / stats["items"] if stats["items"] else 0.0
         out.update(self.ctx.events)
         if reset:
             self._stats.clear()
             self.ctx.events.clear()
         return out
+
+
+def _checked(fn: RewardFn, responses: list[str], samples: list, ctx: RewardContext) -> list:
+    raw = list(fn(responses, samples, ctx))
+    if len(raw) != len(responses):
+        raise ValueError(f"returned {len(raw)} values for {len(responses)} responses")
+    return raw

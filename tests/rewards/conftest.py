@@ -90,7 +90,7 @@ def served_judge(tiny_judge_path):
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     base_url = f"http://127.0.0.1:{port}/v1"
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 600  # start-up on a machine loaded by other jobs
         while True:
             request = urllib.request.Request(base_url + "/models",
                                              headers={"Authorization": f"Bearer {api_key}"})

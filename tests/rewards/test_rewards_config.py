@@ -13,8 +13,21 @@ from k15_megatron.config.rewards import (CodeRewardConfig, MathRewardConfig, Rew
 def test_defaults_are_valid_and_match_the_paper():
     cfg = RewardsConfig()
     assert cfg.validate() == []
-    assert (cfg.testgen.num_cases, cfg.testgen.num_solutions, cfg.testgen.case_min_agree,
-            cfg.testgen.problem_min_pass) == (50, 10, 7, 9)
+    testgen = TestGenConfig()
+    assert testgen.validate() == []
+    assert (testgen.num_cases, testgen.num_solutions, testgen.case_min_agree,
+            testgen.problem_min_pass) == (50, 10, 7, 9)
+
+
+def test_testgen_is_the_tool_settings_not_a_job_config_key():
+    """``rewards.testgen`` had no reader in any job: it is gone from the job config, and
+    the data tool checks its own settings."""
+    from k15_megatron.config.loader import load_config
+
+    with pytest.raises(ValueError, match="rewards.testgen"):
+        load_config(None, ["rewards.testgen.num_cases=5"], check=False)
+    assert TestGenConfig(case_min_agree=11).validate()[0].startswith("testgen.case_min_agree:")
+    assert TestGenConfig(problem_min_pass=0).validate()[0].startswith("testgen.problem_min_pass:")
 
 
 @pytest.mark.parametrize("cfg,key", [
@@ -30,11 +43,12 @@ def test_defaults_are_valid_and_match_the_paper():
     (RewardsConfig(code=CodeRewardConfig(num_workers=8, num_sandbox_uids=4)),
      "rewards.code.num_sandbox_uids"),
     (RewardsConfig(rm=RewardModelConfig(backend="tgi")), "rewards.rm.backend"),
-    (RewardsConfig(rm=RewardModelConfig(backend="openai", model="m")), "rewards.rm.base_url"),
+    (RewardsConfig(rm=RewardModelConfig(backend="openai", model="m"), default="math,rm"),
+     "rewards.rm.base_url"),
+    (RewardsConfig(rm=RewardModelConfig(base_url="http://h/v1"), sources={"s": "rm=0.5,math"}),
+     "rewards.rm.model"),
     (RewardsConfig(rm=RewardModelConfig(prompt_template="Judge {question}")),
      "rewards.rm.prompt_template"),
-    (RewardsConfig(testgen=TestGenConfig(case_min_agree=11)), "rewards.testgen.case_min_agree"),
-    (RewardsConfig(testgen=TestGenConfig(problem_min_pass=0)), "rewards.testgen.problem_min_pass"),
     (RewardsConfig(default="maths"), "rewards.default"),
     (RewardsConfig(sources={"gsm8k": "math=x"}), "rewards.sources.gsm8k"),
 ])
@@ -61,7 +75,8 @@ def test_reward_specs():
 def test_omegaconf_structured_merge():
     schema = OmegaConf.structured(RewardsConfig)
     override = OmegaConf.create({"code": {"time_limit_s": 2.5, "cpp_flags": ["-O0"]},
-                                 "sources": {"gsm8k": "math=0.9,rm=0.1"}})
+                                 "sources": {"gsm8k": "math=0.9,rm=0.1"},
+                                 "rm": {"base_url": "http://127.0.0.1:8000/v1", "model": "j"}})
     cfg = OmegaConf.to_object(OmegaConf.merge(schema, override))
     assert isinstance(cfg, RewardsConfig) and cfg.code.time_limit_s == 2.5
     assert cfg.code.cpp_flags == ["-O0"] and cfg.sources == {"gsm8k": "math=0.9,rm=0.1"}

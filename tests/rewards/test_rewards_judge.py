@@ -180,3 +180,35 @@ def test_openai_judge_protocol_against_a_stdlib_server():
         server.server_close()
     refused = OpenAIJudge(base_url, "m").complete(["q"])[0]  # server gone: connection refused
     assert refused.text is None and "failed" in refused.error
+
+
+@pytest.mark.slow
+def test_rm_reward_from_job_config_through_vllm_serve(served_judge, monkeypatch):
+    """The ``rm`` reward as `k15 rl` / `k15 eval` build it: `load_config` with ``rewards.rm.*``
+    overrides, then ``RewardManager(cfg.rewards)``; a config default and a record's own
+    ``reward`` field both select it, and it scores through the real served judge."""
+    from k15_megatron.config.loader import load_config
+    from k15_megatron.rewards.registry import RewardManager
+
+    base_url, model, api_key = served_judge
+    monkeypatch.setenv("K15_JUDGE_KEY", api_key)
+    cfg = load_config(None, ["rewards.rm.backend=openai", f"rewards.rm.base_url={base_url}",
+                             f"rewards.rm.model={model}", "rewards.rm.api_key_env=K15_JUDGE_KEY",
+                             "rewards.rm.max_tokens=16", "rewards.default=math=0.5,rm=0.5"],
+                      check=False)
+    manager = RewardManager(cfg.rewards)
+    samples = [{"prompt": "What is 2+2?", "answer": "4"},
+               {"prompt": [{"role": "user", "content": "Name a prime."}], "reward": "rm"}]
+    scores = manager.score(["so \\boxed{4}", "7"], samples)
+    metrics = manager.metrics()
+    # random judge weights: garbage verdicts score 0 with a counted parse failure; the math
+    # half of the first sample's weighted mean still counts
+    assert scores == [0.5, 0.0]
+    assert metrics["rewards/rm/items"] == 2 and metrics["rewards/rm/failures"] == 0
+    assert metrics["rewards/rm/parse_failures"] == 2 and metrics["rewards/rm/latency_s"] > 0
+    assert metrics["rewards/math/mean"] == 1.0
+    # a wrong key makes every request fail: counted failures, never an exception
+    monkeypatch.setenv("K15_JUDGE_KEY", "wrong")
+    failing = RewardManager(cfg.rewards)
+    assert failing.score(["7"], [samples[1]]) == [0.0]
+    assert failing.metrics()["rewards/rm/request_failures"] == 1

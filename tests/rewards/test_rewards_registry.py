@@ -10,7 +10,8 @@ import threading
 
 import pytest
 
-from k15_megatron.config.rewards import CodeRewardConfig, MathRewardConfig, RewardsConfig
+from k15_megatron.config.rewards import (CodeRewardConfig, MathRewardConfig, RewardModelConfig,
+                                         RewardsConfig)
 from k15_megatron.rewards.judge import OpenAIJudge
 from k15_megatron.rewards.registry import REGISTRY, RewardContext, RewardManager, resolve
 from k15_megatron.rewards.sandbox import SandboxError
@@ -169,7 +170,8 @@ def test_rm_reward_through_the_manager_on_a_real_engine(judge_llm):
     from k15_megatron.rewards.judge import VLLMJudge
 
     judge = VLLMJudge(judge_llm, vllm.SamplingParams(max_tokens=16, temperature=0.0))
-    manager = RewardManager(RewardsConfig(default="rm"), judge=judge)
+    manager = RewardManager(RewardsConfig(default="rm", rm=RewardModelConfig(backend="vllm")),
+                            judge=judge)
     scores = manager.score(["4", "five"], [{"prompt": "2+2?", "answer": "4"},
                                            {"prompt": "2+3?", "answer": "5"}])
     assert scores == [0.0, 0.0]  # random weights produce no verdict...
