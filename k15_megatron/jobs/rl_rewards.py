@@ -6,8 +6,8 @@ length penalty with its warm-up schedule (:mod:`k15_megatron.rl.shaping`) and su
 repeat penalty for responses cut by repeat detection. It fills ``batch.rewards`` and returns the
 correctness of each sample (task reward == 1) and metrics, including the reward manager's
 ``rewards/<name>/...`` counters (failures, latencies, timeouts) since the previous call.
-Rank 0 scores and broadcasts, so
-sandboxed code or a reward model run once per iteration, not once per rank.
+Rank 0 scores and broadcasts, so sandboxed code or a reward model run once per iteration, not
+once per rank.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from k15_megatron.parallel.device import collective_device
 from k15_megatron.rl.batch import RolloutBatch
 from k15_megatron.rl.repeat import repeat_penalty
-from k15_megatron.rl.shaping import length_penalty, length_penalty_weight
+from k15_megatron.rl.shaping import length_penalty_weight, shaped_rewards
 
 
 def _decode_responses(batch: RolloutBatch, tokenizer) -> list[str]:
@@ -47,8 +47,9 @@ def score_rollouts(batch: RolloutBatch, records, manager, tokenizer, rl_cfg, ite
     correct = task >= 1.0 - 1e-6
     lengths = batch.response_lengths
     weight = length_penalty_weight(iteration, rl_cfg.length_penalty)
-    length_term = length_penalty(lengths, correct, batch.group_size) if weight else torch.zeros_like(task)
-    rewards = task + weight * length_term
+    rewards = shaped_rewards(task, lengths, correct, batch.group_size, iteration=iteration,
+                             cfg=rl_cfg.length_penalty)
+    length_term = rewards - task  # weight * len_reward
     repeated = torch.tensor([reason == "repeat" for reason in batch.finish_reasons])
     if rl_cfg.repeat.penalty:
         rewards = repeat_penalty(rewards, repeated, rl_cfg.repeat.penalty)
@@ -58,7 +59,7 @@ def score_rollouts(batch: RolloutBatch, records, manager, tokenizer, rl_cfg, ite
         "reward/num_samples": float(batch.num_samples),
         "reward/mean": rewards.mean().item(),
         "reward/task_mean": task.mean().item(),
-        "reward/length_penalty_mean": (weight * length_term).mean().item(),
+        "reward/length_penalty_mean": length_term.mean().item(),
         "reward/length_penalty_weight": weight,
         "accuracy/mean": correct.float().mean().item(),
         "accuracy/groups_all_correct": (grouped.min(dim=1).values == 1).float().mean().item(),

@@ -64,3 +64,38 @@ def test_shaped_rewards_adds_the_weighted_term():
     assert torch.equal(shaped_rewards(task, lengths, correct, 4, iteration=1, cfg=cfg), task)
     out = shaped_rewards(task, lengths, correct, 4, iteration=2, cfg=cfg)
     assert torch.allclose(out, torch.tensor([1.25, 0.0, 1 - 1 / 12, -0.25]), atol=1e-7)
+
+
+def test_the_rl_reward_stage_composes_through_shaped_rewards():
+    """`score_rollouts` (what k15 rl runs) gives task + weight * len_reward with the paper's
+    formula, computed here independently in float64."""
+    from k15_megatron.config.rewards import RewardsConfig
+    from k15_megatron.config.rl import RLConfig, ReplayConfig
+    from k15_megatron.jobs.rl_rewards import score_rollouts
+    from k15_megatron.models.tiny import build_char_tokenizer
+    from k15_megatron.rewards.registry import RewardManager
+    from k15_megatron.rl.replay import SegmentReplayBuffer
+
+    tok = build_char_tokenizer()
+    texts = ["\\boxed{7}", "so so \\boxed{7}", "\\boxed{8}", "long wrong \\boxed{9}"]
+    buffer = SegmentReplayBuffer(ReplayConfig(), group_size=4)
+    for tid, text in zip(buffer.add_group(0, torch.tensor(tok.encode("Q:"))), texts):
+        ids = torch.tensor(tok.encode(text))
+        buffer.add_segment(tid, ids, torch.zeros(len(ids)), iteration=0, policy_version=0,
+                           finish_reason="stop")
+    batch = buffer.pop_batch(iteration=0)
+    rl = RLConfig()
+    rl.length_penalty.enabled, rl.length_penalty.weight, rl.length_penalty.warmup_iterations = True, 0.3, 0
+    manager = RewardManager(RewardsConfig(default="k15_megatron.data.arithmetic:arithmetic_reward"))
+    correct, metrics = score_rollouts(batch, [{"answer": "7"}], manager, tok, rl, iteration=5)
+    lens = [float(n) for n in batch.response_lengths.tolist()]
+    lo, hi = min(lens), max(lens)
+    ok = [1.0, 1.0, 0.0, 0.0]
+    expected = []
+    for length, c in zip(lens, ok):
+        lam = 0.5 - (length - lo) / (hi - lo)
+        expected.append(c + 0.3 * (lam if c else min(0.0, lam)))
+    assert correct.tolist() == [True, True, False, False]
+    assert torch.allclose(batch.rewards.double(), torch.tensor(expected, dtype=torch.float64),
+                          atol=1e-6)
+    assert abs(metrics["reward/length_penalty_mean"] - (sum(expected) - 2.0) / 4) < 1e-6
