@@ -140,11 +140,13 @@ class _ChunkedLogprobs(torch.autograd.Function):
                 grad_z /= t
             if weight is None:
                 grad_x[s:e] = grad_z
-                continue
-            if need_x:
-                grad_x[s:e] = grad_z @ w32
-            if need_w:
-                grad_w += grad_z.t() @ x[s:e].float()
+            else:
+                if need_x:
+                    grad_x[s:e] = grad_z @ w32
+                if need_w:
+                    grad_w += grad_z.t() @ x[s:e].float()
+            # Free this chunk's block before the next one is formed: one [n, V_local] at a time.
+            del logp, grad_z
         if weight is not None and need_x and ctx.reduce_hidden_grad:
             _all_reduce(grad_x, dist.ReduceOp.SUM, ctx.group)
         grad_x = grad_x.to(x.dtype) if grad_x is not None else None
