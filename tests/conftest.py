@@ -9,6 +9,10 @@ import torch
 from tooling import run_tool
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+# Every process the tests start (distributed ranks, jobs, tools) runs in the strict device mode
+# (k15_megatron/parallel/strict_device.py): a host tensor where a GPU run needs a device tensor
+# fails the test. The pytest process itself never prepares Megatron, so it is not affected.
+os.environ.setdefault("K15_STRICT_DEVICE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

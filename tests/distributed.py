@@ -7,7 +7,9 @@ torchrun environment variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT),
 An exception in any rank fails the call with that rank's traceback; a hang fails it after
 ``timeout_s``. The processes do NOT initialise torch.distributed themselves: ``fn`` decides
 (most call ``k15_megatron.parallel.initialize``), so the code under test runs exactly as
-under torchrun.
+under torchrun. Ranks run in the strict device mode (``K15_STRICT_DEVICE=1``, see
+:mod:`k15_megatron.parallel.strict_device`) unless ``strict_device=False`` or the suite runs
+with ``K15_STRICT_DEVICE=0``.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, world_size, port, fn, args, queue):
+def _entry(rank, world_size, port, fn, args, queue, strict_device):
     os.environ.update(
+        K15_STRICT_DEVICE=os.environ.get("K15_STRICT_DEVICE", "1") if strict_device else "0",
         RANK=str(rank),
         LOCAL_RANK=str(rank),
         WORLD_SIZE=str(world_size),
@@ -52,13 +55,13 @@ def _entry(rank, world_size, port, fn, args, queue):
             dist.destroy_process_group()
 
 
-def run_distributed(fn, world_size: int, *args, timeout_s: float = 600.0):
+def run_distributed(fn, world_size: int, *args, timeout_s: float = 600.0, strict_device: bool = True):
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` spawned processes; see module doc."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_entry, args=(r, world_size, port, fn, args, queue), daemon=False)
+        ctx.Process(target=_entry, args=(r, world_size, port, fn, args, queue, strict_device), daemon=False)
         for r in range(world_size)
     ]
     for p in procs:

@@ -12,7 +12,9 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_tool(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run ``python <args>`` from the repository root; returns the CompletedProcess."""
-    return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+    env = {"K15_STRICT_DEVICE": "1", **os.environ}  # see tests/conftest.py
+    return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=env)
 
 
 def megatron_from_hf(hf_dir: str, *, tp: int = 1, pp: int = 1, seed: int = 3, lr: float = 1e-2,

@@ -247,8 +247,10 @@ def _group_of(args, kwargs):
 def _checked_collective(name, original):
     @functools.wraps(original)
     def collective(*args, **kwargs):
+        # Called by k15 code itself (not by Megatron, vLLM, or torch's own dispatch through the mode).
         caller = sys._getframe(1).f_globals.get("__name__", "")
-        if caller.startswith("k15_megatron") and id(_group_of(args, kwargs)) not in _HOST_GROUPS:
+        if (caller.startswith("k15_megatron") and caller != __name__
+                and id(_group_of(args, kwargs)) not in _HOST_GROUPS):
             values = list(_tensors(args, kwargs))
             if name == "batch_isend_irecv":
                 values = [op.tensor for op in args[0]]
