@@ -10,7 +10,7 @@ iteration may exceed the warm-up's maximum by more than MAX_EXCESS_MIB.
 
 Known to fail today (docs/memory.md): the trainer's steps are flat, but vLLM's generate loop in
 the same process keeps 2 MiB of live memory per iteration of 16 requests at first, falling to
-0.6 MiB by iteration 80 (malloc_trim does not give it back); in this run the anonymous memory
+0.6-0.75 MiB over iterations 60-100 (malloc_trim does not give it back); in this run the anonymous memory
 rose about 0.6 MiB per iteration over iterations 1-42. If it levels off within the warm-up, the
 strict xfail turns into a failure that says the mark can go.
 """
