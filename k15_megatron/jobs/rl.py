@@ -207,10 +207,11 @@ class RLJob:
                 "scheduler": self.trainer.scheduler.state_dict(), "policy_version": self.rollout.policy_version}
 
     def save(self) -> None:
-        run_ckpt.save_run_checkpoint(self.cfg.checkpoint.save_dir, self.iteration, model_chunks=self.trainer.chunks,
-                                     optimizer=self.trainer.optimizer, run_state=self.run_state(),
-                                     rank_state={"rollout_sampler_rng": self.rollout.sampler_rng_state()},
-                                     hf_assets_dir=self.assets, keep_last=self.cfg.checkpoint.keep_last)
+        with self.hybrid.trainer_state_resident():  # what to_rollout offloaded is read here
+            run_ckpt.save_run_checkpoint(self.cfg.checkpoint.save_dir, self.iteration, model_chunks=self.trainer.chunks,
+                                         optimizer=self.trainer.optimizer, run_state=self.run_state(),
+                                         rank_state={"rollout_sampler_rng": self.rollout.sampler_rng_state()},
+                                         hf_assets_dir=self.assets, keep_last=self.cfg.checkpoint.keep_last)
 
     def start(self) -> None:
         """Resume from the newest checkpoint if there is one, then push the weights into vLLM
