@@ -26,6 +26,7 @@ def _worker(rank, world_size, hf_dirs, out_root, tp, pp):
     from k15_megatron.checkpoint.dist_ckpt import load_model
     from k15_megatron.config import ModelConfig, ParallelConfig, PrecisionConfig, resolve_model_arch
     from k15_megatron.models.gpt import build_gpt_model, padded_vocab_size
+    from k15_megatron.parallel.device import compute_device
     from k15_megatron.train.schedule import forward_logits
 
     errors = {}
@@ -38,10 +39,10 @@ def _worker(rank, world_size, hf_dirs, out_root, tp, pp):
                                 padded_vocab=padded_vocab_size(arch.vocab_size, 128, tp))
         load_model(model, ckpt)
         tokens = torch.randint(0, arch.vocab_size, (2, 48), generator=torch.Generator().manual_seed(TOKENS_SEED))
-        logits = forward_logits(model, tokens)
+        logits = forward_logits(model, tokens.to(compute_device()))
         if logits is None:  # not the last pipeline stage
             continue
-        ours = gather_from_tensor_model_parallel_region(logits)[..., : arch.vocab_size]
+        ours = gather_from_tensor_model_parallel_region(logits)[..., : arch.vocab_size].cpu()
         reference = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
         with torch.no_grad():
             ref = reference(tokens).logits
