@@ -6,7 +6,7 @@ discards it anyway -, optionally the parameters after the sync), wake vLLM, push
 weights into vLLM in place (no disk, no restart), tag new segments with ``policy_version``, and
 check that vLLM's log-probs equal the trainer's on a few sampled sequences. ``to_train()``: put
 vLLM to sleep and restore what ``to_rollout`` freed, bit for bit (gradient buffers come back
-zeroed). Each step is timed and reports its bytes (``offload/*_bytes``, ``onload/*_bytes``);
+zeroed). Each step is timed and reports this rank's bytes (``offload/*_bytes``, ``onload/*_bytes``);
 both return a metrics dict. The memory steps run on CPU too (only pinning and CUDA
 synchronisation are GPU-only); vLLM's sleep/wake are no-ops on CPU.
 """
