@@ -9,5 +9,5 @@ Modules (import the one you need; nothing heavy is imported here):
 - `testgen`: CYaRon test generation with the 50 / 10 / 7-of-10 / 9-of-10 rules.
 - `judge`: chain-of-thought reward model (prompt, verdict parser, vLLM and HTTP clients).
 - `registry`: name -> reward function, weighted combination, metrics (`RewardManager`).
-- `pool`: the process pool with per-task hard deadlines that math and code scoring share.
+- `pool`: the process pool with per-task CPU and wall-clock limits that math and code share.
 """

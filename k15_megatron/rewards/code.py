@@ -17,7 +17,7 @@ sandbox too, and a compilation failure gives every test the verdict ``compile_er
 
 `run_tests` executes in the calling process (it forks; call it from a process without
 accelerator state or many threads). `run_tests_batch` spreads programs over a `KillablePool`
-of spawned workers — the path the trainer uses — with a per-program deadline as a last line of
+of worker processes — the path the trainer uses — with a per-program deadline as a last line of
 defence on top of the per-test limits.
 """
 
