@@ -2,8 +2,9 @@
 processes) and the loop's invariants:
 
 * every sample that is trained on got a reward (counts agree iteration by iteration);
-* the optimizer is reset every iteration: after the run, Adam's step counter equals the number
-  of updates of ONE iteration, not of the whole run;
+* the optimizer is reset every iteration: when the hybrid engine drops the state at the switch
+  to rollouts, Adam's step counter equals the number of updates of ONE iteration, not of the
+  whole run, and the bytes reported dropped are those of the state it held;
 * partial rollouts: with a token budget below the response length, trajectories carry unfinished
   segments into later iterations and trained samples consist of several segments;
 * metrics (JSONL, TensorBoard), the resolved config and a complete checkpoint are written.
@@ -35,20 +36,23 @@ def _rl_worker(rank, world_size, overrides):
     from k15_megatron.config import load_config
     from k15_megatron.jobs.rl import RLJob
 
+    from k15_megatron.rl.optim_reset import leaf_optimizers, optimizer_has_state, optimizer_state_bytes
+
     cfg = load_config(os.path.join(REPO_ROOT, "examples", "tiny.yaml"), overrides)
     job = RLJob(cfg)
+    steps, state_bytes, switch = [], [], job.hybrid.to_rollout
+
+    def to_rollout(**kwargs):  # what the state holds just before the engine drops it
+        optimizer = job.trainer.optimizer
+        state_bytes.append(optimizer_state_bytes(optimizer))
+        if optimizer_has_state(optimizer):
+            steps.append(sorted({float(s["step"]) for leaf in leaf_optimizers(optimizer)
+                                 for s in leaf.state.values()}))
+        return switch(**kwargs)
+
+    job.hybrid.to_rollout = to_rollout
     job.run()
-    steps = []
-    for leaf in job.trainer.optimizer.chained_optimizers if hasattr(job.trainer.optimizer, "chained_optimizers") \
-            else [job.trainer.optimizer]:
-        inner = leaf.optimizer
-        for state in inner.state.values():
-            if "step" in state:
-                steps.append(float(state["step"]))
-        for group in inner.param_groups:
-            if "step" in group:
-                steps.append(float(group["step"]))
-    return {"steps": steps}
+    return {"steps": steps, "state_bytes": state_bytes, "has_state_after": optimizer_has_state(job.trainer.optimizer)}
 
 
 @pytest.mark.distributed
@@ -76,17 +80,22 @@ def test_short_rl_job_keeps_the_loop_invariants(tmp_path):
     assert trained, "no iteration trained (no group finished?)"
     for r in trained:
         assert r["reward/num_samples"] == r["train/num_samples"] > 0
-        assert r["train/optimizers_reset"] >= 1
+        assert r["train/optimizer_reset_bytes"] == 0  # the engine dropped the state before
+        assert r["offload/optimizer_dropped_bytes"] > 0
         assert r["logprob_check/max_abs_diff"] < 1e-4
     assert any(r["rollout/continued"] > 0 for r in loop), "no trajectory was continued from an earlier iteration"
     assert max(r["response/segments_mean"] for r in trained) > 1.0, "trained samples never spanned segments"
     assert any(r["reward/length_penalty_weight"] > 0 for r in trained)
     assert {"eval/pass@1"} <= {k for r in records for k in r}
 
+    dropped = [r["offload/optimizer_dropped_bytes"] for r in trained]
     for rank, result in enumerate(per_rank):
         assert result["steps"], f"rank {rank}: no optimizer state found"
-        assert set(result["steps"]) == {float(updates)}, \
-            f"rank {rank}: Adam steps {sorted(set(result['steps']))}, expected {updates} (reset every iteration)"
+        assert all(s == [float(updates)] for s in result["steps"]), \
+            f"rank {rank}: Adam steps {result['steps']}, expected {updates} (reset every iteration)"
+        assert not result["has_state_after"]
+        if rank == 0:  # metrics are rank 0's: the bytes reported are the bytes the state held
+            assert dropped == [b for b in result["state_bytes"] if b > 0]
     assert (run_dir / "config.yaml").exists()
     assert any(name.startswith("events") for name in os.listdir(run_dir / "tensorboard"))
     latest = open(run_dir / "checkpoints" / "latest").read().strip()
