@@ -80,7 +80,8 @@ def _dp_worker(rank, world_size, hf_dir):
     expected = _expected(hf_dir, batch)  # before the update changes the weights
     rows, widths = [], []
     model.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
-    model.register_forward_hook(lambda m, args, out: widths.append(out.shape[-1]))
+    # True: the output layer passed its input (hidden states) on instead of forming logits
+    model.output_layer.register_forward_hook(lambda m, args, out: widths.append(out[0] is args[0]))
     cfg = RLConfig(group_size=K, tau=TAU, reference="behaviour", groups_per_micro_batch=1,
                    logprob_chunk_tokens=5, updates_per_iteration=1)
     metrics = update_policy(trainer, batch, cfg)
@@ -110,4 +111,4 @@ def test_forwards_hold_one_micro_batch_of_hidden_states(dp_run):
         assert r["shard_rows"] == 2 * K
         # recompute (2 micro-batches) + one training step (2 micro-batches), K rows each
         assert r["rows"] == [K] * 4, f"rank {rank}: rows per forward {r['rows']}"
-        assert set(r["widths"]) == {r["hidden"]}, f"rank {rank}: model output widths {r['widths']}"
+        assert r["widths"] == [True] * 4, f"rank {rank}: the output layer formed logits ({r['widths']})"
