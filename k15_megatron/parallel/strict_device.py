@@ -161,7 +161,10 @@ class _PlacementMode(TorchFunctionMode):
         if kwargs is None:
             kwargs = {}
         if getattr(func, "__self__", None) is _DEVICE_DESCRIPTOR:  # tensor.device
-            return torch.device("cpu") if is_host(args[0]) else compute_device()
+            real = func(*args)
+            if real.type != "cpu":  # e.g. meta tensors (transformers' lazy init)
+                return real
+            return real if is_host(args[0]) else compute_device()
         if func in _FACTORIES:
             return _tag(func(*args, **kwargs), _factory_is_host(args, kwargs))
         if func in _LIKE:

@@ -45,6 +45,8 @@ def _rules_worker(rank, world_size):
         "moved_by_the_seam": strict_device.is_host(device.to_device({"x": host_mask})["x"]),
         "cpu_copy": strict_device.is_host(on_device.cpu()),
         "result_of_device_and_0dim_host": strict_device.is_host(on_device * torch.tensor(2.0)),
+        # Other devices keep their own name (transformers builds models on "meta" first).
+        "meta_stays_meta": torch.empty(2, device="meta").device.type == "meta",
     }
     ok = sequence_logprobs(on_device, device.to_device(host_mask))
     placed["device_inputs_pass"] = not strict_device.is_host(ok)
@@ -60,7 +62,8 @@ def test_placement_rules():
     error = placed.pop("error")
     assert placed == {"factory_without_device": True, "factory_on_compute_device": False,
                       "factory_on_a_tensors_device": False, "moved_by_the_seam": False, "cpu_copy": True,
-                      "result_of_device_and_0dim_host": False, "device_inputs_pass": True}
+                      "result_of_device_and_0dim_host": False, "meta_stays_meta": True,
+                      "device_inputs_pass": True}
     assert "torch.where mixes a host tensor (2, 5) bool" in error and "rl/loss.py" in error
 
 
