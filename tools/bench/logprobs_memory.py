@@ -110,6 +110,7 @@ def _run_once(variant: str, arch, chunks, micro, cfg, record: list):
     import contextlib
     import functools
 
+    from k15_megatron.parallel.device import compute_device
     from k15_megatron.train.logprobs import hidden_state_output
     from k15_megatron.train.policy_update import mirror_descent_loss_fn
     from k15_megatron.train.schedule import forward_backward
@@ -127,7 +128,7 @@ def _run_once(variant: str, arch, chunks, micro, cfg, record: list):
             record.append(float((lp.detach().double() * record_mask[0]).sum()))
             return lp
 
-        record_mask = [micro[0]["loss_mask"].double()]
+        record_mask = [micro[0]["loss_mask"].to(compute_device()).double()]
         loss_fn = mirror_descent_loss_fn(cfg, token_logprobs=token_logprobs)
         outputs = forward_backward(chunks, micro, loss_fn)
     return float(outputs[0]["loss_sum"])
