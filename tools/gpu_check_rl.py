@@ -38,9 +38,10 @@ def record_batch(tokenizer):
     """2 arithmetic prompts x 4 responses (correct, slip, correct, slip) as a RolloutBatch made by
     the replay buffer, rewarded by the task's own checker; behaviour log-probs still 0."""
     from k15_megatron.config.rl import ReplayConfig
-    from k15_megatron.data.arithmetic import (ArithmeticTaskConfig, check_answer, correct_response,
-                                              generate_splits, parse_prompt, wrong_response)
+    from k15_megatron.data.arithmetic import (ArithmeticTaskConfig, correct_response, generate_splits,
+                                              parse_prompt, wrong_response)
     from k15_megatron.data.formatting import prompt_token_ids, response_token_ids
+    from k15_megatron.rewards.arithmetic import check_answer
     from k15_megatron.rl.replay import SegmentReplayBuffer
 
     records = generate_splits(ArithmeticTaskConfig(seed=0, num_sft=0, num_train=NUM_PROMPTS, num_eval=0))["train"]

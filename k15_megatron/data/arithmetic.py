@@ -29,11 +29,7 @@ SFT, RL-train and held-out eval sets never share a prompt, for any seed or size.
 prompts are distinct within their split; SFT prompts may repeat (with independently drawn
 demonstrations), as rejection-sampled data does.
 
-Checking: `extract_boxed_answer` takes the argument of the last complete \\boxed{...} (or
-\\fbox{...}); `check_answer` scores 1.0 only when it is an integer literal equal to the gold. On
-integer answers it agrees with `k15_megatron.rewards.math.score` (tested), without a process
-pool. `arithmetic_reward` wraps it in the reward registry's contract, so a record (or config) may
-name ``"k15_megatron.data.arithmetic:arithmetic_reward"`` instead of ``"math"``.
+Checking the task's answers is a reward, :mod:`k15_megatron.rewards.arithmetic`.
 
 Record formats: see `k15_megatron.data.jsonl`.
 """
@@ -45,13 +41,13 @@ import os
 import random
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 TASK_NAME = "arithmetic"
 PROMPT_PREFIX = "Compute: "
 SPLITS = ("sft", "train", "eval")
 MISTAKE_KINDS = ("carry", "off_by_one")
-REWARD_SPECS = ("math", "k15_megatron.data.arithmetic:arithmetic_reward")
+REWARD_SPECS = ("math", "k15_megatron.rewards.arithmetic:arithmetic_reward")
 
 
 @dataclass
@@ -295,69 +291,3 @@ def write_task_files(cfg: ArithmeticTaskConfig, out_dir: str) -> Dict[str, str]:
         paths[split] = os.path.join(out_dir, f"{split}.jsonl")
         write_jsonl(paths[split], records)
     return paths
-
-
-_BOX = re.compile(r"\\(?:boxed|fbox)")
-_INTEGER = re.compile(r"[+-]?\d+")
-
-
-def extract_boxed_answer(text: str) -> Optional[str]:
-    """Argument of the last COMPLETE \\boxed{...} / \\fbox{...} in ``text`` (stripped), else None.
-
-    Nested braces are matched; escaped braces (``\\{``) do not count. An unbalanced (truncated)
-    last box falls back to the one before it. ``\\boxed 12`` (no braces) yields the next token.
-    """
-    for match in reversed(list(_BOX.finditer(text))):
-        pos = match.end()
-        if text.startswith(" ", pos):
-            token = text[pos + 1:].split(maxsplit=1)
-            if token and not text[pos + 1].isspace():
-                return token[0].rstrip("$.")
-            continue
-        if not text.startswith("{", pos):
-            continue
-        depth, i = 0, pos
-        while i < len(text):
-            ch = text[i]
-            if ch == "\\":
-                i += 2
-                continue
-            depth += ch == "{"
-            depth -= ch == "}"
-            if depth == 0:
-                return text[pos + 1:i].strip()
-            i += 1
-    return None
-
-
-def parse_integer(answer: Optional[str]) -> Optional[int]:
-    """``answer`` as an int if it is an integer literal (optional sign, optional $...$), else None."""
-    if answer is None:
-        return None
-    answer = answer.strip()
-    if len(answer) >= 2 and answer[0] == answer[-1] == "$":
-        answer = answer[1:-1].strip()
-    if len(answer) > 64 or not _INTEGER.fullmatch(answer):
-        return None
-    return int(answer)
-
-
-def check_answer(response: str, gold: str) -> float:
-    """1.0 if the last boxed answer of ``response`` is the integer ``gold``, else 0.0.
-
-    Strict: ``\\boxed{12.0}`` or ``\\boxed{6+6}`` score 0 here (math-verify would accept them);
-    the task's demonstrations never write those forms.
-    """
-    gold_value = parse_integer(gold)
-    if gold_value is None:
-        raise ValueError(f"arithmetic gold answer {gold!r} is not an integer")
-    value = parse_integer(extract_boxed_answer(response))
-    return 1.0 if value is not None and value == gold_value else 0.0
-
-
-def arithmetic_reward(responses: Sequence[str], samples: Sequence[Mapping[str, Any]],
-                      ctx: Any = None) -> List[float]:
-    """Reward-registry contract (`k15_megatron.rewards.registry`): one 0/1 per response."""
-    if len(responses) != len(samples):
-        raise ValueError(f"arithmetic_reward: {len(responses)} responses, {len(samples)} samples")
-    return [check_answer(r, str(s["answer"])) for r, s in zip(responses, samples)]

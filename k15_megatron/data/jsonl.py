@@ -18,7 +18,7 @@ RL / eval records (`read_prompts`)::
 ``answer`` is the gold (a string, read by the reward); ``difficulty`` an integer label for the
 curriculum sampler (the arithmetic task uses the number of steps, 1 = easiest); ``reward`` a
 reward spec for `k15_megatron.rewards.registry` ("math", or
-"k15_megatron.data.arithmetic:arithmetic_reward"). ``difficulty`` and ``reward`` are optional;
+"k15_megatron.rewards.arithmetic:arithmetic_reward"). ``difficulty`` and ``reward`` are optional;
 extra keys (``data_source``, ``tests``) are kept for the rewards.
 
 Writers go through a temporary file and an atomic rename, so a reader never sees half a file.

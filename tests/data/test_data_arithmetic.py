@@ -10,16 +10,14 @@ import pytest
 
 from k15_megatron.data.arithmetic import (
     ArithmeticTaskConfig,
-    arithmetic_reward,
-    check_answer,
     correct_response,
-    extract_boxed_answer,
     generate_splits,
     parse_prompt,
     sample_problem,
     split_of,
     wrong_response,
 )
+from k15_megatron.rewards.arithmetic import arithmetic_reward, boxed_answer, check_answer
 
 SMALL = dict(num_sft=3000, num_train=600, num_eval=400)
 
@@ -181,10 +179,10 @@ def test_check_answer_rejects_non_integer_gold():
         check_answer("\\boxed{3}", "three")
 
 
-def test_extract_boxed_answer_nesting():
-    assert extract_boxed_answer("a \\boxed{\\frac{1}{2}} b") == "\\frac{1}{2}"
-    assert extract_boxed_answer("\\fbox{7}") == "7"
-    assert extract_boxed_answer("\\boxed{") is None
+def test_boxed_answer_nesting():
+    assert boxed_answer("a \\boxed{\\frac{1}{2}} b") == "\\frac{1}{2}"
+    assert boxed_answer("\\fbox{7}") == "7"
+    assert boxed_answer("\\boxed{") is None
 
 
 def test_reward_contract():

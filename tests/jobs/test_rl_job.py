@@ -24,10 +24,10 @@ def _write_task(folder):
     from k15_megatron.data.jsonl import write_jsonl
 
     splits = generate_splits(ArithmeticTaskConfig(num_sft=0, num_train=64, num_eval=8, max_operands=4,
-                                                  reward="k15_megatron.data.arithmetic:arithmetic_reward"))
+                                                  reward="k15_megatron.rewards.arithmetic:arithmetic_reward"))
     # One prompt longer than rollout.max_model_len - rollout.max_response_tokens: dropped at load.
     too_long = {"prompt": "1" * 80, "answer": "1", "difficulty": 1,
-                "reward": "k15_megatron.data.arithmetic:arithmetic_reward"}
+                "reward": "k15_megatron.rewards.arithmetic:arithmetic_reward"}
     write_jsonl(os.path.join(folder, "train.jsonl"), splits["train"] + [too_long])
     write_jsonl(os.path.join(folder, "eval.jsonl"), splits["eval"])
 

@@ -86,7 +86,7 @@ def test_the_rl_reward_stage_composes_through_shaped_rewards():
     batch = buffer.pop_batch(iteration=0)
     rl = RLConfig()
     rl.length_penalty.enabled, rl.length_penalty.weight, rl.length_penalty.warmup_iterations = True, 0.3, 0
-    manager = RewardManager(RewardsConfig(default="k15_megatron.data.arithmetic:arithmetic_reward"))
+    manager = RewardManager(RewardsConfig(default="k15_megatron.rewards.arithmetic:arithmetic_reward"))
     correct, metrics = score_rollouts(batch, [{"answer": "7"}], manager, tok, rl, iteration=5)
     lens = [float(n) for n in batch.response_lengths.tolist()]
     lo, hi = min(lens), max(lens)

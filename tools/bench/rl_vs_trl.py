@@ -54,7 +54,7 @@ def _prepare(work: str, num_prompts: int, seed: int) -> tuple[str, str]:
     model_dir = os.path.join(work, "model")
     save_hf_model_from_arch(resolve_model_arch(cfg.model), model_dir, seed=seed, tokenizer=build_char_tokenizer())
     splits = generate_splits(ArithmeticTaskConfig(seed=seed, num_sft=0, num_eval=0, num_train=num_prompts,
-                                                  reward="k15_megatron.data.arithmetic:arithmetic_reward"))
+                                                  reward="k15_megatron.rewards.arithmetic:arithmetic_reward"))
     prompts = os.path.join(work, "train.jsonl")
     write_jsonl(prompts, splits["train"])
     return model_dir, prompts
@@ -103,8 +103,8 @@ def trl_worker(args) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
-    from k15_megatron.data.arithmetic import check_answer
     from k15_megatron.data.jsonl import read_prompts
+    from k15_megatron.rewards.arithmetic import check_answer
 
     records = read_prompts(args.data)
     dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]}

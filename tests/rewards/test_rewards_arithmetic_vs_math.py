@@ -5,14 +5,8 @@ from __future__ import annotations
 
 import random
 
-from k15_megatron.data.arithmetic import (
-    ArithmeticTaskConfig,
-    check_answer,
-    extract_boxed_answer,
-    generate_splits,
-    parse_integer,
-    parse_prompt,
-)
+from k15_megatron.data.arithmetic import ArithmeticTaskConfig, generate_splits, parse_prompt
+from k15_megatron.rewards.arithmetic import boxed_answer, check_answer, parse_integer
 
 
 def _damaged(text: str, rng: random.Random) -> str:
@@ -42,7 +36,7 @@ def test_fast_checker_agrees_with_math_verify_on_integers():
     # Only integer-literal (or absent) answers are compared: on other forms (3.0, 1,000) the
     # task checker is deliberately stricter than math-verify.
     keep = [i for i, r in enumerate(responses)
-            if extract_boxed_answer(r) is None or parse_integer(extract_boxed_answer(r)) is not None]
+            if boxed_answer(r) is None or parse_integer(boxed_answer(r)) is not None]
     assert len(keep) > 300
     ours = [check_answer(responses[i], golds[i]) for i in keep]
     theirs = score_batch([responses[i] for i in keep], [golds[i] for i in keep])
