@@ -42,9 +42,10 @@ class RolloutConfig:
     policy at temperature 1, so samples drawn at another temperature would come from a
     distribution the loss does not model. Evaluation samples at ``eval.temperature``."""
     top_p: float = 1.0
-    """Nucleus sampling: keep the smallest token set with this much probability, in (0, 1]."""
+    """Nucleus sampling of ``k15 rl``'s rollouts; only 1.0 (off) is accepted, for the reason
+    given under ``temperature``: a truncated distribution is not the policy the loss models."""
     top_k: int = at_least(0, 0)
-    """Keep only the k most likely tokens (0 = all)."""
+    """Top-k sampling of ``k15 rl``'s rollouts; only 0 (off) is accepted (see ``top_p``)."""
     logprobs_mode: str = one_of("raw_logprobs", LOGPROBS_MODES)
     """Which log-prob of each sampled token is recorded as the behaviour log-prob:
     raw_logprobs = log softmax of the model's logits, i.e. the policy pi_theta itself at
@@ -89,8 +90,14 @@ class RolloutConfig:
                 "1.0, the distribution whose log-probs the trainer computes (a tempered sample "
                 f"would be off-policy for the loss); set {prefix}.temperature=1.0 (evaluation "
                 "has its own eval.temperature)")
-        if not 0.0 < self.top_p <= 1.0:
-            errors.append(f"{prefix}.top_p={self.top_p} must be in (0, 1]")
+        if self.top_p != 1.0:
+            errors.append(f"{prefix}.top_p={self.top_p}: RL rollouts must sample the untruncated "
+                          f"policy (samples from a nucleus would be off-policy for the loss); set "
+                          f"{prefix}.top_p=1.0")
+        if self.top_k != 0:
+            errors.append(f"{prefix}.top_k={self.top_k}: RL rollouts must sample the untruncated "
+                          f"policy (samples from the top k would be off-policy for the loss); set "
+                          f"{prefix}.top_k=0")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             errors.append(f"{prefix}.gpu_memory_utilization={self.gpu_memory_utilization} must "
                           "be in (0, 1]")

@@ -26,6 +26,8 @@ def test_defaults_are_valid_and_omegaconf_structured():
 @pytest.mark.parametrize("field,value,key", [
     ("top_p", 0.0, "rollout.top_p"),
     ("top_p", 1.5, "rollout.top_p"),
+    ("top_p", 0.9, "rollout.top_p"),
+    ("top_k", 50, "rollout.top_k"),
     ("gpu_memory_utilization", 0.0, "rollout.gpu_memory_utilization"),
     ("cpu_kv_cache_gib", 0.0, "rollout.cpu_kv_cache_gib"),
     ("max_response_tokens", 20480, "rollout.max_response_tokens"),
