@@ -30,7 +30,7 @@ from k15_megatron.jobs.preemption import PreemptionFlag
 from k15_megatron.jobs.progress import PhaseProgress
 from k15_megatron.jobs.rl_rewards import score_rollouts
 from k15_megatron.models.gpt import torch_dtype
-from k15_megatron.parallel.device import device_memory_stats
+from k15_megatron.parallel.device import collective_device, device_memory_stats
 from k15_megatron.rewards.registry import RewardManager
 from k15_megatron.rl.replay import SegmentReplayBuffer
 from k15_megatron.rl.sampling import PromptSampler
@@ -39,6 +39,17 @@ from k15_megatron.rollout.partial import rollout_iteration
 from k15_megatron.train.logprobs import sequence_token_logprobs
 from k15_megatron.train.policy_update import update_policy
 from k15_megatron.train.setup import build_trainer, engine_model_folder, write_run_assets
+
+
+def memory_metrics() -> dict:
+    """``memory/*``: :func:`device_memory_stats` of every rank, the largest over ranks (GiB).
+    Collective."""
+    stats = device_memory_stats()
+    names = sorted(stats)
+    values = torch.tensor([stats[n] for n in names], dtype=torch.float64, device=collective_device())
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
+    return {f"memory/{n}": float(v) for n, v in zip(names, values.tolist())}
 
 
 class RLJob:
@@ -89,6 +100,8 @@ class RLJob:
     def run(self) -> None:
         cfg = self.cfg
         self.start()
+        if self.iteration:
+            self.data_metrics = {}  # a resumed run logged them at its first iteration
         self.logger = MetricsLogger(cfg.logging, enabled=self.trainer.is_logging_rank,
                                     resume_from_iteration=self.iteration)
         preemption = PreemptionFlag()
@@ -115,7 +128,7 @@ class RLJob:
             metrics["time/iteration_s"] = time.perf_counter() - begin
             metrics.update(self.data_metrics)
             self.data_metrics = {}
-            metrics.update({f"memory/{k}": v for k, v in device_memory_stats().items()})
+            metrics.update(memory_metrics())
             progress.end_iteration()
             self.logger.log(self.iteration, metrics, prefix="rl ")
             last = self.iteration == cfg.rl.iterations
