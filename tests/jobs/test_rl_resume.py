@@ -32,8 +32,9 @@ from tooling import REPO_ROOT
 from test_rl_job import _write_task
 
 N = 2
-VOLATILE = ("time", "time/", "throughput/", "eval/seconds", "sync/sync_s", "memory/",
-            "data/")  # data/: counts taken when the data is loaded, logged again by a resumed process
+# Wall-clock readings, and data/ counts taken when the data is loaded (a fresh run logs them once).
+VOLATILE = ("time", "time/", "throughput/", "eval/seconds", "sync/sync_s", "memory/", "data/")
+VOLATILE_SUFFIXES = ("/latency_s", "/latency_per_call_s")  # reward latencies (rewards/<name>/...)
 
 
 def _command(run_dir, data_dir, *, deterministic):
@@ -64,7 +65,8 @@ def _stable(records):
     """Per-iteration metrics without wall-clock quantities and load-time counts."""
     out = []
     for r in records:
-        out.append({k: v for k, v in r.items() if not any(k == p or k.startswith(p) for p in VOLATILE)})
+        out.append({k: v for k, v in r.items()
+                    if not any(k == p or k.startswith(p) for p in VOLATILE) and not k.endswith(VOLATILE_SUFFIXES)})
     return out
 
 
