@@ -5,6 +5,10 @@ Adding a command is one entry in ``COMMANDS``: its name, a one-line help and the
 (``List[str]``) and returns the exit status; it owns its own argument parsing. Nothing
 heavy (torch, Megatron, vLLM) is imported until a command that needs it runs, so
 ``k15 config show`` stays fast.
+
+Before a command's module is imported, :func:`k15_megatron.jobs.verbosity.configure` sets how
+much the libraries print (quiet unless ``--verbose`` is among the command's arguments), so the
+settings hold from the first import of torch, Megatron or vLLM, in every rank.
 """
 
 from __future__ import annotations
@@ -69,6 +73,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     by_name = {c.name: c for c in COMMANDS}
     if argv and argv[0] in by_name:
+        from k15_megatron.jobs import verbosity
+
+        verbosity.configure(verbose="--verbose" in argv[1:])
         # Dispatch directly so options after the command name reach the command's parser.
         return int(_resolve(by_name[argv[0]].target)(argv[1:]))
     _parser().parse_args(argv)  # prints usage / help / version and exits

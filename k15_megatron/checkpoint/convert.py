@@ -5,7 +5,8 @@ in its part of the HF weights (one tensor at a time) and saves a distributed che
 ``megatron_to_hf`` loads a distributed checkpoint into a model of any layout and writes a sharded
 safetensors folder. Both are collective: call them from every rank (the tools under tools/ start
 the ranks themselves). The layout only decides how the work and memory are split; the files
-are the same for every layout.
+are the same for every layout. Neither replaces a user's files: an existing non-empty output
+folder is refused unless ``overwrite`` (:mod:`k15_megatron.checkpoint.output_dir`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 
 import torch
 
-from k15_megatron.checkpoint import dist_ckpt
+from k15_megatron.checkpoint import dist_ckpt, output_dir
 from k15_megatron.checkpoint.hf_export import export_hf
 from k15_megatron.checkpoint.model_weights import load_hf_weights
 from k15_megatron.config.model_arch import resolve_model_arch
@@ -53,12 +54,15 @@ def _layout_errors(arch, *, tp: int, pp: int, divisible_by: int, source: str) ->
         raise ValueError(f"{source}: {text}")
 
 
-def check_hf_to_megatron(hf_dir: str, *, tp: int, pp: int, make_vocab_size_divisible_by: int) -> None:
+def check_hf_to_megatron(hf_dir: str, *, tp: int, pp: int, make_vocab_size_divisible_by: int,
+                         out_dir: str, overwrite: bool = False) -> None:
     """Everything :func:`hf_to_megatron` can refuse before any rank starts: a missing folder,
     an unsupported ``model_type`` or incomplete config.json, no safetensors weights, a layout
-    the model does not split into. Raises ValueError naming the folder or flag."""
+    the model does not split into, an output folder that is not empty (without ``overwrite``)
+    or is the input. Raises ValueError naming the folder or flag."""
     if not os.path.isdir(hf_dir):
         raise ValueError(f"--hf {hf_dir}: no such folder")
+    output_dir.check_output_dir(out_dir, overwrite=overwrite, inputs=[hf_dir])
     arch = resolve_model_arch(ModelConfig(hf_path=hf_dir))
     if not any(name.endswith(".safetensors") for name in os.listdir(hf_dir)):
         raise ValueError(f"{hf_dir}: no *.safetensors weights (save the model with "
@@ -69,10 +73,12 @@ def check_hf_to_megatron(hf_dir: str, *, tp: int, pp: int, make_vocab_size_divis
                    source=os.path.join(hf_dir, "config.json"))
 
 
-def check_megatron_to_hf(ckpt_dir: str, *, tp: int, pp: int) -> None:
+def check_megatron_to_hf(ckpt_dir: str, *, tp: int, pp: int, out_dir: str, overwrite: bool = False) -> None:
     """Everything :func:`megatron_to_hf` can refuse before any rank starts (not a k15
-    checkpoint, a layout the model does not split into). Raises ValueError."""
+    checkpoint, a layout the model does not split into, an output folder that is not empty
+    (without ``overwrite``) or is the input). Raises ValueError."""
     meta = dist_ckpt.read_meta(ckpt_dir)
+    output_dir.check_output_dir(out_dir, overwrite=overwrite, inputs=[ckpt_dir])
     _layout_errors(dist_ckpt.arch_from_meta(meta), tp=tp, pp=pp, divisible_by=meta["padded_vocab"],
                    source=ckpt_dir)
 
@@ -88,21 +94,27 @@ def _build(arch, tp: int, pp: int, divisible_by: int):
 
 
 def hf_to_megatron(hf_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1,
-                   make_vocab_size_divisible_by: int = 128) -> None:
-    """Convert the HF folder ``hf_dir`` into the k15 distributed checkpoint ``out_dir``."""
+                   make_vocab_size_divisible_by: int = 128, overwrite: bool = False) -> list[str]:
+    """Convert the HF folder ``hf_dir`` into the k15 distributed checkpoint ``out_dir``.
+    Returns the names written (on rank 0; ``[]`` elsewhere)."""
+    output_dir.check_output_dir(out_dir, overwrite=overwrite, inputs=[hf_dir])
     arch = resolve_model_arch(ModelConfig(hf_path=hf_dir))
     model, padded = _build(arch, tp, pp, make_vocab_size_divisible_by)
     load_hf_weights(model, hf_dir, arch, padded)
-    dist_ckpt.save_model(model, out_dir, arch=arch, padded_vocab=padded, hf_assets_from=hf_dir)
+    return dist_ckpt.save_model(model, out_dir, arch=arch, padded_vocab=padded, hf_assets_from=hf_dir,
+                                overwrite=overwrite)
 
 
 def megatron_to_hf(ckpt_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1,
-                   dtype: torch.dtype | None = None, max_shard_bytes: int = 2 * 1024**3) -> None:
-    """Export the k15 checkpoint ``ckpt_dir`` as a HF folder ``out_dir``.
+                   dtype: torch.dtype | None = None, max_shard_bytes: int = 2 * 1024**3,
+                   overwrite: bool = False) -> list[str]:
+    """Export the k15 checkpoint ``ckpt_dir`` as a HF folder ``out_dir``; returns the names
+    written (on rank 0; ``[]`` elsewhere).
 
     ``dtype`` defaults to the dtype of the original HF config (fp32 if unknown), so a
     HF -> Megatron -> HF round trip returns the original tensors bit for bit.
     """
+    output_dir.check_output_dir(out_dir, overwrite=overwrite, inputs=[ckpt_dir])
     meta = dist_ckpt.read_meta(ckpt_dir)
     arch = dist_ckpt.arch_from_meta(meta)
     assets = os.path.join(ckpt_dir, dist_ckpt.ASSETS_DIR)
@@ -110,4 +122,5 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1,
     model, _ = _build(arch, tp, pp, divisible_by)
     dist_ckpt.load_model(model, ckpt_dir)
     dtype = dtype or _hf_dtype(assets) or torch.float32
-    export_hf(model, arch, out_dir, assets_dir=assets, dtype=dtype, max_shard_bytes=max_shard_bytes)
+    return export_hf(model, arch, out_dir, assets_dir=assets, dtype=dtype, max_shard_bytes=max_shard_bytes,
+                     overwrite=overwrite)

@@ -9,9 +9,10 @@ A k15 checkpoint directory holds:
 * ``hf_assets/``: the tokenizer files and the original ``config.json`` of the Hugging Face model
   it came from (if any), so exporting back to Hugging Face is self-contained.
 
-Atomicity: every rank writes into ``<dir>.tmp``; after a barrier rank 0 writes the metadata and
-renames the temporary directory into place, so a crash never leaves a half-written directory
-under the final name.
+Atomicity: every rank writes into a staging folder (:mod:`k15_megatron.checkpoint.output_dir`);
+after a barrier rank 0 writes the metadata and publishes it, so a crash never leaves a
+half-written directory under the final name. An existing non-empty directory is refused unless
+``overwrite``; then only the checkpoint's own files are replaced (a user's other files stay).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import json
 import os
 import shutil
 
+from k15_megatron.checkpoint import output_dir
 from k15_megatron.models.gpt import unwrap_model
 from k15_megatron.parallel.initialize import barrier, global_rank
 
@@ -50,27 +52,18 @@ def copy_hf_assets(hf_dir: str | None, dest: str) -> None:
             shutil.copy2(src, os.path.join(dest, name))
 
 
-def atomic_publish(tmp_dir: str, final_dir: str) -> None:
-    """Move the finished ``tmp_dir`` to ``final_dir`` (replacing an older one) on rank 0."""
-    if os.path.exists(final_dir):
-        old = final_dir + ".old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final_dir, old)
-        os.replace(tmp_dir, final_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp_dir, final_dir)
-
-
-def save_model(model, ckpt_dir: str, *, arch, padded_vocab: int, hf_assets_from: str | None = None) -> None:
-    """Save this rank's part of ``model`` into the distributed checkpoint ``ckpt_dir`` (collective)."""
+def save_model(model, ckpt_dir: str, *, arch, padded_vocab: int, hf_assets_from: str | None = None,
+               overwrite: bool = False) -> list[str]:
+    """Save this rank's part of ``model`` into the distributed checkpoint ``ckpt_dir`` (collective).
+    Returns the names written on rank 0 (``[]`` elsewhere). ValueError when ``ckpt_dir`` is a
+    non-empty folder and ``overwrite`` is false."""
     from megatron.core import dist_checkpointing, parallel_state as ps
 
     ckpt_dir = os.path.abspath(ckpt_dir)
-    tmp = ckpt_dir + ".tmp"
+    output_dir.check_output_dir(ckpt_dir, overwrite=overwrite, inputs=[hf_assets_from] if hf_assets_from else [])
+    tmp = output_dir.staging_path(ckpt_dir)
     if global_rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
+        output_dir.make_staging_dir(ckpt_dir)
     barrier()
     dist_checkpointing.save(unwrap_model(model).sharded_state_dict(), tmp)
     barrier()
@@ -86,8 +79,9 @@ def save_model(model, ckpt_dir: str, *, arch, padded_vocab: int, hf_assets_from:
         with open(os.path.join(tmp, META_FILE), "w") as f:
             json.dump(meta, f, indent=2)
         copy_hf_assets(hf_assets_from, os.path.join(tmp, ASSETS_DIR))
-        atomic_publish(tmp, ckpt_dir)
+        written = output_dir.publish(tmp, ckpt_dir, marker=META_FILE, owned=output_dir.DIST_CKPT_OWNED)
     barrier()
+    return written if global_rank() == 0 else []
 
 
 def read_meta(ckpt_dir: str) -> dict:

@@ -3,23 +3,25 @@
 Each pipeline stage writes its own safetensors shards (``model-pp{stage}-{n}.safetensors``) from
 :func:`k15_megatron.checkpoint.model_weights.iter_hf_tensors`, holding at most one shard's worth
 of tensors in memory; rank 0 then writes ``model.safetensors.index.json``, ``config.json``
-(from the arch, over the original one) and the tokenizer files. The folder appears under its
-final name only when complete (written as ``<out>.tmp``, then renamed). transformers and vLLM
-load the result unchanged.
+(from the arch, over the original one) and the tokenizer files. Everything is written into a
+staging folder and published by :mod:`k15_megatron.checkpoint.output_dir`: a new folder appears
+under its final name only when complete; an existing non-empty one is refused unless
+``overwrite``, and then only the model files are replaced (a user's other files stay).
+transformers and vLLM load the result unchanged.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import torch
 
-from k15_megatron.checkpoint.dist_ckpt import atomic_publish, copy_hf_assets
+from k15_megatron.checkpoint import output_dir
+from k15_megatron.checkpoint.dist_ckpt import copy_hf_assets
 from k15_megatron.config.hf_config import hf_config_dict
 from k15_megatron.checkpoint.model_weights import iter_hf_tensors
-from k15_megatron.checkpoint.safetensors_io import ShardedSafetensorsWriter, write_index
+from k15_megatron.checkpoint.safetensors_io import INDEX_FILE, ShardedSafetensorsWriter, write_index
 
 
 def _read_json(path: str) -> dict | None:
@@ -30,19 +32,24 @@ def _read_json(path: str) -> dict | None:
 
 
 def export_hf(model, arch, out_dir: str, *, assets_dir: str | None, dtype: torch.dtype | None = None,
-              max_shard_bytes: int = 2 * 1024**3) -> None:
+              max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False) -> list[str]:
     """Write ``model`` (this rank's part; collective over all ranks) as a HF folder ``out_dir``.
 
     ``assets_dir`` holds the tokenizer files and original config.json to carry over (may be None).
+    Returns the names of the files written on rank 0 (``[]`` on the other ranks).
+
+    Raises:
+        ValueError when ``out_dir`` is a non-empty folder and ``overwrite`` is false
+        (:func:`k15_megatron.checkpoint.output_dir.check_output_dir`).
     """
     from megatron.core import parallel_state as ps
 
     out_dir = os.path.abspath(out_dir)
-    tmp = out_dir + ".tmp"
+    output_dir.check_output_dir(out_dir, overwrite=overwrite, inputs=[assets_dir] if assets_dir else [])
+    tmp = output_dir.staging_path(out_dir)
     rank = torch.distributed.get_rank()
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
+        output_dir.make_staging_dir(out_dir)
     torch.distributed.barrier()
     is_writer = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0 \
         and ps.get_context_parallel_rank() == 0
@@ -67,5 +74,6 @@ def export_hf(model, arch, out_dir: str, *, assets_dir: str | None, dtype: torch
             config["dtype"] = str(dtype).removeprefix("torch.")
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
-        atomic_publish(tmp, out_dir)
+        written = output_dir.publish(tmp, out_dir, marker=INDEX_FILE, owned=output_dir.HF_OWNED)
     torch.distributed.barrier()
+    return written if rank == 0 else []

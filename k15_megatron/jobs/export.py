@@ -1,6 +1,12 @@
-"""``k15 export CHECKPOINT OUT [--tp N --pp M] [--dtype bf16]``: a Hugging Face folder from any
-k15 checkpoint (converted, run checkpoint, or a run's save directory), reusing the converter's
-streaming export. Ranks are started as for the conversion tool.
+"""``k15 export CHECKPOINT OUT [--tp N --pp M] [--dtype bf16] [--overwrite]``: a Hugging Face
+folder from any k15 checkpoint (converted, run checkpoint, or a run's save directory).
+
+Reuses the converter's streaming export; ranks are started as for the conversion tool. OUT must
+be new or empty: an existing non-empty folder is refused (exit status 2, before any process
+starts) unless ``--overwrite`` is given, and then only the files the export writes (weights,
+index, config.json, tokenizer files) and older weight files (``*.safetensors``,
+``pytorch_model*.bin`` and their indexes) are replaced; every other file in it is kept
+(:mod:`k15_megatron.checkpoint.output_dir`). Ends with the line ``export: wrote N files (...) to OUT``.
 """
 
 from __future__ import annotations
@@ -9,8 +15,9 @@ import argparse
 import os
 
 
-def export_checkpoint(path: str, out_dir: str, *, tp: int, pp: int, dtype=None) -> None:
-    """Export ``path`` to ``out_dir`` (collective)."""
+def export_checkpoint(path: str, out_dir: str, *, tp: int, pp: int, dtype=None, overwrite: bool = False) -> list[str]:
+    """Export ``path`` to ``out_dir`` (collective); returns the names written on rank 0
+    (``[]`` on the other ranks)."""
     import torch
 
     from k15_megatron.checkpoint import run_ckpt
@@ -22,8 +29,7 @@ def export_checkpoint(path: str, out_dir: str, *, tp: int, pp: int, dtype=None) 
 
     path = run_ckpt.resolve_checkpoint_dir(path)
     if not run_ckpt.is_complete(path):
-        megatron_to_hf(path, out_dir, tp=tp, pp=pp, dtype=dtype)
-        return
+        return megatron_to_hf(path, out_dir, tp=tp, pp=pp, dtype=dtype, overwrite=overwrite)
     assets = os.path.join(path, "hf_assets")
     if not os.path.exists(os.path.join(assets, "config.json")):
         raise ValueError(f"{path}: run checkpoint without hf_assets/config.json; cannot tell its architecture")
@@ -33,7 +39,17 @@ def export_checkpoint(path: str, out_dir: str, *, tp: int, pp: int, dtype=None) 
     model = build_gpt_model(arch, parallel_cfg=parallel, precision_cfg=PrecisionConfig(dtype="fp32"),
                             padded_vocab=_saved_padded_vocab(path, arch, tp))
     run_ckpt.load_model_weights(path, model)
-    export_hf(model, arch, out_dir, assets_dir=assets, dtype=dtype or torch.float32)
+    return export_hf(model, arch, out_dir, assets_dir=assets, dtype=dtype or torch.float32, overwrite=overwrite)
+
+
+def check_export(checkpoint: str, out_dir: str, *, overwrite: bool) -> None:
+    """What ``k15 export`` refuses before any process starts (ValueError): a missing checkpoint,
+    an output folder that is not empty (without ``--overwrite``) or is the checkpoint itself."""
+    from k15_megatron.checkpoint.output_dir import check_output_dir
+
+    if not os.path.exists(checkpoint):
+        raise ValueError(f"{checkpoint}: no such checkpoint")
+    check_output_dir(out_dir, overwrite=overwrite, inputs=[checkpoint])
 
 
 def _saved_padded_vocab(path: str, arch, tp: int) -> int:
@@ -55,16 +71,31 @@ def _saved_padded_vocab(path: str, arch, tp: int) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="k15 export", description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint")
-    parser.add_argument("out")
-    parser.add_argument("--tp", type=int, default=1)
-    parser.add_argument("--pp", type=int, default=1)
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None)
+    from k15_megatron.jobs import help_text, verbosity
+
+    parser = argparse.ArgumentParser(prog="k15 export", description=help_text.description(__doc__),
+                                     epilog=help_text.details(__doc__),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="k15 checkpoint: converted, iter_N of a run, or a run's save folder")
+    parser.add_argument("out", help="output Hugging Face folder (new or empty, or see --overwrite)")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel processes used for the export")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel processes used for the export")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                        help="dtype of the written tensors (default: the original model's, else fp32)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into an existing non-empty OUT, replacing only its model files")
+    verbosity.add_flag(parser)
     args = parser.parse_args(argv)
-    from k15_megatron.models.gpt import torch_dtype
     from k15_megatron.parallel.launch import run_as_ranks
 
-    dtype = torch_dtype(args.dtype) if args.dtype else None
-    return run_as_ranks(args.tp * args.pp,
-                        lambda: export_checkpoint(args.checkpoint, args.out, tp=args.tp, pp=args.pp, dtype=dtype))
+    def work():
+        from k15_megatron.checkpoint.output_dir import describe_written
+        from k15_megatron.models.gpt import torch_dtype
+
+        written = export_checkpoint(args.checkpoint, args.out, tp=args.tp, pp=args.pp, overwrite=args.overwrite,
+                                    dtype=torch_dtype(args.dtype) if args.dtype else None)
+        if written:  # rank 0
+            print(describe_written("export", written, args.out), flush=True)
+
+    return run_as_ranks(args.tp * args.pp, work,
+                        check=lambda: check_export(args.checkpoint, args.out, overwrite=args.overwrite))

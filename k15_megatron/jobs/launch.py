@@ -27,12 +27,20 @@ def launch(job, config_path: str, overrides, *, job_errors=None) -> int:
                         lambda: job(cfg))
 
 
-def job_main(prog: str, description: str, job, argv=None, *, job_errors=None) -> int:
-    """``prog CONFIG [KEY=VALUE ...]``: the command line shared by the config-driven jobs."""
+def job_main(prog: str, description: str, job, argv=None, *, job_errors=None, help_keys=()) -> int:
+    """``prog CONFIG [KEY=VALUE ...] [--verbose]``: the command line shared by the config-driven
+    jobs. ``description``: the command module's docstring (its first paragraph is shown);
+    ``help_keys``: the job's main config keys, listed by ``--help`` with their schema defaults
+    and docs (:func:`k15_megatron.jobs.help_text.config_keys_epilog`)."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    from k15_megatron.jobs import help_text, verbosity
+
+    parser = argparse.ArgumentParser(prog=prog, description=help_text.description(description),
+                                     epilog=help_text.config_keys_epilog(help_keys),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="YAML recipe, e.g. examples/tiny.yaml")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides")
-    args = parser.parse_args(argv)
+    verbosity.add_flag(parser)
+    args = parser.parse_intermixed_args(argv)  # --verbose was applied by k15_megatron.cli
     return launch(job, args.config, args.overrides, job_errors=job_errors)

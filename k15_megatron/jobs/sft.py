@@ -98,7 +98,13 @@ def run(cfg) -> None:
     trainer.log(f"sft: done, checkpoint in {cfg.checkpoint.save_dir}")
 
 
+HELP_KEYS = ("data.train_path", "data.seq_length", "data.micro_batch_size", "data.global_batch_size", "optim.lr",
+             "optim.train_iters", "checkpoint.save_dir", "checkpoint.save_interval", "checkpoint.resume",
+             "checkpoint.keep_last")
+"""The config keys ``k15 sft --help`` lists (besides those of every job)."""
+
+
 def main(argv=None) -> int:
     from k15_megatron.jobs.launch import job_main
 
-    return job_main("k15 sft", __doc__.splitlines()[0], run, argv)
+    return job_main("k15 sft", __doc__, run, argv, help_keys=HELP_KEYS)
