@@ -7,13 +7,15 @@
 Reads problem records (schema: `k15_megatron.rewards.testgen` module docstring), runs every
 generator and ground-truth solution in the code sandbox, and writes the kept problems with
 their tests as JSONL for the RL data loader. One summary line per problem goes to stderr.
-Defaults come from `TestGenConfig` / `CodeRewardConfig`; the flags override them.
+Defaults come from `TestGenConfig` / `CodeRewardConfig`; the flags override them. An existing
+--output file is refused unless --overwrite is given (it is then replaced atomically).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 
 from k15_megatron.config.rewards import CodeRewardConfig, RewardsConfig, TestGenConfig
@@ -24,7 +26,8 @@ from k15_megatron.rewards.testgen import generate_jsonl
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", required=True, help="problems JSONL")
-    parser.add_argument("--output", required=True, help="JSONL of kept problems with tests")
+    parser.add_argument("--output", required=True, help="JSONL of kept problems with tests (a new file)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     defaults, code = TestGenConfig(), CodeRewardConfig()
     for field in dataclasses.fields(TestGenConfig):
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=int,
@@ -46,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
                             num_sandbox_uids=max(CodeRewardConfig().num_sandbox_uids,
                                                  args.workers))
     errors = RewardsConfig(code=code).validate() + testgen.validate(prefix="--testgen")
+    if os.path.exists(args.output) and not args.overwrite:
+        errors.append(f"--output {args.output}: exists; pass --overwrite to replace it, or choose another file")
     if errors:
         raise SystemExit("invalid options:\n  " + "\n  ".join(errors))
     problems = read_jsonl(args.input)
@@ -56,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{report.solutions_passing}/{testgen.num_solutions} solutions pass; {status}",
               file=sys.stderr)
     kept = sum(r.kept for r in reports)
-    print(f"{kept} of {len(reports)} problems kept -> {args.output}", file=sys.stderr)
+    print(f"{kept} of {len(reports)} problems kept", file=sys.stderr)
+    print(f"gen_code_tests: wrote {kept} problems to {os.path.abspath(args.output)}", file=sys.stderr)
     return 0
 
 

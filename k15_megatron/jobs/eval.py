@@ -4,7 +4,12 @@ The model comes from ``model.init_from`` (any k15 checkpoint) or ``model.hf_path
 go into the colocated vLLM engine by the same in-place sync the RL job uses (no export to disk),
 then ``eval.num_samples`` responses per prompt of ``data.eval_path`` are sampled and scored with
 the prompts' rewards. Writes ``eval.output`` (JSON: metrics and the per-prompt success rates, so
-two evaluations of the same prompts can be compared pairwise).
+two evaluations of the same prompts can be compared pairwise) and, beside it, the generated texts
+in ``<eval.output without .json>_samples.jsonl`` (default ``eval_samples.jsonl``): one line per
+prompt with ``index``, ``prompt``, ``answer``, ``pass_rate`` and ``samples``, each sample's
+``text``, ``reward``, ``correct``, ``length`` (tokens) and ``finish_reason``
+(:func:`k15_megatron.jobs.evaluate.sample_records`). Both files are written atomically and the
+job ends with the line ``eval: wrote <eval.json> and <samples file>``.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import os
 
 import torch
 
+from k15_megatron.data.jsonl import write_jsonl
 from k15_megatron.data.prompt_set import PromptSet, prompt_token_limit
 from k15_megatron.engine.weight_sync import ColocatedWeightSync
 from k15_megatron.models.gpt import torch_dtype
@@ -29,7 +35,7 @@ def run(cfg) -> dict:
     trainer = build_trainer(cfg, with_optimizer=False)
     assets = write_run_assets(trainer)
     prompts = PromptSet.from_jsonl(cfg.data.eval_path, trainer.tokenizer, limit=cfg.eval.max_prompts,
-                                   max_prompt_tokens=prompt_token_limit(cfg.rollout))
+                                   max_prompt_tokens=prompt_token_limit(cfg.rollout), too_long=cfg.data.too_long)
     if prompts.filtered_lines:
         trainer.log(f"eval: {prompts.filter_report(cfg.data.eval_path)}")
     rollout = RolloutEngine.create(cfg.rollout, model_path=engine_model_folder(trainer, assets),
@@ -38,24 +44,49 @@ def run(cfg) -> dict:
     rollout.mark_weights_updated(0)
     metrics = evaluate(rollout, prompts, RewardManager(cfg.rewards), trainer.tokenizer,
                        num_samples=cfg.eval.num_samples, temperature=cfg.eval.temperature,
-                       max_response_tokens=cfg.rollout.max_response_tokens, seed=cfg.seed, ks=cfg.eval.ks)
+                       max_response_tokens=cfg.rollout.max_response_tokens, seed=cfg.seed, ks=cfg.eval.ks,
+                       keep_texts=True)
     per_prompt = metrics.pop("per_prompt")
+    samples = metrics.pop("samples")
     if trainer.is_logging_rank:
-        os.makedirs(os.path.dirname(os.path.abspath(cfg.eval.output)), exist_ok=True)
-        with open(cfg.eval.output, "w") as f:
-            json.dump({"weights": trainer.init_source, "eval_path": cfg.data.eval_path,
-                       "num_samples": cfg.eval.num_samples, "temperature": cfg.eval.temperature,
-                       "data/prompts_filtered_too_long": len(prompts.filtered_lines), **metrics,
-                       "per_prompt": per_prompt.tolist()}, f, indent=1)
         summary = ", ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in metrics.items())
-        print(f"eval: {summary} -> {cfg.eval.output}", flush=True)
+        print(f"eval: {summary}", flush=True)
+        _write_json(cfg.eval.output, {"weights": trainer.init_source, "eval_path": cfg.data.eval_path,
+                                      "num_samples": cfg.eval.num_samples, "temperature": cfg.eval.temperature,
+                                      "data/prompts_filtered_too_long": len(prompts.filtered_lines), **metrics,
+                                      "per_prompt": per_prompt.tolist()})
+        samples_path = samples_file(cfg.eval.output)
+        write_jsonl(samples_path, samples)
+        print(f"eval: wrote {os.path.abspath(cfg.eval.output)} and {os.path.abspath(samples_path)}", flush=True)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     rollout.shutdown()  # destroys process-wide groups: after the last collective
     return metrics
 
 
+HELP_KEYS = ("data.eval_path", "eval", "rollout.max_response_tokens", "rollout.max_model_len",
+             "rollout.tensor_parallel_size")
+"""The config keys ``k15 eval --help`` lists (besides those of every job)."""
+
+
+def samples_file(output: str) -> str:
+    """The generated-texts file beside ``eval.output``: ``<output without .json>_samples.jsonl``."""
+    root = output[:-len(".json")] if output.endswith(".json") else output
+    return root + "_samples.jsonl"
+
+
+def _write_json(path: str, data: dict) -> None:
+    """Write ``data`` to ``path`` through a temporary name and a rename (never a half file)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
 def main(argv=None) -> int:
     from k15_megatron.jobs.launch import job_main
 
-    return job_main("k15 eval", __doc__.splitlines()[0], run, argv)
+    from k15_megatron.jobs.preflight import job_checks
+
+    return job_main("k15 eval", __doc__, run, argv, help_keys=HELP_KEYS, job_errors=job_checks("eval"))

@@ -4,6 +4,8 @@
 responses per prompt with the rollout engine (temperature 0 gives greedy pass@1), scores them
 with the prompts' rewards and returns the per-prompt success counts, so two evaluations of the
 same prompts can be compared pairwise (:func:`k15_megatron.jobs.tiny_report.paired_stats`).
+With ``keep_texts`` it also returns every generated text with its reward (``samples``, one
+record per prompt; ``k15 eval`` writes them as a JSONL file beside its metrics).
 
 pass@k is the unbiased estimator of Chen et al. (2021): for a prompt with c correct out of n
 samples, 1 - C(n - c, k) / C(n, k), averaged over prompts.
@@ -38,8 +40,9 @@ def prompt_pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def evaluate(engine, prompts, manager, tokenizer, *, num_samples: int, temperature: float,
-             max_response_tokens: int, seed: int, ks=(1,)) -> dict:
-    """Sample, score and summarise (collective). Returns metrics plus ``per_prompt`` [P] rates."""
+             max_response_tokens: int, seed: int, ks=(1,), keep_texts: bool = False) -> dict:
+    """Sample, score and summarise (collective). Returns metrics plus ``per_prompt`` [P] rates
+    and, with ``keep_texts``, ``samples`` (:func:`sample_records`)."""
     from k15_megatron.rollout.engine import Sampling
 
     start = time.perf_counter()
@@ -65,5 +68,26 @@ def evaluate(engine, prompts, manager, tokenizer, *, num_samples: int, temperatu
                     "eval/seconds": time.perf_counter() - start})
     metrics.update(manager.metrics())  # reward failures and latencies (rank 0 scored)
     metrics["per_prompt"] = counts.float() / num_samples
+    if keep_texts:
+        metrics["samples"] = sample_records(prompts.records, texts=texts, scores=scores.tolist(),
+                                            correct=correct.flatten().tolist(), results=results,
+                                            num_samples=num_samples)
     return metrics
+
+
+def sample_records(records, *, texts, scores, correct, results, num_samples: int) -> list:
+    """One dict per prompt: ``index`` (position in the evaluated set), ``prompt``, ``answer``
+    (None if the record has none), ``pass_rate`` (correct / num_samples) and ``samples``:
+    ``num_samples`` dicts of ``text`` (decoded response), ``reward`` (the prompt's reward),
+    ``correct`` (reward >= 1 - 1e-6, as pass@k counts it), ``length`` (response tokens) and
+    ``finish_reason`` (stop | max_length | repeat). Inputs are flat, prompt-major."""
+    out = []
+    for i, record in enumerate(records):
+        rows = range(i * num_samples, (i + 1) * num_samples)
+        samples = [{"text": texts[j], "reward": float(scores[j]), "correct": bool(correct[j]),
+                    "length": int(results[j].tokens.numel()), "finish_reason": results[j].finish_reason}
+                   for j in rows]
+        out.append({"index": i, "prompt": record["prompt"], "answer": record.get("answer"),
+                    "pass_rate": sum(s["correct"] for s in samples) / num_samples, "samples": samples})
+    return out
 

@@ -1,7 +1,9 @@
 """``k15 plot RUN_DIR``: a PNG of a run's main curves from its metrics.jsonl.
 
 Panels (those with data): training reward and accuracy, held-out pass@1, mean response length,
-loss, logprob mismatch, and per-phase times. Writes ``RUN_DIR/curves.png`` (or ``--out``).
+loss, logprob mismatch, and per-phase times. Writes ``RUN_DIR/curves.png`` (replaced on each
+run; it belongs to the run) or ``--out`` (an existing file there is refused unless
+``--overwrite``), then prints ``plot: wrote PATH``.
 """
 
 from __future__ import annotations
@@ -58,12 +60,18 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="k15 plot", description=__doc__.splitlines()[0])
+    from k15_megatron.jobs.help_text import description
+
+    parser = argparse.ArgumentParser(prog="k15 plot", description=description(__doc__),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", default=None, help="PNG file to write (default: RUN_DIR/curves.png)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = parser.parse_args(argv)
     try:
-        print(plot_run(args.run_dir, args.out))
+        if args.out and os.path.exists(args.out) and not args.overwrite:
+            raise ValueError(f"{args.out}: exists; pass --overwrite to replace it, or choose another --out")
+        print(f"plot: wrote {os.path.abspath(plot_run(args.run_dir, args.out))}")
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

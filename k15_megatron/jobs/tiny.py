@@ -37,8 +37,8 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 # One intra-op thread per process and no OpenMP core binding: on a small shared machine vLLM's
 # CPU engine was 5-10x faster this way (docs/tiny_task.md); setdefault keeps a user's choice.
-STAGE_ENV = {"OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_LOGGING_LEVEL": "ERROR",
-             "PYTHONWARNINGS": "ignore::UserWarning,ignore::FutureWarning", "TOKENIZERS_PARALLELISM": "false"}
+# How much the stages print is set by k15_megatron/jobs/verbosity.py (--verbose carries through).
+STAGE_ENV = {"OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "TOKENIZERS_PARALLELISM": "false"}
 
 EVALS = {"greedy": ["eval.temperature=0", "eval.num_samples=1", "eval.ks=[1]"], "sampled": []}
 
@@ -50,6 +50,9 @@ def _parse_args(argv):
     parser.add_argument("--seed", type=int, default=0, help="seed of the task data and of every stage")
     parser.add_argument("--fresh", action="store_true", help="run every stage again")
     parser.add_argument("--min-z", type=float, default=3.0, help="required paired gain in standard errors")
+    from k15_megatron.jobs.verbosity import add_flag
+
+    add_flag(parser)
     for stage in ("task", "sft", "rl", "eval"):
         parser.add_argument(f"--{stage}", action="append", default=[], metavar="KEY=VALUE",
                             help=f"override for the {stage} stage (repeatable)")
@@ -64,6 +67,10 @@ class Stages:
         self.out = os.path.abspath(out)
         self.fresh = fresh
         self.seconds: Dict[str, float] = {}
+        if os.path.isdir(self.out) and os.listdir(self.out) and not os.path.isdir(os.path.join(self.out, "stages")):
+            # Only a k15 tiny folder (it has stages/) is continued; anything else may be a user's.
+            raise SystemExit(f"k15 tiny: --out {self.out} is a non-empty folder that k15 tiny did not "
+                             "make; choose a new or empty folder")
         os.makedirs(os.path.join(self.out, "stages"), exist_ok=True)
 
     def run(self, name: str, signature: str, work) -> bool:
@@ -153,6 +160,8 @@ def run_pipeline(args) -> dict:
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(text)
     print(text, flush=True)
+    print(f"tiny: wrote report.json, report.md, rl/curves.png, eval/*.json, eval/*_samples.jsonl and the "
+          f"sft/ and rl/ runs in {out}", flush=True)
     return report
 
 

@@ -5,7 +5,8 @@ print at import or start-up is held back:
 
 * vLLM's engine config dumps and INFO/WARNING lines (``VLLM_LOGGING_LEVEL=ERROR``);
 * Python warnings of the libraries (Megatron's "Apex is not installed", deprecations):
-  filtered here and, for the processes started later, through ``PYTHONWARNINGS``;
+  filtered here and, for the processes started later, through ``PYTHONWARNINGS`` (warnings
+  raised by k15's own modules still print);
 * the loggers of Megatron-Core and transformers (``TRANSFORMERS_VERBOSITY=error``), torch's C++
   warnings (``TORCH_CPP_LOG_LEVEL=ERROR``) and torchrun's own log (``LOGLEVEL=ERROR``);
 * progress bars of transformers and vLLM's weight loading (``HF_HUB_DISABLE_PROGRESS_BARS``,
@@ -59,6 +60,9 @@ def configure(*, verbose: bool) -> None:
         os.environ.setdefault(key, value)
     if os.environ["PYTHONWARNINGS"] == QUIET_ENV["PYTHONWARNINGS"]:
         warnings.simplefilter("ignore")
+        # k15's own warnings are messages to the user, not library chatter (filters added
+        # later take precedence).
+        warnings.filterwarnings("default", module=r"k15_megatron(\.|$)")
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
 

@@ -113,6 +113,9 @@ def llm_kwargs(cfg: RolloutConfig, *, model_path: str, seed: int, layout: Engine
         max_num_seqs=cfg.max_num_seqs,
         logprobs_mode=cfg.logprobs_mode,
         logits_processors=[REPEAT_STOP_PROCESSOR],
+        # vLLM's weight-loading bar passes tqdm an explicit switch; follow tqdm's own variable
+        # (set by a quiet k15 command, k15_megatron/jobs/verbosity.py).
+        use_tqdm_on_load=os.environ.get("TQDM_DISABLE", "").lower() not in ("1", "true"),
     )
     if cfg.max_num_batched_tokens is not None:
         kwargs["max_num_batched_tokens"] = cfg.max_num_batched_tokens
