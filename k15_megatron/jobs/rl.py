@@ -144,6 +144,8 @@ class RLJob:
         self.save()
         self.log_eval("after")
         self.close()
+        self.trainer.log(f"rl: done; wrote checkpoint {run_ckpt.iteration_dir_name(self.iteration)} in "
+                         f"{os.path.abspath(cfg.checkpoint.save_dir)}, metrics in {os.path.abspath(cfg.logging.dir)}")
 
     def close(self) -> None:
         """Flush logs, then release vLLM. Its teardown destroys the process-wide torch.distributed
