@@ -18,7 +18,7 @@ def run_tool(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 
 def megatron_from_hf(hf_dir: str, *, tp: int = 1, pp: int = 1, seed: int = 3, lr: float = 1e-2,
-                     clip_grad: float = 1.0, train_iters: int = 10):
+                     clip_grad: float = 1.0, train_iters: int = 10, optimizer: str = "adam"):
     """Inside a rank: start the parallel state, build the Megatron model of ``hf_dir`` with its HF
     weights, wrap it for training. Returns (arch, model, chunks, optimizer, scheduler)."""
     from k15_megatron.checkpoint.model_weights import load_hf_weights
@@ -35,6 +35,6 @@ def megatron_from_hf(hf_dir: str, *, tp: int = 1, pp: int = 1, seed: int = 3, lr
     model = build_gpt_model(arch, parallel_cfg=parallel, precision_cfg=precision, padded_vocab=padded)
     load_hf_weights(model, hf_dir, arch, padded)
     chunks, optimizer, scheduler = build_training_objects(
-        model, optim_cfg=OptimConfig(lr=lr, clip_grad=clip_grad), precision_cfg=precision,
+        model, optim_cfg=OptimConfig(lr=lr, clip_grad=clip_grad, optimizer=optimizer), precision_cfg=precision,
         num_steps=train_iters)
     return arch, model, chunks, optimizer, scheduler

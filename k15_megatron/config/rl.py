@@ -129,13 +129,23 @@ class RLConfig:
     iterations: int = 100
     """RL iterations (rollout -> rewards -> train -> sync) of ``k15 rl``."""
     prompts_per_iteration: int = 64
-    """New prompts sampled per iteration (each opens a group of group_size trajectories)."""
+    """New prompts sampled per iteration (each opens a group of group_size trajectories). Must
+    be a multiple of data-parallel size x updates_per_iteration (checked before start-up): an
+    iteration trains on the largest such multiple of its finished groups, so that every rank
+    and every optimizer step gets the same number of groups."""
     updates_per_iteration: int = 1
-    """Optimizer steps per iteration; the ready groups are split into this many mini-batches."""
+    """Optimizer steps per iteration; the groups an iteration trains on are split into this many
+    equal mini-batches (and each over the data-parallel ranks). An iteration whose finished
+    groups are fewer than data-parallel size x updates_per_iteration (possible only with partial
+    rollouts) trains nothing and says so in one line; ``train/groups`` and
+    ``rollout/groups_ready`` are logged every iteration."""
     groups_per_micro_batch: int = 1
-    """Whole groups per Megatron micro-batch (a group is never split: its baseline needs all k),
-    in the training steps and in the reference log-prob recompute alike: the rows one forward
-    holds are groups_per_micro_batch * group_size, whatever the batch size."""
+    """The most whole groups one Megatron micro-batch holds (a memory bound; a group is never
+    split: its baseline needs all k), in the training steps and in the reference log-prob
+    recompute alike: one forward holds at most groups_per_micro_batch * group_size rows,
+    whatever the batch size. A step's G groups on a rank run as ceil(G / groups_per_micro_batch)
+    micro-batches of equal size, the last padded with fewer empty groups than there are
+    micro-batches (computed, then dropped); the loss is normalised over the step's samples, so the update does not depend on the split."""
     reference: str = "recompute"
     """log pi_i of the loss: recompute (the trainer's log-probs at the start of the iteration,
     exact) | behaviour (the rollout engine's, free but includes older policies' segments)."""

@@ -190,11 +190,12 @@ class DataConfig:
     seq_length: int = at_least(4096, 1)
     """SFT: tokens per packed row. (RL lengths are rollout.max_model_len.)"""
     micro_batch_size: int = at_least(1, 1)
-    """SFT: rows per forward/backward on one data-parallel rank. (RL micro-batches are
-    rl.groups_per_micro_batch groups.)"""
+    """SFT: rows per forward/backward on one data-parallel rank. (RL micro-batches hold at
+    most rl.groups_per_micro_batch groups.)"""
     global_batch_size: int = at_least(8, 1)
-    """SFT: rows per optimizer step over all data-parallel ranks. (An RL step trains on
-    the groups of rl.prompts_per_iteration / rl.updates_per_iteration.)"""
+    """SFT: rows per optimizer step over all data-parallel ranks. (An RL step trains on the
+    finished groups of an iteration / rl.updates_per_iteration: rl.prompts_per_iteration /
+    rl.updates_per_iteration groups when every group finishes within the iteration.)"""
     train_path: Optional[str] = None
     """Training JSONL file: SFT records for ``k15 sft``, prompt records for ``k15 rl``
     (formats in :mod:`k15_megatron.data.jsonl`)."""

@@ -80,10 +80,39 @@ def rl_job_errors(cfg: ExperimentConfig) -> List[str]:
 
     The RL job's learning-rate schedule runs over its real number of optimizer steps,
     ``rl.iterations x rl.updates_per_iteration`` (:func:`rl_optimizer_steps`), not over
-    ``optim.train_iters`` (the SFT step count)."""
+    ``optim.train_iters`` (the SFT step count). Each iteration trains on a multiple of
+    DP x ``rl.updates_per_iteration`` finished groups (:func:`rl_batch_errors`)."""
     steps = rl_optimizer_steps(cfg.rl)
     return schedule_errors(cfg.optim, num_steps=steps,
-                           steps_key=f"rl.iterations x rl.updates_per_iteration = {steps}")
+                           steps_key=f"rl.iterations x rl.updates_per_iteration = {steps}") + rl_batch_errors(cfg)
+
+
+def rl_batch_errors(cfg: ExperimentConfig, environ: Optional[Mapping[str, str]] = None) -> List[str]:
+    """``rl.prompts_per_iteration`` must be a multiple of DP x ``rl.updates_per_iteration``:
+    an iteration trains the largest such multiple of its finished groups (every data-parallel
+    rank and every optimizer step gets the same number), so any other value leaves groups
+    waiting and some iterations training nothing. The message names both keys, the DP size and
+    the nearest valid value. (Layout errors themselves are reported by :func:`validate`.)"""
+    par, rl = cfg.parallel, cfg.rl
+    mp = par.tensor * par.pipeline * par.context
+    try:
+        world, source = resolve_world_size(par.world_size, environ)
+    except ValueError:
+        return []
+    if mp < 1 or world % mp or rl.updates_per_iteration < 1 or rl.prompts_per_iteration < 1:
+        return []
+    dp = world // mp
+    unit = dp * rl.updates_per_iteration
+    if rl.prompts_per_iteration % unit == 0:
+        return []
+    below = (rl.prompts_per_iteration // unit) * unit
+    nearest = below if below and rl.prompts_per_iteration - below < below + unit - rl.prompts_per_iteration \
+        else below + unit
+    return [f"rl.prompts_per_iteration={rl.prompts_per_iteration} is not a multiple of rl.updates_per_iteration="
+            f"{rl.updates_per_iteration} x data-parallel size {dp} = {unit} (world {world} ({source}) / "
+            f"(parallel.tensor x parallel.pipeline x parallel.context = {mp})): each iteration trains a "
+            f"multiple of {unit} finished groups, so the rest would wait and iterations would train nothing; "
+            f"set rl.prompts_per_iteration={nearest}"]
 
 
 def rl_optimizer_steps(rl_cfg: Any) -> int:

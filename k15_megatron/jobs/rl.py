@@ -114,7 +114,8 @@ class RLJob:
             with progress.phase("rollout") as phase:
                 metrics = self.rollout_step()
                 phase["tokens"] = metrics["rollout/generated_tokens"]
-            batch = self.pop_ready_groups()
+            batch, groups = self.pop_ready_groups()
+            metrics.update(groups)
             if batch is not None:
                 with progress.phase("reward"):
                     metrics.update(self.reward_step(batch))
@@ -203,15 +204,16 @@ class RLJob:
 
     # -- sizes and checkpoints -----------------------------------------------------------------
     def pop_ready_groups(self):
-        """The finished groups to train on, as many as split evenly over DP ranks, updates and
-        micro-batches (the rest wait for the next iteration); None if too few are ready."""
-        rl, dp = self.cfg.rl, self.trainer.layout.dp_size
-        unit = dp * rl.updates_per_iteration * rl.groups_per_micro_batch
-        usable = (len(self.buffer.ready_groups()) // unit) * unit
-        if usable == 0:
-            return None
-        return self.buffer.pop_batch(iteration=self.iteration, max_groups=usable,
-                                     pad_token_id=self.trainer.tokenizer.pad_token_id or 0)
+        """This iteration's training batch (:func:`take_ready_groups`), or None; metrics
+        ``rollout/groups_ready``, ``rollout/groups_open`` and ``train/groups`` every iteration,
+        and one line on the logging rank when nothing trains."""
+        batch, metrics, reason = take_ready_groups(self.buffer, dp_size=self.trainer.layout.dp_size,
+                                                   updates_per_iteration=self.cfg.rl.updates_per_iteration,
+                                                   iteration=self.iteration,
+                                                   pad_token_id=self.trainer.tokenizer.pad_token_id or 0)
+        if reason:
+            self.trainer.log(f"rl: iteration {self.iteration + 1} trains nothing: {reason}")
+        return batch, metrics
 
     def should_save(self) -> bool:
         interval = self.cfg.checkpoint.save_interval
@@ -254,6 +256,32 @@ class RLJob:
         self.trainer.scheduler.load_state_dict(state["scheduler"])
         self.trainer.log(f"rl: resumed from {path} at iteration {self.iteration}")
         return state, rank_state
+
+
+def take_ready_groups(buffer: SegmentReplayBuffer, *, dp_size: int, updates_per_iteration: int, iteration: int,
+                      pad_token_id: int):
+    """Pop the groups one iteration trains on: the largest multiple of ``dp_size x
+    updates_per_iteration`` of the finished groups, oldest first, so that every data-parallel
+    rank and every optimizer step gets the same number of groups (each rank then runs the same
+    number of micro-batches, as the pipeline schedule and the gradient all-reduce need); the
+    rest wait for the next iteration. With ``rl.prompts_per_iteration`` a multiple of that unit
+    (checked before start-up) and no partial rollouts, every finished group is taken.
+
+    Returns ``(batch or None, metrics, reason)``: metrics ``rollout/groups_ready`` (finished),
+    ``rollout/groups_open`` (with a trajectory still to continue) and ``train/groups`` (taken);
+    ``reason`` is a one-line explanation when nothing is taken, else None."""
+    ready = len(buffer.ready_groups())
+    still_open = len({t.group_id for t in buffer.unfinished()})
+    unit = dp_size * updates_per_iteration
+    usable = (ready // unit) * unit
+    metrics = {"rollout/groups_ready": float(ready), "rollout/groups_open": float(still_open),
+               "train/groups": float(usable)}
+    if usable == 0:
+        reason = (f"{ready} group(s) finished, {still_open} still open (partial rollouts continue them next "
+                  f"iteration); a step needs a multiple of {unit} finished groups (rl.updates_per_iteration="
+                  f"{updates_per_iteration} x data-parallel size {dp_size})")
+        return None, metrics, reason
+    return buffer.pop_batch(iteration=iteration, max_groups=usable, pad_token_id=pad_token_id), metrics, None
 
 
 def run(cfg) -> None:

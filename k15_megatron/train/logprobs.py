@@ -15,9 +15,14 @@ that is 4.6 GiB per float32 copy. So the log-prob paths here never let the model
   through autograd, as from Megatron's own ColumnParallelLinear.
 
 :func:`sequence_token_logprobs` is the forward-only recompute (reference log-probs of the
-mirror-descent loss, the log-prob check after a weight sync): micro-batches of a fixed number of
-rows through Megatron's pipeline schedule, the [B, T-1] result kept on the compute device and
-returned on every rank. ``tools/bench/logprobs_memory.py`` measures this path.
+mirror-descent loss, the log-prob check after a weight sync): micro-batches of at most a given
+number of rows through Megatron's pipeline schedule, the [B, T-1] result kept on the compute
+device and returned on every rank. ``tools/bench/logprobs_memory.py`` measures this path.
+
+:func:`micro_batch_split` is the one rule for cutting N items (rows, or whole groups in the RL
+update) into micro-batches of at most a given size: as few micro-batches as that bound allows,
+all of one size (Megatron's pipeline schedules send activations of a fixed [S, B, H] shape
+between stages), the last one filled up with padding that is computed and discarded.
 """
 
 from __future__ import annotations
@@ -107,6 +112,22 @@ def _broadcast_from_last_stage(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def micro_batch_split(num_items: int, *, max_per_micro_batch: int) -> tuple[int, int]:
+    """(number of micro-batches M, items per micro-batch P) for ``num_items`` items, at most
+    ``max_per_micro_batch`` per micro-batch: M = ceil(N / max), P = ceil(N / M) <= max. The
+    M micro-batches of P slots hold the N items in order; the last holds N - (M-1)P of them and
+    M*P - N < M padding slots (e.g. 9 items, at most 8: two micro-batches of 5, the last with
+    one padding slot).
+
+    Raises:
+        ValueError: ``num_items`` < 1 or ``max_per_micro_batch`` < 1.
+    """
+    if num_items < 1 or max_per_micro_batch < 1:
+        raise ValueError(f"cannot split {num_items} items into micro-batches of at most {max_per_micro_batch}")
+    count = -(-num_items // max_per_micro_batch)
+    return count, -(-num_items // count)
+
+
 @torch.no_grad()
 def sequence_token_logprobs(model_chunks, input_ids: torch.Tensor, *, vocab_size: int,
                             temperature: float = 1.0, micro_batch_size: int | None = None,
@@ -115,23 +136,25 @@ def sequence_token_logprobs(model_chunks, input_ids: torch.Tensor, *, vocab_size
     :func:`compute_device`, equal on every rank (collective over the model-parallel groups).
 
     ``input_ids`` [B, T] must be the same on every rank of the model-parallel group (right
-    padding is fine: mask the result). The model runs ``micro_batch_size`` rows at a time
-    (default: all B) through the pipeline schedule, and each micro-batch's log-probs are formed
-    from hidden states ``chunk_size`` tokens at a time, so the memory is set by those two
-    numbers, not by B. ``temperature`` divides the logits first (match the sampler's processed
-    log-probs).
+    padding is fine: mask the result). The model runs at most ``micro_batch_size`` rows at a time
+    (default: all B) through the pipeline schedule, in :func:`micro_batch_split` micro-batches
+    (the last one padded with rows of token 0 whose log-probs are dropped), and each
+    micro-batch's log-probs are formed from hidden states ``chunk_size`` tokens at a time, so the
+    memory is set by those two numbers, not by B. ``temperature`` divides the logits first
+    (match the sampler's processed log-probs).
 
     Raises:
-        ValueError: B is not a multiple of ``micro_batch_size``.
+        ValueError: ``micro_batch_size`` < 1 or an empty batch.
     """
     batch_size, seq_len = input_ids.shape
-    mbs = micro_batch_size or batch_size
-    if mbs < 1 or batch_size % mbs:
-        raise ValueError(f"batch of {batch_size} sequences is not divisible by micro_batch_size={mbs}")
+    count, rows = micro_batch_split(batch_size, max_per_micro_batch=micro_batch_size or batch_size)
+    padded = input_ids
+    if count * rows > batch_size:
+        padded = torch.cat([input_ids, input_ids.new_zeros(count * rows - batch_size, seq_len)])
+    positions = torch.arange(seq_len).unsqueeze(0).expand(rows, -1)  # moved per micro-batch by the schedule
+    micro_batches = [{"input_ids": padded[i:i + rows], "position_ids": positions, "index": i}
+                     for i in range(0, count * rows, rows)]
     device = compute_device()
-    positions = torch.arange(seq_len).unsqueeze(0).expand(mbs, -1)  # moved per micro-batch by the schedule
-    micro_batches = [{"input_ids": input_ids[i:i + mbs], "position_ids": positions, "index": i}
-                     for i in range(0, batch_size, mbs)]
     result = torch.zeros(batch_size, seq_len - 1, dtype=torch.float32, device=device)
     for chunk in (model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]):
         chunk.eval()
@@ -139,7 +162,8 @@ def sequence_token_logprobs(model_chunks, input_ids: torch.Tensor, *, vocab_size
         def collect(mb, hidden):
             lp = head.token_logprobs(hidden[:, :-1], mb["input_ids"][:, 1:], vocab_size=vocab_size,
                                      chunk_size=chunk_size, temperature=temperature)
-            result[mb["index"]: mb["index"] + lp.shape[0]] = lp
+            keep = min(lp.shape[0], batch_size - mb["index"])  # padding rows are dropped
+            result[mb["index"]: mb["index"] + keep] = lp[:keep]
             return hidden.new_zeros(()), torch.ones((), dtype=torch.int, device=device), {}
 
         forward_backward(model_chunks, micro_batches, collect, forward_only=True)

@@ -7,10 +7,12 @@
    (``offload/optimizer_dropped_bytes``), so ``train/optimizer_reset_bytes`` is 0 there;
 2. computes log pi_i of every response token: the trainer's own log-probs before any update
    (``rl.reference=recompute``, :func:`k15_megatron.train.logprobs.sequence_token_logprobs` in
-   micro-batches of ``rl.groups_per_micro_batch`` groups) or the rollout engine's behaviour
-   log-probs;
+   micro-batches of at most ``rl.groups_per_micro_batch * rl.group_size`` rows) or the rollout
+   engine's behaviour log-probs;
 3. splits this data-parallel rank's groups into ``rl.updates_per_iteration`` mini-batches and
-   takes one optimizer step on each, with micro-batches of whole groups; per micro-batch the
+   takes one optimizer step on each, with micro-batches of at most ``rl.groups_per_micro_batch``
+   whole groups (:func:`micro_batches`: as few as that bound allows, the last one padded; the
+   loss is normalised so that the step is the same whatever the split); per micro-batch the
    loss is :func:`k15_megatron.rl.loss.mirror_descent_loss` of the sequence log-probs, formed
    from the last stage's hidden states and the output weight shard
    (:class:`k15_megatron.train.logprobs.OutputHead`: ``rl.logprob_chunk_tokens`` tokens of
@@ -34,35 +36,49 @@ from k15_megatron.rl.loss import mirror_descent_loss, sequence_logprobs
 from k15_megatron.rl.mismatch import (finalize_mismatch_metrics, logprob_mismatch_stats, reduce_mismatch_stats,
                                       truncated_is_weights)
 from k15_megatron.rl.optim_reset import reset_optimizer_state
-from k15_megatron.train.logprobs import hidden_state_output, sequence_token_logprobs
+from k15_megatron.train.logprobs import hidden_state_output, micro_batch_split, sequence_token_logprobs
 from k15_megatron.train.step import global_step_metrics, train_step
 
 
 def micro_batches(batch: RolloutBatch, ref_logprobs: torch.Tensor, groups_per_micro_batch: int) -> list[dict]:
-    """Megatron micro-batches of ``groups_per_micro_batch`` whole groups, where ``batch`` lives
+    """The Megatron micro-batches of one optimizer step on this rank, where ``batch`` lives
     (the schedule moves each to the compute device when it runs).
 
-    Each holds ``input_ids``/``position_ids`` [R, T-1], and shifted to label positions
-    ``targets`` [R, T-1] (input_ids[:, 1:]), ``loss_mask``, ``behaviour`` and ``reference``
-    (``ref_logprobs`` [B, T-1] rows) [R, T-1], ``rewards`` [R]; R = groups * group_size.
+    The G groups of ``batch`` are cut by :func:`k15_megatron.train.logprobs.micro_batch_split`
+    into M = ceil(G / groups_per_micro_batch) micro-batches of P <= groups_per_micro_batch whole
+    groups each; the last is padded with empty groups (token 0, no loss mask, reward 0) to the
+    same shape, which the loss drops. Each micro-batch holds ``input_ids``/``position_ids``
+    [R, T-1], and shifted to label positions ``targets`` [R, T-1] (input_ids[:, 1:]),
+    ``loss_mask``, ``behaviour`` and ``reference`` (``ref_logprobs`` [B, T-1] rows) [R, T-1],
+    ``rewards`` [R]; R = P * group_size. Plus three counts for the loss's normalisation:
+    ``num_samples`` (its real rows), ``step_samples`` (B, the rows of the whole step) and
+    ``num_micro_batches`` (M).
     """
     k = batch.group_size
-    rows = groups_per_micro_batch * k
-    if batch.num_samples % rows:
-        raise ValueError(f"{batch.num_groups} groups cannot form micro-batches of "
-                         f"rl.groups_per_micro_batch={groups_per_micro_batch}")
+    count, groups = micro_batch_split(batch.num_groups, max_per_micro_batch=groups_per_micro_batch)
+    rows, real = groups * k, batch.num_samples
     seq = batch.input_ids.shape[1]
+
+    def padded(tensor: torch.Tensor) -> torch.Tensor:
+        pad = tensor.new_zeros((count * rows - real,) + tuple(tensor.shape[1:]))
+        return torch.cat([tensor, pad]) if pad.shape[0] else tensor
+
+    ids, loss_mask = padded(batch.input_ids), padded(batch.loss_mask)
+    behaviour, reference, rewards = padded(batch.behaviour_logprobs), padded(ref_logprobs), padded(batch.rewards)
     out = []
-    for start in range(0, batch.num_samples, rows):
+    for start in range(0, count * rows, rows):
         part = slice(start, start + rows)
         out.append({
-            "input_ids": batch.input_ids[part, :-1],
+            "input_ids": ids[part, :-1],
             "position_ids": torch.arange(seq - 1).unsqueeze(0).expand(rows, -1),
-            "targets": batch.input_ids[part, 1:],
-            "loss_mask": batch.loss_mask[part, 1:],
-            "behaviour": batch.behaviour_logprobs[part, 1:],
-            "reference": ref_logprobs[part],
-            "rewards": batch.rewards[part],
+            "targets": ids[part, 1:],
+            "loss_mask": loss_mask[part, 1:],
+            "behaviour": behaviour[part, 1:],
+            "reference": reference[part],
+            "rewards": rewards[part],
+            "num_samples": min(rows, real - start),
+            "step_samples": real,
+            "num_micro_batches": count,
         })
     return out
 
@@ -93,11 +109,23 @@ def mirror_descent_loss_fn(rl_cfg, *, token_logprobs, log_ratios: _LogRatioStats
     """The loss function (for :func:`k15_megatron.train.schedule.forward_backward`) of one
     micro-batch of :func:`micro_batches`: ``token_logprobs(output, targets)`` -> [R, T-1]
     log-probs -> sequence log-probs under the loss mask -> mirror-descent loss summed over the
-    R samples (Megatron divides by the returned sample count). ``update_policy`` passes the
+    micro-batch's real samples (its padding rows dropped). ``update_policy`` passes the
     chunked hidden-state head (:meth:`OutputHead.token_logprobs`); the memory benchmark also
-    passes a plain full-vocabulary one. ``log_ratios`` collects log pi_theta - log pi_i."""
+    passes a plain full-vocabulary one. ``log_ratios`` collects log pi_theta - log pi_i.
+
+    Normalisation: Megatron's schedule divides each micro-batch's returned loss by the count
+    returned with it and by the number of micro-batches M (``calculate_per_token_loss`` off),
+    and DDP averages the gradients over data-parallel ranks. Micro-batches may hold different
+    numbers of samples (the last one of :func:`micro_batches`), so a mean of per-micro-batch
+    means would weigh the samples of a small micro-batch more. The loss therefore returns
+    (M * sum, B) with B the samples of the whole step on this rank: the gradient is that of
+    sum over the step's samples / B whatever the split, and every rank has the same B, so the
+    DP average is the mean over all samples of the step. The metrics keep the plain sum and
+    the micro-batch's own sample count."""
     def loss(mb: dict, output: torch.Tensor):
-        token_lp = token_logprobs(output, mb["targets"])
+        n, step_samples, num_micro_batches = mb["num_samples"], mb["step_samples"], mb["num_micro_batches"]
+        token_lp = token_logprobs(output, mb["targets"])[:n]
+        mb = {key: mb[key][:n] for key in ("loss_mask", "behaviour", "reference", "rewards")}
         mask = mb["loss_mask"]
         weights = None
         check = rl_cfg.logprob_check
@@ -115,9 +143,10 @@ def mirror_descent_loss_fn(rl_cfg, *, token_logprobs, log_ratios: _LogRatioStats
                                        rl_cfg.log_z, sample_weights=sample_weights, reduction="sum")
         if log_ratios is not None:
             log_ratios.add(seq_lp - ref_lp)
-        num = torch.tensor(seq_lp.numel(), dtype=torch.int, device=loss_sum.device)
-        # clone: Megatron divides the returned loss in place.
-        return loss_sum, num, {"loss_sum": loss_sum.detach().clone(), "num_tokens": num.clone()}
+        num = torch.tensor(n, dtype=torch.int, device=loss_sum.device)
+        step = torch.tensor(step_samples, dtype=torch.int, device=loss_sum.device)
+        # Megatron divides the returned loss in place: the metric is a separate tensor.
+        return loss_sum * num_micro_batches, step, {"loss_sum": loss_sum.detach().clone(), "num_tokens": num}
     return loss
 
 
@@ -143,9 +172,10 @@ def update_policy(trainer, batch: RolloutBatch, rl_cfg) -> dict:
     ranks and equal on all ranks (collective).
 
     Raises:
-        ValueError: the batch has no rewards, a group size other than ``rl.group_size``, or this
-            rank's groups do not split into ``rl.updates_per_iteration`` mini-batches of
-            micro-batches of ``rl.groups_per_micro_batch`` groups.
+        ValueError: the batch has no rewards, a group size other than ``rl.group_size``, or its
+            groups do not split evenly over the data-parallel ranks and
+            ``rl.updates_per_iteration`` mini-batches (every rank must run the same number of
+            equal steps; ``k15 rl`` pops a multiple of DP x updates).
     """
     _check_shapes(batch, rl_cfg)
     layout = trainer.layout
@@ -153,9 +183,6 @@ def update_policy(trainer, batch: RolloutBatch, rl_cfg) -> dict:
     mine = batch.shard_groups(layout.dp_rank, layout.dp_size)
     device = compute_device()
     rows_per_micro_batch = rl_cfg.groups_per_micro_batch * mine.group_size
-    if mine.num_samples % rows_per_micro_batch:
-        raise ValueError(f"{mine.num_groups} groups per data-parallel rank cannot form micro-batches of "
-                         f"rl.groups_per_micro_batch={rl_cfg.groups_per_micro_batch}")
     recomputed = sequence_token_logprobs(trainer.chunks, mine.input_ids, vocab_size=trainer.arch.vocab_size,
                                          micro_batch_size=rows_per_micro_batch,
                                          chunk_size=rl_cfg.logprob_chunk_tokens)
@@ -185,5 +212,7 @@ def update_policy(trainer, batch: RolloutBatch, rl_cfg) -> dict:
     metrics.update(log_ratios.global_metrics())
     metrics.update({"train/loss": sum(losses) / len(losses), "train/grad_norm": max(grad_norms),
                     "train/lr": step["lr"], "train/updates": float(updates),
-                    "train/optimizer_reset_bytes": float(reset_bytes), "train/num_samples": float(mine.num_samples * layout.dp_size)})
+                    "train/optimizer_reset_bytes": float(reset_bytes),
+                    "train/num_samples": float(mine.num_samples * layout.dp_size),
+                    "train/micro_batches_per_update": float(len(micro))})
     return metrics

@@ -1,0 +1,100 @@
+"""update_policy is the same step whatever the micro-batch split (DP=2, gloo, real GPTModel).
+
+Each data-parallel rank holds 3 groups of a 6-group batch. ``rl.groups_per_micro_batch`` = 3
+runs them as one micro-batch (the reference); 2 runs two micro-batches of 2 groups, the second
+holding 1 group and 1 padding group; 1 runs three micro-batches. With plain SGD (no clipping, so
+the parameter change is -lr x the gradient, unlike Adam's first step, which is nearly sign(g))
+the change of every parameter must equal the reference's, and the loss metric too: Megatron
+divides each micro-batch's loss by its count and by the number of micro-batches, so a split
+into unequal micro-batches would weigh the lone group twice as much if the loss did not
+correct for it. No forward holds more than groups_per_micro_batch x group_size rows, also in
+the reference log-prob recompute (rl.reference=recompute).
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from distributed import run_distributed
+from tooling import megatron_from_hf
+
+K, TAU, T, GROUPS = 2, 0.1, 12, 6
+
+
+def _batch(vocab: int):
+    """GROUPS groups of K samples of T tokens: 3 prompt tokens, responses of varied length."""
+    from k15_megatron.rl.batch import RolloutBatch
+
+    g = torch.Generator().manual_seed(5)
+    b = GROUPS * K
+    ids = torch.randint(1, vocab, (b, T), generator=g)
+    lengths = torch.randint(2, T - 3 + 1, (b,), generator=g)
+    pos = torch.arange(T)
+    attention = pos < (3 + lengths)[:, None]
+    response = attention & (pos >= 3)
+    ids = torch.where(attention, ids, torch.zeros_like(ids))
+    behaviour = torch.where(response, -torch.rand(b, T, generator=g) * 6, torch.zeros(b, T))
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.5, 1.0, 0.0, 0.25, 1.0])
+    return RolloutBatch(
+        input_ids=ids, attention_mask=attention, response_mask=response, loss_mask=response.clone(),
+        behaviour_logprobs=behaviour, segment_index=torch.where(response, 0, -1).int(),
+        prompt_lengths=torch.full((b,), 3), response_lengths=lengths, trajectory_ids=torch.arange(b),
+        prompt_ids=torch.arange(b) // K, segment_iterations=torch.zeros(b, 1, dtype=torch.long),
+        segment_policy_versions=torch.zeros(b, 1, dtype=torch.long), num_segments=torch.ones(b, dtype=torch.long),
+        finish_reasons=["stop"] * b, group_size=K, rewards=rewards)
+
+
+def _split_worker(rank, world_size, hf_dir):
+    from megatron.core import parallel_state as ps
+
+    from k15_megatron.config.rl import RLConfig
+    from k15_megatron.train.policy_update import update_policy
+
+    arch, model, chunks, optimizer, scheduler = megatron_from_hf(hf_dir, seed=3, lr=0.5, clip_grad=0.0,
+                                                                 optimizer="sgd")
+    layout = types.SimpleNamespace(dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
+                                   tp_size=1)
+    trainer = types.SimpleNamespace(layout=layout, chunks=chunks, optimizer=optimizer, scheduler=scheduler, arch=arch)
+    batch = _batch(arch.vocab_size)
+    rows = []
+    model.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out = {}
+    for per_micro_batch in (3, 2, 1):
+        cfg = RLConfig(group_size=K, tau=TAU, reference="recompute", groups_per_micro_batch=per_micro_batch,
+                       logprob_chunk_tokens=5, updates_per_iteration=1)
+        rows.clear()
+        metrics = update_policy(trainer, batch, cfg)
+        delta = {n: (p.detach() - start[n]).clone() for n, p in model.named_parameters()}
+        out[per_micro_batch] = {"metrics": metrics, "delta": delta, "rows": list(rows)}
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(start[n])
+    return out
+
+
+@pytest.mark.distributed
+def test_update_is_the_same_whatever_the_micro_batch_split(tiny_hf_dirs):
+    results = run_distributed(_split_worker, 2, tiny_hf_dirs["qwen2"], timeout_s=400)
+    for rank, out in enumerate(results):
+        # recompute: 6 rows, at most per*K a forward (2 x 3 for per=2); training: 3 groups, per a forward
+        assert out[3]["rows"] == [6, 6], f"rank {rank}: {out[3]['rows']}"
+        assert out[2]["rows"] == [3, 3, 4, 4], f"rank {rank}: {out[2]['rows']}"
+        assert out[1]["rows"] == [2, 2, 2, 2, 2, 2], f"rank {rank}: {out[1]['rows']}"
+        assert [out[p]["metrics"]["train/micro_batches_per_update"] for p in (3, 2, 1)] == [1.0, 2.0, 3.0]
+        reference = out[3]
+        scale = max(d.abs().max().item() for d in reference["delta"].values())
+        assert scale > 1e-3, "the reference step did not move the weights"
+        for per in (2, 1):
+            assert abs(out[per]["metrics"]["train/loss"] - reference["metrics"]["train/loss"]) <= 1e-6 * max(
+                1.0, abs(reference["metrics"]["train/loss"]))
+            for name, want in reference["delta"].items():
+                err = (out[per]["delta"][name] - want).abs().max().item()
+                assert err <= 1e-5 * scale, (f"rank {rank}, {per} groups per micro-batch: {name} moved "
+                                             f"differently from one micro-batch (max diff {err:.3g}, step {scale:.3g})")
+    for per in (3, 2, 1):
+        for name in results[0][per]["delta"]:
+            assert torch.equal(results[0][per]["delta"][name], results[1][per]["delta"][name]), \
+                f"ranks disagree on {name} after the DP all-reduce"
