@@ -220,6 +220,15 @@ def resolve_model_arch(model_cfg: ModelConfig) -> ModelArch:
     return ModelArch(**{f.name: values[f.name] for f in fields(ModelArch)})
 
 
+def context_source(model_cfg: ModelConfig) -> str:
+    """Where the model's context (``ModelArch.max_position_embeddings``) comes from, for
+    messages: the ``model.max_position_embeddings`` override, else config.json of
+    ``model.hf_path``."""
+    if model_cfg.max_position_embeddings is not None or model_cfg.hf_path is None:
+        return "model.max_position_embeddings"
+    return f"max_position_embeddings in {os.path.join(model_cfg.hf_path, 'config.json')}"
+
+
 def _fill_defaults(values: Dict[str, Any]) -> None:
     """Derived defaults, computed after overrides so they follow overridden sizes."""
     if values["family"] not in SUPPORTED_FAMILIES:

@@ -33,9 +33,13 @@ class RolloutConfig:
     max_response_tokens: int = at_least(16384, 1)
     """Longest response (all segments of a trajectory together); reaching it finishes the
     trajectory with reason 'max_length'."""
-    max_model_len: int = at_least(20480, 2)
-    """vLLM context length (prompt + response tokens). A prompt longer than
-    max_model_len - max_response_tokens is an error, not a silently shorter response cap."""
+    max_model_len: Optional[int] = at_least(None, 2)
+    """vLLM context length (prompt + response tokens). null: the model's context
+    (max_position_embeddings of the model's config.json or model.max_position_embeddings),
+    filled in when the config is validated; a value above it is refused. A prompt longer than
+    max_model_len - max_response_tokens is dropped at load or refused (``data.too_long``), never
+    given a silently shorter response cap. ``k15 rl|eval`` refuse max_response_tokens >=
+    max_model_len before they start."""
     temperature: float = 1.0
     """Sampling temperature of ``k15 rl``'s rollouts; only 1.0 is accepted. The trainer's
     log-probs (the loss, the reference recompute, the importance ratios) are those of the
@@ -103,9 +107,32 @@ class RolloutConfig:
                           "be in (0, 1]")
         if self.cpu_kv_cache_gib <= 0:
             errors.append(f"{prefix}.cpu_kv_cache_gib={self.cpu_kv_cache_gib} must be > 0")
-        if self.max_response_tokens >= self.max_model_len:
-            errors.append(
-                f"{prefix}.max_response_tokens={self.max_response_tokens} leaves no room for the "
-                f"prompt in {prefix}.max_model_len={self.max_model_len}; raise max_model_len "
-                "above max_response_tokens + the longest prompt")
         return errors
+
+
+def response_budget_errors(cfg: RolloutConfig, *, prefix: str = "rollout", context_note: str = "") -> List[str]:
+    """``max_response_tokens`` must leave room for a prompt in ``max_model_len``. Checked by the
+    jobs that generate (``k15 rl``, ``k15 eval``) before they start, not with the section: an
+    SFT config with a short-context model need not tune the rollout. ``context_note`` says
+    where max_model_len came from."""
+    if cfg.max_model_len is None or cfg.max_response_tokens < cfg.max_model_len:
+        return []
+    return [f"{prefix}.max_response_tokens={cfg.max_response_tokens} leaves no room for the prompt in "
+            f"{prefix}.max_model_len={cfg.max_model_len}{context_note}; set {prefix}.max_response_tokens "
+            f"below {cfg.max_model_len} minus the longest prompt (e.g. {prefix}.max_response_tokens="
+            f"{cfg.max_model_len // 2})"]
+
+
+def derive_max_model_len(cfg: RolloutConfig, *, context: int, context_source: str,
+                         prefix: str = "rollout") -> List[str]:
+    """Fill a null ``max_model_len`` with the model's ``context`` (tokens); refuse an explicit
+    value above it. ``context_source`` names where the context was read (e.g.
+    ``max_position_embeddings in /m/config.json``). Returns the problems (one line each)."""
+    if cfg.max_model_len is None:
+        cfg.max_model_len = context
+        return []
+    if cfg.max_model_len > context:
+        return [f"{prefix}.max_model_len={cfg.max_model_len} exceeds the model's context of {context} "
+                f"tokens ({context_source}); set {prefix}.max_model_len to at most {context}, or to "
+                "null to use the model's context"]
+    return []

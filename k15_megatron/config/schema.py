@@ -29,6 +29,9 @@ from k15_megatron.config.rewards import RewardsConfig
 from k15_megatron.config.rl import RLConfig
 from k15_megatron.config.rollout import RolloutConfig
 
+TOO_LONG_CHOICES = ("filter", "error")
+"""Values of ``data.too_long``."""
+
 SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3")
 """Model families the Megatron builders implement (HF ``model_type`` values)."""
 
@@ -188,7 +191,8 @@ class DataConfig:
     """Sequence shapes and where training/evaluation data live."""
 
     seq_length: int = at_least(4096, 1)
-    """SFT: tokens per packed row. (RL lengths are rollout.max_model_len.)"""
+    """SFT: tokens per packed row; ``k15 sft`` refuses a value above the model's context
+    (max_position_embeddings). (RL lengths are rollout.max_model_len.)"""
     micro_batch_size: int = at_least(1, 1)
     """SFT: rows per forward/backward on one data-parallel rank. (RL micro-batches hold at
     most rl.groups_per_micro_batch groups.)"""
@@ -201,6 +205,16 @@ class DataConfig:
     (formats in :mod:`k15_megatron.data.jsonl`)."""
     eval_path: Optional[str] = None
     """Held-out prompt JSONL file for ``k15 eval`` and the RL job's evaluations."""
+    too_long: str = one_of("filter", TOO_LONG_CHOICES)
+    """What happens to an SFT example longer than ``seq_length`` tokens, or an RL/eval prompt
+    longer than rollout.max_model_len - rollout.max_response_tokens tokens (chat template
+    included): filter = dropped at load, with one line counting them (and their first line
+    numbers) | error = the job is refused before it starts, naming each such file:line."""
+    chat_template: Optional[str] = None
+    """How prompts become a chat turn (:mod:`k15_megatron.data.formatting`): null = the
+    tokenizer's own template, or the built-in default (``User: <prompt>\n\nAssistant: ``) with a
+    one-line warning when it has none | default = the built-in default | raw = the prompt text
+    alone, no separator | a path to a Jinja chat-template file."""
 
 
 @dataclass

@@ -27,7 +27,8 @@ from typing import Any, Callable, List, Mapping, Optional
 from k15_megatron.config.env import have_transformer_engine, resolve_world_size
 from k15_megatron.config.errors import ConfigError
 from k15_megatron.config.fp8 import Fp8Platform, fp8_errors, probe_fp8_platform
-from k15_megatron.config.model_arch import ModelArch, resolve_model_arch
+from k15_megatron.config.model_arch import ModelArch, context_source, resolve_model_arch
+from k15_megatron.config.rollout import derive_max_model_len
 from k15_megatron.config.fields import CHOICES, MINIMUM
 from k15_megatron.config.schema import (DataConfig, ExperimentConfig,
                                         OptimConfig, ParallelConfig)
@@ -52,7 +53,9 @@ def validate(
         fp8_platform: probe of the TE version and GPU compute capability behind the fp8
             recipe rules (default :func:`k15_megatron.config.fp8.probe_fp8_platform`).
 
-    Reads ``<model.hf_path>/config.json`` to learn head and layer counts.
+    Reads ``<model.hf_path>/config.json`` to learn head and layer counts and the model's
+    context, which a null ``rollout.max_model_len`` takes (filled in ``cfg``; an explicit
+    value above it is refused: :func:`~k15_megatron.config.rollout.derive_max_model_len`).
     """
     errors = section_field_errors(cfg)
     arch: Optional[ModelArch] = None
@@ -61,6 +64,9 @@ def validate(
             arch = resolve_model_arch(cfg.model)
         except ValueError as e:
             errors.append(str(e))
+    if arch is not None:
+        errors += derive_max_model_len(cfg.rollout, context=arch.max_position_embeddings,
+                                       context_source=context_source(cfg.model))
     par = cfg.parallel
     sizes_ok = all(s >= 1 for s in (par.tensor, par.pipeline, par.context, par.expert))
     if sizes_ok:

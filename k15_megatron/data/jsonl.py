@@ -15,11 +15,18 @@ RL / eval records (`read_prompts`)::
 
     {"prompt": "Compute: 47+8-5", "answer": "50", "difficulty": 2, "reward": "math"}
 
-``answer`` is the gold (a string, read by the reward); ``difficulty`` an integer label for the
+``answer`` is the gold, read by the reward as a string: a JSON number (``"answer": 50``) is
+accepted and turned into its string (``"50"``) when the file is read; ``difficulty`` an integer label for the
 curriculum sampler (the arithmetic task uses the number of steps, 1 = easiest); ``reward`` a
 reward spec for `k15_megatron.rewards.registry` ("math", or
 "k15_megatron.rewards.arithmetic:arithmetic_reward"). ``difficulty`` and ``reward`` are optional;
 extra keys (``data_source``, ``tests``) are kept for the rewards.
+
+A data file that is missing, empty (no records) or holds bad lines is refused with every
+problem listed, each naming ``path:line`` (:class:`~k15_megatron.config.errors.ConfigError`;
+at most :data:`MAX_LISTED` per file). ``k15 sft|rl|eval`` read their files with these same
+readers before any process starts (:mod:`k15_megatron.jobs.preflight`), so a rank never meets a
+problem the pre-start check let through.
 
 Writers go through a temporary file and an atomic rename, so a reader never sees half a file.
 """
@@ -31,8 +38,12 @@ import os
 import tempfile
 from typing import Any, Dict, Iterable, List, Mapping, Tuple
 
+from k15_megatron.config.errors import ConfigError
+
 SFT_KEYS = ("prompt", "response")
 PROMPT_KEYS = ("prompt", "answer")
+MAX_LISTED = 20
+"""Most problems listed per file; the rest are counted in one line."""
 
 
 def read_jsonl(path: str, *, allow_torn_last_line: bool = False) -> List[Dict[str, Any]]:
@@ -41,13 +52,25 @@ def read_jsonl(path: str, *, allow_torn_last_line: bool = False) -> List[Dict[st
     ``allow_torn_last_line``: a final line without its newline that is not valid JSON is
     ignored (what a process killed while appending leaves, e.g. in metrics.jsonl); a bad line
     anywhere else is still an error."""
-    return [record for _, record in _numbered_records(path, allow_torn_last_line=allow_torn_last_line)]
+    numbered, problems = _scan(path, allow_torn_last_line=allow_torn_last_line)
+    if problems:
+        raise ValueError("\n".join(listed([p for _, p in problems], path)))
+    return [record for _, record in numbered]
 
 
-def _numbered_records(path: str, *, allow_torn_last_line: bool = False) -> List[Tuple[int, Dict[str, Any]]]:
-    """The one JSONL reader of the package: ``[(line number, record)]``, blank lines skipped."""
-    records = []
-    with open(path, encoding="utf-8") as f:
+def _scan(path: str, *, allow_torn_last_line: bool = False
+          ) -> Tuple[List[Tuple[int, Dict[str, Any]]], List[Tuple[int, str]]]:
+    """The one JSONL reader of the package: ``([(line number, record)], [(line number,
+    problem)])``, blank lines skipped; a line that is not a JSON object is a problem naming
+    ``path:line`` (line 0: the file itself)."""
+    records, problems = [], []
+    try:
+        f = open(path, encoding="utf-8")
+    except FileNotFoundError:
+        return [], [(0, f"{path}: no such file")]
+    except IsADirectoryError:
+        return [], [(0, f"{path}: is a directory, not a JSONL file")]
+    with f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -56,12 +79,36 @@ def _numbered_records(path: str, *, allow_torn_last_line: bool = False) -> List[
             except json.JSONDecodeError as err:
                 if allow_torn_last_line and not line.endswith("\n") and not f.read(1):
                     break
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
+                problems.append((line_no, f"{path}:{line_no}: not valid JSON ({err.msg})"))
+                continue
             if not isinstance(record, dict):
-                raise ValueError(f"{path}:{line_no}: expected a JSON object, got "
-                                 f"{type(record).__name__}")
+                problems.append((line_no, f"{path}:{line_no}: expected a JSON object, got "
+                                          f"{type(record).__name__}"))
+                continue
             records.append((line_no, record))
-    return records
+    return records, problems
+
+
+def _checked(path: str, validate) -> List[Tuple[int, Dict[str, Any]]]:
+    """``[(line, record)]`` of ``path`` after ``validate(record, where) -> [problem]``; raises
+    ConfigError listing every problem (at most MAX_LISTED, then a count) when there is any, or
+    when the file holds no record."""
+    numbered, by_line = _scan(path)
+    for line_no, record in numbered:
+        by_line += [(line_no, p) for p in validate(record, f"{path}:{line_no}")]
+    problems = [p for _, p in sorted(by_line, key=lambda item: item[0])]
+    if not numbered and not problems:
+        problems = [f"{path}: the file holds no records (one JSON object per line expected)"]
+    if problems:
+        raise ConfigError(listed(problems, path))
+    return numbered
+
+
+def listed(problems: List[str], path: str) -> List[str]:
+    """``problems`` cut to MAX_LISTED, plus one line counting the rest."""
+    if len(problems) <= MAX_LISTED:
+        return list(problems)
+    return problems[:MAX_LISTED] + [f"{path}: ... and {len(problems) - MAX_LISTED} more problems"]
 
 
 def write_jsonl(path: str, records: Iterable[Mapping[str, Any]]) -> int:
@@ -83,46 +130,76 @@ def write_jsonl(path: str, records: Iterable[Mapping[str, Any]]) -> int:
     return count
 
 
-def _require(record: Mapping[str, Any], keys: Iterable[str], where: str) -> None:
+def _key_problems(record: Mapping[str, Any], keys: Iterable[str], where: str,
+                  numbers_ok: Tuple[str, ...] = ()) -> List[str]:
+    problems = []
     for key in keys:
         if key not in record:
-            raise ValueError(f"{where}: record has no {key!r} key (keys: {sorted(record)})")
-        if not isinstance(record[key], str):
-            raise ValueError(f"{where}: {key!r} must be a string, got {type(record[key]).__name__}")
+            problems.append(f"{where}: record has no {key!r} key (keys: {sorted(record)})")
+            continue
+        value = record[key]
+        if isinstance(value, str) or (key in numbers_ok and _is_number(value)):
+            continue
+        kind = "a string or a number" if key in numbers_ok else "a string"
+        problems.append(f"{where}: {key!r} must be {kind}, got {type(value).__name__} {value!r:.40}")
+    return problems
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def sft_record_problems(record: Mapping[str, Any], where: str = "record") -> List[str]:
+    """One message per problem of an SFT record (string ``prompt`` and ``response``)."""
+    return _key_problems(record, SFT_KEYS, where)
+
+
+def prompt_record_problems(record: Mapping[str, Any], where: str = "record") -> List[str]:
+    """One message per problem of an RL/eval record (module docstring)."""
+    problems = _key_problems(record, PROMPT_KEYS, where, numbers_ok=("answer",))
+    difficulty = record.get("difficulty", 0)
+    if not _is_number(difficulty):
+        problems.append(f"{where}: 'difficulty' must be a number, got {difficulty!r:.40}")
+    reward = record.get("reward", "")
+    if not isinstance(reward, (str, dict)):
+        problems.append(f"{where}: 'reward' must be a spec string or a {{name: weight}} dict")
+    return problems
 
 
 def validate_sft_record(record: Mapping[str, Any], where: str = "record") -> None:
     """ValueError naming ``where`` unless ``record`` has string prompt and response."""
-    _require(record, SFT_KEYS, where)
+    problems = sft_record_problems(record, where)
+    if problems:
+        raise ValueError(problems[0])
 
 
 def validate_prompt_record(record: Mapping[str, Any], where: str = "record") -> None:
     """ValueError naming ``where`` unless ``record`` is a valid RL/eval record (module docstring)."""
-    _require(record, PROMPT_KEYS, where)
-    difficulty = record.get("difficulty", 0)
-    if isinstance(difficulty, bool) or not isinstance(difficulty, (int, float)):
-        raise ValueError(f"{where}: 'difficulty' must be a number, got {difficulty!r}")
-    reward = record.get("reward", "")
-    if not isinstance(reward, (str, dict)):
-        raise ValueError(f"{where}: 'reward' must be a spec string or a {{name: weight}} dict")
+    problems = prompt_record_problems(record, where)
+    if problems:
+        raise ValueError(problems[0])
 
 
 def read_sft(path: str) -> List[Dict[str, Any]]:
-    """SFT records of ``path``, each validated (ValueError naming ``path:line``)."""
-    numbered = _numbered_records(path)
-    for line_no, record in numbered:
-        validate_sft_record(record, f"{path}:{line_no}")
-    return [record for _, record in numbered]
+    """SFT records of ``path`` (ConfigError listing every problem, each naming ``path:line``)."""
+    return [record for _, record in read_sft_numbered(path)]
+
+
+def read_sft_numbered(path: str) -> List[Tuple[int, Dict[str, Any]]]:
+    """``[(line number, record)]`` of :func:`read_sft` (1-based line numbers)."""
+    return _checked(path, sft_record_problems)
 
 
 def read_prompts(path: str) -> List[Dict[str, Any]]:
-    """RL/eval records of ``path``, each validated (ValueError naming ``path:line``)."""
+    """RL/eval records of ``path`` (ConfigError listing every problem, each naming
+    ``path:line``); a numeric ``answer`` becomes its string."""
     return [record for _, record in read_prompts_numbered(path)]
 
 
 def read_prompts_numbered(path: str) -> List[Tuple[int, Dict[str, Any]]]:
     """``[(line number, record)]`` of :func:`read_prompts` (1-based line numbers)."""
-    numbered = _numbered_records(path)
-    for line_no, record in numbered:
-        validate_prompt_record(record, f"{path}:{line_no}")
+    numbered = _checked(path, prompt_record_problems)
+    for _, record in numbered:
+        if not isinstance(record["answer"], str):
+            record["answer"] = str(record["answer"])  # what the rewards compare: a string
     return numbered

@@ -5,10 +5,13 @@
 and keeps the records for the rewards (gold answers, tests). Index i of every field is problem
 i, the id the sampler, the replay buffer and the success-rate tracking use.
 
-Prompts too long for the rollout budget are dropped here, at load, and counted
-(``filtered_lines``), so that no request can exceed the engine's context mid-run: a prompt is
-kept when its tokens + ``rollout.max_response_tokens`` fit in ``rollout.max_model_len``
-(:func:`prompt_token_limit`), the bound the rollout engine enforces on every request.
+Prompts too long for the rollout budget are dealt with here, at load, so that no request can
+exceed the engine's context mid-run: a prompt fits when its tokens + ``rollout.max_response_tokens``
+fit in ``rollout.max_model_len`` (:func:`prompt_token_limit`), the bound the rollout engine
+enforces on every request. Under ``data.too_long=filter`` (the default) the others are dropped
+and counted (``filtered_lines``); under ``data.too_long=error`` the file is refused naming each
+such ``path:line``. ``k15 rl|eval`` and their pre-start check (:mod:`k15_megatron.jobs.preflight`)
+both build this set, so they agree.
 """
 
 from __future__ import annotations
@@ -18,13 +21,17 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from k15_megatron.config.errors import ConfigError
+from k15_megatron.config.schema import TOO_LONG_CHOICES
 from k15_megatron.data.formatting import prompt_token_ids
-from k15_megatron.data.jsonl import read_prompts_numbered
+from k15_megatron.data.jsonl import listed, read_prompts_numbered
 
 
 def prompt_token_limit(rollout_cfg) -> int:
     """Longest prompt (tokens, chat template included) the rollout engine accepts with a full
-    response budget: ``rollout.max_model_len - rollout.max_response_tokens``."""
+    response budget: ``rollout.max_model_len - rollout.max_response_tokens`` (a validated config
+    has max_model_len filled in from the model when it was null)."""
+    assert rollout_cfg.max_model_len is not None, "rollout.max_model_len is filled in by validation"
     return rollout_cfg.max_model_len - rollout_cfg.max_response_tokens
 
 
@@ -45,31 +52,37 @@ class PromptSet:
 
     @classmethod
     def from_jsonl(cls, path: str, tokenizer, *, max_prompt_tokens: Optional[int] = None,
-                   limit: int = 0) -> "PromptSet":
-        """Read ``path`` (its first ``limit`` records when > 0) and drop the prompts longer
-        than ``max_prompt_tokens`` tokens (see the module docstring).
+                   limit: int = 0, too_long: str = "filter") -> "PromptSet":
+        """Read ``path`` (its first ``limit`` records when > 0; the whole file is checked) and
+        apply the length rule to prompts longer than ``max_prompt_tokens`` tokens (see the
+        module docstring; ``too_long``: ``data.too_long``).
 
         Raises:
-            ValueError naming ``path`` when it has no records or none fits the limit, and
-            ``path:line`` for a malformed record.
+            ConfigError listing every malformed record (``path:line``), every too-long prompt
+            under ``too_long="error"``, or naming ``path`` when none fits the limit.
         """
+        assert too_long in TOO_LONG_CHOICES, too_long
         numbered = read_prompts_numbered(path)
         if limit:
             numbered = numbered[:limit]
-        if not numbered:
-            raise ValueError(f"{path}: no prompt records")
-        records, ids, filtered = [], [], []
+        records, ids, filtered, problems = [], [], [], []
         for line_no, record in numbered:
             tokens = prompt_token_ids(tokenizer, record["prompt"])
             if max_prompt_tokens is not None and len(tokens) > max_prompt_tokens:
                 filtered.append(line_no)
+                problems.append(f"{path}:{line_no}: prompt has {len(tokens)} tokens (with the chat "
+                                f"template), more than the {max_prompt_tokens} that fit "
+                                "(rollout.max_model_len - rollout.max_response_tokens); shorten it, "
+                                "change those keys or set data.too_long=filter to drop it")
                 continue
             records.append(record)
             ids.append(torch.tensor(tokens, dtype=torch.long))
+        if problems and too_long == "error":
+            raise ConfigError(listed(problems, path))
         if not records:
-            raise ValueError(f"{path}: all {len(numbered)} prompts are longer than {max_prompt_tokens} "
-                             "tokens (rollout.max_model_len - rollout.max_response_tokens); raise "
-                             "rollout.max_model_len or lower rollout.max_response_tokens")
+            raise ConfigError([f"{path}: all {len(numbered)} prompts are longer than {max_prompt_tokens} "
+                               "tokens (rollout.max_model_len - rollout.max_response_tokens); raise "
+                               "rollout.max_model_len or lower rollout.max_response_tokens"])
         difficulties = None
         if all("difficulty" in r for r in records):
             difficulties = torch.tensor([float(r["difficulty"]) for r in records])
@@ -84,4 +97,4 @@ class PromptSet:
         more = ", ..." if len(self.filtered_lines) > 10 else ""
         return (f"{path}: dropped {len(self.filtered_lines)} of {len(self) + len(self.filtered_lines)} "
                 f"prompts longer than {self.max_prompt_tokens} tokens (rollout.max_model_len - "
-                f"rollout.max_response_tokens); lines {shown}{more}")
+                f"rollout.max_response_tokens; data.too_long=filter); lines {shown}{more}")

@@ -63,8 +63,9 @@ class RLJob:
         if not cfg.data.train_path:
             raise ValueError("k15 rl needs data.train_path (a JSONL of {prompt, answer} records)")
         limit = prompt_token_limit(cfg.rollout)
-        self.prompts = PromptSet.from_jsonl(cfg.data.train_path, tok, max_prompt_tokens=limit)
-        self.eval_prompts = (PromptSet.from_jsonl(cfg.data.eval_path, tok, max_prompt_tokens=limit)
+        too_long = cfg.data.too_long
+        self.prompts = PromptSet.from_jsonl(cfg.data.train_path, tok, max_prompt_tokens=limit, too_long=too_long)
+        self.eval_prompts = (PromptSet.from_jsonl(cfg.data.eval_path, tok, max_prompt_tokens=limit, too_long=too_long)
                              if cfg.data.eval_path else None)
         self.data_metrics = self.report_filtered_prompts()  # logged with the first iteration
         self.sampler = PromptSampler(len(self.prompts), cfg.rl.sampling, difficulties=self.prompts.difficulties,
@@ -289,7 +290,8 @@ def run(cfg) -> None:
 
 
 def main(argv=None) -> int:
-    from k15_megatron.config.validate import rl_job_errors
     from k15_megatron.jobs.launch import job_main
+    from k15_megatron.jobs.preflight import job_checks
 
-    return job_main("k15 rl", __doc__.splitlines()[0], run, argv, job_errors=rl_job_errors)
+    # job_checks("rl") runs the RL config rules (rl_job_errors) with the data and tokenizer checks.
+    return job_main("k15 rl", __doc__.splitlines()[0], run, argv, job_errors=job_checks("rl"))

@@ -15,21 +15,21 @@ import random
 import time
 
 from k15_megatron.checkpoint import run_ckpt
-from k15_megatron.data.formatting import prompt_token_ids, response_token_ids
-from k15_megatron.data.jsonl import read_sft
 from k15_megatron.data.packing import pack_examples, rows_to_micro_batches
+from k15_megatron.data.sft_set import SftSet
 from k15_megatron.jobs.metrics_log import MetricsLogger
 from k15_megatron.jobs.preemption import PreemptionFlag
 from k15_megatron.train.setup import build_trainer, write_run_assets
 from k15_megatron.train.step import train_step
 
 
-def packed_rows(cfg, tokenizer, path: str):
-    """All SFT rows of ``path``, packed (same on every rank)."""
-    records = read_sft(path)
-    examples = [(prompt_token_ids(tokenizer, r["prompt"]), response_token_ids(tokenizer, r["response"]))
-                for r in records]
-    return pack_examples(examples, seq_length=cfg.data.seq_length, pad_id=tokenizer.pad_token_id or 0)
+def packed_rows(cfg, tokenizer, path: str, *, log=None):
+    """All SFT rows of ``path``, packed (same on every rank); examples longer than
+    ``data.seq_length`` follow ``data.too_long`` (:class:`SftSet`), a drop reported via ``log``."""
+    examples = SftSet.from_jsonl(path, tokenizer, seq_length=cfg.data.seq_length, too_long=cfg.data.too_long)
+    if log is not None and examples.filtered_lines:
+        log(f"sft: {examples.filter_report(path)}")
+    return pack_examples(examples.examples, seq_length=cfg.data.seq_length, pad_id=tokenizer.pad_token_id or 0)
 
 
 def rows_for_step(rows, step: int, *, global_batch: int, seed: int):
@@ -53,7 +53,7 @@ def run(cfg) -> None:
     if not cfg.data.train_path:
         raise ValueError("k15 sft needs data.train_path (a JSONL of {prompt, response} records)")
     assets = write_run_assets(trainer)
-    rows = packed_rows(cfg, trainer.tokenizer, cfg.data.train_path)
+    rows = packed_rows(cfg, trainer.tokenizer, cfg.data.train_path, log=trainer.log)
     trainer.log(f"sft: {len(rows)} packed rows of {cfg.data.seq_length} tokens from {cfg.data.train_path}; "
                 f"weights: {trainer.init_source}")
     start = 0
@@ -107,4 +107,6 @@ HELP_KEYS = ("data.train_path", "data.seq_length", "data.micro_batch_size", "dat
 def main(argv=None) -> int:
     from k15_megatron.jobs.launch import job_main
 
-    return job_main("k15 sft", __doc__, run, argv, help_keys=HELP_KEYS)
+    from k15_megatron.jobs.preflight import job_checks
+
+    return job_main("k15 sft", __doc__, run, argv, help_keys=HELP_KEYS, job_errors=job_checks("sft"))

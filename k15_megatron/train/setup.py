@@ -14,6 +14,7 @@ import os
 from k15_megatron.checkpoint.model_init import load_initial_weights
 from k15_megatron.checkpoint.run_ckpt import resolve_checkpoint_dir
 from k15_megatron.config import resolve_model_arch, save_resolved_config
+from k15_megatron.data.formatting import use_chat_template
 from k15_megatron.models.gpt import build_gpt_model, padded_vocab_size
 from k15_megatron.models.tokenizer import load_tokenizer, tokenizer_folder
 from k15_megatron.parallel.initialize import ParallelLayout, initialize
@@ -62,6 +63,7 @@ def build_trainer(cfg, *, with_optimizer: bool = True, num_optimizer_steps: int 
     init_checkpoint = resolve_checkpoint_dir(cfg.model.init_from) if cfg.model.init_from else None
     tokenizer_dir = tokenizer_folder(cfg.model, init_checkpoint=init_checkpoint)
     tokenizer = load_tokenizer(cfg.model, vocab_size=arch.vocab_size, init_checkpoint=init_checkpoint)
+    use_chat_template(tokenizer, cfg.data.chat_template)  # its warning was printed before start-up
     layout = initialize(cfg.parallel, seed=cfg.seed)
     padded = padded_vocab_size(arch.vocab_size, cfg.model.make_vocab_size_divisible_by, layout.tp_size)
     if layout.rank == 0:

@@ -47,7 +47,8 @@ def test_unicode_extra_keys_and_blank_lines(tmp_path):
     ('{"prompt": "a"}', read_sft, r"p\.jsonl:2: record has no 'response'"),
     ('{"prompt": "a", "response": 3}', read_sft, r"p\.jsonl:2: 'response' must be a string"),
     ('{"prompt": "a"}', read_prompts, r"p\.jsonl:2: record has no 'answer'"),
-    ('{"prompt": "a", "answer": 4}', read_prompts, r"'answer' must be a string"),
+    ('{"prompt": "a", "answer": [4]}', read_prompts, r"p\.jsonl:2: 'answer' must be a string or a number"),
+    ('{"prompt": "a", "answer": true}', read_prompts, r"p\.jsonl:2: 'answer' must be a string or a number"),
     ('{"prompt": "a", "answer": "4", "difficulty": "hard"}', read_prompts, r"'difficulty'"),
     ('{"prompt": "a", "answer": "4", "reward": 1}', read_prompts, r"'reward'"),
 ])

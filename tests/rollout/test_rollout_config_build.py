@@ -30,7 +30,7 @@ def test_defaults_are_valid_and_omegaconf_structured():
     ("top_k", 50, "rollout.top_k"),
     ("gpu_memory_utilization", 0.0, "rollout.gpu_memory_utilization"),
     ("cpu_kv_cache_gib", 0.0, "rollout.cpu_kv_cache_gib"),
-    ("max_response_tokens", 20480, "rollout.max_response_tokens"),
+    ("max_model_len", 1, "rollout.max_model_len"),
     ("logprobs_mode", "raw_logits", "rollout.logprobs_mode"),
     ("dtype", "int8", "rollout.dtype"),
     ("tensor_parallel_size", 0, "rollout.tensor_parallel_size"),

@@ -1,0 +1,166 @@
+"""What each job reads, and the checks of it that run before any process starts.
+
+``k15 sft|rl|eval`` (through :func:`job_checks`, the ``job_errors`` hook of
+:func:`k15_megatron.jobs.launch.launch`) and ``k15 config show --job NAME`` run
+:func:`pre_start_errors` on the validated config, in the launching process, before torchrun,
+torch.distributed, Megatron or vLLM start. It checks, listing every problem at once:
+
+* the job's own config rules (:data:`JOBS`), and the lengths against the model's context
+  (max_position_embeddings): ``data.seq_length`` for SFT, ``rollout.max_response_tokens``
+  against ``rollout.max_model_len`` for the jobs that generate;
+* the tokenizer: found where :mod:`k15_megatron.models.tokenizer` says, no larger than the
+  model's vocabulary, and its chat template (``data.chat_template``; a tokenizer without one
+  gets the built-in default and a one-line warning, :mod:`k15_megatron.data.formatting`);
+* every data file the job reads: it exists, holds records, each line parses and carries the
+  required fields in accepted types (:mod:`k15_megatron.data.jsonl`), and the examples or
+  prompts fit the configured lengths, dropped with a count or refused by file:line
+  (``data.too_long``).
+
+The data checks build the same :class:`~k15_megatron.data.sft_set.SftSet` /
+:class:`~k15_megatron.data.prompt_set.PromptSet` the jobs train on, so the ranks never meet a
+problem this check let through. The tokenizer is loaded with transformers only (no model,
+nothing written to disk). Warnings are printed once, by the process of global rank 0.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple
+
+from k15_megatron.config.model_arch import ModelArch, context_source, resolve_model_arch
+from k15_megatron.config.rollout import response_budget_errors
+from k15_megatron.config.validate import rl_job_errors
+
+SFT_RECORDS, PROMPT_RECORDS = "sft", "prompts"
+
+
+@dataclass(frozen=True)
+class DataRead:
+    """One data file a job reads."""
+
+    key: str
+    """Field of the ``data`` section holding the path (``train_path``, ``eval_path``)."""
+    records: str
+    """SFT_RECORDS ({prompt, response}) or PROMPT_RECORDS ({prompt, answer, ...})."""
+    required: bool
+    """The job cannot run without it (else it is read when set)."""
+
+
+@dataclass(frozen=True)
+class JobInputs:
+    """What a job reads and which config rules are its own."""
+
+    reads: Tuple[DataRead, ...]
+    generates: bool
+    """Runs the rollout engine (the rollout lengths apply to it)."""
+    config_errors: Optional[Callable[[object], List[str]]] = None
+
+
+JOBS = {
+    "sft": JobInputs(reads=(DataRead("train_path", SFT_RECORDS, required=True),), generates=False),
+    "rl": JobInputs(reads=(DataRead("train_path", PROMPT_RECORDS, required=True),
+                           DataRead("eval_path", PROMPT_RECORDS, required=False)),
+                    generates=True, config_errors=rl_job_errors),
+    "eval": JobInputs(reads=(DataRead("eval_path", PROMPT_RECORDS, required=True),), generates=True),
+}
+"""The jobs' inputs, by command name (``k15 <name>``)."""
+
+
+def pre_start_errors(cfg, *, job: str) -> Tuple[List[str], List[str]]:
+    """``(errors, warnings)`` of ``job`` on the validated ``cfg`` (see the module docstring);
+    one line each, naming the config key or the file and line."""
+    inputs = JOBS[job]
+    errors = list(inputs.config_errors(cfg)) if inputs.config_errors else []
+    arch = resolve_model_arch(cfg.model)  # cfg is validated: this succeeds
+    length_errors = _length_errors(cfg, arch, generates=inputs.generates, sft=job == "sft")
+    errors += length_errors
+    tokenizer, warnings = None, []
+    try:
+        tokenizer, warning = _tokenizer(cfg, arch)
+        warnings += [warning] if warning else []
+    except ValueError as exc:
+        errors.append(str(exc))
+    for read in inputs.reads:
+        path = getattr(cfg.data, read.key)
+        if not path:
+            if read.required:
+                errors.append(f"k15 {job} needs data.{read.key}: a JSONL file of "
+                              f"{'{prompt, response}' if read.records == SFT_RECORDS else '{prompt, answer}'} "
+                              "records (formats in k15_megatron/data/jsonl.py)")
+            continue
+        problems, note = _data_problems(cfg, read, path, job=job,
+                                        tokenizer=None if length_errors else tokenizer)
+        errors += [f"data.{read.key}: {p}" for p in problems]
+        warnings += [f"data.{read.key}: {note}"] if note else []
+    return errors, warnings
+
+
+def job_checks(job: str) -> Callable[[object], List[str]]:
+    """The ``job_errors`` hook of ``k15 <job>``: :func:`pre_start_errors`, its warnings printed
+    to stderr (by global rank 0 only), its errors returned."""
+
+    def check(cfg) -> List[str]:
+        errors, warnings = pre_start_errors(cfg, job=job)
+        if os.environ.get("RANK", "0") == "0" and os.environ.get("SLURM_PROCID", "0") == "0":
+            for line in warnings:
+                print(f"warning: {line}", file=sys.stderr, flush=True)
+        return errors
+
+    return check
+
+
+def _length_errors(cfg, arch: ModelArch, *, generates: bool, sft: bool) -> List[str]:
+    context, source = arch.max_position_embeddings, context_source(cfg.model)
+    errors = []
+    if sft and cfg.data.seq_length > context:
+        errors.append(f"data.seq_length={cfg.data.seq_length} exceeds the model's context of {context} tokens "
+                      f"({source}); set data.seq_length to at most {context}")
+    if generates:
+        note = " (the model's context)" if cfg.rollout.max_model_len == context else ""
+        errors += response_budget_errors(cfg.rollout, context_note=note)
+    return errors
+
+
+def _tokenizer(cfg, arch: ModelArch):
+    """``(tokenizer, warning)``: the run's tokenizer (vocabulary checked) with its chat
+    template chosen; ValueError naming the key or folder otherwise."""
+    from k15_megatron.data.formatting import use_chat_template
+    from k15_megatron.models.tokenizer import load_tokenizer
+
+    init_checkpoint = None
+    if cfg.model.init_from:
+        if not os.path.exists(cfg.model.init_from):
+            raise ValueError(f"model.init_from={cfg.model.init_from!r}: no such checkpoint or run directory")
+        from k15_megatron.checkpoint.run_ckpt import resolve_checkpoint_dir
+
+        init_checkpoint = resolve_checkpoint_dir(cfg.model.init_from)
+    tokenizer = load_tokenizer(cfg.model, vocab_size=arch.vocab_size, init_checkpoint=init_checkpoint)
+    return tokenizer, use_chat_template(tokenizer, cfg.data.chat_template)
+
+
+def _data_problems(cfg, read: DataRead, path: str, *, job: str, tokenizer) -> Tuple[List[str], str]:
+    """``(problems, filter note)`` of one data file: records only when ``tokenizer`` is None,
+    else the records and their lengths, through the loaders the jobs use."""
+    from k15_megatron.config.errors import ConfigError
+    from k15_megatron.data.jsonl import read_prompts_numbered, read_sft_numbered
+    from k15_megatron.data.prompt_set import PromptSet, prompt_token_limit
+    from k15_megatron.data.sft_set import SftSet
+
+    try:
+        if tokenizer is None:
+            (read_sft_numbered if read.records == SFT_RECORDS else read_prompts_numbered)(path)
+            return [], ""
+        if read.records == SFT_RECORDS:
+            examples = SftSet.from_jsonl(path, tokenizer, seq_length=cfg.data.seq_length,
+                                         too_long=cfg.data.too_long)
+            return [], examples.filter_report(path)
+        prompts = PromptSet.from_jsonl(path, tokenizer, max_prompt_tokens=prompt_token_limit(cfg.rollout),
+                                       limit=cfg.eval.max_prompts if job == "eval" else 0,
+                                       too_long=cfg.data.too_long)
+        return [], prompts.filter_report(path)
+    except ConfigError as exc:
+        return exc.errors, ""
+    except ValueError as exc:  # e.g. a tokenizer without an end-of-sequence token
+        return [str(exc)], ""
