@@ -77,7 +77,7 @@ def _resolve(root_cls, dotted: str):
     return field, owner
 
 
-def _expand(root_cls, keys: Sequence[str]) -> List[str]:
+def expand_keys(root_cls, keys: Sequence[str]) -> List[str]:
     """Keys with each section name replaced by the section's own (non-section) fields."""
     out = []
     for key in keys:
@@ -99,7 +99,7 @@ def config_keys_epilog(keys: Sequence[str], *, root_cls=None) -> str:
     lines = ["main config keys (give them in the YAML recipe or as KEY=VALUE; "
              "`k15 config show CONFIG` prints every key):"]
     seen = set()
-    for key in _expand(root_cls, [*COMMON_KEYS, *keys]):
+    for key in expand_keys(root_cls, [*COMMON_KEYS, *keys]):
         if key in seen:
             continue
         seen.add(key)
