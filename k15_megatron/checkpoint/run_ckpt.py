@@ -8,6 +8,7 @@ Layout under ``checkpoint.save_dir``::
                            model-parallel streams) and anything else the caller puts there
         run_state.pt       rank 0: the caller's run state (iteration counters, LR scheduler,
                            sampler and success rates, replay buffer with unfinished segments)
+        config.yaml        the resolved config the run was trained with (when given)
         k15_meta.json      written last: a directory without it is incomplete
     latest                 the name of the newest complete checkpoint (one line)
 
@@ -104,8 +105,10 @@ def _atomic_write_text(path: str, text: str) -> None:
 
 
 def save_run_checkpoint(save_dir: str, iteration: int, *, model_chunks, optimizer, run_state: dict,
-                        rank_state: dict, hf_assets_dir: Optional[str] = None, keep_last: int = 3) -> str:
-    """Write checkpoint ``iteration`` (collective over all ranks); returns its directory."""
+                        rank_state: dict, hf_assets_dir: Optional[str] = None, keep_last: int = 3,
+                        config_yaml: Optional[str] = None) -> str:
+    """Write checkpoint ``iteration`` (collective over all ranks); returns its directory.
+    ``config_yaml``: the run's resolved config, saved as ``config.yaml`` in the checkpoint."""
     from megatron.core import dist_checkpointing
 
     save_dir = os.path.abspath(save_dir)
@@ -125,6 +128,9 @@ def save_run_checkpoint(save_dir: str, iteration: int, *, model_chunks, optimize
     if global_rank() == 0:
         torch.save(run_state, os.path.join(tmp, "run_state.pt"))
         copy_hf_assets(hf_assets_dir, os.path.join(tmp, "hf_assets"))
+        if config_yaml is not None:
+            with open(os.path.join(tmp, "config.yaml"), "w", encoding="utf-8") as f:
+                f.write(config_yaml)
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         with open(os.path.join(tmp, META), "w") as f:
             json.dump({"format": FORMAT, "iteration": iteration, "world_size": world,

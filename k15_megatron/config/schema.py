@@ -226,9 +226,18 @@ class CheckpointConfig:
     save_interval: int = at_least(0, 0)
     """Save every this many iterations (0: only at the end)."""
     resume: str = one_of("auto", ("auto", "never"))
-    """auto: resume from the newest checkpoint in save_dir if any | never."""
+    """auto: resume from the newest checkpoint in save_dir if any (with a config that differs
+    from the checkpoint's only as allow_config_change describes; a run whose checkpoint reached
+    its length says so and exits 0) | never."""
     keep_last: int = at_least(3, 0)
     """Keep this many newest checkpoints (0 keeps all)."""
+    allow_config_change: bool = False
+    """Resume (resume=auto) even when the config differs from the resume checkpoint's in keys
+    that change what is trained (anything but the run length, logging.*, eval.*, the
+    checkpoint cadence and the RL evaluation keys, which may always change); without it such a
+    start is refused before any process starts, naming each changed key. Either way the
+    difference is printed and recorded in ``run_dir/starts.jsonl``
+    (:mod:`k15_megatron.checkpoint.run_dir`)."""
 
 
 @dataclass
@@ -252,7 +261,9 @@ class ExperimentConfig:
     name: str = "k15"
     """Experiment name (used in run_dir by default)."""
     run_dir: str = "runs/${name}"
-    """Folder for everything a run writes; the resolved config is saved there."""
+    """Folder for everything a run writes: config.yaml (the config of the newest checkpoint),
+    starts.jsonl and starts/ (a record of every start of ``k15 sft`` / ``k15 rl``: command,
+    resumed checkpoint, config changes, the config itself), metrics, checkpoints."""
     seed: int = 1234
     """Global random seed."""
     deterministic: bool = False

@@ -19,7 +19,8 @@ import time
 
 import torch
 
-from k15_megatron.checkpoint import run_ckpt
+from k15_megatron.checkpoint import run_ckpt, run_dir
+from k15_megatron.config.loader import to_yaml
 from k15_megatron.config.validate import rl_optimizer_steps
 from k15_megatron.data.prompt_set import PromptSet, prompt_token_limit
 from k15_megatron.engine.hybrid import HybridEngine
@@ -229,7 +230,10 @@ class RLJob:
             run_ckpt.save_run_checkpoint(self.cfg.checkpoint.save_dir, self.iteration, model_chunks=self.trainer.chunks,
                                          optimizer=self.trainer.optimizer, run_state=self.run_state(),
                                          rank_state={"rollout_sampler_rng": self.rollout.sampler_rng_state()},
-                                         hf_assets_dir=self.assets, keep_last=self.cfg.checkpoint.keep_last)
+                                         hf_assets_dir=self.assets, keep_last=self.cfg.checkpoint.keep_last,
+                                         config_yaml=to_yaml(self.cfg))
+        if self.trainer.is_logging_rank:
+            run_dir.save_run_config(self.cfg)  # run_dir/config.yaml: what the newest checkpoint used
 
     def start(self) -> None:
         """Resume from the newest checkpoint if there is one, then push the weights into vLLM
@@ -294,4 +298,5 @@ def main(argv=None) -> int:
     from k15_megatron.jobs.preflight import job_checks
 
     # job_checks("rl") runs the RL config rules (rl_job_errors) with the data and tokenizer checks.
-    return job_main("k15 rl", __doc__.splitlines()[0], run, argv, job_errors=job_checks("rl"))
+    return job_main("k15 rl", __doc__.splitlines()[0], run, argv, job_errors=job_checks("rl"),
+                    run_record="rl")

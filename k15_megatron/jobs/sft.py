@@ -14,7 +14,8 @@ from __future__ import annotations
 import random
 import time
 
-from k15_megatron.checkpoint import run_ckpt
+from k15_megatron.checkpoint import run_ckpt, run_dir
+from k15_megatron.config.loader import to_yaml
 from k15_megatron.data.packing import pack_examples, rows_to_micro_batches
 from k15_megatron.data.sft_set import SftSet
 from k15_megatron.jobs.metrics_log import MetricsLogger
@@ -71,7 +72,10 @@ def run(cfg) -> None:
         run_ckpt.save_run_checkpoint(cfg.checkpoint.save_dir, step, model_chunks=trainer.chunks,
                                      optimizer=trainer.optimizer,
                                      run_state={"iteration": step, "scheduler": trainer.scheduler.state_dict()},
-                                     rank_state={}, hf_assets_dir=assets, keep_last=cfg.checkpoint.keep_last)
+                                     rank_state={}, hf_assets_dir=assets, keep_last=cfg.checkpoint.keep_last,
+                                     config_yaml=to_yaml(cfg))
+        if trainer.is_logging_rank:
+            run_dir.save_run_config(cfg)  # run_dir/config.yaml: what the newest checkpoint used
 
     step = start
     for step in range(start, cfg.optim.train_iters):
@@ -109,4 +113,5 @@ def main(argv=None) -> int:
 
     from k15_megatron.jobs.preflight import job_checks
 
-    return job_main("k15 sft", __doc__, run, argv, help_keys=HELP_KEYS, job_errors=job_checks("sft"))
+    return job_main("k15 sft", __doc__, run, argv, help_keys=HELP_KEYS, job_errors=job_checks("sft"),
+                    run_record="sft")

@@ -13,7 +13,8 @@ import os
 
 from k15_megatron.checkpoint.model_init import load_initial_weights
 from k15_megatron.checkpoint.run_ckpt import resolve_checkpoint_dir
-from k15_megatron.config import resolve_model_arch, save_resolved_config
+from k15_megatron.checkpoint import run_dir
+from k15_megatron.config import resolve_model_arch
 from k15_megatron.data.formatting import use_chat_template
 from k15_megatron.models.gpt import build_gpt_model, padded_vocab_size
 from k15_megatron.models.tokenizer import load_tokenizer, tokenizer_folder
@@ -66,8 +67,8 @@ def build_trainer(cfg, *, with_optimizer: bool = True, num_optimizer_steps: int 
     use_chat_template(tokenizer, cfg.data.chat_template)  # its warning was printed before start-up
     layout = initialize(cfg.parallel, seed=cfg.seed)
     padded = padded_vocab_size(arch.vocab_size, cfg.model.make_vocab_size_divisible_by, layout.tp_size)
-    if layout.rank == 0:
-        save_resolved_config(cfg, cfg.run_dir)
+    if layout.rank == 0 and run_dir.fresh_start(cfg):  # a resumed run's config.yaml is its checkpoint's
+        run_dir.save_run_config(cfg)
     model = build_gpt_model(arch, parallel_cfg=cfg.parallel, precision_cfg=cfg.precision, padded_vocab=padded)
     source = load_initial_weights(model, cfg.model, arch, padded)
     chunks, optimizer, scheduler = [model], None, None

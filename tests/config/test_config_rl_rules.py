@@ -46,7 +46,8 @@ def test_group_of_one_is_refused():
 
 
 def test_rl_schedule_length_is_the_rl_optimizer_step_count():
-    cfg = load_config(TINY, ["rl.iterations=6", "rl.updates_per_iteration=3", "optim.train_iters=1000",
+    cfg = load_config(TINY, ["rl.iterations=6", "rl.updates_per_iteration=3", "rl.prompts_per_iteration=6",
+                             "optim.train_iters=1000",
                              "optim.lr_decay_style=cosine", "optim.lr_warmup_iters=20"], environ={})
     assert rl_optimizer_steps(cfg.rl) == 18
     [msg] = rl_job_errors(cfg)
