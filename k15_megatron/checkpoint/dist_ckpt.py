@@ -17,14 +17,17 @@ half-written directory under the final name. An existing non-empty directory is 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
+import signal
 
 from k15_megatron.checkpoint import output_dir
 from k15_megatron.models.gpt import unwrap_model
 from k15_megatron.parallel.initialize import barrier, global_rank
+from k15_megatron.parallel.launch import STOP_SIGNALS
 
 META_FILE = "k15_meta.json"
 ASSETS_DIR = "hf_assets"
@@ -39,6 +42,25 @@ _ASSET_FILES = ("config.json", "generation_config.json", "tokenizer.json", "toke
 
 
 
+
+
+@contextlib.contextmanager
+def stop_signals_blocked():
+    """Block SIGTERM/SIGINT/SIGUSR1 in this thread for the duration, so that every process started
+    inside inherits them blocked (a blocked mask survives fork and exec; handlers do not).
+
+    Signals that arrive meanwhile stay pending, or are taken by another thread; none is lost.
+    multiprocessing's resource tracker is started first: starting it unblocks SIGINT and SIGTERM
+    in the calling thread, so the mask is set again after it."""
+    from multiprocessing import resource_tracker
+
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def copy_hf_assets(hf_dir: str | None, dest: str) -> None:
@@ -65,7 +87,8 @@ def save_model(model, ckpt_dir: str, *, arch, padded_vocab: int, hf_assets_from:
     if global_rank() == 0:
         output_dir.make_staging_dir(ckpt_dir)
     barrier()
-    dist_checkpointing.save(unwrap_model(model).sharded_state_dict(), tmp)
+    with stop_signals_blocked():
+        dist_checkpointing.save(unwrap_model(model).sharded_state_dict(), tmp)
     barrier()
     if global_rank() == 0:
         meta = {

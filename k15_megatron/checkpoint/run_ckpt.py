@@ -15,6 +15,10 @@ Layout under ``checkpoint.save_dir``::
 Atomicity: ranks write into ``iter_N.tmp``; after a barrier rank 0 writes the metadata,
 renames the directory to ``iter_N`` and only then replaces ``latest`` (write to a temporary
 file, then rename). A crash at any point leaves ``latest`` naming a complete checkpoint.
+Leftovers of a save that was killed (``iter_N.tmp``, ``latest.tmp``) are never read, and rank 0
+removes them after the next successful save. The model and optimizer are written with the stop
+signals blocked (:func:`~k15_megatron.checkpoint.dist_ckpt.stop_signals_blocked`), so helper
+processes of the writer survive a SIGTERM/SIGUSR1 sent to the whole job.
 :func:`find_resume_checkpoint` trusts ``latest`` only if it names a complete checkpoint;
 otherwise (garbled, missing, incomplete) it warns and falls back to the newest complete one.
 """
@@ -32,7 +36,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from k15_megatron.checkpoint.dist_ckpt import copy_hf_assets
+from k15_megatron.checkpoint.dist_ckpt import copy_hf_assets, stop_signals_blocked
 from k15_megatron.models.gpt import unwrap_model
 from k15_megatron.parallel.device import collective_device
 from k15_megatron.parallel.initialize import barrier, global_rank
@@ -121,8 +125,9 @@ def save_run_checkpoint(save_dir: str, iteration: int, *, model_chunks, optimize
     # An optimizer without state (e.g. reset at the start of an RL iteration that had nothing to
     # train on) is saved as such: there are no moments to write.
     with_optimizer = _all_ranks_agree(optimizer_has_state(optimizer))
-    dist_checkpointing.save(_sharded_state(model_chunks, optimizer, is_loading=False, with_optimizer=with_optimizer),
-                            os.path.join(tmp, "dist"))
+    with stop_signals_blocked():
+        dist_checkpointing.save(_sharded_state(model_chunks, optimizer, is_loading=False, with_optimizer=with_optimizer),
+                                os.path.join(tmp, "dist"))
     torch.save({**rank_state, "rng": rng_state()}, os.path.join(tmp, f"rank_{global_rank():05d}.pt"))
     barrier()
     if global_rank() == 0:
@@ -144,6 +149,14 @@ def save_run_checkpoint(save_dir: str, iteration: int, *, model_chunks, optimize
 
 
 def _prune(save_dir: str, keep_last: int) -> None:
+    """Remove leftovers of killed saves, then all but the newest ``keep_last`` checkpoints."""
+    for name in os.listdir(save_dir):
+        if name == LATEST + ".tmp" or (name.endswith(".tmp") and _ITER_DIR.match(name[:-len(".tmp")])):
+            path = os.path.join(save_dir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.remove(path)
     if keep_last <= 0:
         return
     complete = sorted(i for i, _ in _complete_checkpoints(save_dir))

@@ -1,33 +1,31 @@
-"""Clean exits on preemption: SIGTERM / SIGUSR1 make every rank save a checkpoint and stop.
+"""Clean exits on preemption: SIGTERM / SIGINT / SIGUSR1 make every rank save a checkpoint and stop.
 
-Slurm sends SIGUSR1 (``#SBATCH --signal=USR1@120``) or SIGTERM before killing a job. The
-handler only sets a flag; the job polls :meth:`PreemptionFlag.requested` at iteration
-boundaries, which all-reduces the flag so that every rank agrees (a signal may reach only some
-ranks), then saves and exits with status 0.
+Slurm sends SIGUSR1 (``#SBATCH --signal=USR1@300``) and SIGTERM (time limit, preemption, scancel)
+to every process of a job step; Ctrl-C sends SIGINT; ``k15``'s own parent process and torchrun
+forward what they receive (:mod:`k15_megatron.parallel.launch` describes each path). The
+handler only records the signal; the job polls :meth:`PreemptionFlag.requested` at iteration
+boundaries, which all-reduces the record so that every rank agrees (a signal may reach only
+some ranks, or reach them at different iterations), then finishes, saves once and exits 0.
 """
 
 from __future__ import annotations
 
-import signal
-
 import torch
 
 from k15_megatron.parallel.device import collective_device
+from k15_megatron.parallel.launch import record_stop_signals, stop_recording, stop_signal_received
 
 
 class PreemptionFlag:
-    """Records SIGTERM/SIGUSR1 and answers, collectively, whether to stop."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    """Records the stop signals from now on and answers, collectively, whether to stop."""
 
     def __init__(self):
-        self.received: int | None = None
-        self._previous = {}
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
+        self._previous = record_stop_signals()
 
-    def _handle(self, signum, frame) -> None:
-        self.received = signum
+    @property
+    def received(self) -> int | None:
+        """The first stop signal this process received, or None."""
+        return stop_signal_received()
 
     def requested(self) -> bool:
         """True on every rank if any rank received a signal (collective when distributed)."""
@@ -40,5 +38,4 @@ class PreemptionFlag:
 
     def restore(self) -> None:
         """Put the previous signal handlers back."""
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        stop_recording(self._previous)
