@@ -6,7 +6,8 @@ loss on response tokens only and examples isolated from each other
 (:mod:`k15_megatron.data.packing`), and trained with Megatron for ``optim.train_iters`` steps of
 ``data.global_batch_size`` rows. The data order is a pure function of (seed, step), so a resumed
 run (``checkpoint.resume=auto``) continues exactly. Checkpoints every
-``checkpoint.save_interval`` steps and at the end; SIGTERM/SIGUSR1 save and exit.
+``checkpoint.save_interval`` steps and at the end; SIGTERM, SIGINT or SIGUSR1 (to the ``k15``
+process, its process group, torchrun or every rank) finish the step, save once and exit 0.
 """
 
 from __future__ import annotations
@@ -90,11 +91,12 @@ def run(cfg) -> None:
                               "train/lr": metrics["lr"], "time/iteration_s": elapsed,
                               "throughput/train_tokens_per_s": tokens / elapsed}, prefix="sft ")
         done = step + 1
-        if cfg.checkpoint.save_interval and done % cfg.checkpoint.save_interval == 0 and done < cfg.optim.train_iters:
-            save(done)
-        if preemption.requested():
-            trainer.log(f"sft: signal received, saving at step {done} and exiting")
-            save(done)
+        stop = preemption.requested()  # collective: every rank asks every step
+        if stop or (cfg.checkpoint.save_interval and done % cfg.checkpoint.save_interval == 0
+                    and done < cfg.optim.train_iters):
+            save(done)  # once, also when the signal comes at a periodic save
+        if stop:
+            trainer.log(f"sft: signal received, saved step {done}, exiting")
             logger.close()
             return
     save(cfg.optim.train_iters)
