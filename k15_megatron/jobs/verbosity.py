@@ -55,6 +55,8 @@ def configure(*, verbose: bool) -> None:
         for key, value in QUIET_ENV.items():
             if os.environ.get(key) == value:
                 del os.environ[key]
+                if key == "PYTHONWARNINGS":  # it also set this interpreter's filters at start-up
+                    warnings.simplefilter("default")
         return
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
