@@ -20,10 +20,16 @@ The data checks build the same :class:`~k15_megatron.data.sft_set.SftSet` /
 :class:`~k15_megatron.data.prompt_set.PromptSet` the jobs train on, so the ranks never meet a
 problem this check let through. The tokenizer is loaded with transformers only (no model,
 nothing written to disk). Warnings are printed once, by the process of global rank 0.
+
+The launching ``k15`` process records a passed check in the environment
+(:data:`CHECKED_ENV`: a digest of the resolved config) before it starts torchrun, so the ranks
+it starts, which run the same command, skip a second pass over the data; ranks started by
+another launcher (srun) run the check themselves.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 from dataclasses import dataclass
@@ -34,6 +40,8 @@ from k15_megatron.config.rollout import response_budget_errors
 from k15_megatron.config.validate import rl_job_errors
 
 SFT_RECORDS, PROMPT_RECORDS = "sft", "prompts"
+CHECKED_ENV = "K15_PRE_START_CHECKED"
+"""Environment variable: ``<job>:<digest of the resolved config>`` of a check that passed."""
 
 
 @dataclass(frozen=True)
@@ -102,10 +110,17 @@ def job_checks(job: str) -> Callable[[object], List[str]]:
     to stderr (by global rank 0 only), its errors returned."""
 
     def check(cfg) -> List[str]:
+        from k15_megatron.config.loader import to_yaml
+
+        passed = f"{job}:{hashlib.sha256(to_yaml(cfg).encode()).hexdigest()}"
+        if os.environ.get(CHECKED_ENV) == passed:
+            return []  # the launching process checked this very config
         errors, warnings = pre_start_errors(cfg, job=job)
         if os.environ.get("RANK", "0") == "0" and os.environ.get("SLURM_PROCID", "0") == "0":
             for line in warnings:
                 print(f"warning: {line}", file=sys.stderr, flush=True)
+        if not errors:
+            os.environ[CHECKED_ENV] = passed
         return errors
 
     return check

@@ -1,0 +1,213 @@
+"""Data and model checks before any process starts (k15_megatron.jobs.preflight): the lengths
+against the model's context (rollout.max_model_len derived from max_position_embeddings), the
+tokenizer's vocabulary and chat template, and every data mistake named in one line by
+``k15 config show --job`` and by ``k15 sft|rl`` without starting torch.distributed, Megatron or
+vLLM."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import yaml
+from tooling import REPO_ROOT, run_tool
+
+from k15_megatron import cli
+from k15_megatron.config import ConfigError, load_config
+from k15_megatron.data.formatting import (DEFAULT_CHAT_TEMPLATE, choose_chat_template, prompt_token_ids,
+                                          use_chat_template)
+from k15_megatron.jobs.preflight import pre_start_errors
+from k15_megatron.models.tiny import build_char_tokenizer
+
+TINY = os.path.join(REPO_ROOT, "examples", "tiny.yaml")
+CONTEXT = 512
+START_UP_TEXT = ("torch.distributed", "megatron", "vllm", "torchrun", "Traceback")
+
+
+@pytest.fixture(scope="module")
+def plain_model(tmp_path_factory):
+    """A Hugging Face folder: config.json of a small Qwen2 (max_position_embeddings=512, no
+    weights: the checks read none) and a byte-level BPE tokenizer WITHOUT a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config
+
+    folder = tmp_path_factory.mktemp("plain_model")
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["</s>"] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="</s>", pad_token="</s>")
+    assert not tokenizer.chat_template
+    tokenizer.save_pretrained(str(folder))
+
+    def write_config(vocab_size):
+        Qwen2Config(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=CONTEXT,
+                    tie_word_embeddings=False).to_json_file(str(folder / "config.json"))
+
+    write_config(1000)  # the tokenizer class (and so its size) follows config.json's model_type
+    write_config(len(AutoTokenizer.from_pretrained(str(folder))))
+    return str(folder)
+
+
+def _hf_overrides(folder):
+    """tiny.yaml with its architecture taken from ``folder``'s config.json instead."""
+    nulls = ["family", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+             "num_query_groups", "vocab_size", "max_position_embeddings", "norm_epsilon"]
+    return [f"model.{key}=null" for key in nulls] + [f"model.hf_path={folder}", "parallel.world_size=1"]
+
+
+def _write(path, records):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return str(path)
+
+
+def test_max_model_len_defaults_to_the_model_context_and_a_larger_value_is_refused(plain_model):
+    cfg = load_config(TINY, _hf_overrides(plain_model), environ={})
+    assert cfg.rollout.max_model_len == CONTEXT
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, _hf_overrides(plain_model) + ["rollout.max_model_len=1024"], environ={})
+    [line] = err.value.errors
+    assert line.startswith("rollout.max_model_len=1024 exceeds the model's context of 512 tokens")
+    assert os.path.join(plain_model, "config.json") in line and "at most 512" in line
+
+
+def test_job_lengths_against_the_context(plain_model, tmp_path):
+    train = _write(tmp_path / "t.jsonl", [{"prompt": "1+1", "answer": "2"}])
+    sft = _write(tmp_path / "s.jsonl", [{"prompt": "1+1", "response": "2"}])
+    cfg = load_config(TINY, _hf_overrides(plain_model) + [f"data.train_path={train}"], environ={})
+    # The rollout default (16384 response tokens) cannot fit the derived 512: named with a valid value.
+    errors, _ = pre_start_errors(cfg, job="rl")
+    assert errors == ["rollout.max_response_tokens=16384 leaves no room for the prompt in "
+                      "rollout.max_model_len=512 (the model's context); set rollout.max_response_tokens "
+                      "below 512 minus the longest prompt (e.g. rollout.max_response_tokens=256)"]
+    cfg = load_config(TINY, _hf_overrides(plain_model) + [f"data.train_path={sft}", "data.seq_length=1024"],
+                      environ={})
+    errors, _ = pre_start_errors(cfg, job="sft")
+    assert errors == ["data.seq_length=1024 exceeds the model's context of 512 tokens (max_position_embeddings "
+                      f"in {plain_model}/config.json); set data.seq_length to at most 512"]
+
+
+def test_a_tokenizer_without_chat_template_gets_the_default_with_a_warning(plain_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(plain_model)
+    template, warning = choose_chat_template(tok, None)
+    assert template == DEFAULT_CHAT_TEMPLATE and "has no chat template" in warning
+    assert "data.chat_template" in warning and "\n" not in warning
+    expected = tok.encode("User: 12+3\n\nAssistant: ", add_special_tokens=False)
+    assert prompt_token_ids(tok, "12+3") == expected
+    assert use_chat_template(tok, "raw") is None and prompt_token_ids(tok, "12+3") == tok.encode("12+3")
+    (tmp_path / "t.jinja").write_text("{{ messages[0]['content'] }}=")
+    assert use_chat_template(tok, str(tmp_path / "t.jinja")) is None
+    assert prompt_token_ids(tok, "12+3") == tok.encode("12+3=")
+    with pytest.raises(ValueError, match="data.chat_template='nope'"):
+        choose_chat_template(tok, "nope")
+    # The pre-start check warns once, in one line, naming the key.
+    sft = _write(tmp_path / "s.jsonl", [{"prompt": "1+1", "response": "2"}])
+    cfg = load_config(TINY, _hf_overrides(plain_model) + [f"data.train_path={sft}"], environ={})
+    errors, warnings = pre_start_errors(cfg, job="sft")
+    assert errors == [] and len(warnings) == 1 and "has no chat template" in warnings[0]
+
+
+def test_the_character_tokenizer_keeps_its_own_template_and_token_ids():
+    tok = build_char_tokenizer()
+    before = tok.apply_chat_template([{"role": "user", "content": "12+3"}], tokenize=True,
+                                     add_generation_prompt=True)
+    before = list(before["input_ids"] if hasattr(before, "keys") else before)
+    assert use_chat_template(tok, None) is None
+    assert prompt_token_ids(tok, "12+3") == before
+    assert before == tok.encode("<|im_start|>user\n12+3<|im_end|>\n<|im_start|>assistant\n")
+
+
+def _show(capsys, *args):
+    status = cli.main(["config", "show", TINY, *args])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_config_show_job_names_each_data_mistake_in_one_line(capsys, tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    prompts = _write(tmp_path / "p.jsonl", [{"prompt": "1+1", "answer": 2}, {"prompt": "2+2"}, "{oops"])
+    empty = _write(tmp_path / "empty.jsonl", [])
+    sft = _write(tmp_path / "s.jsonl", [{"prompt": "1+1", "response": "2"}, {"prompt": "1+1", "response": "y" * 300}])
+    rollout = ["rollout.max_response_tokens=64"]
+    status, out, err = _show(capsys, "--job", "rl", f"data.train_path={prompts}",
+                             f"data.eval_path={tmp_path / 'missing.jsonl'}", "model.vocab_size=64", *rollout)
+    assert status == 2 and out == ""
+    problems = [line for line in err.splitlines() if line.startswith("  - ")]
+    assert problems == [
+        "  - the built-in character tokenizer has 102 tokens but the model's vocabulary (model.vocab_size) is 64: "
+        "token ids past 63 have no embedding; use the model's own tokenizer",
+        f"  - data.train_path: {prompts}:2: record has no 'answer' key (keys: ['prompt'])",
+        f"  - data.train_path: {prompts}:3: not valid JSON (Expecting property name enclosed in double quotes)",
+        f"  - data.eval_path: {tmp_path / 'missing.jsonl'}: no such file"]
+    status, _, err = _show(capsys, "--job", "sft", f"data.train_path={empty}")
+    assert status == 2 and f"data.train_path: {empty}: the file holds no records" in err
+    # Too long: dropped with a one-line count, or refused naming file:line.
+    status, out, err = _show(capsys, "--job", "sft", f"data.train_path={sft}")
+    assert status == 0 and yaml.safe_load(out)["data"]["too_long"] == "filter"
+    assert err == (f"warning: data.train_path: {sft}: dropped 1 of 2 examples longer than data.seq_length=256 "
+                   "tokens (data.too_long=filter); lines 2\n")
+    status, _, err = _show(capsys, "--job", "sft", f"data.train_path={sft}", "data.too_long=error")
+    assert status == 2 and f"  - data.train_path: {sft}:2: example has 3" in err
+    good = _write(tmp_path / "good.jsonl", [{"prompt": "1+1", "answer": 2}])
+    status, _, err = _show(capsys, "--job", "rl", f"data.train_path={good}", "data.too_long=error", *rollout)
+    assert status == 0 and err == ""
+    long = _write(tmp_path / "long.jsonl", [{"prompt": "1+1", "answer": "2"}, {"prompt": "x" * 500, "answer": "1"}])
+    status, _, err = _show(capsys, "--job", "eval", f"data.eval_path={long}", "data.too_long=error", *rollout)
+    assert status == 2 and f"  - data.eval_path: {long}:2: prompt has 5" in err
+    # Without --job nothing but the config is read (fast, no tokenizer): the same recipe shows.
+    assert _show(capsys, f"data.train_path={tmp_path / 'missing.jsonl'}")[0] == 0
+
+
+def _assert_refused_before_start_up(proc, run_dir, expected):
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.startswith("error: invalid configuration"), proc.stderr[-3000:]
+    problems = [line for line in proc.stderr.splitlines() if line.startswith("  - ")]
+    assert problems == expected, proc.stderr
+    lowered = (proc.stdout + proc.stderr).lower()
+    assert not [word for word in START_UP_TEXT if word.lower() in lowered], proc.stderr
+    assert not os.path.exists(run_dir)  # nothing was started or written
+
+
+def test_k15_rl_and_sft_name_the_mistakes_before_any_process_starts(tmp_path):
+    prompts = _write(tmp_path / "p.jsonl", [{"prompt": "1+1", "answer": 2}, {"prompt": "2+2"}, "{oops"])
+    run_dir = str(tmp_path / "run")
+    common = [f"run_dir={run_dir}", "parallel.world_size=2", "model.vocab_size=64"]
+    proc = run_tool("-m", "k15_megatron.cli", "rl", TINY, *common, f"data.train_path={prompts}",
+                    f"data.eval_path={tmp_path / 'missing.jsonl'}", "rl.prompts_per_iteration=16", timeout=240)
+    _assert_refused_before_start_up(proc, run_dir, [
+        "  - rollout.max_response_tokens=16384 leaves no room for the prompt in rollout.max_model_len=512 (the "
+        "model's context); set rollout.max_response_tokens below 512 minus the longest prompt (e.g. "
+        "rollout.max_response_tokens=256)",
+        "  - the built-in character tokenizer has 102 tokens but the model's vocabulary (model.vocab_size) is 64: "
+        "token ids past 63 have no embedding; use the model's own tokenizer",
+        f"  - data.train_path: {prompts}:2: record has no 'answer' key (keys: ['prompt'])",
+        f"  - data.train_path: {prompts}:3: not valid JSON (Expecting property name enclosed in double quotes)",
+        f"  - data.eval_path: {tmp_path / 'missing.jsonl'}: no such file"])
+    empty = _write(tmp_path / "empty.jsonl", [])
+    proc = run_tool("-m", "k15_megatron.cli", "sft", TINY, *common, f"data.train_path={empty}", timeout=240)
+    _assert_refused_before_start_up(proc, run_dir, [
+        "  - the built-in character tokenizer has 102 tokens but the model's vocabulary (model.vocab_size) is 64: "
+        "token ids past 63 have no embedding; use the model's own tokenizer",
+        f"  - data.train_path: {empty}: the file holds no records (one JSON object per line expected)"])
+
+
+def test_ranks_started_by_a_checked_launch_skip_the_second_pass(tmp_path, monkeypatch):
+    """The launching process records the passed check (job and config digest) in the
+    environment torchrun's ranks inherit; another config or job is checked again."""
+    from k15_megatron.jobs.preflight import CHECKED_ENV, job_checks
+
+    monkeypatch.setenv(CHECKED_ENV, "none")  # restored (removed) after the test
+    path = tmp_path / "s.jsonl"
+    _write(path, [{"prompt": "1+1", "response": "2"}])
+    cfg = load_config(TINY, [f"data.train_path={path}", "parallel.world_size=1"], environ={})
+    assert job_checks("sft")(cfg) == [] and os.environ[CHECKED_ENV].startswith("sft:")
+    path.write_text("")  # what a rank would find if it checked again
+    assert job_checks("sft")(cfg) == []
+    other = load_config(TINY, [f"data.train_path={path}", "parallel.world_size=1", "seed=7"], environ={})
+    [error] = job_checks("sft")(other)
+    assert "the file holds no records" in error
