@@ -21,7 +21,8 @@ class EvalConfig:
     max_prompts: int = at_least(0, 0)
     """Evaluate the first this many prompts (0 = all)."""
     output: str = "${run_dir}/eval.json"
-    """Where ``k15 eval`` writes its metrics and per-prompt success rates."""
+    """Where ``k15 eval`` writes its metrics and per-prompt success rates (JSON); the generated
+    texts go beside it, into ``<output without .json>_samples.jsonl``."""
 
     def config_errors(self, prefix: str) -> List[str]:
         errors = [f"{prefix}.ks: pass@{k} needs 1 <= k <= {prefix}.num_samples={self.num_samples}"
