@@ -34,9 +34,10 @@ class RolloutConfig:
     """Longest response (all segments of a trajectory together); reaching it finishes the
     trajectory with reason 'max_length'."""
     max_model_len: Optional[int] = at_least(None, 2)
-    """vLLM context length (prompt + response tokens). null: the model's context
-    (max_position_embeddings of the model's config.json or model.max_position_embeddings),
-    filled in when the config is validated; a value above it is refused. A prompt longer than
+    """vLLM context length in tokens (prompt + response); null takes the model's context.
+    The model's context is max_position_embeddings (of the model's config.json, or
+    model.max_position_embeddings), filled in when the config is validated; a value above it
+    is refused. A prompt longer than
     max_model_len - max_response_tokens is dropped at load or refused (``data.too_long``), never
     given a silently shorter response cap. ``k15 rl|eval`` refuse max_response_tokens >=
     max_model_len before they start."""

@@ -7,6 +7,10 @@ default: a model defined entirely in the config) uses the character tokenizer of
 an error, never a silent fall-back to the character tokenizer (its ids would mean nothing to
 the model); so is a tokenizer with more tokens than the model's vocabulary (``vocab_size`` of
 config.json / ``model.vocab_size``), whose extra ids would index past the embedding.
+
+``k15 sft|rl|eval`` load the tokenizer here once before any process starts
+(:mod:`k15_megatron.jobs.preflight`), so both errors come before start-up. Which chat template
+formats the prompts is ``data.chat_template`` (:mod:`k15_megatron.data.formatting`).
 """
 
 from __future__ import annotations

@@ -211,3 +211,11 @@ def test_ranks_started_by_a_checked_launch_skip_the_second_pass(tmp_path, monkey
     other = load_config(TINY, [f"data.train_path={path}", "parallel.world_size=1", "seed=7"], environ={})
     [error] = job_checks("sft")(other)
     assert "the file holds no records" in error
+
+
+def test_config_show_without_a_job_imports_neither_torch_nor_transformers():
+    proc = run_tool("-c", "import io, sys, contextlib; from k15_megatron import cli\n"
+                          "with contextlib.redirect_stdout(io.StringIO()):\n"
+                          f"    assert cli.main(['config', 'show', {TINY!r}, 'parallel.world_size=1']) == 0\n"
+                          "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))", timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr[-2000:]
