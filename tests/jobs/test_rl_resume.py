@@ -11,6 +11,9 @@ final weights must be bit-identical to run A's:
   checkpoint carries (restored after the resume's weight sync, whose log-prob check draws
   from the same stream).
 
+Both runs record their starts (run_dir/starts.jsonl: run B's second start resumed from iteration
+N), and starting the finished run A again says it is complete and writes nothing.
+
 Responses span three 16-token segments, so iterations 1..N train nothing and the engine still
 holds the initial weights (policy version 0) at the checkpoint: the segments continued after the
 resume must carry that version, not the iteration number (``rollout/policy_version``).
@@ -59,6 +62,13 @@ def _kill_tree(pid: int) -> None:
             proc.send_signal(signal.SIGKILL)
         except psutil.NoSuchProcess:
             pass
+
+
+def _tree_state(folder) -> dict:
+    """path -> (size, mtime_ns) of every file under ``folder``."""
+    return {os.path.relpath(os.path.join(root, name), folder): (os.stat(os.path.join(root, name)).st_size,
+                                                                 os.stat(os.path.join(root, name)).st_mtime_ns)
+            for root, _, files in os.walk(folder) for name in files}
 
 
 def _stable(records):
@@ -119,6 +129,17 @@ def test_kill_and_resume_is_bit_identical(tmp_path, deterministic):
     loop = [r for r in metrics_a if "rollout/policy_version" in r]
     assert [r["iteration"] for r in loop] == list(range(1, 2 * N + 1))
     assert loop[N]["rollout/policy_version"] < N, "the checkpoint's policy version should lag its iteration"
+    # Each start is recorded: run B's second start resumed from iteration N with the same config.
+    with open(run_b / "starts.jsonl") as f:
+        starts = [json.loads(line) for line in f if line.strip()]
+    assert [s["resumed_from"] for s in starts] == [None, str(run_b / "checkpoints" / f"iter_{N:07d}")]
+    assert all(s["changes"] == [] for s in starts)
+    # Run A again: complete, so it says so and leaves its directory as it was.
+    before = _tree_state(run_a)
+    proc = subprocess.run(command(run_a), cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"run already complete at iteration {2 * N}" in proc.stdout and "nothing to do" in proc.stdout
+    assert _tree_state(run_a) == before, "re-running a complete run touched its directory"
     weights_a, weights_b = _final_weights(run_a, tmp_path / "hf_a"), _final_weights(run_b, tmp_path / "hf_b")
     assert weights_a.keys() == weights_b.keys()
     for name, tensor in weights_a.items():

@@ -4,7 +4,8 @@ One real `k15 sft` run (tiny model, one process) of 2 steps, then starts of the 
 
 * the same command again: "run already complete at iteration 2; nothing to do", exit 0, and
   neither the checkpoints, config.yaml nor starts.jsonl change;
-* a changed optim.lr: refused before anything starts, naming the key (old -> new);
+* a changed optim.lr: refused before anything starts, naming the key (old -> new), and let
+  through (the change listed) with checkpoint.allow_config_change=true;
 * optim.train_iters 2 -> 3 with the schedule length left to follow it: refused (the
   checkpoint's LR scheduler decays over 2 steps), naming optim.lr_decay_iters=2 as the fix;
 * optim.train_iters=3, optim.lr_decay_iters=2 (the same schedule) and logging.log_interval=2:
@@ -47,6 +48,8 @@ def _config(path) -> dict:
 
 @pytest.mark.slow
 def test_starts_are_recorded_and_config_changes_on_resume_are_checked(tmp_path, capsys):
+    from k15_megatron.checkpoint.run_dir import plan_start
+    from k15_megatron.config import load_config
     from k15_megatron.data.arithmetic import ArithmeticTaskConfig, generate_splits
     from k15_megatron.data.jsonl import write_jsonl
     from k15_megatron.jobs.sft import main
@@ -88,6 +91,11 @@ def test_starts_are_recorded_and_config_changes_on_resume_are_checked(tmp_path, 
     err = capsys.readouterr().err
     assert "learning-rate schedule length" in err and "2 -> 3" in err and "optim.lr_decay_iters=2" in err, err
     assert _tree_state(run_dir) == before, "a refused start wrote into the run directory"
+    # checkpoint.allow_config_change=true lets the same change through, with the difference kept
+    plan = plan_start(load_config(base[0], base[1:] + ["optim.lr=0.002", "checkpoint.allow_config_change=true"]),
+                      job="sft")
+    assert plan.resume_from == str(checkpoint)
+    assert [c[0] for c in plan.changes] == ["optim.lr", "checkpoint.allow_config_change"]
 
     proc = start("optim.train_iters=3", "optim.lr_decay_iters=2", "logging.log_interval=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
