@@ -45,8 +45,9 @@ RUN_LENGTH_KEYS = {"sft": "optim.train_iters", "rl": "rl.iterations"}
 """The key that sets how many iterations a training job runs."""
 
 RESUMABLE_KEYS = ("rl.iterations", "optim.train_iters", "optim.lr_decay_iters", "logging.", "checkpoint.save_interval",
-                  "checkpoint.keep_last", "checkpoint.allow_config_change", "checkpoint.save_dir", "checkpoint.resume", "eval.",
-                  "rl.eval_interval", "rl.eval_max_prompts", "data.eval_path", "name", "run_dir")
+                  "checkpoint.keep_last", "checkpoint.allow_config_change", "checkpoint.save_dir",
+                  "checkpoint.resume", "eval.", "rl.eval_interval", "rl.eval_max_prompts", "data.eval_path", "name",
+                  "run_dir")
 """Keys (a trailing dot: a whole section) that may change when a run resumes: they extend the
 run, or only observe it (logs, checkpoint cadence, evaluations). ``checkpoint.save_dir`` is
 where the checkpoint was just found, ``checkpoint.resume`` how it was found, and
@@ -134,8 +135,9 @@ def plan_start(cfg: Any, *, job: str) -> StartPlan:
 
     Raises:
         ConfigError: the config differs from the resume checkpoint's in keys outside
-            :data:`RESUMABLE_KEYS`, or changes the learning-rate schedule length (unless
-            ``checkpoint.allow_config_change``); the checkpoint's config no longer loads.
+            :data:`RESUMABLE_KEYS` (unless ``checkpoint.allow_config_change``), or in the
+            learning-rate schedule length (always: the checkpoint's scheduler cannot load into
+            another); the checkpoint's config no longer loads (unless allow_config_change).
         ValueError: ``checkpoint.save_dir`` holds a broken ``latest`` and no complete checkpoint.
     """
     final = flat_config(cfg)[RUN_LENGTH_KEYS[job]]
@@ -157,16 +159,17 @@ def plan_start(cfg: Any, *, job: str) -> StartPlan:
                            "(another run_dir) or set checkpoint.allow_config_change=true to resume without "
                            "comparing configs"]) from None
     plan.changes = config_changes(old, cfg)
-    refused = [c for c in plan.changes if not _resumable(c[0])]
     old_steps, new_steps = _schedule_steps(old, job), _schedule_steps(cfg, job)
-    if old_steps != new_steps:
-        refused.append((f"learning-rate schedule length (optim.lr_decay_iters, else the job's optimizer steps)",
-                        old_steps, new_steps))
+    if old_steps != new_steps:  # Megatron's scheduler would refuse the checkpoint's state on load
+        raise ConfigError([f"{cfg.run_dir} resumes from {checkpoint}, whose learning-rate schedule decays over "
+                           f"{old_steps} optimizer steps; this config's decays over {new_steps} "
+                           f"({_changes_text(plan.changes)}). Set optim.lr_decay_iters={old_steps} to keep the "
+                           f"checkpoint's schedule while changing {RUN_LENGTH_KEYS[job]}, or start a new run "
+                           "(another run_dir)"])
+    refused = [c for c in plan.changes if not _resumable(c[0])]
     if refused and not cfg.checkpoint.allow_config_change:
-        hint = (f"; to keep the checkpoint's schedule while changing {RUN_LENGTH_KEYS[job]}, set "
-                f"optim.lr_decay_iters={old_steps}" if old_steps != new_steps else "")
         raise ConfigError([f"{cfg.run_dir} resumes from {checkpoint}, whose config ({source}) differs in keys "
-                           f"that cannot change on resume: {_changes_text(refused)}{hint}. Start a new run "
+                           f"that cannot change on resume: {_changes_text(refused)}. Start a new run "
                            "(another run_dir), or set checkpoint.allow_config_change=true to resume with the new "
                            f"values (the difference is recorded in {os.path.join(cfg.run_dir, STARTS_NAME)})"])
     return plan

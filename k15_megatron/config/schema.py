@@ -237,7 +237,8 @@ class CheckpointConfig:
     checkpoint cadence and the RL evaluation keys, which may always change); without it such a
     start is refused before any process starts, naming each changed key. Either way the
     difference is printed and recorded in ``run_dir/starts.jsonl``
-    (:mod:`k15_megatron.checkpoint.run_dir`)."""
+    (:mod:`k15_megatron.checkpoint.run_dir`). The learning-rate schedule length never changes on
+    resume (set optim.lr_decay_iters to the checkpoint's when the run length changes)."""
 
 
 @dataclass

@@ -89,7 +89,8 @@ def test_starts_are_recorded_and_config_changes_on_resume_are_checked(tmp_path, 
     assert "another run_dir" in err
     assert main(base + ["optim.train_iters=3"]) == 2
     err = capsys.readouterr().err
-    assert "learning-rate schedule length" in err and "2 -> 3" in err and "optim.lr_decay_iters=2" in err, err
+    assert "decays over 2 optimizer steps" in err and "optim.train_iters 2 -> 3" in err, err
+    assert "set optim.lr_decay_iters=2" in err.lower(), err
     assert _tree_state(run_dir) == before, "a refused start wrote into the run directory"
     # checkpoint.allow_config_change=true lets the same change through, with the difference kept
     plan = plan_start(load_config(base[0], base[1:] + ["optim.lr=0.002", "checkpoint.allow_config_change=true"]),
