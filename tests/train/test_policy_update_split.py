@@ -8,7 +8,8 @@ the change of every parameter must equal the reference's, and the loss metric to
 divides each micro-batch's loss by its count and by the number of micro-batches, so a split
 into unequal micro-batches would weigh the lone group twice as much if the loss did not
 correct for it. No forward holds more than groups_per_micro_batch x group_size rows, also in
-the reference log-prob recompute (rl.reference=recompute).
+the reference log-prob recompute (rl.reference=recompute). The same holds through the pipeline
+schedule (PP=2), where the padded last micro-batch keeps every micro-batch's shape.
 """
 
 from __future__ import annotations
@@ -46,23 +47,23 @@ def _batch(vocab: int):
         finish_reasons=["stop"] * b, group_size=K, rewards=rewards)
 
 
-def _split_worker(rank, world_size, hf_dir):
+def _split_worker(rank, world_size, hf_dir, pp, groups, splits):
     from megatron.core import parallel_state as ps
 
     from k15_megatron.config.rl import RLConfig
     from k15_megatron.train.policy_update import update_policy
 
-    arch, model, chunks, optimizer, scheduler = megatron_from_hf(hf_dir, seed=3, lr=0.5, clip_grad=0.0,
+    arch, model, chunks, optimizer, scheduler = megatron_from_hf(hf_dir, pp=pp, seed=3, lr=0.5, clip_grad=0.0,
                                                                  optimizer="sgd")
     layout = types.SimpleNamespace(dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
                                    tp_size=1)
     trainer = types.SimpleNamespace(layout=layout, chunks=chunks, optimizer=optimizer, scheduler=scheduler, arch=arch)
-    batch = _batch(arch.vocab_size)
+    batch = _batch(arch.vocab_size).select_groups(torch.arange(groups))
     rows = []
     model.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     out = {}
-    for per_micro_batch in (3, 2, 1):
+    for per_micro_batch in splits:
         cfg = RLConfig(group_size=K, tau=TAU, reference="recompute", groups_per_micro_batch=per_micro_batch,
                        logprob_chunk_tokens=5, updates_per_iteration=1)
         rows.clear()
@@ -75,26 +76,41 @@ def _split_worker(rank, world_size, hf_dir):
     return out
 
 
+def _assert_same_step(rank: int, out: dict, reference: int) -> None:
+    """Every split's parameter change and loss equal the one-micro-batch reference's."""
+    want_loss = out[reference]["metrics"]["train/loss"]
+    scale = max(d.abs().max().item() for d in out[reference]["delta"].values())
+    assert scale > 1e-3, "the reference step did not move the weights"
+    for per, got in out.items():
+        assert abs(got["metrics"]["train/loss"] - want_loss) <= 1e-6 * max(1.0, abs(want_loss))
+        for name, want in out[reference]["delta"].items():
+            err = (got["delta"][name] - want).abs().max().item()
+            assert err <= 1e-5 * scale, (f"rank {rank}, {per} groups per micro-batch: {name} moved "
+                                         f"differently from one micro-batch (max diff {err:.3g}, step {scale:.3g})")
+
+
 @pytest.mark.distributed
 def test_update_is_the_same_whatever_the_micro_batch_split(tiny_hf_dirs):
-    results = run_distributed(_split_worker, 2, tiny_hf_dirs["qwen2"], timeout_s=400)
+    results = run_distributed(_split_worker, 2, tiny_hf_dirs["qwen2"], 1, GROUPS, (3, 2, 1), timeout_s=400)
     for rank, out in enumerate(results):
         # recompute: 6 rows, at most per*K a forward (2 x 3 for per=2); training: 3 groups, per a forward
         assert out[3]["rows"] == [6, 6], f"rank {rank}: {out[3]['rows']}"
         assert out[2]["rows"] == [3, 3, 4, 4], f"rank {rank}: {out[2]['rows']}"
         assert out[1]["rows"] == [2, 2, 2, 2, 2, 2], f"rank {rank}: {out[1]['rows']}"
         assert [out[p]["metrics"]["train/micro_batches_per_update"] for p in (3, 2, 1)] == [1.0, 2.0, 3.0]
-        reference = out[3]
-        scale = max(d.abs().max().item() for d in reference["delta"].values())
-        assert scale > 1e-3, "the reference step did not move the weights"
-        for per in (2, 1):
-            assert abs(out[per]["metrics"]["train/loss"] - reference["metrics"]["train/loss"]) <= 1e-6 * max(
-                1.0, abs(reference["metrics"]["train/loss"]))
-            for name, want in reference["delta"].items():
-                err = (out[per]["delta"][name] - want).abs().max().item()
-                assert err <= 1e-5 * scale, (f"rank {rank}, {per} groups per micro-batch: {name} moved "
-                                             f"differently from one micro-batch (max diff {err:.3g}, step {scale:.3g})")
+        _assert_same_step(rank, out, reference=3)
     for per in (3, 2, 1):
         for name in results[0][per]["delta"]:
             assert torch.equal(results[0][per]["delta"][name], results[1][per]["delta"][name]), \
                 f"ranks disagree on {name} after the DP all-reduce"
+
+
+@pytest.mark.distributed
+def test_padded_micro_batches_through_the_pipeline_schedule(tiny_hf_dirs):
+    """PP=2: 5 groups in micro-batches of at most 2 run as three [4, T-1] micro-batches (the last
+    padded with one empty group), since pipeline stages exchange activations of a fixed shape;
+    the recompute's 10 rows as three of 4 (2 padding rows). Same step as one micro-batch of 5."""
+    results = run_distributed(_split_worker, 2, tiny_hf_dirs["qwen2"], 2, 5, (5, 2), timeout_s=400)
+    for rank, out in enumerate(results):
+        assert out[5]["rows"] == [10, 10] and out[2]["rows"] == [4] * 6, f"rank {rank}: {out[2]['rows']}"
+        _assert_same_step(rank, out, reference=5)
