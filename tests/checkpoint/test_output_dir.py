@@ -4,7 +4,9 @@
 existing non-empty output folder (exit status 2, one message naming the folder and --overwrite,
 before any process starts, the folder untouched); with --overwrite they replace their own files
 and older weight files only, keep the user's other files, and say what they wrote. The unit
-tests pin the publish order (marker last) and the staging folder's clean-up.
+tests pin the publish order (marker last) and the staging folder's clean-up. The export back to
+Hugging Face runs with 2 ranks (the refusal comes before torchrun starts them; rank 0 publishes
+what both wrote).
 """
 
 import os
@@ -56,7 +58,7 @@ def test_conversion_tools_and_export_refuse_a_used_folder_and_overwrite_only_the
     assert (ckpt / "notes.txt").read_text() == NOTES and (ckpt / "k15_meta.json").exists()
     assert f"wrote 7 files (.metadata, " in proc.stdout and str(ckpt) in proc.stdout, proc.stdout
 
-    commands = {"convert_megatron_to_hf": ("tools/convert_megatron_to_hf.py", "--ckpt", str(ckpt), "--out"),
+    commands = {"convert_megatron_to_hf": ("tools/convert_megatron_to_hf.py", "--tp", "2", "--ckpt", str(ckpt), "--out"),
                 "export": ("-m", "k15_megatron.cli", "export", str(ckpt))}
     for name, command in commands.items():
         out = tmp_path / f"hf_{name}"
