@@ -12,6 +12,7 @@ process, its process group, torchrun or every rank) finish the step, save once a
 
 from __future__ import annotations
 
+import os
 import random
 import time
 
@@ -101,7 +102,8 @@ def run(cfg) -> None:
             return
     save(cfg.optim.train_iters)
     logger.close()
-    trainer.log(f"sft: done, checkpoint in {cfg.checkpoint.save_dir}")
+    trainer.log(f"sft: done; wrote checkpoint {run_ckpt.iteration_dir_name(cfg.optim.train_iters)} in "
+                f"{os.path.abspath(cfg.checkpoint.save_dir)}, metrics in {os.path.abspath(cfg.logging.dir)}")
 
 
 HELP_KEYS = ("data.train_path", "data.seq_length", "data.micro_batch_size", "data.global_batch_size", "optim.lr",
