@@ -15,10 +15,14 @@ the new config with the one its resume checkpoint was trained with. Keys that on
 observe the run (:data:`RESUMABLE_KEYS`: the run length, logging, checkpoint cadence, evaluation)
 may change; the difference is printed in one line and recorded. Any other change is refused,
 naming each key (old -> new) and the way out: a new ``run_dir``, or
-``checkpoint.allow_config_change=true``. A run length change is accepted only while the
-learning-rate schedule stays the one the checkpoint's scheduler was built with (Megatron's
-scheduler refuses another on load). A run whose checkpoint already reached the configured length
-is complete: nothing starts and nothing is written.
+``checkpoint.allow_config_change=true``. The optimizer's settings and the learning-rate schedule
+are restored from the checkpoint whatever the config says, so changes to ``optim.*`` are refused
+even then (the way out is a new run with ``model.init_from``); a run length change is accepted
+with a constant learning rate (after warm-up), or when ``optim.lr_decay_iters`` keeps the decay
+the checkpoint was trained with. Accepted changes take effect (one the checkpoint cannot be
+loaded into, such as another model shape, still fails at the load), and the checkpoints written
+after the resume carry the new config. A run whose checkpoint already reached the configured
+length is complete: nothing starts and nothing is written.
 """
 
 from __future__ import annotations
@@ -43,6 +47,12 @@ RECORDED_ENV = "K15_START_RECORDED"
 
 RUN_LENGTH_KEYS = {"sft": "optim.train_iters", "rl": "rl.iterations"}
 """The key that sets how many iterations a training job runs."""
+
+RESTORED_SECTION = "optim."
+"""Keys a resume takes from the checkpoint rather than from the config: the optimizer's
+hyperparameters travel in its state (param groups) and Megatron's learning-rate scheduler loads
+the checkpoint's settings over the config's. A change there could not apply, so it is refused
+even with ``checkpoint.allow_config_change`` (the run length keys aside; see :func:`plan_start`)."""
 
 RESUMABLE_KEYS = ("rl.iterations", "optim.train_iters", "optim.lr_decay_iters", "logging.", "checkpoint.save_interval",
                   "checkpoint.keep_last", "checkpoint.allow_config_change", "checkpoint.save_dir",
@@ -135,9 +145,10 @@ def plan_start(cfg: Any, *, job: str) -> StartPlan:
 
     Raises:
         ConfigError: the config differs from the resume checkpoint's in keys outside
-            :data:`RESUMABLE_KEYS` (unless ``checkpoint.allow_config_change``), or in the
-            learning-rate schedule length (always: the checkpoint's scheduler cannot load into
-            another); the checkpoint's config no longer loads (unless allow_config_change).
+            :data:`RESUMABLE_KEYS`, or the checkpoint's config no longer loads (neither with
+            ``checkpoint.allow_config_change``); or in :data:`RESTORED_SECTION` keys, or in the
+            decay length of a decaying learning-rate schedule (always: the checkpoint's
+            settings would silently win).
         ValueError: ``checkpoint.save_dir`` holds a broken ``latest`` and no complete checkpoint.
     """
     final = flat_config(cfg)[RUN_LENGTH_KEYS[job]]
@@ -159,17 +170,24 @@ def plan_start(cfg: Any, *, job: str) -> StartPlan:
                            "(another run_dir) or set checkpoint.allow_config_change=true to resume without "
                            "comparing configs"]) from None
     plan.changes = config_changes(old, cfg)
+    restored = [c for c in plan.changes if c[0].startswith(RESTORED_SECTION) and not _resumable(c[0])]
     old_steps, new_steps = _schedule_steps(old, job), _schedule_steps(cfg, job)
-    if old_steps != new_steps:  # Megatron's scheduler would refuse the checkpoint's state on load
-        raise ConfigError([f"{cfg.run_dir} resumes from {checkpoint}, whose learning-rate schedule decays over "
-                           f"{old_steps} optimizer steps; this config's decays over {new_steps} "
-                           f"({_changes_text(plan.changes)}). Set optim.lr_decay_iters={old_steps} to keep the "
-                           f"checkpoint's schedule while changing {RUN_LENGTH_KEYS[job]}, or start a new run "
-                           "(another run_dir)"])
-    refused = [c for c in plan.changes if not _resumable(c[0])]
+    hint = ""
+    if old_steps != new_steps and not old.optim.lr_decay_style == cfg.optim.lr_decay_style == "constant":
+        restored.append(("learning-rate decay length (optim.lr_decay_iters, else the job's optimizer steps)",
+                         old_steps, new_steps))
+        hint = (f"; optim.lr_decay_iters={old_steps} keeps the checkpoint's schedule while changing "
+                f"{RUN_LENGTH_KEYS[job]}")
+    if restored:
+        raise ConfigError([f"{cfg.run_dir} resumes from {checkpoint}, which restores the optimizer's settings and "
+                           f"the learning-rate schedule it was trained with, so these changes would not apply: "
+                           f"{_changes_text(restored)}{hint}. To train these weights with other optimizer "
+                           f"settings start a new run (another run_dir) with model.init_from="
+                           f"{os.path.dirname(checkpoint)}"])
+    refused = [c for c in plan.changes if not _resumable(c[0]) and not c[0].startswith(RESTORED_SECTION)]
     if refused and not cfg.checkpoint.allow_config_change:
         raise ConfigError([f"{cfg.run_dir} resumes from {checkpoint}, whose config ({source}) differs in keys "
-                           f"that cannot change on resume: {_changes_text(refused)}. Start a new run "
+                           f"that cannot change on resume: {_changes_text(refused)}{hint}. Start a new run "
                            "(another run_dir), or set checkpoint.allow_config_change=true to resume with the new "
                            f"values (the difference is recorded in {os.path.join(cfg.run_dir, STARTS_NAME)})"])
     return plan

@@ -4,19 +4,22 @@ One real `k15 sft` run (tiny model, one process) of 2 steps, then starts of the 
 
 * the same command again: "run already complete at iteration 2; nothing to do", exit 0, and
   neither the checkpoints, config.yaml nor starts.jsonl change;
-* a changed optim.lr: refused before anything starts, naming the key (old -> new), and let
-  through (the change listed) with checkpoint.allow_config_change=true;
-* optim.train_iters 2 -> 3 with the schedule length left to follow it: refused (the
-  checkpoint's LR scheduler decays over 2 steps), naming optim.lr_decay_iters=2 as the fix;
-* optim.train_iters=3, optim.lr_decay_iters=2 (the same schedule) and logging.log_interval=2:
-  resumed from iter 2 with the difference printed in one line and recorded in starts.jsonl;
-  each checkpoint keeps the config it was written with, and run_dir/config.yaml is the newest's.
+* a changed seed: refused before anything starts, naming the key (old -> new) and the ways out;
+* a changed optim.lr: refused even with checkpoint.allow_config_change=true (the checkpoint's
+  optimizer settings would silently win), pointing to a new run with model.init_from;
+* a longer run with a decaying learning rate (a copy of the checkpoint, said to be trained with
+  a cosine schedule): refused, naming optim.lr_decay_iters=2 as the fix, which is accepted;
+* optim.train_iters=3 (constant learning rate), logging.tensorboard=false and, let through by
+  checkpoint.allow_config_change=true, seed=7: resumed from iter 2 with the difference printed in
+  one line and recorded in starts.jsonl; each checkpoint keeps the config it was written with,
+  and run_dir/config.yaml is the newest's.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -46,10 +49,31 @@ def _config(path) -> dict:
         return yaml.safe_load(f)
 
 
+def _decaying_schedule_is_not_stretched(checkpoint, other, base) -> None:
+    """A copy of the real checkpoint, said to be trained with a cosine schedule over 2 steps:
+    4 steps would change the remaining rates (refused, naming the fix), unless
+    optim.lr_decay_iters keeps the decay at 2 steps."""
+    from k15_megatron.checkpoint.run_dir import plan_start
+    from k15_megatron.config import ConfigError, load_config, to_yaml
+
+    overrides = [f"run_dir={other}", *base[2:], "optim.lr_decay_style=cosine"]
+    copy = other / "checkpoints" / checkpoint.name
+    shutil.copytree(checkpoint, copy)
+    (copy / "config.yaml").write_text(to_yaml(load_config(base[0], overrides)))
+    with pytest.raises(ConfigError) as info:
+        plan_start(load_config(base[0], overrides + ["optim.train_iters=4"]), job="sft")
+    assert "learning-rate decay length" in str(info.value) and "2 -> 4" in str(info.value)
+    assert "optim.lr_decay_iters=2 keeps the checkpoint's schedule" in str(info.value)
+    with pytest.raises(ConfigError):  # the checkpoint's schedule would win: no override lets it through
+        plan_start(load_config(base[0], overrides + ["optim.train_iters=4", "checkpoint.allow_config_change=true"]),
+                   job="sft")
+    plan = plan_start(load_config(base[0], overrides + ["optim.train_iters=4", "optim.lr_decay_iters=2"]), job="sft")
+    assert plan.resume_from == str(copy) and [c[0] for c in plan.changes] == ["optim.lr_decay_iters",
+                                                                              "optim.train_iters"]
+
+
 @pytest.mark.slow
 def test_starts_are_recorded_and_config_changes_on_resume_are_checked(tmp_path, capsys):
-    from k15_megatron.checkpoint.run_dir import plan_start
-    from k15_megatron.config import load_config
     from k15_megatron.data.arithmetic import ArithmeticTaskConfig, generate_splits
     from k15_megatron.data.jsonl import write_jsonl
     from k15_megatron.jobs.sft import main
@@ -83,31 +107,29 @@ def test_starts_are_recorded_and_config_changes_on_resume_are_checked(tmp_path, 
     assert out.out.count("\n") == 1, out.out
     assert _tree_state(run_dir) == before, "a complete run's directory was touched"
 
-    assert main(base + ["optim.lr=0.002"]) == 2
+    assert main(base + ["seed=7"]) == 2  # changes the data order: what is trained
     err = capsys.readouterr().err
-    assert "optim.lr 0.0001 -> 0.002" in err and "checkpoint.allow_config_change=true" in err, err
-    assert "another run_dir" in err
-    assert main(base + ["optim.train_iters=3"]) == 2
+    assert "seed 1234 -> 7" in err and "checkpoint.allow_config_change=true" in err and "another run_dir" in err
+    # the optimizer's settings come back from the checkpoint: refused even with the override
+    assert main(base + ["optim.lr=0.002", "checkpoint.allow_config_change=true"]) == 2
     err = capsys.readouterr().err
-    assert "decays over 2 optimizer steps" in err and "optim.train_iters 2 -> 3" in err, err
-    assert "set optim.lr_decay_iters=2" in err.lower(), err
+    assert "optim.lr 0.0001 -> 0.002" in err and f"model.init_from={checkpoint.parent}" in err, err
     assert _tree_state(run_dir) == before, "a refused start wrote into the run directory"
-    # checkpoint.allow_config_change=true lets the same change through, with the difference kept
-    plan = plan_start(load_config(base[0], base[1:] + ["optim.lr=0.002", "checkpoint.allow_config_change=true"]),
-                      job="sft")
-    assert plan.resume_from == str(checkpoint)
-    assert [c[0] for c in plan.changes] == ["optim.lr", "checkpoint.allow_config_change"]
 
-    proc = start("optim.train_iters=3", "optim.lr_decay_iters=2", "logging.log_interval=2")
+    _decaying_schedule_is_not_stretched(checkpoint, tmp_path / "cosine", base)
+
+    # A longer run (constant learning rate), an observation key, and a seed let through by the override
+    proc = start("optim.train_iters=3", "logging.tensorboard=false", "seed=7", "checkpoint.allow_config_change=true")
     assert proc.returncode == 0, proc.stderr[-3000:]
     [line] = [text for text in proc.stdout.splitlines() if "changed config" in text]
-    assert "optim.train_iters 2 -> 3" in line and "optim.lr_decay_iters None -> 2" in line, line
-    assert "logging.log_interval 1 -> 2" in line and str(checkpoint) in line, line
+    assert "seed 1234 -> 7" in line and "optim.train_iters 2 -> 3" in line, line
+    assert "logging.tensorboard True -> False" in line and str(checkpoint) in line, line
     first_again, second = _starts(run_dir)
     assert first_again == first
     assert second["start"] == 2 and second["resumed_from"] == str(checkpoint) and second["resumed_iteration"] == 2
     assert {c["key"]: (c["old"], c["new"]) for c in second["changes"]} == {
-        "optim.train_iters": (2, 3), "optim.lr_decay_iters": (None, 2), "logging.log_interval": (1, 2)}
+        "seed": (1234, 7), "optim.train_iters": (2, 3), "checkpoint.allow_config_change": (False, True),
+        "logging.tensorboard": (True, False)}
     assert _config(checkpoint / "config.yaml")["optim"]["train_iters"] == 2, "a checkpoint's config was rewritten"
     newest = run_dir / "checkpoints" / "iter_0000003"
     assert _config(newest / "config.yaml")["optim"]["train_iters"] == 3
