@@ -16,8 +16,9 @@ observe the run (:data:`RESUMABLE_KEYS`: the run length, logging, checkpoint cad
 may change; the difference is printed in one line and recorded. Any other change is refused,
 naming each key (old -> new) and the way out: a new ``run_dir``, or
 ``checkpoint.allow_config_change=true``. The optimizer's settings and the learning-rate schedule
-are restored from the checkpoint whatever the config says, so changes to ``optim.*`` are refused
-even then (the way out is a new run with ``model.init_from``); a run length change is accepted
+are restored from the checkpoint whatever the config says, so changes to them
+(:data:`RESTORED_KEYS`) are refused even then (the way out is a new run with
+``model.init_from``); a run length change is accepted
 with a constant learning rate (after warm-up), or when ``optim.lr_decay_iters`` keeps the decay
 the checkpoint was trained with. Accepted changes take effect (one the checkpoint cannot be
 loaded into, such as another model shape, still fails at the load), and the checkpoints written
@@ -48,11 +49,14 @@ RECORDED_ENV = "K15_START_RECORDED"
 RUN_LENGTH_KEYS = {"sft": "optim.train_iters", "rl": "rl.iterations"}
 """The key that sets how many iterations a training job runs."""
 
-RESTORED_SECTION = "optim."
-"""Keys a resume takes from the checkpoint rather than from the config: the optimizer's
-hyperparameters travel in its state (param groups) and Megatron's learning-rate scheduler loads
-the checkpoint's settings over the config's. A change there could not apply, so it is refused
-even with ``checkpoint.allow_config_change`` (the run length keys aside; see :func:`plan_start`)."""
+RESTORED_KEYS = ("optim.optimizer", "optim.lr", "optim.min_lr", "optim.weight_decay", "optim.adam_beta1",
+                 "optim.adam_beta2", "optim.adam_eps", "optim.lr_warmup_iters", "optim.lr_decay_style",
+                 "optim.use_distributed_optimizer")
+"""Keys a resume takes from the checkpoint rather than from the config (or cannot load under
+another value): the optimizer's hyperparameters travel in its state (param groups), Megatron's
+learning-rate scheduler loads the checkpoint's settings over the config's, and the optimizer's
+kind and sharding shape that state. A change there could not apply, so it is refused even with
+``checkpoint.allow_config_change``; the decay length has its own rule (:func:`plan_start`)."""
 
 RESUMABLE_KEYS = ("rl.iterations", "optim.train_iters", "optim.lr_decay_iters", "logging.", "checkpoint.save_interval",
                   "checkpoint.keep_last", "checkpoint.allow_config_change", "checkpoint.save_dir",
@@ -146,7 +150,7 @@ def plan_start(cfg: Any, *, job: str) -> StartPlan:
     Raises:
         ConfigError: the config differs from the resume checkpoint's in keys outside
             :data:`RESUMABLE_KEYS`, or the checkpoint's config no longer loads (neither with
-            ``checkpoint.allow_config_change``); or in :data:`RESTORED_SECTION` keys, or in the
+            ``checkpoint.allow_config_change``); or in :data:`RESTORED_KEYS`, or in the
             decay length of a decaying learning-rate schedule (always: the checkpoint's
             settings would silently win).
         ValueError: ``checkpoint.save_dir`` holds a broken ``latest`` and no complete checkpoint.
@@ -170,7 +174,7 @@ def plan_start(cfg: Any, *, job: str) -> StartPlan:
                            "(another run_dir) or set checkpoint.allow_config_change=true to resume without "
                            "comparing configs"]) from None
     plan.changes = config_changes(old, cfg)
-    restored = [c for c in plan.changes if c[0].startswith(RESTORED_SECTION) and not _resumable(c[0])]
+    restored = [c for c in plan.changes if c[0] in RESTORED_KEYS]
     old_steps, new_steps = _schedule_steps(old, job), _schedule_steps(cfg, job)
     hint = ""
     if old_steps != new_steps and not old.optim.lr_decay_style == cfg.optim.lr_decay_style == "constant":
@@ -184,7 +188,7 @@ def plan_start(cfg: Any, *, job: str) -> StartPlan:
                            f"{_changes_text(restored)}{hint}. To train these weights with other optimizer "
                            f"settings start a new run (another run_dir) with model.init_from="
                            f"{os.path.dirname(checkpoint)}"])
-    refused = [c for c in plan.changes if not _resumable(c[0]) and not c[0].startswith(RESTORED_SECTION)]
+    refused = [c for c in plan.changes if not _resumable(c[0])]
     if refused and not cfg.checkpoint.allow_config_change:
         raise ConfigError([f"{cfg.run_dir} resumes from {checkpoint}, whose config ({source}) differs in keys "
                            f"that cannot change on resume: {_changes_text(refused)}{hint}. Start a new run "

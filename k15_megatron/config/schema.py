@@ -237,8 +237,9 @@ class CheckpointConfig:
     checkpoint cadence and the RL evaluation keys, which may always change); without it such a
     start is refused before any process starts, naming each changed key. Either way the
     difference is printed and recorded in ``run_dir/starts.jsonl``
-    (:mod:`k15_megatron.checkpoint.run_dir`). Changes to optim.* are refused even with this
-    key: a resume restores the optimizer's settings and learning-rate schedule from the
+    (:mod:`k15_megatron.checkpoint.run_dir`). Changes to the optimizer's settings (optim.* but
+    clip_grad and the run length) are refused even with this key: a resume restores the
+    optimizer's settings and learning-rate schedule from the
     checkpoint (a longer run with a decaying rate needs optim.lr_decay_iters set to the
     checkpoint's decay length); train the weights with other settings in a new run with
     model.init_from."""
