@@ -191,7 +191,7 @@ def plan_start(cfg: Any, *, job: str) -> StartPlan:
     refused = [c for c in plan.changes if not _resumable(c[0])]
     if refused and not cfg.checkpoint.allow_config_change:
         raise ConfigError([f"{cfg.run_dir} resumes from {checkpoint}, whose config ({source}) differs in keys "
-                           f"that cannot change on resume: {_changes_text(refused)}{hint}. Start a new run "
+                           f"that cannot change on resume: {_changes_text(refused)}. Start a new run "
                            "(another run_dir), or set checkpoint.allow_config_change=true to resume with the new "
                            f"values (the difference is recorded in {os.path.join(cfg.run_dir, STARTS_NAME)})"])
     return plan
