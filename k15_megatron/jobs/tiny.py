@@ -44,7 +44,10 @@ EVALS = {"greedy": ["eval.temperature=0", "eval.num_samples=1", "eval.ks=[1]"], 
 
 
 def _parse_args(argv):
-    parser = argparse.ArgumentParser(prog="k15 tiny", description=__doc__.splitlines()[0])
+    from k15_megatron.jobs.help_text import description
+
+    parser = argparse.ArgumentParser(prog="k15 tiny", description=description(__doc__),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join(os.environ.get("K15_RUNS", "runs"), "tiny-arith"),
                         help="run folder (default: $K15_RUNS/tiny-arith, K15_RUNS defaults to runs)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the task data and of every stage")
