@@ -7,15 +7,16 @@ print at import or start-up is held back:
 * Python warnings of the libraries (Megatron's "Apex is not installed", deprecations):
   filtered here and, for the processes started later, through ``PYTHONWARNINGS`` (warnings
   raised by k15's own modules still print);
-* the loggers of Megatron-Core and transformers (``TRANSFORMERS_VERBOSITY=error``), torch's C++
-  warnings (``TORCH_CPP_LOG_LEVEL=ERROR``) and torchrun's own log (``LOGLEVEL=ERROR``);
+* the loggers of Megatron-Core, torch and transformers (``TRANSFORMERS_VERBOSITY=error``) and
+  torch's C++ warnings such as c10d's (``TORCH_CPP_LOG_LEVEL=ERROR``);
 * progress bars of transformers and vLLM's weight loading (``HF_HUB_DISABLE_PROGRESS_BARS``,
   ``TQDM_DISABLE``).
 
 Errors (level ERROR and above, exceptions, tracebacks) always print. The settings are made in
 one place, :func:`configure`, which ``k15_megatron.cli`` calls before a command's module (and
-with it torch, Megatron, vLLM) is imported. Environment variables carry them into the ranks that
-torchrun starts and into vLLM's engine processes. A variable the user has set is left alone.
+with it torch, Megatron, vLLM) is imported. Environment variables carry them into the ranks k15
+starts (each rank runs the same command line and so ``configure`` again) and into vLLM's engine
+processes. A variable the user has set is left alone.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ QUIET_ENV = {
     "PYTHONWARNINGS": "ignore",
     "TRANSFORMERS_VERBOSITY": "error",
     "TORCH_CPP_LOG_LEVEL": "ERROR",
-    "LOGLEVEL": "ERROR",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "TQDM_DISABLE": "1",
 }
