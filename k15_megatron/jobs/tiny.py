@@ -14,7 +14,8 @@ process group with the recipes ``examples/tiny_arith_*.yaml`` (docs/tiny_task.md
    ``k15 plot`` of the RL run.
 
 A stage whose output is complete and whose command is unchanged is not run again, so an
-interrupted ``k15 tiny`` continues where it stopped (``--fresh`` starts over). The exit status is
+interrupted ``k15 tiny`` continues where it stopped; a stage whose command changed, and every
+stage after one that ran, starts over in fresh folders (``--fresh`` starts every stage over). The exit status is
 0 only when the report's checks hold: the paired gain in sampled pass@1 (the mean success of 8
 samples at temperature 1, the expected reward RL maximises) exceeds ``--min-z`` standard errors
 and the training reward rises by more than ``--min-z`` standard errors of its slope. The greedy
@@ -27,6 +28,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -68,7 +70,9 @@ class Stages:
 
     def __init__(self, out: str, *, fresh: bool):
         self.out = os.path.abspath(out)
-        self.fresh = fresh
+        self.rerun = fresh
+        """Run every remaining stage from scratch: set by --fresh and once any stage has run
+        (a later stage's output depends on the earlier ones)."""
         self.seconds: Dict[str, float] = {}
         if os.path.isdir(self.out) and os.listdir(self.out) and not os.path.isdir(os.path.join(self.out, "stages")):
             # Only a k15 tiny folder (it has stages/) is continued; anything else may be a user's.
@@ -76,18 +80,26 @@ class Stages:
                              "make; choose a new or empty folder")
         os.makedirs(os.path.join(self.out, "stages"), exist_ok=True)
 
-    def run(self, name: str, signature: str, work) -> bool:
-        """Run ``work()`` as stage ``name`` unless its marker records the same ``signature``
-        (then only its recorded seconds are taken); a finished stage writes its marker.
-        Returns whether the stage ran."""
+    def run(self, name: str, signature: str, work, *, outputs: Sequence[str] = ()) -> bool:
+        """Run ``work()`` as stage ``name`` unless its marker records the same ``signature`` and
+        no earlier stage ran (then only its recorded seconds are taken); a finished stage writes
+        its marker. ``outputs``: the stage's folders and files under OUT; a stage that runs
+        again (changed command, --fresh, an earlier stage re-run) first removes them, so its
+        job starts fresh instead of resuming a run made with other inputs. A stage without a
+        marker (interrupted) keeps them and its job resumes. Returns whether the stage ran."""
         path = os.path.join(self.out, "stages", f"{name}.done")
-        if not self.fresh and os.path.exists(path):
+        if os.path.exists(path):
             with open(path) as f:
                 record = json.load(f)
-            if record.get("signature") == signature:
+            if record.get("signature") == signature and not self.rerun:
                 self.seconds[name] = record["seconds"]
                 print(f"== {name}: already complete, skipped ({path})", flush=True)
                 return False
+            os.unlink(path)
+            self._remove(outputs)
+        elif self.rerun:
+            self._remove(outputs)
+        self.rerun = True
         start = time.perf_counter()
         work()
         self.seconds[name] = time.perf_counter() - start
@@ -95,8 +107,19 @@ class Stages:
             json.dump({"signature": signature, "seconds": self.seconds[name]}, f)
         return True
 
-    def run_command(self, name: str, args: Sequence[str]) -> None:
-        """Run ``k15 <args>`` as stage ``name`` (skipped when done with the same arguments)."""
+    def _remove(self, outputs: Sequence[str]) -> None:
+        """Delete a stage's own outputs (paths inside OUT only: OUT is a k15 tiny folder)."""
+        for target in outputs:
+            target = os.path.abspath(target)
+            assert target.startswith(self.out + os.sep), f"{target} is not inside {self.out}"
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            elif os.path.exists(target):
+                os.unlink(target)
+
+    def run_command(self, name: str, args: Sequence[str], *, outputs: Sequence[str] = ()) -> None:
+        """Run ``k15 <args>`` as stage ``name`` (skipped when done with the same arguments;
+        ``outputs`` as in :meth:`run`)."""
         signature = shlex.join(args)
 
         def work():
@@ -108,7 +131,7 @@ class Stages:
             if status != 0:
                 raise SystemExit(f"k15 tiny: stage {name!r} failed with exit status {status}: k15 {signature}")
 
-        if self.run(name, signature, work):
+        if self.run(name, signature, work, outputs=outputs):
             print(f"== {name}: done in {self.seconds[name]:.0f} s", flush=True)
 
 
@@ -133,18 +156,19 @@ def run_pipeline(args) -> dict:
     out = stages.out
     task = _task_config(args.seed, args.task)
     data_dir = os.path.join(out, "data")
-    stages.run("data", json.dumps(vars(task), sort_keys=True), lambda: write_task_files(task, data_dir))
+    stages.run("data", json.dumps(vars(task), sort_keys=True), lambda: write_task_files(task, data_dir),
+               outputs=[data_dir])
     seed = f"seed={args.seed}"
     sft_ckpt = os.path.join(out, "sft", "checkpoints")
     rl_ckpt = os.path.join(out, "rl", "checkpoints")
     stages.run_command("sft", ["sft", str(EXAMPLES / "tiny_arith_sft.yaml"), seed, f"run_dir={out}/sft",
-                               f"data.train_path={data_dir}/sft.jsonl", *args.sft])
+                               f"data.train_path={data_dir}/sft.jsonl", *args.sft], outputs=[f"{out}/sft"])
     eval_files = {}
     for model, ckpt in (("sft", sft_ckpt), ("rl", None)):
         if model == "rl":
             stages.run_command("rl", ["rl", str(EXAMPLES / "tiny_arith_rl.yaml"), seed, f"run_dir={out}/rl",
                                       f"model.init_from={sft_ckpt}", f"data.train_path={data_dir}/train.jsonl",
-                                      *args.rl])
+                                      *args.rl], outputs=[f"{out}/rl"])
             ckpt = rl_ckpt
         for mode, mode_overrides in EVALS.items():
             output = os.path.join(out, "eval", f"{model}_{mode}.json")
@@ -152,7 +176,9 @@ def run_pipeline(args) -> dict:
                                ["eval", str(EXAMPLES / "tiny_arith_eval.yaml"), seed,
                                 f"run_dir={out}/eval/{model}_{mode}", f"model.init_from={ckpt}",
                                 f"data.eval_path={data_dir}/eval.jsonl", f"eval.output={output}",
-                                *mode_overrides, *args.eval])
+                                *mode_overrides, *args.eval],
+                               outputs=[f"{out}/eval/{model}_{mode}", output,
+                                        output[:-len(".json")] + "_samples.jsonl"])
             eval_files[(model, mode)] = output
     subprocess.call([sys.executable, "-m", "k15_megatron.cli", "plot", os.path.join(out, "rl")])
     report = build_report(eval_files, os.path.join(out, "rl", "metrics.jsonl"), stages.seconds, min_z=args.min_z)

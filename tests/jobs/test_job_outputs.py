@@ -22,6 +22,38 @@ def test_tiny_refuses_a_foreign_folder_and_continues_its_own(tmp_path):
     Stages(str(tmp_path / "new"), fresh=False)  # its own folder (stages/) is continued
 
 
+def _stage(stages, name, signature, log, folder):
+    def work():
+        log.append(name)
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "state"), "a") as f:
+            f.write(signature + "\n")
+    return stages.run(name, signature, work, outputs=[folder])
+
+
+def test_tiny_restarts_a_changed_stage_and_every_later_one_in_fresh_folders(tmp_path):
+    out = tmp_path / "tiny"
+    a, b = str(out / "a"), str(out / "b")
+
+    def pipeline(sig_a, sig_b, *, fresh=False):
+        log, stages = [], Stages(str(out), fresh=fresh)
+        _stage(stages, "a", sig_a, log, a)
+        _stage(stages, "b", sig_b, log, b)
+        return log
+
+    assert pipeline("a1", "b1") == ["a", "b"]
+    assert pipeline("a1", "b1") == []  # complete and unchanged: skipped
+    # Stage b interrupted (no marker): its folder is kept, so its job resumes.
+    os.unlink(out / "stages" / "b.done")
+    assert pipeline("a1", "b1") == ["b"]
+    assert (out / "b" / "state").read_text() == "b1\nb1\n"
+    # A changed command re-runs that stage and the later ones, each in a fresh folder.
+    assert pipeline("a2", "b1") == ["a", "b"]
+    assert (out / "a" / "state").read_text() == "a2\n" and (out / "b" / "state").read_text() == "b1\n"
+    assert pipeline("a2", "b1", fresh=True) == ["a", "b"]
+    assert (out / "a" / "state").read_text() == "a2\n"
+
+
 def test_plot_refuses_an_existing_out_file_and_says_what_it_wrote(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
