@@ -257,6 +257,13 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown checks {unknown}; choose from {CHECKS}")
     out = Path(args.out).resolve()
+    marker = out / ".k15-gpu-check"  # the folder is the kit's: it may replace its work/ and results
+    if out.is_dir() and any(out.iterdir()) and not marker.exists():
+        print(f"error: --out {out} is a non-empty folder the GPU check kit did not make; choose a new "
+              "or empty folder", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    marker.touch()
     work = out / "work"  # the runs of this invocation; a previous one's are removed
     if work.exists():
         shutil.rmtree(work)

@@ -46,6 +46,13 @@ def test_without_cuda_the_kit_refuses_unless_allowed(tmp_path):
     assert _lines(proc.stdout) == {"install": "PASS", "cuda": "FAIL"}
 
 
+def test_the_kit_never_clears_a_folder_it_did_not_make(tmp_path):
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "notes.txt").write_text("mine")
+    assert _kit().main(["--out", str(tmp_path), "--checks", "sft"]) == 2
+    assert (tmp_path / "work" / "notes.txt").read_text() == "mine"
+
+
 def test_a_failing_check_is_reported_and_the_others_still_run(tmp_path, capsys):
     kit = _kit()
 
