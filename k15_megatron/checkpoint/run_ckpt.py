@@ -202,7 +202,7 @@ def find_resume_checkpoint(save_dir: str) -> Optional[str]:
                 return os.path.join(save_dir, name)
         if not complete:
             raise ValueError(f"{pointer} {reason}, and {save_dir} holds no complete checkpoint to "
-                             "fall back to; remove the directory or set checkpoint.resume=never")
+                             "fall back to; remove the directory or start the run in another run_dir")
         warnings.warn(f"{pointer} {reason}; resuming from the newest complete checkpoint "
                       f"{complete[-1][1]} instead")
         return complete[-1][1]

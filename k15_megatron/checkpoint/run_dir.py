@@ -157,6 +157,7 @@ def plan_start(cfg: Any, *, job: str) -> StartPlan:
     """
     final = flat_config(cfg)[RUN_LENGTH_KEYS[job]]
     if cfg.checkpoint.resume != "auto":
+        _refuse_overwriting_checkpoints(cfg.checkpoint.save_dir)
         return StartPlan(job, None, 0, final, [])
     checkpoint = run_ckpt.find_resume_checkpoint(cfg.checkpoint.save_dir)
     if checkpoint is None:
@@ -195,6 +196,18 @@ def plan_start(cfg: Any, *, job: str) -> StartPlan:
                            "(another run_dir), or set checkpoint.allow_config_change=true to resume with the new "
                            f"values (the difference is recorded in {os.path.join(cfg.run_dir, STARTS_NAME)})"])
     return plan
+
+
+def _refuse_overwriting_checkpoints(save_dir: str) -> None:
+    """ConfigError when a fresh start (checkpoint.resume=never) would write its checkpoints over
+    those already in ``save_dir``."""
+    existing = sorted(name for name in (os.listdir(save_dir) if os.path.isdir(save_dir) else ())
+                      if name == run_ckpt.LATEST or name.startswith("iter_"))
+    if existing:
+        raise ConfigError([f"checkpoint.resume=never starts a fresh run, but checkpoint.save_dir={save_dir} already "
+                           f"holds checkpoints ({', '.join(existing[:4])}{', ...' if len(existing) > 4 else ''}) "
+                           "that it would overwrite: choose another run_dir (or checkpoint.save_dir), or "
+                           "checkpoint.resume=auto to continue them"])
 
 
 def records_this_start() -> bool:
