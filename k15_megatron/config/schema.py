@@ -228,7 +228,8 @@ class CheckpointConfig:
     resume: str = one_of("auto", ("auto", "never"))
     """auto: resume from the newest checkpoint in save_dir if any (with a config that differs
     from the checkpoint's only as allow_config_change describes; a run whose checkpoint reached
-    its length says so and exits 0) | never."""
+    its length says so and exits 0) | never: a fresh start, refused before start-up when save_dir
+    already holds checkpoints (it would write over them)."""
     keep_last: int = at_least(3, 0)
     """Keep this many newest checkpoints (0 keeps all)."""
     allow_config_change: bool = False

@@ -64,7 +64,7 @@ def run(cfg) -> dict:
     return metrics
 
 
-HELP_KEYS = ("data.eval_path", "eval", "rollout.max_response_tokens", "rollout.max_model_len",
+HELP_KEYS = ("data.eval_path", "eval", "rewards.default", "rollout.max_response_tokens", "rollout.max_model_len",
              "rollout.tensor_parallel_size")
 """The config keys ``k15 eval --help`` lists (besides those of every job)."""
 

@@ -293,10 +293,18 @@ def run(cfg) -> None:
     RLJob(cfg).run()
 
 
+HELP_KEYS = ("data.train_path", "data.eval_path", "rl.iterations", "rl.prompts_per_iteration", "rl.group_size",
+             "rl.updates_per_iteration", "rl.groups_per_micro_batch", "rl.tau", "rl.eval_interval", "rewards.default",
+             "rollout.max_response_tokens", "rollout.max_model_len", "rollout.temperature",
+             "rollout.tensor_parallel_size", "optim.lr", "checkpoint.save_dir", "checkpoint.save_interval",
+             "checkpoint.resume")
+"""The config keys ``k15 rl --help`` lists (besides those of every job)."""
+
+
 def main(argv=None) -> int:
     from k15_megatron.jobs.launch import job_main
     from k15_megatron.jobs.preflight import job_checks
 
     # job_checks("rl") runs the RL config rules (rl_job_errors) with the data and tokenizer checks.
-    return job_main("k15 rl", __doc__.splitlines()[0], run, argv, job_errors=job_checks("rl"),
+    return job_main("k15 rl", __doc__, run, argv, job_errors=job_checks("rl"), help_keys=HELP_KEYS,
                     run_record="rl")
