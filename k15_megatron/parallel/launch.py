@@ -219,9 +219,10 @@ class _LocalRanks:
             if self.forwarded[rank] == len(self.received) or proc.poll() is not None:
                 continue
             recording = os.path.exists(os.path.join(self.rank_dir, f"ready_{rank}"))
-            for sig in self.received[self.forwarded[rank]:]:
+            pending = self.received[self.forwarded[rank]:]  # a copy: the handler may append meanwhile
+            for sig in pending:
                 os.kill(proc.pid, sig if recording else signal.SIGTERM)
-            self.forwarded[rank] = len(self.received)
+            self.forwarded[rank] += len(pending)
 
     def wait(self) -> list[int]:
         """Wait for every rank; returns their exit statuses (negative: ended by that signal)."""
