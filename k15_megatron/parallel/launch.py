@@ -24,13 +24,15 @@ tools), and jobs still starting up, end at once. What each way of signalling a j
   exited 0 (128 + the signal number when ranks were ended before they could save).
 * the parent's process group (``kill -TERM -- -PGID``, Ctrl-C): the ranks are in process groups
   of their own, so only the parent receives it; as above.
-* the parent killed outright (SIGKILL): on Linux every rank has asked the kernel for SIGTERM
-  when its parent dies (``PR_SET_PDEATHSIG``), so the ranks save and exit; no orphans.
+* the parent killed outright (SIGKILL): on Linux every rank started by the parent (or by
+  torchrun) has asked the kernel for SIGTERM when its parent dies (``PR_SET_PDEATHSIG``), so the
+  ranks save and exit; no orphans.
 * torchrun started by the user (``torchrun ... -m k15_megatron.cli sft ...``): torchrun sends the
-  signal it got (SIGTERM, SIGINT; SIGUSR1 only when ``--signals-to-handle`` names it) to each
+  signal it got (SIGTERM, SIGINT, SIGHUP, SIGQUIT, or what ``--signals-to-handle`` names) to each
   worker's process group, waits ``--shutdown-timeout`` seconds (default 30), then SIGKILLs. The
   ranks save and exit 0 if the save fits in that time; torchrun itself then exits non-zero
-  (torch re-raises the signal; not k15's choice).
+  (torch re-raises the signal; not k15's choice). A signal torchrun does not handle (SIGUSR1 by
+  default) ends torchrun; its workers then get SIGTERM from the kernel, as above, and save.
 * an srun step, or Slurm's ``--signal=USR1@T``, time limit or preemption, which signal every
   process of the step (helpers included), SIGTERM followed by SIGKILL after ``KillWait``: each
   rank records the signal and all of them save once and exit 0.
@@ -138,7 +140,7 @@ def _run_rank(work) -> int:
     from k15_megatron.parallel.initialize import shutdown
 
     rank_dir, rank = os.environ.get(RANK_DIR_ENV), _rank()
-    if rank_dir:
+    if rank_dir or "TORCHELASTIC_RUN_ID" in os.environ:  # started by k15's parent or by torchrun
         _die_with_parent()
     try:
         work()

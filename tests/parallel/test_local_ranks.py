@@ -4,8 +4,8 @@ A small command (written below) runs ``run_as_ranks(2, work)`` exactly as `k15 s
 conversion tools do; its ``work`` fails, or waits for a stop signal like a training job does.
 Checked: one message per error (the ranks named only when they differ), exit status 2 for a
 known cause and 1 with one traceback for a bug, no launcher dump; a rank that fails stops the
-others; every stop signal the parent receives reaches the ranks; a parent killed outright
-leaves no rank behind.
+others; every stop signal the parent receives reaches the ranks; a parent killed outright, or a
+torchrun ended by a signal it does not handle, leaves no rank behind (the ranks get SIGTERM).
 """
 
 from __future__ import annotations
@@ -119,9 +119,9 @@ def started():
                 pass
 
 
-def _start_stop_job(command, started):
+def _start_stop_job(command, started, launcher=()):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "SLURM_STEP_ID")}
-    proc = subprocess.Popen([sys.executable, command, "stop"], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, *launcher, command, "stop"], cwd=REPO_ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
     started.append(psutil.Process(proc.pid))
     lines = []
@@ -131,7 +131,7 @@ def _start_stop_job(command, started):
         lines.append(line)
     ranks = psutil.Process(proc.pid).children(recursive=True)
     started.extend(ranks)
-    assert len(ranks) == 2, "the parent should start the ranks itself"
+    assert len(ranks) == 2, "the launcher should start the ranks itself"
     return proc, ranks, lines
 
 
@@ -156,4 +156,18 @@ def test_a_killed_parent_leaves_no_rank_behind(command, started):
     text = "".join(lines) + out
     assert text.count(f"stopped by {int(signal.SIGTERM)}") == 2, text
     _, alive = psutil.wait_procs(ranks, timeout=30)  # not our children: no exit status to read
+    assert not alive, text
+
+
+@pytest.mark.distributed
+def test_workers_of_a_torchrun_killed_by_a_signal_it_does_not_handle_stop(command, started):
+    """SIGUSR1 is not among torchrun's default signals to handle: it ends torchrun at once."""
+    launcher = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+    proc, ranks, lines = _start_stop_job(command, started, launcher)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=60)
+    text = "".join(lines) + out
+    assert proc.returncode == -signal.SIGUSR1, text
+    assert text.count(f"stopped by {int(signal.SIGTERM)}") == 2, text
+    _, alive = psutil.wait_procs(ranks, timeout=30)
     assert not alive, text
