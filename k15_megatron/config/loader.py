@@ -67,6 +67,10 @@ def load_config(
     if errors:
         raise ConfigError(errors)
     try:
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:  # a recipe's `???`: a value the user must give
+            raise ConfigError([f"{key}: required, no value given (the recipe leaves it as ???); set it in the "
+                               f"YAML or as {key}=VALUE" for key in missing])
         result = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         raise ConfigError([f"config key '{e.full_key}': {e.msg}"]) from None

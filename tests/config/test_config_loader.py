@@ -115,6 +115,21 @@ def test_type_errors_name_key_and_expected_type(tmp_path):
     assert "'optim.train_iters'" in text and "expected int, got 1.5" in text
 
 
+def test_required_values_left_as_missing_are_named_with_how_to_set_them(tmp_path):
+    path = write_yaml(tmp_path / "own.yaml", """
+        model:
+          hf_path: ???
+        data:
+          train_path: ???
+    """)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, [])
+    assert [line.split(":")[0] for line in info.value.errors] == ["data.train_path", "model.hf_path"]
+    assert "set it in the YAML or as model.hf_path=VALUE" in str(info.value)
+    cfg = load_config(path, TINY_OVERRIDES + ["model.hf_path=null", "data.train_path=t.jsonl"], check=False)
+    assert cfg.data.train_path == "t.jsonl"
+
+
 def test_malformed_override_and_bad_interpolation():
     with pytest.raises(ConfigError, match="must look like dotted.key=value"):
         load_config(None, ["model.num_layers"], check=False)
