@@ -46,8 +46,8 @@ def _write_data(path) -> str:
 
 def _sft_args(run_dir, data, *, iters: int) -> list[str]:
     return ["sft", "examples/tiny_arith_sft.yaml", f"run_dir={run_dir}", f"data.train_path={data}",
-            "parallel.world_size=2", f"optim.train_iters={iters}", "optim.lr_warmup_iters=1", "optim.lr_decay_iters=100000",
-            "logging.log_interval=1", "data.global_batch_size=4", "data.micro_batch_size=2",
+            "parallel.world_size=2", f"optim.train_iters={iters}", "optim.lr_warmup_iters=1",
+            "optim.lr_decay_iters=100000", "logging.log_interval=1", "data.global_batch_size=4", "data.micro_batch_size=2",
             f"checkpoint.save_interval={SAVE_INTERVAL}", "checkpoint.keep_last=0"]
 
 
