@@ -30,9 +30,10 @@ class RolloutConfig:
     """vLLM tensor-parallel size, independent of training's ``parallel.tensor``. It must divide
     the world size; world / tensor_parallel_size engine replicas (vLLM data-parallel ranks)
     each generate their own share of the prompts."""
-    max_response_tokens: int = at_least(16384, 1)
+    max_response_tokens: Optional[int] = at_least(None, 1)
     """Longest response (all segments of a trajectory together); reaching it finishes the
-    trajectory with reason 'max_length'."""
+    trajectory with reason 'max_length'. null: half of max_model_len, at most
+    :data:`DEFAULT_MAX_RESPONSE_TOKENS` (filled in when the config is validated)."""
     max_model_len: Optional[int] = at_least(None, 2)
     """vLLM context length in tokens (prompt + response); null takes the model's context.
     The model's context is max_position_embeddings (of the model's config.json, or
@@ -111,12 +112,17 @@ class RolloutConfig:
         return errors
 
 
+DEFAULT_MAX_RESPONSE_TOKENS = 16384
+"""The longest default response cap: a null ``rollout.max_response_tokens`` is half of
+``max_model_len`` up to this (the other half is room for the prompt)."""
+
+
 def response_budget_errors(cfg: RolloutConfig, *, prefix: str = "rollout", context_note: str = "") -> List[str]:
     """``max_response_tokens`` must leave room for a prompt in ``max_model_len``. Checked by the
     jobs that generate (``k15 rl``, ``k15 eval``) before they start, not with the section: an
     SFT config with a short-context model need not tune the rollout. ``context_note`` says
     where max_model_len came from."""
-    if cfg.max_model_len is None or cfg.max_response_tokens < cfg.max_model_len:
+    if cfg.max_model_len is None or cfg.max_response_tokens is None or cfg.max_response_tokens < cfg.max_model_len:
         return []
     return [f"{prefix}.max_response_tokens={cfg.max_response_tokens} leaves no room for the prompt in "
             f"{prefix}.max_model_len={cfg.max_model_len}{context_note}; set {prefix}.max_response_tokens "
@@ -126,12 +132,15 @@ def response_budget_errors(cfg: RolloutConfig, *, prefix: str = "rollout", conte
 
 def derive_max_model_len(cfg: RolloutConfig, *, context: int, context_source: str,
                          prefix: str = "rollout") -> List[str]:
-    """Fill a null ``max_model_len`` with the model's ``context`` (tokens); refuse an explicit
-    value above it. ``context_source`` names where the context was read (e.g.
+    """Fill a null ``max_model_len`` with the model's ``context`` (tokens), then a null
+    ``max_response_tokens`` with half of ``max_model_len`` (at most
+    :data:`DEFAULT_MAX_RESPONSE_TOKENS`); refuse an explicit ``max_model_len`` above the
+    context. ``context_source`` names where the context was read (e.g.
     ``max_position_embeddings in /m/config.json``). Returns the problems (one line each)."""
     if cfg.max_model_len is None:
         cfg.max_model_len = context
-        return []
+    if cfg.max_response_tokens is None:
+        cfg.max_response_tokens = max(1, min(DEFAULT_MAX_RESPONSE_TOKENS, cfg.max_model_len // 2))
     if cfg.max_model_len > context:
         return [f"{prefix}.max_model_len={cfg.max_model_len} exceeds the model's context of {context} "
                 f"tokens ({context_source}); set {prefix}.max_model_len to at most {context}, or to "

@@ -190,9 +190,10 @@ class OptimConfig:
 class DataConfig:
     """Sequence shapes and where training/evaluation data live."""
 
-    seq_length: int = at_least(4096, 1)
-    """SFT: tokens per packed row; ``k15 sft`` refuses a value above the model's context
-    (max_position_embeddings). (RL lengths are rollout.max_model_len.)"""
+    seq_length: Optional[int] = at_least(None, 1)
+    """SFT: tokens per packed row; null takes the model's context (max_position_embeddings),
+    filled in when the config is validated. ``k15 sft`` refuses a value above the model's
+    context. (RL lengths are rollout.max_model_len.)"""
     micro_batch_size: int = at_least(1, 1)
     """SFT: rows per forward/backward on one data-parallel rank. (RL micro-batches hold at
     most rl.groups_per_micro_batch groups.)"""

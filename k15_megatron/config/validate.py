@@ -54,8 +54,10 @@ def validate(
             recipe rules (default :func:`k15_megatron.config.fp8.probe_fp8_platform`).
 
     Reads ``<model.hf_path>/config.json`` to learn head and layer counts and the model's
-    context, which a null ``rollout.max_model_len`` takes (filled in ``cfg``; an explicit
-    value above it is refused: :func:`~k15_megatron.config.rollout.derive_max_model_len`).
+    context, which a null ``rollout.max_model_len`` and a null ``data.seq_length`` take, and
+    half of which (at most 16384) a null ``rollout.max_response_tokens`` takes (filled in
+    ``cfg``; an explicit max_model_len above the context is refused:
+    :func:`~k15_megatron.config.rollout.derive_max_model_len`).
     """
     errors = section_field_errors(cfg)
     arch: Optional[ModelArch] = None
@@ -67,13 +69,16 @@ def validate(
     if arch is not None:
         errors += derive_max_model_len(cfg.rollout, context=arch.max_position_embeddings,
                                        context_source=context_source(cfg.model))
+        if cfg.data.seq_length is None:
+            cfg.data.seq_length = arch.max_position_embeddings
     par = cfg.parallel
     sizes_ok = all(s >= 1 for s in (par.tensor, par.pipeline, par.context, par.expert))
     if sizes_ok:
         errors += _layout_errors(par, arch, cfg.data, cfg.model.make_vocab_size_divisible_by,
                                  environ)
         errors += _not_implemented_errors(par)
-        errors += _sequence_errors(par, cfg.data.seq_length)
+        if cfg.data.seq_length is not None:  # else the model is unresolved (reported above)
+            errors += _sequence_errors(par, cfg.data.seq_length)
         errors += _precision_errors(cfg, arch, te_available or have_transformer_engine,
                                     fp8_platform or probe_fp8_platform)
     errors += _optim_errors(cfg.optim)

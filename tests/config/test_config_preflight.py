@@ -77,8 +77,14 @@ def test_max_model_len_defaults_to_the_model_context_and_a_larger_value_is_refus
 def test_job_lengths_against_the_context(plain_model, tmp_path):
     train = _write(tmp_path / "t.jsonl", [{"prompt": "1+1", "answer": "2"}])
     sft = _write(tmp_path / "s.jsonl", [{"prompt": "1+1", "response": "2"}])
-    cfg = load_config(TINY, _hf_overrides(plain_model) + [f"data.train_path={train}"], environ={})
-    # The rollout default (16384 response tokens) cannot fit the derived 512: named with a valid value.
+    cfg = load_config(TINY, _hf_overrides(plain_model) + [f"data.train_path={train}", "data.seq_length=null"],
+                      environ={})
+    # The defaults come from the model's 512-token context: half of it for the response.
+    assert (cfg.rollout.max_model_len, cfg.rollout.max_response_tokens, cfg.data.seq_length) == (512, 256, 512)
+    assert pre_start_errors(cfg, job="rl")[0] == []
+    # An explicit response cap that cannot fit is named with a valid value.
+    cfg = load_config(TINY, _hf_overrides(plain_model) + [f"data.train_path={train}",
+                                                          "rollout.max_response_tokens=16384"], environ={})
     errors, _ = pre_start_errors(cfg, job="rl")
     assert errors == ["rollout.max_response_tokens=16384 leaves no room for the prompt in "
                       "rollout.max_model_len=512 (the model's context); set rollout.max_response_tokens "
@@ -178,7 +184,8 @@ def test_k15_rl_and_sft_name_the_mistakes_before_any_process_starts(tmp_path):
     run_dir = str(tmp_path / "run")
     common = [f"run_dir={run_dir}", "parallel.world_size=2", "model.vocab_size=64"]
     proc = run_tool("-m", "k15_megatron.cli", "rl", TINY, *common, f"data.train_path={prompts}",
-                    f"data.eval_path={tmp_path / 'missing.jsonl'}", "rl.prompts_per_iteration=16", timeout=240)
+                    f"data.eval_path={tmp_path / 'missing.jsonl'}", "rl.prompts_per_iteration=16",
+                    "rollout.max_response_tokens=16384", timeout=240)
     _assert_refused_before_start_up(proc, run_dir, [
         "  - rollout.max_response_tokens=16384 leaves no room for the prompt in rollout.max_model_len=512 (the "
         "model's context); set rollout.max_response_tokens below 512 minus the longest prompt (e.g. "
