@@ -41,6 +41,11 @@ def test_there_are_examples():
 @pytest.mark.parametrize("path", EXAMPLES, ids=os.path.basename)
 def test_example_loads_and_validates(path, qwen2_5_7b_models_dir):
     extra = CLUSTER_OVERRIDES.get(os.path.basename(path), ["parallel.world_size=1"])
+    if os.path.basename(path).startswith("own_"):  # the values the user must give (???)
+        with pytest.raises(ConfigError, match=r"model.hf_path: required, no value given"):
+            load_config(path, extra, environ={})
+        extra = extra + [f"model.hf_path={qwen2_5_7b_models_dir / 'Qwen2.5-7B'}", "data.train_path=t.jsonl",
+                         "data.eval_path=e.jsonl"]
     cfg = load_config(path, extra, environ={})
     assert cfg.name and "${" not in cfg.run_dir
 
