@@ -1,7 +1,8 @@
 """Which tokenizer a run uses, decided in one place, and the check that it fits the model.
 
-In order: the Hugging Face folder of ``model.hf_path``; the ``hf_assets`` folder that the k15
-checkpoint named by ``model.init_from`` carries. A run that names neither (the built-in tiny
+In order: the ``hf_assets`` folder that the k15 checkpoint named by ``model.init_from`` carries
+(the tokenizer, and chat template, that checkpoint was trained with); the Hugging Face folder of
+``model.hf_path``. A run that names neither (the built-in tiny
 default: a model defined entirely in the config) uses the character tokenizer of
 :mod:`k15_megatron.models.tiny`. A run that names a folder but finds no tokenizer files there is
 an error, never a silent fall-back to the character tokenizer (its ids would mean nothing to
@@ -34,11 +35,11 @@ def tokenizer_folder(model_cfg, *, init_checkpoint: str | None = None) -> str | 
         tokenizer files.
     """
     candidates = []
-    if model_cfg.hf_path:
-        candidates.append(("model.hf_path", model_cfg.hf_path))
     if model_cfg.init_from:
         assets = os.path.join(init_checkpoint or model_cfg.init_from, "hf_assets")
         candidates.append(("model.init_from", assets))
+    if model_cfg.hf_path:
+        candidates.append(("model.hf_path", model_cfg.hf_path))
     for _, folder in candidates:
         if any(os.path.exists(os.path.join(folder, name)) for name in TOKENIZER_FILES):
             return folder

@@ -52,6 +52,22 @@ def test_checkpoint_assets_are_found_and_no_folder_means_the_character_tokenizer
     assert len(load_tokenizer(ModelConfig(), vocab_size=128)) <= 128
 
 
+def test_a_checkpoint_s_own_tokenizer_and_template_win_over_the_model_folder(tiny_hf_dirs, tmp_path):
+    """An SFT run saved its tokenizer with the template it used; the RL stage that starts from
+    it (model.init_from) and names the Hugging Face folder (model.hf_path) keeps that template."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_hf_dirs["qwen2"])
+    tok.chat_template = "Q: {{ messages[0]['content'] }} A:"
+    tok.save_pretrained(tmp_path / "iter_0000003" / "hf_assets")
+    cfg = ModelConfig(hf_path=tiny_hf_dirs["qwen2"], init_from=str(tmp_path / "iter_0000003"))
+    assert tokenizer_folder(cfg) == str(tmp_path / "iter_0000003" / "hf_assets")
+    assert load_tokenizer(cfg, vocab_size=1000).chat_template == "Q: {{ messages[0]['content'] }} A:"
+    shutil.rmtree(tmp_path / "iter_0000003" / "hf_assets")  # a checkpoint without one: the model's
+    (tmp_path / "iter_0000003" / "hf_assets").mkdir()
+    assert tokenizer_folder(cfg) == tiny_hf_dirs["qwen2"]
+
+
 def test_k15_eval_on_a_model_folder_without_tokenizer_stops_before_any_work(tiny_hf_dirs, tmp_path):
     folder = _without_tokenizer(tiny_hf_dirs["qwen2"], tmp_path / "no_tok")
     (tmp_path / "eval.jsonl").write_text('{"prompt": "1+1", "answer": "2"}\n')
