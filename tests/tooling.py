@@ -38,3 +38,26 @@ def megatron_from_hf(hf_dir: str, *, tp: int = 1, pp: int = 1, seed: int = 3, lr
         model, optim_cfg=OptimConfig(lr=lr, clip_grad=clip_grad, optimizer=optimizer), precision_cfg=precision,
         num_steps=train_iters)
     return arch, model, chunks, optimizer, scheduler
+
+
+def single_segment_batch(ids, lengths, rewards, *, group_size: int, prompt_tokens: int, generator):
+    """A RolloutBatch of finished one-segment responses: ``ids`` [B, T] (zeroed past each
+    sample), ``prompt_tokens`` prompt tokens then ``lengths`` [B] response tokens, random
+    behaviour log-probs in (-6, 0] drawn from ``generator``, ``rewards`` [B]."""
+    import torch
+
+    from k15_megatron.rl.batch import RolloutBatch
+
+    b, t = ids.shape
+    pos = torch.arange(t)
+    attention = pos < (prompt_tokens + lengths)[:, None]
+    response = attention & (pos >= prompt_tokens)
+    ids = torch.where(attention, ids, torch.zeros_like(ids))
+    behaviour = torch.where(response, -torch.rand(b, t, generator=generator) * 6, torch.zeros(b, t))
+    return RolloutBatch(
+        input_ids=ids, attention_mask=attention, response_mask=response, loss_mask=response.clone(),
+        behaviour_logprobs=behaviour, segment_index=torch.where(response, 0, -1).int(),
+        prompt_lengths=torch.full((b,), prompt_tokens), response_lengths=lengths, trajectory_ids=torch.arange(b),
+        prompt_ids=torch.arange(b) // group_size, segment_iterations=torch.zeros(b, 1, dtype=torch.long),
+        segment_policy_versions=torch.zeros(b, 1, dtype=torch.long), num_segments=torch.ones(b, dtype=torch.long),
+        finish_reasons=["stop"] * b, group_size=group_size, rewards=rewards)

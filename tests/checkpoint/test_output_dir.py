@@ -56,7 +56,7 @@ def test_conversion_tools_and_export_refuse_a_used_folder_and_overwrite_only_the
     proc = run_tool(*convert, "--overwrite")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (ckpt / "notes.txt").read_text() == NOTES and (ckpt / "k15_meta.json").exists()
-    assert f"wrote 7 files (.metadata, " in proc.stdout and str(ckpt) in proc.stdout, proc.stdout
+    assert "wrote 7 files (.metadata, " in proc.stdout and str(ckpt) in proc.stdout, proc.stdout
 
     commands = {"convert_megatron_to_hf": ("tools/convert_megatron_to_hf.py", "--tp", "2", "--ckpt", str(ckpt), "--out"),
                 "export": ("-m", "k15_megatron.cli", "export", str(ckpt))}

@@ -19,32 +19,19 @@ import types
 import pytest
 import torch
 from distributed import run_distributed
-from tooling import megatron_from_hf
+from tooling import megatron_from_hf, single_segment_batch
 
 K, TAU, T, GROUPS = 2, 0.1, 12, 6
 
 
 def _batch(vocab: int):
     """GROUPS groups of K samples of T tokens: 3 prompt tokens, responses of varied length."""
-    from k15_megatron.rl.batch import RolloutBatch
-
     g = torch.Generator().manual_seed(5)
     b = GROUPS * K
     ids = torch.randint(1, vocab, (b, T), generator=g)
     lengths = torch.randint(2, T - 3 + 1, (b,), generator=g)
-    pos = torch.arange(T)
-    attention = pos < (3 + lengths)[:, None]
-    response = attention & (pos >= 3)
-    ids = torch.where(attention, ids, torch.zeros_like(ids))
-    behaviour = torch.where(response, -torch.rand(b, T, generator=g) * 6, torch.zeros(b, T))
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.5, 1.0, 0.0, 0.25, 1.0])
-    return RolloutBatch(
-        input_ids=ids, attention_mask=attention, response_mask=response, loss_mask=response.clone(),
-        behaviour_logprobs=behaviour, segment_index=torch.where(response, 0, -1).int(),
-        prompt_lengths=torch.full((b,), 3), response_lengths=lengths, trajectory_ids=torch.arange(b),
-        prompt_ids=torch.arange(b) // K, segment_iterations=torch.zeros(b, 1, dtype=torch.long),
-        segment_policy_versions=torch.zeros(b, 1, dtype=torch.long), num_segments=torch.ones(b, dtype=torch.long),
-        finish_reasons=["stop"] * b, group_size=K, rewards=rewards)
+    return single_segment_batch(ids, lengths, rewards, group_size=K, prompt_tokens=3, generator=g)
 
 
 def _split_worker(rank, world_size, hf_dir, pp, groups, splits):
