@@ -96,7 +96,7 @@ def pre_start_errors(cfg, *, job: str) -> Tuple[List[str], List[str]]:
             if read.required:
                 errors.append(f"k15 {job} needs data.{read.key}: a JSONL file of "
                               f"{'{prompt, response}' if read.records == SFT_RECORDS else '{prompt, answer}'} "
-                              "records (formats in k15_megatron/data/jsonl.py)")
+                              "records (formats: README.md, Your own model and data)")
             continue
         problems, note = _data_problems(cfg, read, path, job=job,
                                         tokenizer=None if length_errors else tokenizer)
