@@ -201,7 +201,7 @@ class _LocalRanks:
         self.forwarded = [0] * nprocs  # how many of `received` each rank has been sent
 
     def on_signal(self, signum, frame) -> None:
-        self.received.append(signum)  # forwarded by the wait loop, once each rank is ready
+        self.received.append(signum)  # forwarded to the ranks by the wait loop
 
     def start(self) -> None:
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
