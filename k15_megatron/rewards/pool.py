@@ -25,7 +25,8 @@ are called from a script without an ``if __name__ == "__main__":`` guard. Here t
 (``python - < script.py``) and from notebooks alike. Tasks and their functions travel pickled
 over a socket pair; functions must be importable top-level functions (the worker receives the
 caller's ``sys.path``). A worker dies with its parent (``PR_SET_PDEATHSIG``) and exits when
-the parent's end of its socket closes, so a crashed trainer leaves no workers behind.
+the parent's end of its socket closes, so a crashed trainer leaves no workers behind; the
+stop signals a job's processes all receive (SIGTERM, SIGINT, SIGUSR1) leave it running.
 
 One `map` runs at a time per pool (a lock serialises callers from several threads).
 """
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -80,15 +82,31 @@ def process_cpu_seconds(pid: int, *, include_children: bool = False) -> float:
 
 def _die_with_parent() -> None:
     import ctypes
-    import signal
 
     pr_set_pdeathsig = 1
     ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
 
 
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGUSR1})
+"""The signals Slurm (time limit, preemption) and Ctrl-C send to every process of a job."""
+
+
+def _outlive_stop_signals() -> None:
+    """The stop signals do nothing to a worker: they reach it while the trainer finishes its
+    step and saves, and a worker killed then would fail that step's rewards. The worker is
+    started with them blocked (:class:`_Worker`), so none is lost or fatal before this runs;
+    here they get a no-op handler, not SIG_IGN, so that the programs a task runs (sandboxed
+    code) start with the default dispositions, and are unblocked. The pool stops workers with
+    SIGKILL, and a worker dies with its parent."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, lambda *_: None)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
 def worker_main(fd: int) -> None:
     """Entry point of a worker process (``fd``: its end of the socket pair)."""
     _die_with_parent()
+    _outlive_stop_signals()
     conn = Connection(fd)
     parent_path, initializer = conn.recv()
     sys.path[:] = [p for p in parent_path if p not in sys.path] + sys.path
@@ -116,10 +134,12 @@ class _Worker:
         code = (f"import sys; sys.path.insert(0, {_PACKAGE_ROOT!r}); "
                 f"from k15_megatron.rewards.pool import worker_main; "
                 f"worker_main({child_sock.fileno()})")
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # inherited until worker_main
         try:
             self.process = subprocess.Popen([sys.executable, "-c", code],
                                             pass_fds=(child_sock.fileno(),), stdin=subprocess.DEVNULL)
         finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
             child_sock.close()
         self.conn = Connection(parent_sock.detach())
         self.conn.send((list(sys.path), initializer))

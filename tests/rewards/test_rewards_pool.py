@@ -89,6 +89,29 @@ def test_per_task_timeouts_and_argument_checks(pool):
     assert results[0].reason == "timeout"
 
 
+def _stop_signal_disposition() -> bool:
+    import subprocess
+    import sys
+
+    # What a program the task starts sees: SIGTERM at its default (it would end the child).
+    child = subprocess.run([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"])
+    return child.returncode == -signal.SIGTERM
+
+
+def test_workers_outlive_the_stop_signals_a_job_receives(pool):
+    """Slurm and Ctrl-C signal every process of a job while the trainer saves: the workers keep
+    scoring, and the programs their tasks run keep the default dispositions."""
+    pool.map(_square, [(1,), (2,)], timeout_s=30)  # both workers started
+    pids = set(pool.pids())
+    for pid in pids:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            os.kill(pid, sig)
+    time.sleep(0.5)
+    results = pool.map(_square, [(i,) for i in range(6)], timeout_s=30)
+    assert [r.value for r in results] == [i * i for i in range(6)] and set(pool.pids()) == pids
+    assert all(r.value for r in pool.map(_stop_signal_disposition, [()], timeout_s=30))
+
+
 def test_close_leaves_no_worker_processes():
     p = KillablePool(2)
     used = {r.value for r in p.map(_pid, [()] * 4, timeout_s=30)}
