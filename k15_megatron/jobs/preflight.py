@@ -5,7 +5,8 @@
 :func:`pre_start_errors` on the validated config, in the launching process, before torchrun,
 torch.distributed, Megatron or vLLM start. It checks, listing every problem at once:
 
-* the job's own config rules (:data:`JOBS`), and the lengths against the model's context
+* the job's own config rules (:data:`JOBS`), a training precision this machine can run, and
+  the lengths against the model's context
   (max_position_embeddings): ``data.seq_length`` for SFT, ``rollout.max_response_tokens``
   against ``rollout.max_model_len`` for the jobs that generate;
 * the tokenizer: found where :mod:`k15_megatron.models.tokenizer` says, no larger than the
@@ -63,15 +64,18 @@ class JobInputs:
     reads: Tuple[DataRead, ...]
     generates: bool
     """Runs the rollout engine (the rollout lengths apply to it)."""
+    trains: bool
+    """Trains the model (the optimizer's precision rules apply to it)."""
     config_errors: Optional[Callable[[object], List[str]]] = None
 
 
 JOBS = {
-    "sft": JobInputs(reads=(DataRead("train_path", SFT_RECORDS, required=True),), generates=False),
+    "sft": JobInputs(reads=(DataRead("train_path", SFT_RECORDS, required=True),), generates=False, trains=True),
     "rl": JobInputs(reads=(DataRead("train_path", PROMPT_RECORDS, required=True),
                            DataRead("eval_path", PROMPT_RECORDS, required=False)),
-                    generates=True, config_errors=rl_job_errors),
-    "eval": JobInputs(reads=(DataRead("eval_path", PROMPT_RECORDS, required=True),), generates=True),
+                    generates=True, trains=True, config_errors=rl_job_errors),
+    "eval": JobInputs(reads=(DataRead("eval_path", PROMPT_RECORDS, required=True),), generates=True,
+                      trains=False),
 }
 """The jobs' inputs, by command name (``k15 <name>``)."""
 
@@ -84,6 +88,7 @@ def pre_start_errors(cfg, *, job: str) -> Tuple[List[str], List[str]]:
     arch = resolve_model_arch(cfg.model)  # cfg is validated: this succeeds
     length_errors = _length_errors(cfg, arch, generates=inputs.generates, sft=job == "sft")
     errors += length_errors
+    errors += _precision_errors(cfg) if inputs.trains else []
     tokenizer, warnings = None, []
     try:
         tokenizer, warning = _tokenizer(cfg, arch)
@@ -124,6 +129,19 @@ def job_checks(job: str) -> Callable[[object], List[str]]:
         return errors
 
     return check
+
+
+def _precision_errors(cfg) -> List[str]:
+    """bf16/fp16 training needs CUDA: Megatron's mixed-precision optimizer wraps only CUDA
+    tensors, so on a machine without a GPU it would fail after start-up."""
+    if cfg.precision.dtype == "fp32":
+        return []
+    import torch
+
+    if torch.cuda.is_available():
+        return []
+    return [f"precision.dtype={cfg.precision.dtype}: training in {cfg.precision.dtype} needs a GPU (Megatron's "
+            "mixed-precision optimizer takes CUDA tensors) and this machine has none; set precision.dtype=fp32"]
 
 
 def _length_errors(cfg, arch: ModelArch, *, generates: bool, sft: bool) -> List[str]:

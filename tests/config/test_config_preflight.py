@@ -226,3 +226,21 @@ def test_config_show_without_a_job_imports_neither_torch_nor_transformers():
                           f"    assert cli.main(['config', 'show', {TINY!r}, 'parallel.world_size=1']) == 0\n"
                           "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))", timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr[-2000:]
+
+
+def test_training_in_bf16_without_a_gpu_is_refused_before_start_up(tmp_path):
+    """Megatron's mixed-precision optimizer takes only CUDA tensors: on this machine a bf16 `k15 sft`
+    or `k15 rl` would fail after start-up with a traceback; it is refused up front, and evaluation
+    (no optimizer) is not."""
+    import torch
+
+    sft = _write(tmp_path / "s.jsonl", [{"prompt": "1+1", "response": "2"}])
+    prompts = _write(tmp_path / "p.jsonl", [{"prompt": "1+1", "answer": "2"}])
+    base = ["precision.dtype=bf16", f"data.train_path={sft}", f"data.eval_path={prompts}", "parallel.world_size=1"]
+    expected = [] if torch.cuda.is_available() else [
+        "precision.dtype=bf16: training in bf16 needs a GPU (Megatron's mixed-precision optimizer takes CUDA "
+        "tensors) and this machine has none; set precision.dtype=fp32"]
+    assert pre_start_errors(load_config(TINY, base, environ={}), job="sft")[0] == expected
+    rl = load_config(TINY, base + [f"data.train_path={prompts}", "rollout.max_response_tokens=64"], environ={})
+    assert pre_start_errors(rl, job="rl")[0] == expected
+    assert pre_start_errors(rl, job="eval")[0] == []
