@@ -95,8 +95,9 @@ def write_run_assets(trainer: Trainer) -> str:
         source = trainer.tokenizer_dir
         if source:
             copy_hf_assets(source, path)
-        else:
-            trainer.tokenizer.save_pretrained(path)
+        # The tokenizer as the run uses it: with the chat template data.chat_template chose, which
+        # the next stage (model.init_from) and k15 export then keep.
+        trainer.tokenizer.save_pretrained(path)
         base = None
         if source and os.path.exists(os.path.join(source, "config.json")):
             with open(os.path.join(source, "config.json")) as f:

@@ -244,3 +244,25 @@ def test_training_in_bf16_without_a_gpu_is_refused_before_start_up(tmp_path):
     rl = load_config(TINY, base + [f"data.train_path={prompts}", "rollout.max_response_tokens=64"], environ={})
     assert pre_start_errors(rl, job="rl")[0] == expected
     assert pre_start_errors(rl, job="eval")[0] == []
+
+
+@pytest.mark.parametrize("choice", ["default", "raw"])
+def test_the_chosen_template_is_saved_with_the_run_assets(plain_model, tmp_path, choice):
+    """The next stage (model.init_from) and k15 export read the run's hf_assets: the template the
+    run chose must be there, not the model folder's (which has none)."""
+    import types
+
+    from transformers import AutoTokenizer
+
+    from k15_megatron.config import resolve_model_arch
+    from k15_megatron.data.formatting import NAMED_TEMPLATES, use_chat_template
+    from k15_megatron.train.setup import write_run_assets
+
+    cfg = load_config(TINY, _hf_overrides(plain_model) + [f"run_dir={tmp_path}"], environ={})
+    tokenizer = AutoTokenizer.from_pretrained(plain_model)
+    use_chat_template(tokenizer, choice)
+    trainer = types.SimpleNamespace(cfg=cfg, is_logging_rank=True, tokenizer_dir=plain_model, tokenizer=tokenizer,
+                                    arch=resolve_model_arch(cfg.model))
+    saved = AutoTokenizer.from_pretrained(write_run_assets(trainer))
+    assert saved.chat_template == NAMED_TEMPLATES[choice]
+    assert prompt_token_ids(saved, "12+3") == prompt_token_ids(tokenizer, "12+3")
