@@ -22,6 +22,10 @@ reward spec for `k15_megatron.rewards.registry` ("math", or
 "k15_megatron.rewards.arithmetic:arithmetic_reward"). ``difficulty`` and ``reward`` are optional;
 extra keys (``data_source``, ``tests``) are kept for the rewards.
 
+``prompt``, ``response`` and ``answer`` must hold text (not only whitespace), and a numeric
+``answer`` must be finite: an empty response teaches nothing and an empty, NaN or infinite
+answer can never be matched.
+
 A data file that is missing, empty (no records) or holds bad lines is refused with every
 problem listed, each naming ``path:line`` (:class:`~k15_megatron.config.errors.ConfigError`;
 at most :data:`MAX_LISTED` per file). ``k15 sft|rl|eval`` read their files with these same
@@ -34,6 +38,7 @@ Writers go through a temporary file and an atomic rename, so a reader never sees
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from typing import Any, Dict, Iterable, List, Mapping, Tuple
@@ -138,7 +143,13 @@ def _key_problems(record: Mapping[str, Any], keys: Iterable[str], where: str,
             problems.append(f"{where}: record has no {key!r} key (keys: {sorted(record)})")
             continue
         value = record[key]
-        if isinstance(value, str) or (key in numbers_ok and _is_number(value)):
+        if isinstance(value, str):
+            if not value.strip():  # nothing to learn from, or an answer nothing can equal
+                problems.append(f"{where}: {key!r} is empty")
+            continue
+        if key in numbers_ok and _is_number(value):
+            if not math.isfinite(value):  # NaN, or a literal beyond float range read as inf
+                problems.append(f"{where}: {key!r} must be a finite number, got {value!r}")
             continue
         kind = "a string or a number" if key in numbers_ok else "a string"
         problems.append(f"{where}: {key!r} must be {kind}, got {type(value).__name__} {value!r:.40}")

@@ -44,6 +44,21 @@ def test_every_problem_of_a_file_is_listed_in_line_order(tmp_path):
     assert len(err.value.errors) == MAX_LISTED + 1 and err.value.errors[-1] == f"{many}: ... and 5 more problems"
 
 
+def test_records_that_can_teach_or_score_nothing_are_refused(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "", "answer": "1"}\n{"prompt": "a", "answer": "  "}\n'
+                       '{"prompt": "b", "answer": NaN}\n{"prompt": "c", "answer": 1e400}\n'
+                       '{"prompt": "d", "answer": 0}\n')
+    with pytest.raises(ConfigError) as err:
+        read_prompts(str(prompts))
+    assert err.value.errors == [f"{prompts}:1: 'prompt' is empty", f"{prompts}:2: 'answer' is empty",
+                                f"{prompts}:3: 'answer' must be a finite number, got nan",
+                                f"{prompts}:4: 'answer' must be a finite number, got inf"]
+    sft = _write(tmp_path / "s.jsonl", [{"prompt": "a", "response": "\n"}])
+    with pytest.raises(ConfigError, match=r"s.jsonl:1: 'response' is empty"):
+        read_sft(sft)
+
+
 def test_missing_and_empty_files_are_named(tmp_path):
     with pytest.raises(ConfigError, match=r"nope\.jsonl: no such file"):
         read_sft(str(tmp_path / "nope.jsonl"))
