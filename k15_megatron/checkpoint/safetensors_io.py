@@ -55,6 +55,9 @@ class HFTensorReader:
 def _atomic_save(tensors: dict[str, torch.Tensor], path: str) -> None:
     tmp = path + ".tmp"
     save_file(tensors, tmp, metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600; the folder is meant to be shared
     os.replace(tmp, path)
 
 

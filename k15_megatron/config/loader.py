@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import tempfile
 import typing
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type
 
@@ -91,8 +90,8 @@ def save_resolved_config(cfg: ExperimentConfig, run_dir: Optional[str] = None) -
     run_dir = cfg.run_dir if run_dir is None else run_dir
     os.makedirs(run_dir, exist_ok=True)
     target = os.path.join(run_dir, RESOLVED_CONFIG_NAME)
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".config.", suffix=".yaml")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+    tmp = os.path.join(run_dir, f".config.{os.getpid()}.yaml")  # open(): the user's umask, unlike mkstemp's 0600
+    with open(tmp, "w", encoding="utf-8") as f:
         f.write(to_yaml(cfg))
     os.replace(tmp, target)
     return target

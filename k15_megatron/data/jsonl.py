@@ -40,7 +40,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from typing import Any, Dict, Iterable, List, Mapping, Tuple
 
 from k15_megatron.config.errors import ConfigError
@@ -121,9 +120,9 @@ def write_jsonl(path: str, records: Iterable[Mapping[str, Any]]) -> int:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     count = 0
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jsonl", dir=directory)
+    tmp = os.path.join(directory, f".tmp-{os.getpid()}-{os.path.basename(path)}")  # the user's umask, not 0600
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             for record in records:
                 f.write(json.dumps(dict(record), ensure_ascii=False) + "\n")
                 count += 1

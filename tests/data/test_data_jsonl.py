@@ -109,3 +109,25 @@ def test_one_jsonl_reader():
                 if re.search(r"for [\w, ]+ in (enumerate\()?(f|handle|fh|file)\b.*:\s*\n(.*\n){0,6}.*json\.loads", text):
                     offenders.append(os.path.relpath(path, REPO_ROOT))
     assert not offenders, offenders
+
+
+def test_written_files_follow_the_umask_like_any_other_output(tmp_path):
+    """Atomic writes go through a temporary file; it must not leave the result 0600 (mkstemp's and
+    safetensors' mode), which teammates on a shared cluster could not read."""
+    import torch
+
+    from k15_megatron.checkpoint.safetensors_io import ShardedSafetensorsWriter
+    from k15_megatron.config import load_config, save_resolved_config
+
+    previous = os.umask(0o022)
+    try:
+        write_jsonl(str(tmp_path / "samples.jsonl"), [{"a": 1}])
+        save_resolved_config(load_config(None, [], check=False), str(tmp_path))
+        writer = ShardedSafetensorsWriter(str(tmp_path / "hf"))
+        writer.add("w", torch.zeros(2))
+        writer.close()
+    finally:
+        os.umask(previous)
+    for path in (tmp_path / "samples.jsonl", tmp_path / "config.yaml", tmp_path / "hf" / "model-00001.safetensors"):
+        assert oct(path.stat().st_mode & 0o777) == "0o644", path
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "hf", "samples.jsonl"]  # no temporaries
