@@ -8,13 +8,13 @@ two evaluations of the same prompts can be compared pairwise) and, beside it, th
 in ``<eval.output without .json>_samples.jsonl`` (default ``eval_samples.jsonl``): one line per
 prompt with ``index``, ``prompt``, ``answer``, ``pass_rate`` and ``samples``, each sample's
 ``text``, ``reward``, ``correct``, ``length`` (tokens) and ``finish_reason``
-(:func:`k15_megatron.jobs.evaluate.sample_records`). Both files are written atomically and the
-job ends with the line ``eval: wrote <eval.json> and <samples file>``.
+(:func:`k15_megatron.jobs.evaluate.sample_records`). Both files are written atomically, a re-run
+replaces only its own earlier results (:mod:`k15_megatron.jobs.eval_output`), and the job ends
+with the line ``eval: wrote <eval.json> and <samples file>``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -25,6 +25,7 @@ from k15_megatron.engine.weight_sync import ColocatedWeightSync
 from k15_megatron.models.gpt import torch_dtype
 from k15_megatron.rewards.registry import RewardManager
 from k15_megatron.rollout.engine import RolloutEngine
+from k15_megatron.jobs.eval_output import samples_file, write_json
 from k15_megatron.jobs.evaluate import evaluate
 from k15_megatron.train.setup import build_trainer, engine_model_folder, write_run_assets
 
@@ -51,7 +52,7 @@ def run(cfg) -> dict:
     if trainer.is_logging_rank:
         summary = ", ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in metrics.items())
         print(f"eval: {summary}", flush=True)
-        _write_json(cfg.eval.output, {"weights": trainer.init_source, "eval_path": cfg.data.eval_path,
+        write_json(cfg.eval.output, {"weights": trainer.init_source, "eval_path": cfg.data.eval_path,
                                       "num_samples": cfg.eval.num_samples, "temperature": cfg.eval.temperature,
                                       "data/prompts_filtered_too_long": len(prompts.filtered_lines), **metrics,
                                       "per_prompt": per_prompt.tolist()})
@@ -67,21 +68,6 @@ def run(cfg) -> dict:
 HELP_KEYS = ("data.eval_path", "eval", "rewards.default", "rollout.max_response_tokens", "rollout.max_model_len",
              "rollout.tensor_parallel_size")
 """The config keys ``k15 eval --help`` lists (besides those of every job)."""
-
-
-def samples_file(output: str) -> str:
-    """The generated-texts file beside ``eval.output``: ``<output without .json>_samples.jsonl``."""
-    root = output[:-len(".json")] if output.endswith(".json") else output
-    return root + "_samples.jsonl"
-
-
-def _write_json(path: str, data: dict) -> None:
-    """Write ``data`` to ``path`` through a temporary name and a rename (never a half file)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:

@@ -12,6 +12,8 @@ torch.distributed, Megatron or vLLM start. It checks, listing every problem at o
 * the tokenizer: found where :mod:`k15_megatron.models.tokenizer` says, no larger than the
   model's vocabulary, and its chat template (``data.chat_template``; a tokenizer without one
   gets the built-in default and a one-line warning, :mod:`k15_megatron.data.formatting`);
+* for ``k15 eval``: that ``eval.output`` and its samples file are new or its own earlier results
+  (:mod:`k15_megatron.jobs.eval_output`);
 * every data file the job reads: it exists, holds records, each line parses and carries the
   required fields in accepted types (:mod:`k15_megatron.data.jsonl`), and the examples or
   prompts fit the configured lengths, dropped with a count or refused by file:line
@@ -89,6 +91,10 @@ def pre_start_errors(cfg, *, job: str) -> Tuple[List[str], List[str]]:
     length_errors = _length_errors(cfg, arch, generates=inputs.generates, sft=job == "sft")
     errors += length_errors
     errors += _precision_errors(cfg) if inputs.trains else []
+    if job == "eval":
+        from k15_megatron.jobs.eval_output import output_errors
+
+        errors += output_errors(cfg.eval.output)
     tokenizer, warnings = None, []
     try:
         tokenizer, warning = _tokenizer(cfg, arch)

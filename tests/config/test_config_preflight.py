@@ -266,3 +266,25 @@ def test_the_chosen_template_is_saved_with_the_run_assets(plain_model, tmp_path,
     saved = AutoTokenizer.from_pretrained(write_run_assets(trainer))
     assert saved.chat_template == NAMED_TEMPLATES[choice]
     assert prompt_token_ids(saved, "12+3") == prompt_token_ids(tokenizer, "12+3")
+
+
+def test_eval_replaces_its_own_results_but_never_a_user_s_file(tmp_path):
+    from k15_megatron.jobs.eval_output import samples_file, write_json
+
+    prompts = _write(tmp_path / "p.jsonl", [{"prompt": "1+1", "answer": "2"}])
+    output = tmp_path / "mine.json"
+
+    def errors():
+        cfg = load_config(TINY, [f"data.eval_path={prompts}", f"eval.output={output}", "parallel.world_size=1",
+                                 "rollout.max_response_tokens=64"], environ={})
+        return pre_start_errors(cfg, job="eval")[0]
+
+    assert errors() == []  # new
+    output.write_text('{"my": "notes"}')
+    assert errors() == [f"eval.output={output}: {output} exists and is not an earlier k15 eval result; choose "
+                        "another eval.output (k15 eval replaces only its own results)"]
+    write_json(str(output), {"weights": "w", "eval_path": prompts, "per_prompt": [1.0]})
+    assert errors() == []  # an earlier result
+    (tmp_path / "mine_samples.jsonl").write_text("my notes\n")
+    [error] = errors()
+    assert samples_file(str(output)) in error and output.read_text().startswith("{")
