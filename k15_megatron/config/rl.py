@@ -2,7 +2,7 @@
 
 Plain dataclasses (OmegaConf-structured compatible). Defaults live here and only here; YAML
 recipes override them. Choices that the Kimi k1.5 report leaves open (PAPER.md "Open:") are
-marked "Open" in the field docs together with the default we picked. Cross-field checks live in
+marked "not in the report" in the field docs together with the default we picked. Cross-field checks live in
 `RLConfig.validate()`, which returns error messages naming dotted keys (``rl.tau``).
 """
 
@@ -25,9 +25,9 @@ class LengthPenaltyConfig:
     enabled: bool = True
     """Add the length reward to the task reward at all (after the warm-up)."""
     weight: float = 1.0
-    """Multiplier of len_reward in [-0.5, 0.5] before it is added (Open; 1.0 = as written)."""
+    """Multiplier of len_reward in [-0.5, 0.5] before it is added (not in the report; 1.0 = as written)."""
     warmup_iterations: int = 10
-    """Iterations 0 .. warmup_iterations-1 get no length penalty (Open; report: 'a warm-up')."""
+    """Iterations 0 .. warmup_iterations-1 get no length penalty (not in the report; report: 'a warm-up')."""
 
 
 @dataclass
@@ -43,7 +43,7 @@ class SamplingConfig:
     ema_decay: float = 0.9
     """EMA: s <- decay * s + (1 - decay) * batch_success (only with success_tracking=ema)."""
     unseen_success_rate: float = 0.0
-    """s_i assumed for a problem never attempted; 0.0 = optimistic, maximal priority (Open)."""
+    """s_i assumed for a problem never attempted; 0.0 = optimistic, maximal priority (not in the report)."""
     priority_floor: float = 0.0
     """Added to every 1 - s_i so solved problems keep a small chance (0.0 = exactly the report)."""
     curriculum_switch_iteration: int = 0
@@ -58,7 +58,7 @@ class ReplayConfig:
     """Partial rollouts: the segment replay buffer (PAPER.md section 4)."""
 
     segment_token_budget: int = 8192
-    """Output tokens one trajectory may generate per iteration before it is parked (Open)."""
+    """Output tokens one trajectory may generate per iteration before it is parked (not in the report)."""
     max_segments: int = 16
     """A trajectory still unfinished after this many segments is closed as 'max_segments'."""
     segment_loss_policy: str = "all"
@@ -80,7 +80,7 @@ class RepeatConfig:
     min_span_tokens: int = 64
     """...and the repeated tail must cover at least this many tokens (guards short periods)."""
     penalty: float = 0.0
-    """Subtracted from the reward of a response stopped for repetition (Open; 0 = none)."""
+    """Subtracted from the reward of a response stopped for repetition (not in the report; 0 = none)."""
 
 
 @dataclass
@@ -101,9 +101,9 @@ class RLConfig:
     """Online policy mirror descent (PAPER.md section 1) and everything around it."""
 
     tau: float = 0.01
-    """KL weight tau of the mirror-descent objective (Open; a public re-implementation: 0.01)."""
+    """KL weight tau of the mirror-descent objective (not in the report; a public re-implementation: 0.01)."""
     group_size: int = 8
-    """k: responses sampled per prompt; the tau*log Z baseline is estimated from them (Open).
+    """k: responses sampled per prompt; the tau*log Z baseline is estimated from them (not in the report).
     At least 2: with k=1 the baseline equals the reward and every advantage is 0."""
     log_z: str = "mean"
     """Baseline: mean (report's practical r_bar) | exact (tau * log mean exp(r / tau))."""

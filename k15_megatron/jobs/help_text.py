@@ -17,8 +17,8 @@ import re
 import textwrap
 from typing import Dict, List, Sequence
 
-COMMON_KEYS = ("run_dir", "model.hf_path", "model.init_from", "data.chat_template", "data.too_long", "parallel",
-               "seed", "deterministic")
+COMMON_KEYS = ("run_dir", "model.hf_path", "model.init_from", "precision.dtype", "data.chat_template", "data.too_long",
+               "parallel", "seed", "deterministic")
 """Keys every config-driven job lists (a section name lists the section's own fields)."""
 
 
