@@ -119,7 +119,10 @@ def test_kill_during_checkpoint_write_leaves_latest_on_a_complete_checkpoint(tin
 
     save = tmp_path / "ckpts"
     script = _SAVE_FOREVER.format(root=REPO_ROOT, hf=tiny_hf_dirs["qwen3"], save=str(save), port=str(free_port()))
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Its own process group: the kill takes the checkpoint writer's helper processes with it, as
+    # the k15 launcher and Slurm do (a rank's helpers outlive a SIGKILL of the rank alone).
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            process_group=0)
     try:
         deadline = time.time() + 240
         line = ""
@@ -128,11 +131,11 @@ def test_kill_during_checkpoint_write_leaves_latest_on_a_complete_checkpoint(tin
             if not line and proc.poll() is not None:
                 pytest.fail(f"saver exited early: {proc.stderr.read()[-3000:]}")
         assert "WRITING" in line
-        proc.send_signal(signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
     assert (save / (iteration_dir_name(2) + ".tmp")).exists(), "the kill should have hit the second save"
     assert open(save / LATEST).read().strip() == iteration_dir_name(1)
     assert find_resume_checkpoint(str(save)) == str(save / iteration_dir_name(1))
