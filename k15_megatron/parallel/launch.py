@@ -232,8 +232,8 @@ class _LocalRanks:
         while True:
             if self.received and not announced:
                 announced = True
-                _write_line(f"k15: {signal.Signals(self.received[0]).name} received; the ranks finish "
-                            "their step, save a checkpoint and exit")
+                _write_line(f"k15: {signal.Signals(self.received[0]).name} received; ranks that are training "
+                            "finish their step, save a checkpoint and exit; ranks still starting stop at once")
             self._forward()
             codes = [proc.poll() for proc in self.procs]
             if None not in codes:
@@ -288,7 +288,8 @@ def _report(codes: list[int], rank_dir: str, *, stopped_by: int | None) -> int:
                     messages.setdefault((kind, f.read()), []).append(rank)
     if not messages:
         if stopped_by is not None and all(code in (0, -signal.SIGTERM) for code in codes):
-            _write_line(f"k15: the ranks were stopped by {signal.Signals(stopped_by).name}")
+            _write_line(f"k15: the ranks were stopped by {signal.Signals(stopped_by).name} before they could save "
+                        "(still starting, or a command that does not save on a signal)")
             return 128 + stopped_by
         ended = [f"rank {rank} " + (f"by {signal.Signals(-code).name}" if code < 0 else f"with status {code}")
                  for rank, code in enumerate(codes) if code != 0]
