@@ -50,7 +50,8 @@ def run(cfg) -> dict:
     per_prompt = metrics.pop("per_prompt")
     samples = metrics.pop("samples")
     if trainer.is_logging_rank:
-        summary = ", ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in metrics.items())
+        summary = ", ".join(f"{k.removeprefix('eval/')} {v:.0f}" if float(v).is_integer() else
+                            f"{k.removeprefix('eval/')} {v:.4f}" for k, v in metrics.items())
         print(f"eval: {summary}", flush=True)
         write_json(cfg.eval.output, {"weights": trainer.init_source, "eval_path": cfg.data.eval_path,
                                       "num_samples": cfg.eval.num_samples, "temperature": cfg.eval.temperature,

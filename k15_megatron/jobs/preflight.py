@@ -171,7 +171,9 @@ def _tokenizer(cfg, arch: ModelArch):
     init_checkpoint = None
     if cfg.model.init_from:
         if not os.path.exists(cfg.model.init_from):
-            raise ValueError(f"model.init_from={cfg.model.init_from!r}: no such checkpoint or run directory")
+            raise ValueError(f"model.init_from={cfg.model.init_from!r}: no such checkpoint or run directory "
+                             f"(relative paths start at {os.getcwd()}); run the stage that writes it first, or "
+                             "set model.init_from=null to start from model.hf_path")
         from k15_megatron.checkpoint.run_ckpt import resolve_checkpoint_dir
 
         init_checkpoint = resolve_checkpoint_dir(cfg.model.init_from)

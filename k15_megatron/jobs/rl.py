@@ -241,6 +241,8 @@ class RLJob:
         sync: its log-prob check draws from the same stream, which an uninterrupted run had done
         before it saved."""
         state, rank_state = self.resume()
+        if not state:
+            self.trainer.log(f"rl: weights: {self.trainer.init_source}")
         self.hybrid.to_rollout(policy_version=state.get("policy_version", 0))
         if "rollout_sampler_rng" in rank_state:
             self.rollout.set_sampler_rng_state(rank_state["rollout_sampler_rng"])
