@@ -6,7 +6,9 @@ Layout under ``run_dir`` (besides metrics and checkpoints)::
                          checkpoint, the config of the fresh start that will write it
     starts.jsonl         one JSON line per start of a training job: time (UTC), command line,
                          config file and overrides, the checkpoint it resumed from and its
-                         iteration, the keys that changed against that checkpoint (old, new)
+                         iteration, the iteration the run is configured to reach
+                         (target_iteration), the keys that changed against that checkpoint
+                         (old, new)
     starts/NNNN.yaml     the resolved config of start NNNN
     checkpoints/iter_N/config.yaml   the config checkpoint N was written with (run_ckpt)
 
@@ -240,7 +242,7 @@ def record_start(cfg: Any, plan: StartPlan, *, config_path: Optional[str], overr
              "job": plan.job, "command": shlex.join(sys.argv), "config_file": config_path,
              "overrides": list(overrides), "resumed_from": plan.resume_from,
              "resumed_iteration": plan.iteration if plan.resume_from else None,
-             "final_iteration": plan.final_iteration,
+             "target_iteration": plan.final_iteration,
              "changes": [{"key": k, "old": _json_value(old), "new": _json_value(new)} for k, old, new in plan.changes],
              "config": os.path.relpath(copy, cfg.run_dir)}
     with open(records, "a", encoding="utf-8") as f:
