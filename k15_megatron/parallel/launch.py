@@ -158,7 +158,18 @@ def _run_rank(work) -> int:
         return 1
     finally:
         shutdown()
+        _ignore_late_stop_signals()
     return 0
+
+
+def _ignore_late_stop_signals() -> None:
+    """A rank that recorded stop signals ignores them from here to its exit: Python resets its
+    handlers to the default while the interpreter shuts down, so the SIGTERM Slurm sends shortly
+    after the SIGUSR1 that stopped the job would otherwise kill a rank that has already saved,
+    and its exit status would be -15 instead of 0."""
+    if _recording:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def _write_line(text: str) -> None:

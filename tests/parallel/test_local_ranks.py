@@ -171,3 +171,22 @@ def test_workers_of_a_torchrun_killed_by_a_signal_it_does_not_handle_stop(comman
     assert text.count(f"stopped by {int(signal.SIGTERM)}") == 2, text
     _, alive = psutil.wait_procs(ranks, timeout=30)
     assert not alive, text
+
+
+@pytest.mark.distributed
+def test_a_stop_signal_during_a_rank_s_exit_does_not_kill_it(command, started):
+    """Slurm follows its SIGUSR1 with SIGTERM to every process: one that lands while a rank that
+    has already stopped shuts its interpreter down (when Python resets its handlers to the
+    default) must not turn the rank's exit status 0 into -15."""
+    proc, ranks, lines = _start_stop_job(command, started)
+    os.kill(proc.pid, signal.SIGUSR1)
+    while proc.poll() is None:  # SIGTERM to every rank, again and again, until they have exited
+        for rank in ranks:
+            try:
+                os.kill(rank.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.002)
+    text = "".join(lines) + proc.stdout.read()
+    assert proc.returncode == 0, text
+    assert text.count(f"stopped by {int(signal.SIGUSR1)}") + text.count(f"stopped by {int(signal.SIGTERM)}") == 2
