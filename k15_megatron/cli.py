@@ -33,7 +33,7 @@ class Command:
 
 
 COMMANDS = (
-    Command("config", "inspect experiment configs (show)", "k15_megatron.config.commands:main"),
+    Command("config", "inspect experiment configs (show)", "k15_megatron.jobs.config_show:main"),
     Command("tiny", "the built-in tiny default: data, SFT, eval, RL, eval, paired report",
             "k15_megatron.jobs.tiny:main"),
     Command("sft", "supervised fine-tuning on JSONL prompt/response data (packed)",

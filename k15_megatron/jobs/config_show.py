@@ -7,8 +7,7 @@ fast and imports no torch: it reads YAML and the model's config.json only.
 ``--job sft|rl|eval`` adds the pre-start checks that ``k15 <job>`` runs before any process
 starts (:mod:`k15_megatron.jobs.preflight`): the job's data files and records, the lengths
 against the model's context, the tokenizer's size and chat template. It loads the tokenizer
-(transformers, which imports torch: a few seconds). The check belongs to the jobs, so it is
-imported from there only when asked for.
+(transformers, which imports torch: a few seconds), so it is imported only when asked for.
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ def _show(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         if args.job:
-            from k15_megatron.jobs.preflight import pre_start_errors
+            from k15_megatron.jobs.preflight import pre_start_errors  # torch: only when asked
 
             errors, warnings = pre_start_errors(cfg, job=args.job)
             for line in warnings:
