@@ -37,8 +37,6 @@ def run(cfg) -> dict:
     assets = write_run_assets(trainer)
     prompts = PromptSet.from_jsonl(cfg.data.eval_path, trainer.tokenizer, limit=cfg.eval.max_prompts,
                                    max_prompt_tokens=prompt_token_limit(cfg.rollout), too_long=cfg.data.too_long)
-    if prompts.filtered_lines:
-        trainer.log(f"eval: {prompts.filter_report(cfg.data.eval_path)}")
     rollout = RolloutEngine.create(cfg.rollout, model_path=engine_model_folder(trainer, assets),
                                    repeat=cfg.rl.repeat, seed=cfg.seed)
     ColocatedWeightSync(rollout.llm, dtype=torch_dtype(cfg.precision.dtype)).sync(trainer.model, trainer.arch)

@@ -1,6 +1,7 @@
 """Start a job the same way for every command: load and validate the config, start the ranks
 (when the layout needs several processes and nothing launched us, this process starts them and
-forwards stop signals to them: :mod:`k15_megatron.parallel.launch`), run the job, shut down. Config errors exit with status 2 and a message, before any process starts.
+forwards stop signals to them: :mod:`k15_megatron.parallel.launch`), run the job, shut down.
+Config errors exit with status 2 and a message, before any process starts.
 """
 
 from __future__ import annotations

@@ -87,15 +87,13 @@ class RLJob:
         self.logger = None
 
     def report_filtered_prompts(self) -> dict:
-        """Log the prompts dropped at load as too long; their counts as metrics."""
+        """The counts of prompts dropped at load as too long, as metrics (the pre-start check,
+        :mod:`k15_megatron.jobs.preflight`, already printed which lines)."""
         metrics = {}
-        for key, path, prompts in (("data/prompts_filtered_too_long", self.cfg.data.train_path, self.prompts),
-                                   ("data/eval_prompts_filtered_too_long", self.cfg.data.eval_path,
-                                    self.eval_prompts)):
+        for key, prompts in (("data/prompts_filtered_too_long", self.prompts),
+                             ("data/eval_prompts_filtered_too_long", self.eval_prompts)):
             if prompts is not None:
                 metrics[key] = float(len(prompts.filtered_lines))
-                if prompts.filtered_lines:
-                    self.trainer.log(f"rl: {prompts.filter_report(path)}")
         return metrics
 
     # -- the loop ------------------------------------------------------------------------------

@@ -26,12 +26,11 @@ from k15_megatron.train.setup import build_trainer, write_run_assets
 from k15_megatron.train.step import train_step
 
 
-def packed_rows(cfg, tokenizer, path: str, *, log=None):
+def packed_rows(cfg, tokenizer, path: str):
     """All SFT rows of ``path``, packed (same on every rank); examples longer than
-    ``data.seq_length`` follow ``data.too_long`` (:class:`SftSet`), a drop reported via ``log``."""
+    ``data.seq_length`` follow ``data.too_long`` (:class:`SftSet`; the pre-start check,
+    :mod:`k15_megatron.jobs.preflight`, printed any drop)."""
     examples = SftSet.from_jsonl(path, tokenizer, seq_length=cfg.data.seq_length, too_long=cfg.data.too_long)
-    if log is not None and examples.filtered_lines:
-        log(f"sft: {examples.filter_report(path)}")
     return pack_examples(examples.examples, seq_length=cfg.data.seq_length, pad_id=tokenizer.pad_token_id or 0)
 
 
@@ -56,7 +55,7 @@ def run(cfg) -> None:
     if not cfg.data.train_path:
         raise ValueError("k15 sft needs data.train_path (a JSONL of {prompt, response} records)")
     assets = write_run_assets(trainer)
-    rows = packed_rows(cfg, trainer.tokenizer, cfg.data.train_path, log=trainer.log)
+    rows = packed_rows(cfg, trainer.tokenizer, cfg.data.train_path)
     trainer.log(f"sft: {len(rows)} packed rows of {cfg.data.seq_length} tokens from {cfg.data.train_path}; "
                 f"weights: {trainer.init_source}")
     start = 0
