@@ -267,3 +267,16 @@ def save_run_config(cfg: Any) -> None:
     """``run_dir/config.yaml`` := ``cfg``: at a fresh start, and after each checkpoint written
     with ``cfg`` (one process only)."""
     save_resolved_config(cfg, cfg.run_dir)
+
+
+def save_checkpoint(cfg: Any, iteration: int, *, is_logging_rank: bool, **state) -> str:
+    """Write run checkpoint ``iteration`` of a training job into ``checkpoint.save_dir`` with
+    ``cfg`` as its ``config.yaml`` (``state``: the other arguments of
+    :func:`~k15_megatron.checkpoint.run_ckpt.save_run_checkpoint`), then, on the logging rank,
+    ``run_dir/config.yaml`` := ``cfg``, so that it always describes the newest checkpoint.
+    Collective; returns the checkpoint's directory."""
+    path = run_ckpt.save_run_checkpoint(cfg.checkpoint.save_dir, iteration, keep_last=cfg.checkpoint.keep_last,
+                                        config_yaml=to_yaml(cfg), **state)
+    if is_logging_rank:
+        save_run_config(cfg)
+    return path

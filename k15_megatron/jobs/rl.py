@@ -20,7 +20,6 @@ import time
 import torch
 
 from k15_megatron.checkpoint import run_ckpt, run_dir
-from k15_megatron.config.loader import to_yaml
 from k15_megatron.config.validate import rl_optimizer_steps
 from k15_megatron.data.prompt_set import PromptSet, prompt_token_limit
 from k15_megatron.engine.hybrid import HybridEngine
@@ -225,13 +224,11 @@ class RLJob:
 
     def save(self) -> None:
         with self.hybrid.trainer_state_resident():  # what to_rollout offloaded is read here
-            run_ckpt.save_run_checkpoint(self.cfg.checkpoint.save_dir, self.iteration, model_chunks=self.trainer.chunks,
-                                         optimizer=self.trainer.optimizer, run_state=self.run_state(),
-                                         rank_state={"rollout_sampler_rng": self.rollout.sampler_rng_state()},
-                                         hf_assets_dir=self.assets, keep_last=self.cfg.checkpoint.keep_last,
-                                         config_yaml=to_yaml(self.cfg))
-        if self.trainer.is_logging_rank:
-            run_dir.save_run_config(self.cfg)  # run_dir/config.yaml: what the newest checkpoint used
+            run_dir.save_checkpoint(self.cfg, self.iteration, is_logging_rank=self.trainer.is_logging_rank,
+                                    model_chunks=self.trainer.chunks, optimizer=self.trainer.optimizer,
+                                    run_state=self.run_state(),
+                                    rank_state={"rollout_sampler_rng": self.rollout.sampler_rng_state()},
+                                    hf_assets_dir=self.assets)
 
     def start(self) -> None:
         """Resume from the newest checkpoint if there is one, then push the weights into vLLM

@@ -17,7 +17,6 @@ import random
 import time
 
 from k15_megatron.checkpoint import run_ckpt, run_dir
-from k15_megatron.config.loader import to_yaml
 from k15_megatron.data.packing import pack_examples, rows_to_micro_batches
 from k15_megatron.data.sft_set import SftSet
 from k15_megatron.jobs.metrics_log import MetricsLogger
@@ -70,13 +69,10 @@ def run(cfg) -> None:
     per_rank = cfg.data.global_batch_size // layout.dp_size
 
     def save(step):
-        run_ckpt.save_run_checkpoint(cfg.checkpoint.save_dir, step, model_chunks=trainer.chunks,
-                                     optimizer=trainer.optimizer,
-                                     run_state={"iteration": step, "scheduler": trainer.scheduler.state_dict()},
-                                     rank_state={}, hf_assets_dir=assets, keep_last=cfg.checkpoint.keep_last,
-                                     config_yaml=to_yaml(cfg))
-        if trainer.is_logging_rank:
-            run_dir.save_run_config(cfg)  # run_dir/config.yaml: what the newest checkpoint used
+        run_dir.save_checkpoint(cfg, step, is_logging_rank=trainer.is_logging_rank, model_chunks=trainer.chunks,
+                                optimizer=trainer.optimizer,
+                                run_state={"iteration": step, "scheduler": trainer.scheduler.state_dict()},
+                                rank_state={}, hf_assets_dir=assets)
 
     step = start
     for step in range(start, cfg.optim.train_iters):
