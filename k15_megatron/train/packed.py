@@ -1,0 +1,132 @@
+"""Packed (THD) micro-batches: variable-length sequences back to back, no padding between them
+beyond what context and sequence parallelism need, split per context-parallel rank.
+
+One packed micro-batch is a dict of host tensors (the schedule moves it to the device):
+
+* per-token tensors [1, T], T = the sum of the padded sequence lengths: ``input_ids``,
+  ``position_ids`` (0, 1, ... restarting at every sequence), ``sequence_ids`` (which of the
+  micro-batch's sequences the token belongs to, -1 on padding) and whatever per-token fields
+  the caller packs (labels, loss masks, log-probs; padding takes each field's pad value);
+* ``cu_seqlens`` / ``cu_seqlens_padded`` [n+1] int32: cumulative real and padded lengths
+  (Megatron's ``PackedSeqParams`` fields), ``max_seqlen`` (int, the longest padded sequence),
+  ``num_sequences`` (n).
+
+Every [1, T] tensor is per-token: :func:`cp_rank_share` cuts exactly those (and only those) to
+this CP rank's tokens (:func:`k15_megatron.parallel.context.cp_rank_token_index`), so a field
+added by a caller is split with the tokens without being named here. Each sequence is padded to
+``multiple`` tokens (:func:`k15_megatron.parallel.context.sequence_multiple`), so a mix of 200-
+and 100k-token sequences costs what its tokens cost, not B x the longest.
+
+:func:`token_budget_groups` is the dynamic micro-batching rule: consecutive items (sequences, or
+RL groups of sequences kept whole) fill micro-batches up to a token budget.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+
+from k15_megatron.parallel.context import cp_rank_token_index, cu_seqlens, padded_length
+
+_META_KEYS = ("cu_seqlens", "cu_seqlens_padded", "max_seqlen", "num_sequences")
+
+
+def pack_sequences(sequences: Sequence[Mapping[str, torch.Tensor]], *, multiple: int = 1,
+                   pad_values: Mapping[str, float] | None = None) -> dict:
+    """One packed micro-batch (module docstring) from ``sequences``: each a dict of 1-D tensors
+    of one length L_i >= 1 (the same keys in every sequence, ``input_ids`` among them).
+
+    Sequence i occupies ``padded_length(L_i, multiple)`` tokens: its L_i tokens, then padding
+    (``pad_values[key]``, default 0; ``position_ids`` keep counting, ``sequence_ids`` are -1).
+
+    Raises:
+        ValueError: no sequences, a sequence without ``input_ids``, of length 0, with tensors
+            of different lengths, or with other keys than the first sequence.
+    """
+    if not sequences:
+        raise ValueError("pack_sequences needs at least one sequence")
+    keys = list(sequences[0])
+    if "input_ids" not in keys:
+        raise ValueError("every packed sequence needs input_ids")
+    pad_values = dict(pad_values or {})
+    lengths, padded = [], []
+    columns: dict[str, list[torch.Tensor]] = {key: [] for key in keys + ["position_ids", "sequence_ids"]}
+    for index, seq in enumerate(sequences):
+        if list(seq) != keys:
+            raise ValueError(f"sequence {index} has fields {sorted(seq)}, sequence 0 has {sorted(keys)}")
+        length = int(seq["input_ids"].numel())
+        if length < 1 or any(int(t.numel()) != length for t in seq.values()):
+            raise ValueError(f"sequence {index}: every field needs the same length >= 1, got "
+                             f"{ {k: int(t.numel()) for k, t in seq.items()} }")
+        total = padded_length(length, multiple)
+        for key in keys:
+            tensor = seq[key].reshape(-1)
+            pad = tensor.new_full((total - length,), pad_values.get(key, 0))
+            columns[key].append(torch.cat([tensor, pad]))
+        columns["position_ids"].append(torch.arange(total, dtype=torch.int64))
+        columns["sequence_ids"].append(torch.cat([torch.full((length,), index, dtype=torch.int64),
+                                                  torch.full((total - length,), -1, dtype=torch.int64)]))
+        lengths.append(length)
+        padded.append(total)
+    batch = {key: torch.cat(parts).unsqueeze(0) for key, parts in columns.items()}
+    batch.update(cu_seqlens=cu_seqlens(lengths), cu_seqlens_padded=cu_seqlens(padded), max_seqlen=max(padded),
+                 num_sequences=len(sequences))
+    return batch
+
+
+def is_packed(micro_batch: Mapping) -> bool:
+    """True for a micro-batch built by :func:`pack_sequences`."""
+    return "cu_seqlens_padded" in micro_batch
+
+
+def padded_lengths(micro_batch: Mapping) -> list[int]:
+    """The padded length of each sequence of a packed micro-batch."""
+    cu = micro_batch["cu_seqlens_padded"]
+    return (cu[1:] - cu[:-1]).tolist()
+
+
+def cp_rank_share(micro_batch: Mapping, *, cp_size: int, cp_rank: int) -> dict:
+    """This CP rank's part of a packed micro-batch: every [1, T] tensor cut to the rank's tokens
+    ([1, T / CP], Megatron's load-balanced order); the ``cu_seqlens*`` / ``max_seqlen`` keep
+    describing the WHOLE packed batch (Megatron's THD RoPE and CP attention divide them by CP
+    themselves). Other entries are passed through. ``cp_size=1`` returns the batch unchanged.
+    """
+    if cp_size == 1:
+        return dict(micro_batch)
+    total = int(micro_batch["cu_seqlens_padded"][-1])
+    index = cp_rank_token_index(padded_lengths(micro_batch), cp_size=cp_size, cp_rank=cp_rank)
+    out = {}
+    for key, value in micro_batch.items():
+        per_token = (isinstance(value, torch.Tensor) and key not in _META_KEYS and value.dim() == 2
+                     and tuple(value.shape) == (1, total))
+        out[key] = value[:, index.to(value.device)] if per_token else value
+    return out
+
+
+def token_budget_groups(item_tokens: Sequence[int], *, max_tokens: int) -> list[list[int]]:
+    """Cut consecutive items into micro-batches of at most ``max_tokens`` tokens.
+
+    ``item_tokens[i]``: the (padded) tokens item i takes, e.g. one sequence, or one RL group of
+    k responses kept together. Items are taken in order; a micro-batch is closed when the next
+    item would pass the budget. An item larger than the budget alone gets its own micro-batch
+    (it cannot be split; its memory is then set by its own length). Returns lists of item
+    indices, every item exactly once, in order.
+
+    Raises:
+        ValueError: ``max_tokens`` < 1 or an item of fewer than 1 token.
+    """
+    if max_tokens < 1:
+        raise ValueError(f"token budget must be >= 1, got {max_tokens}")
+    groups: list[list[int]] = []
+    used = 0
+    for index, tokens in enumerate(item_tokens):
+        if tokens < 1:
+            raise ValueError(f"item {index} has {tokens} tokens")
+        if groups and used + tokens <= max_tokens:
+            groups[-1].append(index)
+            used += tokens
+        else:
+            groups.append([index])
+            used = tokens
+    return groups
