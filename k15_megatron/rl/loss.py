@@ -8,6 +8,9 @@ pi_theta by the squared surrogate
 Everything here is a pure function of local tensors. The mean over samples is local; a trainer
 that splits one iteration's batch over data-parallel ranks (never splitting a group: the baseline
 needs all k rewards of a prompt) uses ``reduction="sum"`` and divides by the global sample count.
+:func:`packed_sequence_logprobs` forms sequence log-probs of a packed (THD) batch, or the share of
+them that part of each sequence holds (a context-parallel rank's tokens); summing the shares
+over the parts, before the loss squares anything, is the caller's collective.
 """
 
 from __future__ import annotations
@@ -44,26 +47,76 @@ def sequence_logprobs(
     Returns:
         [B] float32 (or float64 if the input is float64).
     """
-    if token_logprobs.shape != response_mask.shape:
+    if token_logprobs.shape != response_mask.shape or token_logprobs.dim() != 2:
         raise ValueError(f"token_logprobs {tuple(token_logprobs.shape)} and response_mask "
-                         f"{tuple(response_mask.shape)} must have the same shape")
+                         f"{tuple(response_mask.shape)} must have the same [B, T] shape")
+    rows, length = token_logprobs.shape
+    row_ids = torch.arange(rows, device=token_logprobs.device).unsqueeze(1).expand(rows, length)
+    return packed_sequence_logprobs(token_logprobs, response_mask, row_ids, num_sequences=rows,
+                                    normalize=normalize, constant=constant, token_weights=token_weights)
+
+
+def packed_sequence_logprobs(
+    token_logprobs: torch.Tensor,
+    response_mask: torch.Tensor,
+    sequence_ids: torch.Tensor,
+    *,
+    num_sequences: int,
+    normalize: str = "none",
+    constant: float = 1.0,
+    lengths: Optional[torch.Tensor] = None,
+    token_weights: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """:func:`sequence_logprobs` of sequences laid out in any order: token i belongs to sequence
+    ``sequence_ids[i]`` (a packed batch; -1 marks padding, which is ignored).
+
+    The tensors may hold only PART of each sequence (e.g. one context-parallel rank's tokens):
+    the result is then that part's share, and the shares of all parts add up to the whole
+    sequence's value, provided ``lengths`` gives each sequence's WHOLE count of response tokens
+    (the division by it is linear, so it may come before the sum over parts).
+
+    Args:
+        token_logprobs, response_mask, token_weights: as in :func:`sequence_logprobs`, any one
+            shape (e.g. [1, T]) shared with ``sequence_ids``.
+        sequence_ids: int64, same shape, values in [-1, num_sequences).
+        num_sequences: N, the length of the result.
+        lengths: [N] response tokens of each whole sequence, for ``normalize="length"``
+            (default: counted from ``response_mask``, right when the tensors hold whole
+            sequences).
+
+    Returns:
+        [N] float32 (float64 for float64 input); sums use ``index_add`` (deterministic on CUDA
+        under ``torch.use_deterministic_algorithms``).
+    """
+    if not (token_logprobs.shape == response_mask.shape == sequence_ids.shape):
+        raise ValueError(f"token_logprobs {tuple(token_logprobs.shape)}, response_mask "
+                         f"{tuple(response_mask.shape)} and sequence_ids {tuple(sequence_ids.shape)} "
+                         "must have the same shape")
     if normalize not in NORMALIZE_MODES:
         raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
+    if normalize == "constant" and constant <= 0:
+        raise ValueError(f"normalize='constant' needs constant > 0, got {constant}")
     dtype = torch.float64 if token_logprobs.dtype == torch.float64 else torch.float32
-    lp = token_logprobs.to(dtype)
-    mask = response_mask.to(dtype)
+    lp = token_logprobs.reshape(-1).to(dtype)
+    mask = response_mask.reshape(-1).to(dtype)
+    # Padding goes to an extra bin N that is dropped (no boolean indexing: no host sync).
+    ids = sequence_ids.reshape(-1).to(device=lp.device, dtype=torch.int64)
+    ids = torch.where(ids < 0, torch.full_like(ids, num_sequences), ids)
+
+    def per_sequence(values: torch.Tensor) -> torch.Tensor:
+        return values.new_zeros(num_sequences + 1).index_add(0, ids, values)[:num_sequences]
+
     # torch.where, not multiply: a -inf log-prob on a padded position must not poison the sum.
     masked = torch.where(mask > 0, lp, torch.zeros_like(lp)) * mask
-    total = masked.sum(dim=-1)
+    total = per_sequence(masked)
     if token_weights is not None:
-        w = token_weights.detach().to(dtype)
-        weighted = (masked * w).sum(dim=-1)
+        w = token_weights.detach().reshape(-1).to(dtype)
+        weighted = per_sequence(masked * w)
         total = weighted + (total - weighted).detach()
     if normalize == "length":
-        total = total / mask.sum(dim=-1).clamp(min=1.0)
+        count = per_sequence(mask) if lengths is None else lengths.to(device=total.device, dtype=dtype)
+        total = total / count.clamp(min=1.0)
     elif normalize == "constant":
-        if constant <= 0:
-            raise ValueError(f"normalize='constant' needs constant > 0, got {constant}")
         total = total / constant
     return total
 

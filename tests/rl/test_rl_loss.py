@@ -135,3 +135,49 @@ def test_token_weights_change_only_the_gradient():
     (total * torch.tensor([1.0, 2.0], dtype=torch.float64)).sum().backward()
     expected = w * mask.double() * torch.tensor([[1.0], [2.0]], dtype=torch.float64)
     assert torch.equal(x.grad, expected)
+
+
+@pytest.mark.parametrize("normalize", ["none", "length", "constant"])
+def test_packed_sequence_logprobs_and_shares_of_parts(normalize):
+    """Three sequences back to back with padding (-1, -inf log-probs there): the packed sums
+    equal a loop over each sequence; any split of the tokens into two parts (a CP rank's share)
+    gives shares that add up to the whole when the whole response lengths are passed."""
+    from k15_megatron.rl.loss import packed_sequence_logprobs
+
+    g = torch.Generator().manual_seed(7)
+    ids = torch.tensor([0, 0, 0, 0, -1, 1, 1, -1, -1, 2, 2, 2, 2, 2, 2, -1])
+    lp = -torch.rand(ids.numel(), generator=g, dtype=torch.float64) * 5
+    lp[ids < 0] = -math.inf
+    mask = (torch.rand(ids.numel(), generator=g) > 0.3) & (ids >= 0)
+    mask[5:7] = False  # sequence 1: no response token (0 under every normalisation)
+    want = []
+    for s in range(3):
+        values = [lp[i].item() for i in range(ids.numel()) if ids[i] == s and mask[i]]
+        norm = {"none": 1.0, "length": max(len(values), 1), "constant": 3.0}[normalize]
+        want.append(sum(values) / norm)
+    kwargs = dict(num_sequences=3, normalize=normalize, constant=3.0)
+    whole = packed_sequence_logprobs(lp[None], mask[None], ids[None], **kwargs)
+    assert torch.allclose(whole, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=0)
+    lengths = torch.tensor([int(mask[ids == s].sum()) for s in range(3)])
+    part = torch.rand(ids.numel(), generator=g) > 0.5
+    shares = [packed_sequence_logprobs(lp[p][None], mask[p][None], ids[p][None], lengths=lengths, **kwargs)
+              for p in (part, ~part)]
+    assert torch.allclose(shares[0] + shares[1], whole, rtol=1e-12, atol=1e-15)
+
+
+def test_packed_sequence_logprobs_token_weights_and_padded_rows_agree():
+    """Token weights change only the gradient, as in the row layout; a [B, T] batch gives the
+    same values and gradients packed (row index as sequence id) as sequence_logprobs."""
+    from k15_megatron.rl.loss import packed_sequence_logprobs
+
+    tok, mask = _seq_case()
+    w = torch.tensor([[9.0, 0.5, 2.0, 7.0], [1.0, 0.0, 3.0, 1.5]], dtype=torch.float64)
+    rows = torch.arange(2).unsqueeze(1).expand(2, 4)
+    x = tok.clone().requires_grad_(True)
+    total = packed_sequence_logprobs(x.reshape(1, -1), mask.reshape(1, -1), rows.reshape(1, -1), num_sequences=2,
+                                     token_weights=w.reshape(1, -1))
+    assert total.tolist() == sequence_logprobs(tok, mask).tolist() == [-2.5, -8.25]
+    (total * torch.tensor([1.0, 2.0], dtype=torch.float64)).sum().backward()
+    assert torch.equal(x.grad, w * mask.double() * torch.tensor([[1.0], [2.0]], dtype=torch.float64))
+    with pytest.raises(ValueError, match="same shape"):
+        packed_sequence_logprobs(tok, mask, rows[:, :3], num_sequences=2)
