@@ -104,26 +104,28 @@ def cp_rank_share(micro_batch: Mapping, *, cp_size: int, cp_rank: int) -> dict:
     return out
 
 
-def token_budget_groups(item_tokens: Sequence[int], *, max_tokens: int) -> list[list[int]]:
+def token_budget_groups(item_tokens: Sequence[int], *, max_tokens: int,
+                        max_items: int | None = None) -> list[list[int]]:
     """Cut consecutive items into micro-batches of at most ``max_tokens`` tokens.
 
     ``item_tokens[i]``: the (padded) tokens item i takes, e.g. one sequence, or one RL group of
     k responses kept together. Items are taken in order; a micro-batch is closed when the next
-    item would pass the budget. An item larger than the budget alone gets its own micro-batch
-    (it cannot be split; its memory is then set by its own length). Returns lists of item
-    indices, every item exactly once, in order.
+    item would pass the budget, or when it already holds ``max_items`` items (no cap: None). An
+    item larger than the budget alone gets its own micro-batch (it cannot be split; its memory
+    is then set by its own length). Returns lists of item indices, every item exactly once, in
+    order.
 
     Raises:
-        ValueError: ``max_tokens`` < 1 or an item of fewer than 1 token.
+        ValueError: ``max_tokens`` or ``max_items`` < 1 or an item of fewer than 1 token.
     """
-    if max_tokens < 1:
-        raise ValueError(f"token budget must be >= 1, got {max_tokens}")
+    if max_tokens < 1 or (max_items is not None and max_items < 1):
+        raise ValueError(f"token budget and item cap must be >= 1, got {max_tokens} and {max_items}")
     groups: list[list[int]] = []
     used = 0
     for index, tokens in enumerate(item_tokens):
         if tokens < 1:
             raise ValueError(f"item {index} has {tokens} tokens")
-        if groups and used + tokens <= max_tokens:
+        if groups and used + tokens <= max_tokens and (max_items is None or len(groups[-1]) < max_items):
             groups[-1].append(index)
             used += tokens
         else:
