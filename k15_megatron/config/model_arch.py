@@ -2,8 +2,8 @@
 
 Owns the mapping from HF config keys to Megatron-style architecture fields and the list of
 architecture features the Megatron builders support (Llama 3, Qwen2/2.5, Qwen3 dense models:
-RMSNorm, SwiGLU, grouped-query attention, RoPE with optional llama3 scaling, Qwen2 QKV bias,
-Qwen3 QK-norm). Anything else is refused here with a ValueError naming the file and key, so
+RMSNorm, SwiGLU, grouped-query attention, RoPE with optional llama3 or yarn scaling, Qwen2
+QKV bias, Qwen3 QK-norm). Anything else is refused here with a ValueError naming the file and key, so
 unsupported checkpoints fail at config time rather than deep inside model construction.
 
 config.json is read with plain ``json`` (no transformers import). Both the transformers 4
@@ -19,6 +19,7 @@ switches off scaling that config.json declares (``null`` means "take config.json
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, fields
 from typing import Any, Dict, Mapping, Optional
@@ -52,16 +53,20 @@ _REQUIRED = (
 _POSITIVE = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
              "num_query_groups", "kv_channels", "vocab_size", "max_position_embeddings")
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-SUPPORTED_ROPE_TYPES = ("default", "llama3")
+_YARN_KEYS = ("factor", "original_max_position_embeddings")
+SUPPORTED_ROPE_TYPES = ("default", "llama3", "yarn")
 
 
 @dataclass(frozen=True)
 class ModelArch:
     """A fully resolved decoder architecture; every field concrete.
 
-    ``rope_scaling`` is ``None`` (plain RoPE) or ``{"rope_type": "llama3", "factor": float,
+    ``rope_scaling`` is ``None`` (plain RoPE), ``{"rope_type": "llama3", "factor": float,
     "low_freq_factor": float, "high_freq_factor": float,
-    "original_max_position_embeddings": int}``.
+    "original_max_position_embeddings": int}`` or ``{"rope_type": "yarn", "factor": float,
+    "original_max_position_embeddings": int}`` plus those of ``beta_fast``, ``beta_slow``,
+    ``attention_factor``, ``mscale``, ``mscale_all_dim`` (float) and ``truncate`` (bool) that
+    the source gave (their meaning and defaults: :mod:`k15_megatron.models.rope_scaling`).
     """
 
     family: str
@@ -102,38 +107,89 @@ def read_hf_config(hf_path: str) -> Dict[str, Any]:
 
 def normalize_rope_scaling(scaling: Optional[Mapping[str, Any]], *,
                            where: str) -> Optional[Dict[str, Any]]:
-    """``None`` for plain RoPE, else the llama3 scaling dict (see :class:`ModelArch`).
+    """``None`` for plain RoPE, else the llama3 or yarn scaling dict (see :class:`ModelArch`).
 
     Accepts the HF spellings ``rope_type`` and the older ``type``; extra keys such as
-    ``rope_theta`` are ignored. ``where`` names the file or config key in errors.
+    ``rope_theta`` are ignored. ``where`` names the file or config key in errors: an
+    unsupported type (``linear``, ``dynamic``, ``longrope``, ...), a missing or invalid key, or
+    ``partial_rotary_factor`` other than 1 (the builders rotate the whole head).
     """
     if scaling is None:
         return None
     if not isinstance(scaling, Mapping):
         raise ValueError(f"{where}: rope scaling must be a mapping, got {scaling!r}")
     rope_type = scaling.get("rope_type", scaling.get("type"))
+    if scaling.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"{where}: partial_rotary_factor={scaling['partial_rotary_factor']!r} "
+                         "is not supported (RoPE over the whole head only)")
     if rope_type is None:
-        if set(scaling) - {"rope_theta"}:
+        if set(scaling) - {"rope_theta", "partial_rotary_factor"}:
             raise ValueError(f"{where}: rope scaling {dict(scaling)!r} lacks 'rope_type' "
                              f"(one of {', '.join(SUPPORTED_ROPE_TYPES)})")
         return None
     if rope_type == "default":
         return None
-    if rope_type != "llama3":
+    if rope_type not in _ROPE_NORMALIZERS:
         raise ValueError(
             f"{where}: rope type {rope_type!r} is not supported (supported: "
             f"{', '.join(SUPPORTED_ROPE_TYPES)})"
         )
-    missing = [k for k in _LLAMA3_KEYS if scaling.get(k) is None]
+    missing = [k for k in _ROPE_REQUIRED[rope_type] if scaling.get(k) is None]
     if missing:
-        raise ValueError(f"{where}: llama3 rope scaling lacks {', '.join(missing)}")
-    return {
-        "rope_type": "llama3",
-        "factor": float(scaling["factor"]),
-        "low_freq_factor": float(scaling["low_freq_factor"]),
-        "high_freq_factor": float(scaling["high_freq_factor"]),
-        "original_max_position_embeddings": int(scaling["original_max_position_embeddings"]),
+        raise ValueError(f"{where}: {rope_type} rope scaling lacks {', '.join(missing)}")
+    return _ROPE_NORMALIZERS[rope_type](scaling, where)
+
+
+def _number(scaling: Mapping[str, Any], key: str, where: str, *, minimum: float,
+            integer: bool = False):
+    value = scaling[key]
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or value < minimum \
+            or (not integer and not math.isfinite(value)):
+        wanted = "an integer" if integer else "a number"
+        raise ValueError(f"{where}: {key}={value!r} must be {wanted} >= {minimum:g}")
+    return int(value) if integer else float(value)
+
+
+def _llama3_scaling(scaling: Mapping[str, Any], where: str) -> Dict[str, Any]:
+    out = {"rope_type": "llama3"}
+    for key in ("factor", "low_freq_factor", "high_freq_factor"):
+        out[key] = _number(scaling, key, where, minimum=1e-12)
+    out["original_max_position_embeddings"] = _number(
+        scaling, "original_max_position_embeddings", where, minimum=1, integer=True)
+    if out["high_freq_factor"] <= out["low_freq_factor"]:
+        raise ValueError(f"{where}: llama3 high_freq_factor={out['high_freq_factor']:g} must "
+                         f"exceed low_freq_factor={out['low_freq_factor']:g}")
+    return out
+
+
+def _yarn_scaling(scaling: Mapping[str, Any], where: str) -> Dict[str, Any]:
+    """Required keys plus the optional ones present (so an exported config.json says the same
+    as the original); every value checked as transformers and vLLM read it."""
+    out: Dict[str, Any] = {
+        "rope_type": "yarn",
+        "factor": _number(scaling, "factor", where, minimum=1.0),
+        "original_max_position_embeddings": _number(
+            scaling, "original_max_position_embeddings", where, minimum=1, integer=True),
     }
+    for key in ("beta_fast", "beta_slow", "attention_factor"):
+        if scaling.get(key) is not None:
+            out[key] = _number(scaling, key, where, minimum=1e-12)
+    for key in ("mscale", "mscale_all_dim"):
+        if scaling.get(key) is not None:
+            out[key] = _number(scaling, key, where, minimum=0.0)
+    if out.get("beta_fast", 32.0) < out.get("beta_slow", 1.0):
+        raise ValueError(f"{where}: yarn beta_fast={out.get('beta_fast', 32.0):g} is below "
+                         f"beta_slow={out.get('beta_slow', 1.0):g}")
+    if scaling.get("truncate") is not None:
+        if not isinstance(scaling["truncate"], bool):
+            raise ValueError(f"{where}: truncate={scaling['truncate']!r} must be true or false")
+        out["truncate"] = scaling["truncate"]
+    return out
+
+
+_ROPE_REQUIRED = {"llama3": _LLAMA3_KEYS, "yarn": _YARN_KEYS}
+_ROPE_NORMALIZERS = {"llama3": _llama3_scaling, "yarn": _yarn_scaling}
 
 
 def _rope_from_hf(hf: Mapping[str, Any], where: str) -> Dict[str, Any]:
@@ -146,6 +202,11 @@ def _rope_from_hf(hf: Mapping[str, Any], where: str) -> Dict[str, Any]:
         out["rope_theta"] = float(hf["rope_theta"])
     if isinstance(params, Mapping) and params.get("rope_theta") is not None:
         out["rope_theta"] = float(params["rope_theta"])
+    if hf.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"{where}: partial_rotary_factor={hf['partial_rotary_factor']!r} is not "
+                         "supported (RoPE over the whole head only)")
+    # transformers reads rope_scaling when both are present (it standardises it into
+    # rope_parameters), and so does this.
     scaling = hf.get("rope_scaling")
     if scaling is None and isinstance(params, Mapping):
         scaling = params
@@ -217,7 +278,23 @@ def resolve_model_arch(model_cfg: ModelConfig) -> ModelArch:
         raise ValueError(f"model architecture incomplete: {origin} must give "
                          f"{', '.join('model.' + k for k in missing)}")
     _fill_defaults(values)
+    _check_yarn_context(values, context_source(model_cfg))
     return ModelArch(**{f.name: values[f.name] for f in fields(ModelArch)})
+
+
+def _check_yarn_context(values: Mapping[str, Any], source: str) -> None:
+    """YaRN's context is at most factor x original_max_position_embeddings: vLLM precomputes
+    its YaRN cos/sin for exactly that many positions, so a longer context would read past them."""
+    scaling = values["rope_scaling"]
+    if not scaling or scaling["rope_type"] != "yarn":
+        return
+    limit = int(scaling["factor"] * scaling["original_max_position_embeddings"])
+    if values["max_position_embeddings"] > limit:
+        raise ValueError(
+            f"{source} = {values['max_position_embeddings']} exceeds what its yarn rope scaling "
+            f"covers, factor x original_max_position_embeddings = {scaling['factor']:g} x "
+            f"{scaling['original_max_position_embeddings']} = {limit} (vLLM computes YaRN "
+            "positions only up to there); lower it or raise the yarn factor")
 
 
 def context_source(model_cfg: ModelConfig) -> str:

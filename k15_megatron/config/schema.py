@@ -66,9 +66,11 @@ class ModelConfig:
     rope_theta: Optional[float] = at_least(None, 0.0)
     """RoPE base frequency (HF ``rope_theta`` or ``rope_parameters.rope_theta``)."""
     rope_scaling: Optional[Dict[str, Any]] = None
-    """RoPE scaling (HF ``rope_scaling`` / ``rope_parameters``); only ``rope_type: llama3``
-    is supported, with factor, low_freq_factor, high_freq_factor and
-    original_max_position_embeddings."""
+    """RoPE scaling (HF ``rope_scaling`` / ``rope_parameters``): ``rope_type: llama3`` (with
+    factor, low_freq_factor, high_freq_factor, original_max_position_embeddings) or ``yarn``
+    (factor, original_max_position_embeddings; optional beta_fast, beta_slow,
+    attention_factor, mscale, mscale_all_dim, truncate), as transformers reads them;
+    ``{rope_type: default}`` switches config.json's scaling off. Other types are refused."""
     norm_epsilon: Optional[float] = at_least(None, 0.0)
     """RMSNorm epsilon (HF ``rms_norm_eps``)."""
     tie_word_embeddings: Optional[bool] = None

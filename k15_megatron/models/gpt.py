@@ -3,7 +3,8 @@
 All three are the same decoder with different switches, all carried by a resolved
 :class:`k15_megatron.config.model_arch.ModelArch` (built from a Hugging Face config.json):
 
-* RoPE with the family's theta, and Llama 3 frequency scaling when ``rope_scaling`` says so;
+* RoPE with the family's theta, and Llama 3 or YaRN scaling when ``rope_scaling`` says so
+  (:mod:`k15_megatron.models.rope_scaling`);
 * RMSNorm, SwiGLU MLP (gated, no bias), grouped-query attention;
 * Qwen2 QKV bias (``add_qkv_bias``), Qwen3 per-head RMSNorm on queries and keys (``qk_layernorm``);
 * tied or untied input/output embeddings.
@@ -19,6 +20,7 @@ import math
 
 import torch
 
+from k15_megatron.models.rope_scaling import scale_rotary_embedding, softmax_scale
 from k15_megatron.models.specs import gpt_layer_spec
 from k15_megatron.parallel.device import HAVE_CUDA
 
@@ -110,6 +112,8 @@ def transformer_config(arch, *, parallel_cfg, precision_cfg):
         attention_dropout=0.0,
         init_method_std=0.02,
         attention_softmax_in_fp32=True,
+        # YaRN's attention factor (1/sqrt(head dim) otherwise), see models.rope_scaling.
+        softmax_scale=softmax_scale(arch.rope_scaling, kv_channels=arch.kv_channels),
         apply_query_key_layer_scaling=False,
         # Fusions need CUDA kernels; the unfused paths compute the same thing.
         bias_activation_fusion=HAVE_CUDA,
@@ -131,33 +135,6 @@ def transformer_config(arch, *, parallel_cfg, precision_cfg):
         num_layers_in_last_pipeline_stage=parallel_cfg.pipeline_last_stage_layers,
         **fp8_kwargs,
     )
-
-
-def llama3_scaled_inv_freq(inv_freq: torch.Tensor, rope_scaling: dict) -> torch.Tensor:
-    """Llama 3 RoPE frequency scaling: long wavelengths divided by ``factor``, short ones kept,
-    the band between them interpolated smoothly (``low_freq_factor``/``high_freq_factor`` set the
-    band relative to ``original_max_position_embeddings``)."""
-    factor = float(rope_scaling["factor"])
-    low = float(rope_scaling["low_freq_factor"])
-    high = float(rope_scaling["high_freq_factor"])
-    old_context = float(rope_scaling["original_max_position_embeddings"])
-    wavelen = 2 * math.pi / inv_freq
-    low_freq_wavelen = old_context / low
-    high_freq_wavelen = old_context / high
-    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
-    smooth = (old_context / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
-    return torch.where(is_medium, smoothed, scaled)
-
-
-def _apply_rope_scaling(model, arch) -> None:
-    if not arch.rope_scaling:
-        return
-    if arch.rope_scaling.get("rope_type") != "llama3":
-        raise ValueError(f"model.rope_scaling: unsupported rope_type {arch.rope_scaling.get('rope_type')!r}")
-    rotary = model.rotary_pos_emb
-    rotary.inv_freq = llama3_scaled_inv_freq(rotary.inv_freq, arch.rope_scaling)
 
 
 def build_gpt_model(arch, *, parallel_cfg, precision_cfg, padded_vocab: int, vp_stage=None):
@@ -187,7 +164,7 @@ def build_gpt_model(arch, *, parallel_cfg, precision_cfg, padded_vocab: int, vp_
         rotary_base=int(arch.rope_theta) if float(arch.rope_theta).is_integer() else arch.rope_theta,
         vp_stage=vp_stage,
     )
-    _apply_rope_scaling(model, arch)
+    scale_rotary_embedding(model.rotary_pos_emb, arch.rope_scaling, rope_theta=arch.rope_theta)
     if HAVE_CUDA:
         model.cuda(torch.cuda.current_device())
     return model
