@@ -1,0 +1,236 @@
+"""``k15 verify HF_DIR [KEY=VALUE ...] [--layout "KEY=VALUE ..."]... [--seq-len N] [--text STR]...
+[--packed | --padded] [--tolerance X]``: does Megatron, under this layout, compute the same
+logits as transformers for this Hugging Face model?
+
+The model of HF_DIR is loaded into Megatron (``model.hf_path``, as every job loads it) under
+the layout the overrides give (``parallel.tensor=2 parallel.context=2 parallel.pipeline=2``,
+``parallel.world_size``, ``precision.dtype``; default float32), the same sequences run through
+Megatron and through transformers (float32, one sequence at a time, on rank 0), and the
+command prints the largest and the mean |logit difference| over every real token and every
+real vocabulary entry (vocabulary padding ignored) and the fraction of tokens whose greedy
+(argmax) token is the same. Sequences: random token ids (``seed``; ``--num-sequences`` of them,
+the first ``--seq-len`` tokens long, the others of random lengths up to it) or the tokenised
+``--text`` (repeatable, one sequence each). Megatron gets them as one micro-batch, packed
+(default: back to back, each padded only to what context parallelism needs) or padded (one row
+per sequence, padded to the longest).
+
+Nothing is gathered: each rank compares its own logits (its context-parallel share of the
+tokens, its tensor-parallel share of the vocabulary) with the matching slice of the reference,
+and the statistics are reduced over the ranks; the greedy token over a sharded vocabulary comes
+from an all-reduce of each shard's (largest value, index) over the tensor-parallel group
+(:mod:`k15_megatron.jobs.logit_compare`). The command checks that every real token of every
+sequence was compared exactly once per data-parallel replica.
+
+``--layout`` (repeatable) checks several layouts in one start: each one's overrides are applied
+after the common ones, the layouts run one after another in the same processes (as many as the
+largest layout needs; a smaller layout runs data-parallel replicas, each of which is compared),
+and each prints one line. The ranks are started as for ``k15 export``; bad input (a missing
+folder, an unsupported model family, a layout the model does not split into, a sequence longer
+than the model's context) is reported before any process starts.
+
+The last line is ``VERIFY max_abs=<float> mean_abs=<float> greedy_agree=<fraction>
+tolerance=<float>`` (the worst layout); exit status 0 when every layout's max_abs is within
+``--tolerance`` (default 1e-4, meant for float32), 1 when one is past it, 2 for invalid input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import shlex
+import sys
+import tempfile
+
+DEFAULT_TOLERANCE = 1e-4
+RESULT_ENV = "K15_VERIFY_RESULT"
+"""Set by the parent for the ranks it starts: the file where rank 0 writes the exit status."""
+
+
+@dataclasses.dataclass
+class VerifyRequest:
+    """What one ``k15 verify`` start checks (the same on every rank)."""
+
+    hf_dir: str
+    layouts: list  # [(label, ExperimentConfig)]
+    num_processes: int
+    sequences: list  # [1-D int64 tensor]
+    packed: bool
+    tolerance: float
+
+
+def build_request(args) -> VerifyRequest:
+    """Validate the command line and build the request (ValueError naming the culprit)."""
+    from k15_megatron.config import load_config, resolve_model_arch
+    from k15_megatron.parallel.launch import under_launcher
+
+    if not os.path.isdir(args.hf_dir):
+        raise ValueError(f"{args.hf_dir}: no such folder (HF_DIR must be a Hugging Face model folder)")
+    if not os.path.exists(os.path.join(args.hf_dir, "config.json")):
+        raise ValueError(f"{args.hf_dir}: no config.json (HF_DIR must be a Hugging Face model folder)")
+    if not args.tolerance > 0:
+        raise ValueError(f"--tolerance={args.tolerance}: must be > 0")
+    if args.seq_len < 1 or args.num_sequences < 1:
+        raise ValueError(f"--seq-len={args.seq_len} and --num-sequences={args.num_sequences} must be >= 1")
+    base = [f"model.hf_path={args.hf_dir}", "precision.dtype=fp32", *args.overrides]
+    layouts = [shlex.split(text) for text in args.layout] or [[]]
+    drafts = [load_config(None, base + extra, check=False) for extra in layouts]
+    arch = resolve_model_arch(drafts[0].model)  # an unsupported family or a bad config.json, once
+    if args.seq_len > arch.max_position_embeddings:
+        raise ValueError(f"--seq-len={args.seq_len} is longer than the model's context "
+                         f"(max_position_embeddings={arch.max_position_embeddings} in {args.hf_dir}/config.json)")
+    wanted = {d.parallel.world_size or d.parallel.tensor * d.parallel.pipeline * d.parallel.context for d in drafts}
+    world = int(os.environ["WORLD_SIZE"]) if under_launcher() and "WORLD_SIZE" in os.environ else max(wanted)
+    configs = []
+    for extra, draft in zip(layouts, drafts):
+        # Only the layout's own rules matter here: one micro-batch of one global batch per replica.
+        fixed = [f"parallel.world_size={draft.parallel.world_size or world}", f"data.global_batch_size={world}",
+                 "data.micro_batch_size=1", f"data.seq_length={_multiple(draft.parallel) * args.seq_len}"]
+        cfg = load_config(None, base + extra + fixed)
+        if cfg.parallel.world_size != world:
+            raise ValueError(f"layout {' '.join(extra) or '(overrides only)'}: parallel.world_size="
+                             f"{cfg.parallel.world_size}, but the layouts of this start run {world} processes; "
+                             "give every layout the same parallel.world_size (or none)")
+        configs.append((_label(cfg), cfg))
+    return VerifyRequest(hf_dir=args.hf_dir, layouts=configs, num_processes=world,
+                         sequences=_sequences(args, arch, seed=drafts[0].seed), packed=not args.padded,
+                         tolerance=args.tolerance)
+
+
+def _multiple(parallel) -> int:
+    from k15_megatron.parallel.context import sequence_multiple
+
+    return sequence_multiple(cp_size=parallel.context, tp_size=parallel.tensor,
+                             sequence_parallel=parallel.sequence_parallel)
+
+
+def _label(cfg) -> str:
+    par = cfg.parallel
+    data = cfg.parallel.world_size // (par.tensor * par.pipeline * par.context)
+    extra = " sequence_parallel" if par.sequence_parallel else ""
+    return f"TP={par.tensor} PP={par.pipeline} CP={par.context} DP={data}{extra} {cfg.precision.dtype}"
+
+
+def _sequences(args, arch, *, seed: int) -> list:
+    from k15_megatron.jobs.verify_inputs import random_sequences, text_sequences
+
+    if not args.text:
+        return random_sequences(num_sequences=args.num_sequences, seq_len=args.seq_len, vocab_size=arch.vocab_size,
+                                seed=seed)
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.hf_dir)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--text needs the tokenizer of {args.hf_dir}, which did not load: {exc}") from None
+    sequences = text_sequences(args.text, tokenizer, seq_len=args.seq_len)
+    too_large = [i + 1 for i, s in enumerate(sequences) if int(s.max()) >= arch.vocab_size]
+    if too_large:
+        raise ValueError(f"--text number {too_large[0]}: token ids beyond the model's vocabulary "
+                         f"({arch.vocab_size}); the tokenizer of {args.hf_dir} does not fit its model")
+    return sequences
+
+
+def run_layouts(request: VerifyRequest) -> list:
+    """Every layout in turn on this rank (collective); returns [(label, LogitStats)] (reduced:
+    the same on every rank)."""
+    import torch
+
+    from k15_megatron.jobs.verify_inputs import reference_logits
+    from k15_megatron.jobs.verify_rank import verify_layout
+    from k15_megatron.parallel.initialize import launch_env_from_environ
+
+    arch_vocab = _vocab_size(request)
+    reference = None
+    if launch_env_from_environ().rank == 0:  # before the process group: the others wait at its start
+        reference = reference_logits(request.hf_dir, request.sequences, vocab_size=arch_vocab)
+    results = []
+    for label, cfg in request.layouts:
+        stats = verify_layout(cfg, request.sequences, reference, packed=request.packed)
+        results.append((label, stats))
+        if torch.distributed.get_rank() == 0:
+            print(_layout_line(label, stats, request.tolerance), flush=True)
+    return results
+
+
+def _vocab_size(request: VerifyRequest) -> int:
+    from k15_megatron.config import resolve_model_arch
+
+    return resolve_model_arch(request.layouts[0][1].model).vocab_size
+
+
+def _layout_line(label: str, stats, tolerance: float) -> str:
+    verdict = "within" if stats.max_abs <= tolerance else "PAST"
+    return (f"layout {label}: max_abs={stats.max_abs:.3e} mean_abs={stats.mean_abs:.3e} "
+            f"greedy_agree={stats.num_agree}/{stats.num_tokens} ({verdict} tolerance {tolerance:g})")
+
+
+def verdict_line(results: list, tolerance: float) -> tuple[str, int]:
+    """The last line (the worst of every layout) and the exit status (0 within, 1 past)."""
+    max_abs = max(stats.max_abs for _, stats in results)
+    mean_abs = max(stats.mean_abs for _, stats in results)
+    agree = min(stats.greedy_agree for _, stats in results)
+    ok = not math.isnan(max_abs) and max_abs <= tolerance
+    return (f"VERIFY max_abs={max_abs:.6e} mean_abs={mean_abs:.6e} greedy_agree={agree:.6f} "
+            f"tolerance={tolerance:g}", 0 if ok else 1)
+
+
+def _parser() -> argparse.ArgumentParser:
+    from k15_megatron.jobs import help_text, verbosity
+
+    parser = argparse.ArgumentParser(prog="k15 verify", description=help_text.description(__doc__),
+                                     epilog=help_text.details(__doc__),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("hf_dir", metavar="HF_DIR", help="Hugging Face model folder (config.json, safetensors)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="dotted config overrides for every layout, e.g. parallel.tensor=2")
+    parser.add_argument("--layout", action="append", default=[], metavar='"KEY=VALUE ..."',
+                        help="one layout's overrides (repeatable: the layouts run in turn in the same processes)")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens of the longest sequence (default 256)")
+    parser.add_argument("--num-sequences", type=int, default=4, help="random sequences (default 4)")
+    parser.add_argument("--text", action="append", default=[], help="a text to tokenise as one sequence "
+                        "(repeatable; replaces the random sequences; cut to --seq-len)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--packed", action="store_true", help="one packed (THD) micro-batch (default)")
+    mode.add_argument("--padded", action="store_true", help="one padded [B, S] micro-batch")
+    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                        help=f"largest |logit difference| accepted (default {DEFAULT_TOLERANCE:g}, for fp32)")
+    verbosity.add_flag(parser)
+    return parser
+
+
+def main(argv=None) -> int:
+    from k15_megatron.parallel.launch import run_as_ranks
+
+    args = _parser().parse_intermixed_args(argv)  # --verbose was applied by k15_megatron.cli
+    try:
+        request = build_request(args)  # in the parent, and again in each rank it starts
+    except (ValueError, FileNotFoundError) as exc:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    state: dict = {}
+
+    def work():
+        import torch
+
+        line, state["status"] = verdict_line(run_layouts(request), request.tolerance)
+        if torch.distributed.get_rank() == 0:
+            print(line, flush=True)
+            with open(os.environ[RESULT_ENV], "w") as f:
+                f.write(str(state["status"]))
+
+    with tempfile.TemporaryDirectory(prefix="k15-verify-") as folder:
+        own = RESULT_ENV not in os.environ  # else a parent started this rank and reads the file
+        if own:
+            os.environ[RESULT_ENV] = os.path.join(folder, "status")  # the ranks started here inherit it
+        try:
+            status = run_as_ranks(request.num_processes, work)
+            if status != 0 or "status" in state:  # failed, or this process was a rank
+                return status or state["status"]
+            with open(os.environ[RESULT_ENV]) as f:  # the parent: rank 0's verdict
+                return int(f.read())
+        finally:
+            if own:
+                os.environ.pop(RESULT_ENV)

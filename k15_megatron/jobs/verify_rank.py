@@ -1,0 +1,106 @@
+"""One ``k15 verify`` layout on this rank: start Megatron's parallel state for it, load the
+Hugging Face weights, run the sequences forward, compare this rank's logits with the reference,
+reduce the statistics over all ranks, and tear the parallel state down for the next layout.
+
+The reference rows reach the ranks one sequence at a time (a broadcast from rank 0, which
+computed them), so a rank holds at most its own logits and one sequence's reference rows.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from k15_megatron.jobs.logit_compare import (LogitStats, compare_shard, real_vocab_columns, reduce_stats,
+                                             vocab_parallel_argmax)
+
+
+def verify_layout(cfg, sequences: Sequence[torch.Tensor], reference: list | None, *, packed: bool) -> LogitStats:
+    """The reduced statistics of layout ``cfg`` (collective over every rank).
+
+    ``reference``: on global rank 0 the transformers logits [L_i, V] of each sequence, None on
+    the other ranks. Raises RuntimeError when the ranks together did not compare every real
+    token exactly once per data-parallel replica (a layout that loses or repeats tokens).
+    """
+    from megatron.core import parallel_state
+
+    from k15_megatron.checkpoint.model_weights import load_hf_weights
+    from k15_megatron.config import resolve_model_arch
+    from k15_megatron.models.gpt import build_gpt_model, padded_vocab_size
+    from k15_megatron.parallel.device import collective_device
+    from k15_megatron.parallel.initialize import initialize
+
+    layout = initialize(cfg.parallel, seed=cfg.seed)
+    try:
+        arch = resolve_model_arch(cfg.model)
+        padded = padded_vocab_size(arch.vocab_size, cfg.model.make_vocab_size_divisible_by, layout.tp_size)
+        model = build_gpt_model(arch, parallel_cfg=cfg.parallel, precision_cfg=cfg.precision, padded_vocab=padded)
+        load_hf_weights(model, cfg.model.hf_path, arch, padded)
+        shard = _megatron_shard(model, _batch(sequences, cfg.parallel, packed=packed))
+        group = parallel_state.get_tensor_model_parallel_group() if layout.tp_size > 1 else None
+        stats = _compare(shard, sequences, reference, vocab_size=arch.vocab_size, tp_rank=layout.tp_rank,
+                         group=group)
+        stats = reduce_stats(stats, device=collective_device())
+    finally:
+        parallel_state.destroy_model_parallel()
+    expected = sum(len(s) for s in sequences) * layout.dp_size
+    if stats.num_tokens != expected or stats.num_values != expected * arch.vocab_size:
+        raise RuntimeError(f"compared {stats.num_tokens} tokens ({stats.num_values} logits), expected "
+                           f"{expected} ({expected * arch.vocab_size}): the layout lost or repeated tokens")
+    return stats
+
+
+def _batch(sequences, parallel, *, packed: bool) -> dict:
+    from k15_megatron.jobs.verify_inputs import packed_batch, padded_batch
+    from k15_megatron.parallel.context import sequence_multiple
+
+    multiple = sequence_multiple(cp_size=parallel.context, tp_size=parallel.tensor,
+                                 sequence_parallel=parallel.sequence_parallel)
+    return (packed_batch if packed else padded_batch)(sequences, multiple=multiple)
+
+
+def _megatron_shard(model, batch: dict):
+    """(logits [N, V_pad/TP], sequence_ids [N], position_ids [N]) of the N tokens this rank's
+    output holds, on the last pipeline stage; None on the others."""
+    from k15_megatron.train.schedule import forward_backward
+
+    def keep(mb, logits):
+        kept = {"logits": logits.detach(), "sequence_ids": mb["sequence_ids"], "position_ids": mb["position_ids"]}
+        return logits.new_zeros(()), torch.tensor(1, dtype=torch.int, device=logits.device), kept
+
+    model.eval()
+    with torch.no_grad():
+        outputs = forward_backward(model, [batch], keep, forward_only=True)
+    if not outputs:
+        return None
+    out = outputs[0]
+    return (out["logits"].reshape(-1, out["logits"].shape[-1]), out["sequence_ids"].reshape(-1),
+            out["position_ids"].reshape(-1))
+
+
+def _compare(shard, sequences, reference, *, vocab_size: int, tp_rank: int, group) -> LogitStats:
+    """This rank's partial statistics; every rank takes part in the reference broadcasts, the
+    tensor-parallel ranks of the last stage in the greedy all-reduces."""
+    from k15_megatron.parallel.device import collective_device
+
+    stats = LogitStats()
+    if shard is not None:
+        logits, sequence_ids, positions = shard
+        vocab_start, num_real = real_vocab_columns(vocab_local=logits.shape[-1], tp_rank=tp_rank,
+                                                   vocab_size=vocab_size)
+        greedy = vocab_parallel_argmax(logits, vocab_start=vocab_start, num_real=num_real, group=group)
+    for index, seq in enumerate(sequences):
+        ref = reference[index] if reference is not None else torch.empty(len(seq), vocab_size)
+        ref = ref.to(collective_device())
+        dist.broadcast(ref, src=0)
+        if shard is None:
+            continue
+        rows = (sequence_ids == index).nonzero().squeeze(1)
+        ref_rows = ref[positions[rows].to(ref.device)].to(logits.device)
+        stats.add(compare_shard(logits[rows], ref_rows, vocab_start=vocab_start, num_real=num_real))
+        if tp_rank == 0:  # each token's greedy agreement counted once per replica
+            stats.num_agree += int((greedy[rows] == ref_rows.argmax(-1)).sum())
+            stats.num_tokens += int(rows.numel())
+    return stats
