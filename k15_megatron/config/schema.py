@@ -32,6 +32,9 @@ from k15_megatron.config.rollout import RolloutConfig
 TOO_LONG_CHOICES = ("filter", "error")
 """Values of ``data.too_long``."""
 
+RECOMPUTE_CHOICES = ("none", "selective", "full")
+"""Values of ``parallel.recompute``."""
+
 SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3")
 """Model families the Megatron builders implement (HF ``model_type`` values)."""
 
@@ -110,6 +113,13 @@ class ParallelConfig:
     """Total number of processes. ``None``: env WORLD_SIZE, else SLURM_NTASKS, else 1."""
     backend: str = one_of("auto", ("auto", "nccl", "gloo"))
     """torch.distributed backend: auto (nccl with CUDA, gloo without) | nccl | gloo."""
+    recompute: str = one_of("none", RECOMPUTE_CHOICES)
+    """Activation recomputation, what each rank keeps for the backward pass (Megatron-Core
+    TransformerConfig.recompute_granularity): none (every activation kept) | selective (core
+    attention recomputed: recompute_modules=["core_attn"]) | full (only each layer's input
+    kept, the layer recomputed in backward: recompute_method="uniform",
+    recompute_num_layers=1). Full trades about one more forward pass for activation memory
+    that no longer grows with the layer's width (``k15 plan`` prints both)."""
 
 
 @dataclass

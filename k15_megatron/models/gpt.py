@@ -133,8 +133,23 @@ def transformer_config(arch, *, parallel_cfg, precision_cfg):
         sequence_parallel=parallel_cfg.sequence_parallel,
         num_layers_in_first_pipeline_stage=parallel_cfg.pipeline_first_stage_layers,
         num_layers_in_last_pipeline_stage=parallel_cfg.pipeline_last_stage_layers,
+        **recompute_config_fields(parallel_cfg.recompute),
         **fp8_kwargs,
     )
+
+
+def recompute_config_fields(recompute: str) -> dict:
+    """TransformerConfig keyword arguments of ``parallel.recompute`` (none | selective | full),
+    as Megatron-LM's ``--recompute-granularity`` / ``--recompute-method uniform``
+    ``--recompute-num-layers 1`` set them; ValueError for another value."""
+    if recompute == "none":
+        return {}
+    if recompute == "selective":
+        return {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]}
+    if recompute == "full":
+        return {"recompute_granularity": "full", "recompute_method": "uniform",
+                "recompute_num_layers": 1}
+    raise ValueError(f"parallel.recompute={recompute!r}: use one of none, selective, full")
 
 
 def build_gpt_model(arch, *, parallel_cfg, precision_cfg, padded_vocab: int, vp_stage=None):

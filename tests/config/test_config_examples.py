@@ -16,7 +16,9 @@ from k15_megatron.config.schema import ExperimentConfig
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLES = sorted(glob.glob(os.path.join(REPO, "examples", "*.yaml")))
 # Overrides a recipe needs to validate on this machine (its cluster world size).
-CLUSTER_OVERRIDES = {"qwen2_5_7b_128k.yaml": ["parallel.world_size=32"]}
+CLUSTER_OVERRIDES = {"qwen2_5_7b_128k.yaml": ["parallel.world_size=32"],
+                     "qwen2_5_7b_128k_1node.yaml": ["parallel.world_size=8"],
+                     "qwen2_5_7b_32k.yaml": ["parallel.world_size=8"]}
 
 
 @pytest.fixture
@@ -55,7 +57,7 @@ def test_cluster_recipe_resolves_to_the_intended_layout(qwen2_5_7b_models_dir):
     cfg = load_config(path, ["parallel.world_size=32"], environ={})
     assert cfg.model.hf_path == str(qwen2_5_7b_models_dir / "Qwen2.5-7B")  # via ${oc.env:...}
     p = cfg.parallel
-    assert (p.tensor, p.context, p.pipeline, p.sequence_parallel) == (4, 1, 1, True)
+    assert (p.tensor, p.context, p.pipeline, p.sequence_parallel, p.recompute) == (4, 8, 1, True, "full")
     assert cfg.rollout.max_model_len == 131072 and cfg.precision.dtype == "bf16"
     assert cfg.precision.fp8 is None
     arch = resolve_model_arch(cfg.model)
@@ -63,9 +65,6 @@ def test_cluster_recipe_resolves_to_the_intended_layout(qwen2_5_7b_models_dir):
     # FP8 on a machine with Transformer Engine: the 7B GEMM shapes pass the alignment rule.
     load_config(path, ["parallel.world_size=32", "precision.fp8=hybrid"],
                 te_available=lambda: True, environ={})
-    # Context parallelism, the usual 128k layout, is refused until it has a data path.
-    with pytest.raises(ConfigError, match=r"parallel.context=8: context parallelism is not implemented"):
-        load_config(path, ["parallel.world_size=32", "parallel.context=8"], environ={})
 
 
 def test_tiny_schedule_interpolations():

@@ -1,0 +1,148 @@
+"""Activation memory of a training micro-batch, and the log-prob head's peak.
+
+Per layer and token, what autograd keeps for the backward pass (elements of the model dtype;
+float32 extras are counted at 4 bytes). The accounting follows Korthikanti et al. 2022,
+"Reducing Activation Recomputation in Large Transformer Models" (arXiv:2205.05198, section 4:
+34*s*b*h + 5*a*s^2*b bytes per layer for GPT with fp16, sequence parallelism dividing every
+term by t), adapted to this decoder:
+
+* no dropout (no masks) and flash-style attention (no [S, S] scores; only the log-sum-exp,
+  ``a`` float32 per token);
+* grouped-query attention: the fused QKV output ``(nq + 2 ng) d`` stays alive because V is a view
+  of it, plus the rotated Q and K ``(nq + ng) d`` and the attention output ``nq d``; RoPE's
+  cos/sin tables ``4 d`` per call (unfused RoPE, ``apply_rope_fusion=False``; not split by TP);
+* RMSNorm instead of LayerNorm; SwiGLU: fc1's output ``2 f`` plus the product ``f`` (fused, as
+  Megatron's ``bias_swiglu`` on GPUs) or plus ``3 f`` (unfused: silu output, the linear half and
+  the product, Megatron-Core's ``glu`` on CPU);
+* Qwen3's per-head q/k norms.
+
+Which kernels run changes a few terms; :class:`Kernels` names them. :data:`TE` is Transformer
+Engine on GPUs (fused RMSNorm+linear keeps input and output, 2h; flash attention keeps one
+output); :data:`LOCAL` is Megatron-Core's local spec with the SDPA core attention
+(:mod:`k15_megatron.models.attention`): torch's RMSNorm keeps input, normalised input and output
+(3h), the attention output is kept twice (SDPA's and the contiguous copy the projection saves),
+and under CP each layer keeps the all-gathered K/V of the whole sequence.
+
+Recompute (``parallel.recompute``): full keeps each layer's input only, and the backward
+recomputes one layer at a time (its whole activation set alive once); selective recomputes the
+core attention (its log-sum-exp and the second output copy are not kept).
+
+The backward pass adds a transient on top of the stored activations; measured on CPU it is
+about one [tokens, f/TP] block (:func:`backward_transient_bytes`). The measured error of the
+whole estimate is stated in ``docs/plan.md``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from k15_megatron.config.model_arch import ModelArch
+from k15_megatron.plan.layout import Layout
+
+FP32 = 4
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The layer implementation whose saved tensors are counted."""
+
+    name: str
+    fused_norm: bool
+    """RMSNorm fused with the next linear (keeps input + output) vs torch's composite RMSNorm
+    (keeps input, normalised input, output)."""
+    fused_swiglu: bool
+    """SwiGLU as one kernel (keeps fc1's output) vs silu, add and multiply (three more f)."""
+    attention_output_copies: int
+    """Attention outputs kept per layer: 1 (TE), 2 (SDPA output + the projection's copy)."""
+    cp_gathers_kv: bool
+    """Under CP each layer keeps the all-gathered K/V of the full sequence (all-gather scheme)
+    rather than only its own chunks (TE's p2p ring)."""
+
+
+TE = Kernels("Transformer Engine layers (fused RMSNorm+linear, flash attention, fused SwiGLU)",
+             fused_norm=True, fused_swiglu=True, attention_output_copies=1, cp_gathers_kv=False)
+LOCAL = Kernels("Megatron-Core local layers with the SDPA core attention",
+                fused_norm=False, fused_swiglu=False, attention_output_copies=2, cp_gathers_kv=True)
+
+
+def layer_bytes_per_token(arch: ModelArch, layout: Layout, kernels: Kernels) -> float:
+    """Bytes one layer keeps for backward per token of this rank (no recompute), under TP,
+    sequence parallelism (norm terms divided by TP) and CP (the K/V gather of :data:`LOCAL`).
+    Units: bytes per local token (a token of this CP rank's share)."""
+    h, d, f = arch.hidden_size, arch.kv_channels, arch.ffn_hidden_size
+    nq, ng = arch.num_attention_heads, arch.num_query_groups
+    tp, size = layout.tensor, layout.dtype_bytes
+    sp = tp if layout.sequence_parallel else 1
+    norm = (2 * h if kernels.fused_norm else 3 * h) / sp
+    norm_stat = (FP32 if kernels.fused_norm else size) / sp  # 1/rms per token
+    elements = 2 * norm                                   # attention and MLP norms
+    elements += (nq + 2 * ng) * d / tp                    # fused QKV output (V is a view of it)
+    elements += (nq + ng) * d / tp + 4 * d                # rotated Q, K; RoPE cos/sin (q and k)
+    elements += kernels.attention_output_copies * nq * d / tp
+    elements += 2 * f / tp + (f if kernels.fused_swiglu else 3 * f) / tp
+    extra_bytes = 2 * norm_stat + nq * FP32 / tp          # norm statistics, log-sum-exp
+    if arch.qk_layernorm:
+        extra_bytes += (nq + ng) * (FP32 if kernels.fused_norm else size) / tp
+        if not kernels.fused_norm:
+            elements += (nq + ng) * d / tp                # the normalised q / k
+    if kernels.cp_gathers_kv and layout.context > 1:
+        elements += 2 * ng * d * layout.context / tp      # the whole sequence's K and V
+    per_token = elements * size + extra_bytes
+    if layout.recompute == "selective":
+        per_token -= nq * FP32 / tp + (kernels.attention_output_copies - 1) * nq * d / tp * size
+    return per_token
+
+
+def layer_input_bytes_per_token(arch: ModelArch, layout: Layout) -> float:
+    """Bytes of one layer's input per local token (what full recompute keeps per layer)."""
+    sp = layout.tensor if layout.sequence_parallel else 1
+    return arch.hidden_size * layout.dtype_bytes / sp
+
+
+def final_norm_bytes_per_token(arch: ModelArch, layout: Layout, kernels: Kernels) -> float:
+    """The final RMSNorm's kept tensors per local token. Its output, gathered from the
+    sequence-parallel region, is the hidden state the log-prob head keeps (full per TP rank)."""
+    h, size = arch.hidden_size, layout.dtype_bytes
+    sp = layout.tensor if layout.sequence_parallel else 1
+    kept = (h if kernels.fused_norm else 2 * h) / sp * size + (FP32 if kernels.fused_norm else size) / sp
+    return kept + h * size
+
+
+def stored_bytes(arch: ModelArch, layout: Layout, kernels: Kernels, *, num_layers: int,
+                 tokens: int, last_stage: bool) -> int:
+    """Activations one micro-batch of ``tokens`` local tokens keeps on a stage of
+    ``num_layers`` layers until its backward, plus (full recompute) the one layer the backward
+    recomputes at a time. Bytes."""
+    layer = layer_bytes_per_token(arch, layout, kernels)
+    if layout.recompute == "full":
+        per_token = num_layers * layer_input_bytes_per_token(arch, layout) + layer
+    else:
+        per_token = num_layers * layer
+    if last_stage:
+        per_token += final_norm_bytes_per_token(arch, layout, kernels)
+    return int(per_token * tokens)
+
+
+def backward_transient_bytes(arch: ModelArch, layout: Layout, *, tokens: int) -> int:
+    """Gradients alive inside one layer's backward beyond the stored activations: about one
+    [tokens, f/TP] block in the model dtype (measured on CPU, docs/plan.md). Bytes."""
+    return int(tokens * arch.ffn_hidden_size / layout.tensor * layout.dtype_bytes)
+
+
+def logprob_peak_bytes(arch: ModelArch, layout: Layout, *, tokens: int, chunk_tokens: int,
+                       padded_vocab: int) -> int:
+    """Peak of the chunked log-prob head's backward (:mod:`k15_megatron.rl.logprobs`, weight
+    path) on the last stage, beyond the kept hidden states: float32 copies of the output weight
+    shard [V/TP, h] and of its gradient, the float32 hidden gradient [tokens, h], one float32
+    [chunk, V/TP] block and its [chunk, h] input, then the cast of the larger gradient to the
+    model dtype. ``tokens``: this rank's tokens (the hidden states are gathered over sequence
+    parallelism, so every TP rank holds all of them). Bytes."""
+    h, size = arch.hidden_size, layout.dtype_bytes
+    vocab_local = padded_vocab // layout.tensor
+    weight32 = vocab_local * h * FP32
+    copies = weight32 * (2 if layout.dtype != "fp32" else 1)  # w.float() and grad_w
+    chunk = min(chunk_tokens, tokens)
+    blocks = chunk * vocab_local * FP32 + chunk * h * FP32
+    grad_hidden = tokens * h * FP32
+    cast = max(tokens * h, vocab_local * h) * size
+    return copies + blocks + grad_hidden + cast

@@ -1,0 +1,188 @@
+"""The memory of a job's phases on its fullest GPU, from a validated config.
+
+``k15 rl`` (colocated, :mod:`k15_megatron.engine.hybrid`) has two peaks:
+
+* the training step (vLLM asleep: level 1 moves its weights to the host and drops the KV
+  cache, so it is counted as 0): weights, gradient buffers, optimizer states, the activations
+  of the micro-batches in flight on the stage (1F1B: PP - stage of them), then at the start of
+  the backward either the log-prob head's peak (last stage) or one layer's backward transient;
+* the hybrid switch (``to_rollout``): vLLM wakes up and takes its whole reservation while the
+  trainer still holds its weights, its fp32 master copies, the gradient buffers unless
+  ``engine.offload_grad_buffers`` and the moments unless ``rl.reset_optimizer`` drops them or
+  ``engine.offload_optimizer_states`` moves them; the weight sync adds one gathered tensor
+  (the largest, the embedding) and, under PP, one ``engine.sync_bucket_mb`` bucket.
+
+``k15 sft`` has the training step only. Every GPU also keeps :data:`RUNTIME_RESERVE_BYTES`
+for the CUDA context, NCCL and allocator fragmentation (an assumption, not a measurement).
+
+A micro-batch's tokens are its worst case: RL, ``rl.groups_per_micro_batch`` x
+``rl.group_size`` responses that all reach ``rollout.max_model_len``; SFT,
+``data.micro_batch_size`` x ``data.seq_length``. CP ranks hold 1/CP of them each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+from k15_megatron.config.model_arch import ModelArch
+from k15_megatron.plan import activations
+from k15_megatron.plan.activations import Kernels
+from k15_megatron.plan.layout import Layout
+from k15_megatron.plan.model_state import model_state
+from k15_megatron.plan.params import count_parameters, stage_layer_counts, stage_parameters
+from k15_megatron.plan.rollout import RolloutShare, rollout_share
+
+GIB = 1024 ** 3
+RUNTIME_RESERVE_BYTES = 3 * GIB
+"""Per GPU, outside the tensors counted: CUDA context, NCCL buffers, cuBLAS workspaces and the
+caching allocator's fragmentation (assumed, not measured)."""
+
+
+@dataclass(frozen=True)
+class Line:
+    """One row of a phase: what, bytes, how it was counted."""
+
+    name: str
+    num_bytes: int
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Phase:
+    """The tensors that coexist at one moment of a job on one GPU."""
+
+    name: str
+    lines: Tuple[Line, ...]
+
+    @property
+    def total(self) -> int:
+        return sum(line.num_bytes for line in self.lines)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Per-GPU memory of one config on one GPU model (bytes)."""
+
+    num_params: int
+    layout: Layout
+    stage: int
+    """The pipeline stage whose training peak is the highest (the one shown)."""
+    micro_batch_tokens: int
+    local_tokens: int
+    layer_activation_bytes: int
+    """One layer's kept activations for one micro-batch on one rank (no recompute)."""
+    phases: Tuple[Phase, ...]
+    rollout: Optional[RolloutShare]
+    capacity: int
+    reserve: int = RUNTIME_RESERVE_BYTES
+
+    @property
+    def peak(self) -> int:
+        return max(p.total for p in self.phases) + self.reserve
+
+    @property
+    def problems(self) -> List[str]:
+        """Why it does not fit (empty when it fits)."""
+        found = []
+        if self.peak > self.capacity:
+            worst = max(self.phases, key=lambda p: p.total)
+            found.append(f"{worst.name} needs {self.peak / GIB:.1f} GiB with the reserve, "
+                         f"{(self.peak - self.capacity) / GIB:.1f} GiB more than the "
+                         f"{self.capacity / GIB:.1f} GiB GPU")
+        if self.rollout is not None and self.rollout.full_length_sequences < 1:
+            r = self.rollout
+            found.append(f"vLLM's KV cache ({max(r.kv_cache, 0) / GIB:.1f} GiB = {r.kv_tokens} tokens) "
+                         f"cannot hold one rollout.max_model_len={r.max_model_len} sequence "
+                         f"({r.max_model_len * r.kv_bytes_per_token / GIB:.1f} GiB): vLLM would "
+                         "refuse to start")
+        return found
+
+    @property
+    def fits(self) -> bool:
+        return not self.problems
+
+
+def padded_vocab(vocab_size: int, divisible_by: int) -> int:
+    """The embedding rows Megatron allocates (models.gpt.padded_vocab_size)."""
+    return -(-vocab_size // divisible_by) * divisible_by
+
+
+def micro_batch_tokens(cfg, *, job: str) -> int:
+    """Worst-case tokens of one micro-batch (all ranks of a CP group together)."""
+    if job == "sft":
+        return cfg.data.micro_batch_size * cfg.data.seq_length
+    return cfg.rl.groups_per_micro_batch * cfg.rl.group_size * cfg.rollout.max_model_len
+
+
+def plan_memory(cfg, arch: ModelArch, layout: Layout, *, capacity: int, job: str = "rl",
+                kernels: Kernels = activations.TE) -> MemoryPlan:
+    """The :class:`MemoryPlan` of ``cfg`` (a validated ExperimentConfig; ``arch`` its
+    resolved model) under ``layout`` on a GPU of ``capacity`` bytes, for ``job`` rl | sft."""
+    vocab = padded_vocab(arch.vocab_size, cfg.model.make_vocab_size_divisible_by)
+    tokens = micro_batch_tokens(cfg, job=job)
+    local = -(-tokens // layout.context)
+    counts = stage_layer_counts(num_layers=arch.num_layers, pipeline=layout.pipeline,
+                                first=layout.first_stage_layers, last=layout.last_stage_layers)
+    num_params = count_parameters(arch)
+    share = None
+    if job == "rl":
+        share = rollout_share(arch, cfg.rollout, num_params=num_params, capacity=capacity,
+                              train_dtype_bytes=layout.dtype_bytes)
+    best = None
+    for stage, layers in enumerate(counts):
+        phases = _stage_phases(cfg, arch, layout, kernels, stage=stage, num_layers=layers,
+                               local=local, vocab=vocab, share=share)
+        if best is None or max(p.total for p in phases) > max(p.total for p in best[1]):
+            best = (stage, phases)
+    assert best is not None
+    layer = int(activations.layer_bytes_per_token(arch, layout.replace(recompute="none"), kernels) * local)
+    return MemoryPlan(num_params=num_params, layout=layout, stage=best[0], micro_batch_tokens=tokens,
+                      local_tokens=local, layer_activation_bytes=layer, phases=best[1], rollout=share,
+                      capacity=capacity)
+
+
+def _stage_phases(cfg, arch, layout, kernels, *, stage, num_layers, local, vocab, share):
+    last = stage == layout.pipeline - 1
+    params = stage_parameters(arch, stage=stage, pipeline=layout.pipeline, tensor=layout.tensor,
+                              num_stage_layers=num_layers, padded_vocab=vocab)
+    state = model_state(params, layout)
+    in_flight = layout.pipeline - stage
+    stored = activations.stored_bytes(arch, layout, kernels, num_layers=num_layers, tokens=local,
+                                      last_stage=last)
+    transient = activations.backward_transient_bytes(arch, layout, tokens=local)
+    opt_note = "sharded over DP x CP" if layout.distributed_optimizer else "not sharded"
+    lines = [Line("weights", state.weights, f"{params:,} parameters on this rank"),
+             Line("gradient buffers", state.gradients, "DDP main_grad"),
+             Line("optimizer: fp32 master copies", state.master, opt_note),
+             Line("optimizer: moments", state.moments, opt_note),
+             Line("activations", stored * in_flight,
+                  f"{in_flight} micro-batch(es) of {local:,} tokens, recompute={layout.recompute}")]
+    if last:
+        head = activations.logprob_peak_bytes(arch, layout, tokens=local,
+                                              chunk_tokens=cfg.rl.logprob_chunk_tokens,
+                                              padded_vocab=vocab)
+        lines.append(Line("log-prob head backward", max(head, transient),
+                          f"[{min(cfg.rl.logprob_chunk_tokens, local)}, V/TP] float32 chunks"))
+    else:
+        lines.append(Line("backward transient", transient, "one [tokens, f/TP] gradient"))
+    phases = [Phase("training step", tuple(lines))]
+    if share is not None:
+        phases.append(_switch_phase(cfg, arch, layout, state, share, vocab))
+    return tuple(phases)
+
+
+def _switch_phase(cfg, arch, layout, state, share: RolloutShare, vocab: int) -> Phase:
+    engine = cfg.engine
+    lines = [Line("weights", state.weights), Line("optimizer: fp32 master copies", state.master)]
+    if not engine.offload_grad_buffers:
+        lines.append(Line("gradient buffers", state.gradients, "engine.offload_grad_buffers=false"))
+    if not cfg.rl.reset_optimizer and not engine.offload_optimizer_states:
+        lines.append(Line("optimizer: moments", state.moments, "kept on the GPU"))
+    gathered = vocab * arch.hidden_size * layout.dtype_bytes
+    bucket = engine.sync_bucket_mb * 1024 ** 2 if layout.pipeline > 1 else 0
+    lines.append(Line("weight sync buffers", gathered + bucket, "one gathered embedding"
+                      + (" + one PP bucket" if bucket else "")))
+    lines.append(Line("vLLM reservation", share.reserved,
+                      f"rollout.gpu_memory_utilization={cfg.rollout.gpu_memory_utilization}"))
+    return Phase("hybrid switch (vLLM awake)", tuple(lines))

@@ -1,0 +1,76 @@
+"""Measures the peak memory of Megatron GPTModel forward+backward passes on CPU (run as a script
+by test_plan_activations.py, in a fresh process with glibc's mmap threshold at 64 KiB).
+
+For each case (family, recompute) and sequence length: the model is built by the project's
+builders (fp32, TP=PP=CP=1, local layer spec), DDP-wrapped (its gradient buffer exists before
+the measurement), warmed up once; then the kernel's peak RSS is reset (``5`` to
+/proc/self/clear_refs), one forward (Megatron's labels path: per-token cross entropy) and
+backward runs, and peak extra = VmHWM - RSS before. Prints one JSON line per measurement.
+"""
+
+import json
+import os
+import sys
+
+CASES = {
+    "qwen2": dict(family="qwen2", num_layers=2, hidden_size=256, ffn_hidden_size=704, num_attention_heads=4,
+                  num_query_groups=2, kv_channels=64),
+    "qwen3": dict(family="qwen3", num_layers=2, hidden_size=192, ffn_hidden_size=512, num_attention_heads=6,
+                  num_query_groups=2, kv_channels=32),
+}
+VOCAB = 128
+
+
+def _kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(field)
+
+
+def measure(name: str, recompute: str, lengths):
+    import torch
+
+    from k15_megatron.config import ModelConfig, OptimConfig, ParallelConfig, PrecisionConfig, resolve_model_arch
+    from k15_megatron.models.gpt import build_gpt_model
+    from k15_megatron.train.optimizer import build_training_objects
+
+    parallel, precision = ParallelConfig(recompute=recompute), PrecisionConfig(dtype="fp32")
+    arch = resolve_model_arch(ModelConfig(vocab_size=VOCAB, max_position_embeddings=max(lengths),
+                                          norm_epsilon=1e-6, rope_theta=1e6, tie_word_embeddings=False,
+                                          **CASES[name]))
+    model = build_gpt_model(arch, parallel_cfg=parallel, precision_cfg=precision, padded_vocab=VOCAB)
+    chunks, _, _ = build_training_objects(model, optim_cfg=OptimConfig(lr=1e-3, clip_grad=0.0),
+                                          precision_cfg=precision, num_steps=1)
+    num_params = sum(p.numel() for p in model.parameters())
+
+    def step(s: int) -> int:
+        ids = torch.randint(0, VOCAB, (1, s))
+        chunks[0].zero_grad_buffer()
+        before = _kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        chunks[0](ids, torch.arange(s)[None], None, labels=ids).sum().backward()
+        return _kib("VmHWM") - before
+
+    step(max(lengths) // 4)  # warm-up: kernels, caches and rope tables of this size
+    for s in lengths:
+        print(json.dumps({"case": name, "recompute": recompute, "tokens": s, "peak_extra": step(s),
+                          "num_params": num_params}), flush=True)
+
+
+def main():
+    from k15_megatron.parallel.initialize import initialize
+    from k15_megatron.config import ParallelConfig
+
+    initialize(ParallelConfig(), seed=0)
+    lengths = [int(x) for x in sys.argv[1].split(",")]
+    for spec in sys.argv[2:]:
+        name, recompute = spec.split(":")
+        measure(name, recompute, lengths)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("RANK", "0")
+    main()
