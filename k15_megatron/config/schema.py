@@ -98,7 +98,16 @@ class ParallelConfig:
     pipeline: int = at_least(1, 1)
     """Pipeline-parallel size (PP)."""
     context: int = at_least(1, 1)
-    """Context-parallel size (CP). Not implemented yet: validation refuses values above 1."""
+    """Context-parallel size (CP): every sequence is cut into 2*CP chunks and CP rank r holds
+    chunks r and 2*CP-1-r (Megatron's load-balanced layout); attention is exact over the CP
+    group (:mod:`k15_megatron.models.attention` without Transformer Engine, TE's CP attention
+    with it)."""
+    cp_comm_type: str = one_of("p2p", ("p2p", "a2a", "allgather", "a2a+p2p"))
+    """Transformer Engine's context-parallel attention communication (TransformerConfig
+    ``cp_comm_type``; "allgather" is TE's "all_gather"): p2p (ring of K/V exchanges, overlapped
+    with compute) | a2a (all-to-all over heads, Ulysses-style; needs heads divisible by CP) |
+    allgather | a2a+p2p (hierarchical). Used only with the TE layer spec (GPUs, written for them
+    and not run here); without TE the portable attention always all-gathers K/V."""
     expert: int = at_least(1, 1)
     """Expert-parallel size (EP) for mixture-of-experts models. Not implemented yet:
     validation refuses values above 1."""
@@ -209,6 +218,13 @@ class DataConfig:
     micro_batch_size: int = at_least(1, 1)
     """SFT: rows per forward/backward on one data-parallel rank. (RL micro-batches hold at
     most rl.groups_per_micro_batch groups.)"""
+    micro_batch_tokens: Optional[int] = at_least(None, 1)
+    """Token budget of one packed micro-batch in the forward-only log-prob recompute
+    (``k15_megatron.train.logprobs.sequence_token_logprobs``: each row's real tokens, right
+    padding cut off, each padded only to the 2 x parallel.context (x parallel.tensor under
+    sequence parallelism) multiple; consecutive rows fill a micro-batch until the next would
+    pass the budget, a longer row runs alone). The row cap of that call still applies. null =
+    no token budget, the row cap alone."""
     global_batch_size: int = at_least(8, 1)
     """SFT: rows per optimizer step over all data-parallel ranks. (An RL step trains on the
     finished groups of an iteration / rl.updates_per_iteration: rl.prompts_per_iteration /

@@ -248,14 +248,9 @@ def _pipeline_split_errors(par: ParallelConfig, num_layers: int) -> List[str]:
 
 
 def _not_implemented_errors(par: ParallelConfig) -> List[str]:
-    """Layouts the schema can describe but no job can run yet: no data path splits sequences
-    over context-parallel ranks, and there is no mixture-of-experts model to split over
-    expert-parallel ranks."""
+    """Layouts the schema can describe but no job can run yet: there is no mixture-of-experts
+    model to split over expert-parallel ranks."""
     errors = []
-    if par.context > 1:
-        errors.append(f"parallel.context={par.context}: context parallelism is not implemented "
-                      "yet (no job splits sequences over context-parallel ranks); set "
-                      "parallel.context=1")
     if par.expert > 1:
         errors.append(f"parallel.expert={par.expert}: expert parallelism is not implemented yet "
                       "(no mixture-of-experts model is supported); set parallel.expert=1")

@@ -85,6 +85,10 @@ def fp8_config_fields(precision_cfg, *, available: frozenset | None = None) -> d
     return fields
 
 
+# parallel.cp_comm_type -> TransformerConfig.cp_comm_type (Transformer Engine's spelling).
+_TE_CP_COMM_TYPES = {"p2p": "p2p", "a2a": "a2a", "allgather": "all_gather", "a2a+p2p": "a2a+p2p"}
+
+
 def transformer_config(arch, *, parallel_cfg, precision_cfg):
     """Megatron's TransformerConfig for ``arch`` under the given parallel and precision sections."""
     import dataclasses
@@ -128,7 +132,12 @@ def transformer_config(arch, *, parallel_cfg, precision_cfg):
         fp16=dtype is torch.float16,
         tensor_model_parallel_size=parallel_cfg.tensor,
         pipeline_model_parallel_size=parallel_cfg.pipeline,
+        # Packed micro-batches differ in token count: the stages exchange each shape first.
+        # Megatron refuses that with its default "allgather" MoE dispatcher, even for dense models.
+        variable_seq_lengths=parallel_cfg.pipeline > 1,
+        moe_token_dispatcher_type="alltoall",
         context_parallel_size=parallel_cfg.context,
+        cp_comm_type=_TE_CP_COMM_TYPES[parallel_cfg.cp_comm_type] if parallel_cfg.context > 1 else None,
         expert_model_parallel_size=parallel_cfg.expert,
         sequence_parallel=parallel_cfg.sequence_parallel,
         num_layers_in_first_pipeline_stage=parallel_cfg.pipeline_first_stage_layers,

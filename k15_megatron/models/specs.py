@@ -1,7 +1,10 @@
 """Which Megatron-Core layer implementation a model uses: chosen here and nowhere else.
 
 Transformer Engine's fused layers (fused LayerNorm+Linear, FP8-capable GEMMs, TE attention with
-context parallelism) when TE is importable; Megatron-Core's local PyTorch modules otherwise.
+context parallelism over ``parallel.cp_comm_type``) when TE is importable; Megatron-Core's local
+PyTorch modules otherwise, with :class:`k15_megatron.models.attention.SdpaCoreAttention` as the
+core attention (packed THD batches and context parallelism, which the local DotProductAttention
+refuses).
 FP8 (``precision.fp8``) exists only with the TE spec.
 The two specs name some parameters differently (TE fuses the pre-attention / pre-MLP norms into
 ``linear_qkv.layer_norm_weight`` / ``linear_fc1.layer_norm_weight``); the checkpoint name mapping
@@ -34,4 +37,9 @@ def gpt_layer_spec(*, qk_layernorm: bool, fp8: Optional[str] = None):
     if fp8:
         raise ValueError(f"precision.fp8={fp8!r} needs the Transformer Engine layer spec, and "
                          "transformer_engine is not importable here; set precision.fp8=null")
-    return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
+    from k15_megatron.models.attention import SdpaCoreAttention
+
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
+    # Megatron's local DotProductAttention refuses packed sequences and CP > 1.
+    spec.submodules.self_attention.submodules.core_attention = SdpaCoreAttention
+    return spec

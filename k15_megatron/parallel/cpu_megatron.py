@@ -19,7 +19,7 @@ only mean the CPU, so :func:`apply` maps Megatron's notion of the current accele
    replacement scales the same gradients by the same coefficient.
 
 Not covered (and refused by config validation or documented as GPU-only): Transformer Engine
-modules, FP8, context parallelism (Megatron's CP attention comes from TE), the distributed
+modules, FP8 (context parallelism runs through :mod:`k15_megatron.models.attention`), the distributed
 optimizer (it rejects CPU tensors), CUDA streams used for MoE overlap, CUDA graphs.
 
 :func:`apply` is idempotent and is called by
@@ -46,6 +46,7 @@ _MODULES_WITH_LITERAL_CUDA = (
     "megatron.core.rerun_state_machine",
     "megatron.core.distributed.param_and_grad_buffer",
     "megatron.core.utils",
+    "megatron.core.models.common.embeddings.rope_utils",
 )
 
 _FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange", "randn", "rand", "as_tensor")
@@ -59,7 +60,9 @@ def _is_cuda_device(device) -> bool:
 
 class _CpuTorchNamespace:
     """Stands in for the ``torch`` module inside one Megatron module: tensor factories called
-    with a CUDA device create CPU tensors; every other attribute is torch's own."""
+    with a CUDA device create CPU tensors, and ``pin_memory=True`` (which needs an accelerator;
+    RoPE's context-parallel slicing asks for it) is dropped; every other attribute is torch's
+    own."""
 
     def __getattr__(self, name):
         attr = getattr(torch, name)
@@ -69,6 +72,7 @@ class _CpuTorchNamespace:
         def factory(*args, **kwargs):
             if _is_cuda_device(kwargs.get("device")):
                 kwargs["device"] = compute_device()
+            kwargs.pop("pin_memory", None)
             return attr(*args, **kwargs)
 
         return factory
