@@ -118,3 +118,19 @@ def test_every_supported_type_has_a_function_and_unknown_types_are_refused():
     scale_rotary_embedding(rotary, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
                            rope_theta=1e4)
     assert rotary.inv_freq[-1] == pytest.approx(unscaled(1e4, 32)[-1].item() / 4, rel=1e-6)
+
+
+def test_engine_folder_written_from_the_arch_keeps_yarn(tmp_path):
+    """save_hf_model_from_arch (the rollout engine's folder when model.hf_path is null) writes a
+    config.json that resolves to the same architecture, YaRN included."""
+    from k15_megatron.config import ModelConfig, resolve_model_arch
+    from k15_megatron.models.tiny import save_hf_model_from_arch
+
+    arch = resolve_model_arch(ModelConfig(
+        family="qwen2", num_layers=1, hidden_size=64, ffn_hidden_size=128, num_attention_heads=2,
+        vocab_size=128, max_position_embeddings=256, norm_epsilon=1e-6, rope_theta=1e4,
+        rope_scaling={"type": "yarn", "factor": 4, "original_max_position_embeddings": 64, "beta_fast": 24}))
+    folder = save_hf_model_from_arch(arch, str(tmp_path / "engine"))
+    assert resolve_model_arch(ModelConfig(hf_path=folder)) == arch
+    assert arch.rope_scaling == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                                 "beta_fast": 24.0}

@@ -9,7 +9,8 @@ exports it back (``megatron_to_hf``). Checked here, float32:
 * Megatron's logits equal transformers' on the original folder (1e-4 of the largest logit), while
   the same weights without the scaling are far off (so the scaling is exercised);
 * the exported folder carries the same rope scaling and gives transformers the same logits;
-* vLLM, started from the exported folder the way the rollout engine starts, gives the
+* vLLM reads the same rope parameters from the original (older layout) and the exported
+  config.json; started from the exported folder the way the rollout engine starts, it gives the
   log-probs of the prompt tokens Megatron gives, and sampled-token log-probs equal to
   transformers', on a 200-token prompt (> 64 original positions).
 """
@@ -137,7 +138,14 @@ def test_vllm_logprobs_equal_megatron_and_transformers_with_yarn(converted, yarn
 
     from k15_megatron.rollout import Sampling, SegmentRequest
 
-    _, exported, logits = converted
+    from vllm.transformers_utils.config import get_config
+
+    originals, exported, logits = converted
+    # vLLM reads the same rope parameters from the user's older layout and from the export
+    rope = [{k: v for k, v in get_config(folder, trust_remote_code=False).rope_parameters.items() if k != "type"}
+            for folder in (originals["qwen2"], exported["qwen2"])]
+    assert rope[0] == rope[1] and rope[0]["rope_type"] == "yarn", rope
+
     prompt = _tokens(logits["qwen2"].shape[-1])[0, :PROMPT_LEN]
     # prompt-token log-probs vs Megatron's, position by position up to 200
     [out] = yarn_engine.llm.generate([{"prompt_token_ids": prompt.tolist()}],
