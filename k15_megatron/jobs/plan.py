@@ -20,6 +20,7 @@ from typing import List, Optional, Sequence
 from k15_megatron.config.env import resolve_world_size
 from k15_megatron.config.loader import load_config
 from k15_megatron.config.model_arch import resolve_model_arch
+from k15_megatron.jobs.help_text import config_keys_epilog, description, details
 from k15_megatron.plan import activations
 from k15_megatron.plan.budget import GIB, MemoryPlan, plan_memory
 from k15_megatron.plan.gpus import gpu_capacity
@@ -27,6 +28,12 @@ from k15_megatron.plan.layout import layout_from_config
 from k15_megatron.plan.verdict import smallest_change
 
 EXIT_FITS, EXIT_DOES_NOT_FIT, EXIT_INVALID = 0, 1, 2
+HELP_KEYS = ("parallel", "precision.dtype", "precision.grad_reduce_in_fp32", "optim.use_distributed_optimizer",
+             "rl.group_size", "rl.groups_per_micro_batch", "rl.logprob_chunk_tokens", "rl.reset_optimizer",
+             "rollout.tensor_parallel_size", "rollout.max_model_len", "rollout.gpu_memory_utilization",
+             "engine.offload_grad_buffers", "engine.offload_optimizer_states", "data.micro_batch_size",
+             "data.seq_length")
+"""The config keys the plan reads, listed by ``k15 plan --help``."""
 
 
 def _gib(num_bytes: int) -> str:
@@ -67,8 +74,9 @@ def format_plan(plan: MemoryPlan, *, arch, gpu: str, kernels) -> List[str]:
 
 def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="k15 plan", description="Per-GPU memory of a config before any process starts: "
-        "weights, gradients, optimizer, activations, log-prob head, vLLM; fits or not.")
+        prog="k15 plan", description=description(__doc__),
+        epilog=details(__doc__) + "\n\n" + config_keys_epilog(HELP_KEYS),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", metavar="CONFIG", help="YAML recipe")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides")
     parser.add_argument("--gpu", default="h100-80gb",

@@ -14,7 +14,8 @@ term by t), adapted to this decoder:
 * RMSNorm instead of LayerNorm; SwiGLU: fc1's output ``2 f`` plus the product ``f`` (fused, as
   Megatron's ``bias_swiglu`` on GPUs) or plus ``3 f`` (unfused: silu output, the linear half and
   the product, Megatron-Core's ``glu`` on CPU);
-* Qwen3's per-head q/k norms.
+* Qwen3's per-head q/k norms: the query they normalise is a copy out of the QKV output
+  (``nq d``), the unfused norm also keeps the normalised q and k.
 
 Which kernels run changes a few terms; :class:`Kernels` names them. :data:`TE` is Transformer
 Engine on GPUs (fused RMSNorm+linear keeps input and output, 2h; flash attention keeps one
@@ -82,6 +83,7 @@ def layer_bytes_per_token(arch: ModelArch, layout: Layout, kernels: Kernels) -> 
     elements += 2 * f / tp + (f if kernels.fused_swiglu else 3 * f) / tp
     extra_bytes = 2 * norm_stat + nq * FP32 / tp          # norm statistics, log-sum-exp
     if arch.qk_layernorm:
+        elements += nq * d / tp                           # Q reshaped out of the QKV output: a copy
         extra_bytes += (nq + ng) * (FP32 if kernels.fused_norm else size) / tp
         if not kernels.fused_norm:
             elements += (nq + ng) * d / tp                # the normalised q / k
@@ -146,3 +148,10 @@ def logprob_peak_bytes(arch: ModelArch, layout: Layout, *, tokens: int, chunk_to
     grad_hidden = tokens * h * FP32
     cast = max(tokens * h, vocab_local * h) * size
     return copies + blocks + grad_hidden + cast
+
+
+def labels_loss_peak_bytes(arch: ModelArch, layout: Layout, *, tokens: int, padded_vocab: int) -> int:
+    """Peak of Megatron's own loss path (``k15 sft``: the model's ``labels`` argument): the
+    logits [tokens, V/TP] in the model dtype, the float32 softmax its vocab-parallel cross
+    entropy keeps, and the float32 logits gradient in backward. Bytes."""
+    return tokens * (padded_vocab // layout.tensor) * (layout.dtype_bytes + 2 * FP32)

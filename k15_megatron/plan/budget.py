@@ -15,6 +15,10 @@
 ``k15 sft`` has the training step only. Every GPU also keeps :data:`RUNTIME_RESERVE_BYTES`
 for the CUDA context, NCCL and allocator fragmentation (an assumption, not a measurement).
 
+The last stage's loss: ``k15 rl`` forms float32 logits ``rl.logprob_chunk_tokens`` at a time
+(:mod:`k15_megatron.rl.logprobs`); ``k15 sft`` uses Megatron's cross entropy on the whole
+[tokens, V/TP] logits.
+
 A micro-batch's tokens are its worst case: RL, ``rl.groups_per_micro_batch`` x
 ``rl.group_size`` responses that all reach ``rollout.max_model_len``; SFT,
 ``data.micro_batch_size`` x ``data.seq_length``. CP ranks hold 1/CP of them each.
@@ -158,12 +162,15 @@ def _stage_phases(cfg, arch, layout, kernels, *, stage, num_layers, local, vocab
              Line("optimizer: moments", state.moments, opt_note),
              Line("activations", stored * in_flight,
                   f"{in_flight} micro-batch(es) of {local:,} tokens, recompute={layout.recompute}")]
-    if last:
+    if last and share is not None:  # k15 rl: the chunked log-prob head
         head = activations.logprob_peak_bytes(arch, layout, tokens=local,
                                               chunk_tokens=cfg.rl.logprob_chunk_tokens,
                                               padded_vocab=vocab)
         lines.append(Line("log-prob head backward", max(head, transient),
                           f"[{min(cfg.rl.logprob_chunk_tokens, local)}, V/TP] float32 chunks"))
+    elif last:  # k15 sft: Megatron's cross entropy on the whole logits
+        head = activations.labels_loss_peak_bytes(arch, layout, tokens=local, padded_vocab=vocab)
+        lines.append(Line("logits + cross entropy", max(head, transient), "[tokens, V/TP] logits"))
     else:
         lines.append(Line("backward transient", transient, "one [tokens, f/TP] gradient"))
     phases = [Phase("training step", tuple(lines))]

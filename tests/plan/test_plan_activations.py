@@ -10,10 +10,9 @@ The estimate is the planner's stored activations + backward transient, plus what
 loss path keeps that the RL path does not (Megatron's labels path: float32 logits [s, V] for the
 cross entropy, the int64 ids and labels, a bool mask).
 
-Measured error (2026-11-30, torch 2.13 CPU): -1% to -1.5% for Qwen2 without and with full
-recompute, -3.5% to -5% for Qwen3 (its q/k norms keep slightly more than counted). The test
-allows 8%: the estimate may not undercount the measured peak by more. Parameter counts of the
-built models equal the planner's per-rank count.
+Measured error (estimate / measured - 1; 2026-11-30, torch 2.13 CPU, megatron-core 0.16.1):
+-2.0% to -0.4% for Qwen2 without and with full recompute, -0.4% to +0.04% for Qwen3. The test
+allows 5% either way. Parameter counts of the built models equal the planner's per-rank count.
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ sys.path.insert(0, HERE)
 from activation_worker import CASES, VOCAB  # noqa: E402
 
 LENGTHS = (1024, 2048, 4096)
-TOLERANCE = 0.08
+TOLERANCE = 0.05
 
 
 def _free_port() -> int:
@@ -84,6 +83,7 @@ def test_activation_estimate_matches_measured_peak(measurements):
         expected, params = _expected(m["case"], m["recompute"], m["tokens"])
         assert params == m["num_params"], m
         errors[(m["case"], m["recompute"], m["tokens"])] = expected / m["peak_extra"] - 1
+    print("estimate / measured - 1:", {k: round(v, 4) for k, v in errors.items()})  # pytest -s shows it
     assert all(-TOLERANCE <= e <= TOLERANCE for e in errors.values()), errors
 
 
