@@ -54,7 +54,7 @@ def format_plan(plan: MemoryPlan, *, arch, gpu: str, kernels) -> List[str]:
         f"layers: {kernels.name}",
         f"micro-batch: {plan.micro_batch_tokens:,} tokens, {plan.local_tokens:,} per CP rank; "
         f"activations per layer without recompute: {plan.layer_activation_bytes / GIB:.2f} GiB",
-        f"GPU: {gpu}, {plan.capacity / GIB:.2f} GiB; pipeline stage shown: {plan.stage}",
+        f"GPU: {gpu}, {plan.capacity / GIB:.2f} GiB",
         "",
     ]
     for phase in plan.phases:

@@ -111,17 +111,17 @@ def final_norm_bytes_per_token(arch: ModelArch, layout: Layout, kernels: Kernels
 
 
 def stored_bytes(arch: ModelArch, layout: Layout, kernels: Kernels, *, num_layers: int,
-                 tokens: int, last_stage: bool) -> int:
-    """Activations one micro-batch of ``tokens`` local tokens keeps on a stage of
-    ``num_layers`` layers until its backward, plus (full recompute) the one layer the backward
-    recomputes at a time. Bytes."""
+                 tokens: int, last_stage: bool, in_flight: int = 1) -> int:
+    """Activations that ``in_flight`` micro-batches of ``tokens`` local tokens each keep on a
+    stage of ``num_layers`` layers until their backward, plus (full recompute) the one layer
+    the backward recomputes at a time. Bytes."""
     layer = layer_bytes_per_token(arch, layout, kernels)
     if layout.recompute == "full":
-        per_token = num_layers * layer_input_bytes_per_token(arch, layout) + layer
+        per_token = in_flight * num_layers * layer_input_bytes_per_token(arch, layout) + layer
     else:
-        per_token = num_layers * layer
+        per_token = in_flight * num_layers * layer
     if last_stage:
-        per_token += final_norm_bytes_per_token(arch, layout, kernels)
+        per_token += in_flight * final_norm_bytes_per_token(arch, layout, kernels)
     return int(per_token * tokens)
 
 

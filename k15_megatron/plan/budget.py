@@ -4,7 +4,8 @@
 
 * the training step (vLLM asleep: level 1 moves its weights to the host and drops the KV
   cache, so it is counted as 0): weights, gradient buffers, optimizer states, the activations
-  of the micro-batches in flight on the stage (1F1B: PP - stage of them), then at the start of
+  of the micro-batches in flight on the stage (1F1B: PP - stage of them, at most the step's
+  micro-batches), then at the start of
   the backward either the log-prob head's peak (last stage) or one layer's backward transient;
 * the hybrid switch (``to_rollout``): vLLM wakes up and takes its whole reservation while the
   trainer still holds its weights, its fp32 master copies, the gradient buffers unless
@@ -70,13 +71,12 @@ class MemoryPlan:
 
     num_params: int
     layout: Layout
-    stage: int
-    """The pipeline stage whose training peak is the highest (the one shown)."""
     micro_batch_tokens: int
     local_tokens: int
     layer_activation_bytes: int
     """One layer's kept activations for one micro-batch on one rank (no recompute)."""
     phases: Tuple[Phase, ...]
+    """Each phase on the pipeline stage where it is largest (named in the phase under PP)."""
     rollout: Optional[RolloutShare]
     capacity: int
     reserve: int = RUNTIME_RESERVE_BYTES
@@ -119,6 +119,16 @@ def micro_batch_tokens(cfg, *, job: str) -> int:
     return cfg.rl.groups_per_micro_batch * cfg.rl.group_size * cfg.rollout.max_model_len
 
 
+def micro_batches_per_step(cfg, layout: Layout, *, job: str) -> int:
+    """Micro-batches one data-parallel rank runs per optimizer step (at least 1): RL, its
+    groups (``rl.prompts_per_iteration`` / ``rl.updates_per_iteration`` / DP) in micro-batches
+    of ``rl.groups_per_micro_batch``; SFT, ``data.global_batch_size`` / (micro batch x DP)."""
+    if job == "sft":
+        return max(1, cfg.data.global_batch_size // (cfg.data.micro_batch_size * layout.data))
+    groups = cfg.rl.prompts_per_iteration // (cfg.rl.updates_per_iteration * layout.data)
+    return max(1, -(-groups // cfg.rl.groups_per_micro_batch))
+
+
 def plan_memory(cfg, arch: ModelArch, layout: Layout, *, capacity: int, job: str = "rl",
                 kernels: Kernels = activations.TE) -> MemoryPlan:
     """The :class:`MemoryPlan` of ``cfg`` (a validated ExperimentConfig; ``arch`` its
@@ -133,16 +143,18 @@ def plan_memory(cfg, arch: ModelArch, layout: Layout, *, capacity: int, job: str
     if job == "rl":
         share = rollout_share(arch, cfg.rollout, num_params=num_params, capacity=capacity,
                               train_dtype_bytes=layout.dtype_bytes)
-    best = None
-    for stage, layers in enumerate(counts):
-        phases = _stage_phases(cfg, arch, layout, kernels, stage=stage, num_layers=layers,
+    per_stage = [_stage_phases(cfg, arch, layout, kernels, stage=stage, num_layers=layers,
                                local=local, vocab=vocab, share=share)
-        if best is None or max(p.total for p in phases) > max(p.total for p in best[1]):
-            best = (stage, phases)
-    assert best is not None
+                 for stage, layers in enumerate(counts)]
+    worst = []  # each phase on the stage where it is largest
+    for i in range(len(per_stage[0])):
+        stage = max(range(len(per_stage)), key=lambda st: per_stage[st][i].total)
+        phase = per_stage[stage][i]
+        name = f"{phase.name} (stage {stage})" if layout.pipeline > 1 else phase.name
+        worst.append(Phase(name, phase.lines))
     layer = int(activations.layer_bytes_per_token(arch, layout.replace(recompute="none"), kernels) * local)
-    return MemoryPlan(num_params=num_params, layout=layout, stage=best[0], micro_batch_tokens=tokens,
-                      local_tokens=local, layer_activation_bytes=layer, phases=best[1], rollout=share,
+    return MemoryPlan(num_params=num_params, layout=layout, micro_batch_tokens=tokens,
+                      local_tokens=local, layer_activation_bytes=layer, phases=tuple(worst), rollout=share,
                       capacity=capacity)
 
 
@@ -151,16 +163,16 @@ def _stage_phases(cfg, arch, layout, kernels, *, stage, num_layers, local, vocab
     params = stage_parameters(arch, stage=stage, pipeline=layout.pipeline, tensor=layout.tensor,
                               num_stage_layers=num_layers, padded_vocab=vocab)
     state = model_state(params, layout)
-    in_flight = layout.pipeline - stage
+    in_flight = min(layout.pipeline - stage, micro_batches_per_step(cfg, layout, job="rl" if share else "sft"))
     stored = activations.stored_bytes(arch, layout, kernels, num_layers=num_layers, tokens=local,
-                                      last_stage=last)
+                                      last_stage=last, in_flight=in_flight)
     transient = activations.backward_transient_bytes(arch, layout, tokens=local)
     opt_note = "sharded over DP x CP" if layout.distributed_optimizer else "not sharded"
     lines = [Line("weights", state.weights, f"{params:,} parameters on this rank"),
              Line("gradient buffers", state.gradients, "DDP main_grad"),
              Line("optimizer: fp32 master copies", state.master, opt_note),
              Line("optimizer: moments", state.moments, opt_note),
-             Line("activations", stored * in_flight,
+             Line("activations", stored,
                   f"{in_flight} micro-batch(es) of {local:,} tokens, recompute={layout.recompute}")]
     if last and share is not None:  # k15 rl: the chunked log-prob head
         head = activations.logprob_peak_bytes(arch, layout, tokens=local,
