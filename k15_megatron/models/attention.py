@@ -21,9 +21,9 @@ comes from Transformer Engine). :class:`SdpaCoreAttention` takes its place in th
   by global position, to the keys up to its own end. Memory per layer: the full sequence's
   K/V (the all-gather scheme; TE's ``p2p`` ring on GPUs avoids that).
 
-Queries are processed in blocks of at most :data:`QUERY_BLOCK` rows; the first block of a
-sequence uses SDPA's own causal flag, later ones a [block, keys] boolean mask, so no
-[S, S] tensor is ever formed. Grouped-query attention uses SDPA's ``enable_gqa``.
+Queries are processed in blocks; the first block of a sequence uses SDPA's own causal flag,
+later ones a [rows, keys] boolean mask of at most :data:`MASK_ELEMENTS` elements, so no [S, S]
+tensor is ever formed. Grouped-query attention uses SDPA's ``enable_gqa``.
 
 Errors: a ``softmax_type`` other than "vanilla", an attention bias, or an ``attention_mask``
 under CP > 1 raise ValueError.
@@ -40,7 +40,15 @@ import torch.nn.functional as F
 from k15_megatron.parallel.context import natural_order_index
 
 QUERY_BLOCK = 4096
-"""Query rows per SDPA call (bounds the boolean mask of a block to QUERY_BLOCK x keys)."""
+"""Most query rows per SDPA call."""
+
+MASK_ELEMENTS = 1 << 24
+"""Most elements of one block's [rows, keys] mask: PyTorch's CPU kernel turns a boolean mask
+into a float one, so rows per masked block shrink as keys grow (at least 128 rows)."""
+
+
+def _block_rows(keys: int) -> int:
+    return min(QUERY_BLOCK, max(128, MASK_ELEMENTS // max(keys, 1)))
 
 
 def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_start: int, scale: float,
@@ -50,8 +58,12 @@ def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_st
     q [1, Hq, Lq, D], k/v [1, Hkv, Lk, D] -> [1, Hq, Lq, D]."""
     gqa = q.shape[1] != k.shape[1]
     outputs = []
-    for a in range(0, q.shape[2], QUERY_BLOCK):
-        b = min(a + QUERY_BLOCK, q.shape[2])
+    a = 0
+    while a < q.shape[2]:
+        if q_start + a == 0:  # SDPA's own causal flag: no mask is formed
+            b = min(QUERY_BLOCK, q.shape[2])
+        else:
+            b = min(a + _block_rows(q_start + a + QUERY_BLOCK), q.shape[2])
         start, end = q_start + a, q_start + b
         keys, values = k[:, :, :end], v[:, :, :end]
         if start == 0:
@@ -63,6 +75,7 @@ def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_st
             out = F.scaled_dot_product_attention(q[:, :, a:b], keys, values, attn_mask=allowed, scale=scale,
                                                  dropout_p=dropout, enable_gqa=gqa)
         outputs.append(out)
+        a = b
     return torch.cat(outputs, dim=2)
 
 

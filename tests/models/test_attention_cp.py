@@ -43,7 +43,7 @@ def _worker(rank, world_size, hf_dir):
     from k15_megatron.parallel.initialize import initialize
     from k15_megatron.train.packed import cp_rank_share, pack_sequences
 
-    attention.QUERY_BLOCK = 16  # several query blocks per sequence, masks with offsets
+    attention.QUERY_BLOCK, attention.MASK_ELEMENTS = 16, 16 * 64  # several blocks, masks with offsets
     generator = torch.Generator().manual_seed(7)
     results = {}
     for cp in (1, 2):
@@ -83,6 +83,29 @@ def _worker(rank, world_size, hf_dir):
                        "grad": grad.cpu(), "cu_padded": batch["cu_seqlens_padded"], "sequences": sequences}
         ps.destroy_model_parallel()
     return results
+
+
+@pytest.mark.parametrize("q_start", [0, 50])
+def test_causal_blocks_match_float64_reference(monkeypatch, q_start):
+    """Queries at [q_start, q_start+101) of a sequence against its keys [0, q_start+101), in
+    blocks of 16 rows (grouped-query: 4 query heads, 2 key/value heads): output and gradients
+    equal a float64 masked softmax."""
+    import k15_megatron.models.attention as attention
+
+    monkeypatch.setattr(attention, "QUERY_BLOCK", 16)
+    monkeypatch.setattr(attention, "MASK_ELEMENTS", 16 * 64)
+    g = torch.Generator().manual_seed(0)
+    keys = q_start + 101
+    q, k, v = (torch.randn(1, h, n, 8, generator=g, requires_grad=True) for h, n in ((4, 101), (2, keys), (2, keys)))
+    weight = torch.randn(1, 4, 101, 8, generator=g)
+    (attention._causal_attention(q, k, v, q_start=q_start, scale=0.3, dropout=0.0) * weight).sum().backward()
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    scores = (q64 @ k64.repeat_interleave(2, 1).transpose(-1, -2)) * 0.3
+    allowed = torch.arange(keys).unsqueeze(0) <= torch.arange(q_start, keys).unsqueeze(1)
+    ref = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v64.repeat_interleave(2, 1)
+    (ref * weight.double()).sum().backward()
+    for ours, theirs in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+        assert (ours.double() - theirs).abs().max() < 1e-5
 
 
 @pytest.mark.distributed
