@@ -227,8 +227,10 @@ def main(argv=None) -> int:
             os.environ[RESULT_ENV] = os.path.join(folder, "status")  # the ranks started here inherit it
         try:
             status = run_as_ranks(request.num_processes, work)
-            if status != 0 or "status" in state:  # failed, or this process was a rank
-                return status or state["status"]
+            if status != 0 or not own:  # a rank that k15's parent started exits 0; the parent decides
+                return status
+            if "status" in state:  # this process was the only rank, or a rank under torchrun / srun
+                return state["status"]
             with open(os.environ[RESULT_ENV]) as f:  # the parent: rank 0's verdict
                 return int(f.read())
         finally:

@@ -1,0 +1,203 @@
+"""``k15 verify``: Megatron's logits under a layout against transformers', through the real CLI.
+
+The multi-process tests start ``k15 verify`` as a user would (its own ranks, no torchrun) on tiny
+random models (hidden 64, 2 layers) whose weights are large enough (std 0.3) that logits spread
+over about +-10: a wrong RoPE position or a lost context token changes them by 1-10, far above
+the 1e-4 float32 tolerance. Each start checks three layouts in the same processes.
+The pieces that combine sharded results are checked in one process against whole tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from tooling import REPO_ROOT
+
+LAYOUTS = ("parallel.context=2", "parallel.tensor=2 parallel.context=2", "parallel.pipeline=2 parallel.context=2")
+VERIFY_LINE = re.compile(r"^VERIFY max_abs=(\S+) mean_abs=(\S+) greedy_agree=(\S+) tolerance=(\S+)$")
+LAYOUT_LINE = re.compile(r"^layout (.+?): max_abs=(\S+) mean_abs=(\S+) greedy_agree=(\d+)/(\d+) \((within|PAST) ")
+
+
+@pytest.fixture(scope="module")
+def verify_models(tmp_path_factory):
+    """family -> folder of a tiny model (hidden 64, 2 layers, 16k+ context)."""
+    from k15_megatron.models.tiny import save_tiny_hf_model
+
+    root = tmp_path_factory.mktemp("verify_hf")
+    return {family: save_tiny_hf_model(str(root / family), family, hidden_size=64, intermediate_size=128,
+                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                       max_position_embeddings=32768, init_std=0.3)
+            for family in ("llama", "qwen2", "qwen3")}
+
+
+def k15_verify(*args: str, timeout: int = 600) -> tuple[subprocess.CompletedProcess, float]:
+    env = {"K15_STRICT_DEVICE": "1", **os.environ}
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "k15_megatron.cli", "verify", *args], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=timeout, env=env)
+    return done, time.monotonic() - start
+
+
+def parse(done: subprocess.CompletedProcess) -> tuple[list, tuple]:
+    """(layout lines as (label, max_abs, mean_abs, agree, tokens, verdict), the VERIFY numbers)."""
+    lines = done.stdout.strip().splitlines()
+    assert lines, done.stderr[-3000:]
+    assert "error" not in done.stderr, done.stderr[-3000:]  # a verdict is not an error of the ranks
+    final = VERIFY_LINE.match(lines[-1])
+    assert final, f"last line is not the VERIFY line: {lines[-1]!r}\n{done.stderr[-3000:]}"
+    layouts = [m.groups() for m in map(LAYOUT_LINE.match, lines) if m]
+    return layouts, tuple(float(x) for x in final.groups())
+
+
+# --- end to end: every family, three layouts per start ---------------------------------------
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_verify_matches_transformers_under_cp_tp_pp(verify_models, family):
+    """CP=2, TP=2 x CP=2, PP=2 x CP=2 (4 processes) on one packed batch of 4 sequences of mixed
+    lengths (the longest 96 tokens): within 1e-4 and the same greedy tokens. Llama's start adds a
+    bf16 layout, which must be reported past the tolerance (exit status 1)."""
+    layouts = list(LAYOUTS) + (["parallel.context=2 precision.dtype=bf16"] if family == "llama" else [])
+    done, seconds = k15_verify(verify_models[family], "--seq-len", "96", "--num-sequences", "4",
+                               *[a for layout in layouts for a in ("--layout", layout)])
+    print(f"{family}: {seconds:.1f} s")
+    rows, (max_abs, _, agree, tolerance) = parse(done)
+    assert tolerance == 1e-4
+    assert len(rows) == len(layouts), done.stdout
+    expected_labels = ["TP=1 PP=1 CP=2 DP=2 fp32", "TP=2 PP=1 CP=2 DP=1 fp32", "TP=1 PP=2 CP=2 DP=1 fp32",
+                       "TP=1 PP=1 CP=2 DP=2 bf16"]
+    for (label, row_max, row_mean, row_agree, row_tokens, verdict), want in zip(rows, expected_labels):
+        assert label == want
+        if "bf16" in label:
+            assert verdict == "PAST" and float(row_max) > 1e-2, rows  # bf16 really differs from float32
+            continue
+        assert verdict == "within" and float(row_max) < 1e-4, rows
+        assert 0 < float(row_mean) <= float(row_max)
+        assert row_agree == row_tokens  # every token's greedy token is transformers'
+    if family == "llama":
+        assert done.returncode == 1, done.stderr[-3000:]
+        assert max_abs > 1e-2 and agree < 1.0
+    else:
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert max_abs < 1e-4 and agree == 1.0
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_verify_16k_sequence_under_cp2(verify_models):
+    """One sequence of 16384 tokens and one shorter, packed, CP=2 (2 processes)."""
+    done, seconds = k15_verify(verify_models["qwen3"], "--seq-len", "16384", "--num-sequences", "2",
+                               "parallel.context=2")
+    print(f"16k: {seconds:.1f} s")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows, (max_abs, _, agree, _) = parse(done)
+    assert rows[0][0] == "TP=1 PP=1 CP=2 DP=1 fp32"
+    assert int(rows[0][4]) > 16384  # both sequences' tokens were compared
+    assert max_abs < 1e-4 and agree == 1.0
+
+
+def test_verify_padded_text_one_process(verify_models):
+    """--padded with two --text sequences of different lengths in one process."""
+    done, _ = k15_verify(verify_models["qwen2"], "--padded", "--text", "12+30=42", "--text", "a longer line, 1 2 3")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows, (max_abs, _, agree, _) = parse(done)
+    assert rows[0][4] == str(len("12+30=42") + len("a longer line, 1 2 3"))  # one token per character
+    assert max_abs < 1e-4 and agree == 1.0
+
+
+# --- bad input: status 2 before any process starts --------------------------------------------
+
+
+def test_verify_refuses_bad_input_naming_it(verify_models, tmp_path):
+    gpt2 = tmp_path / "gpt2"
+    shutil.copytree(verify_models["qwen2"], gpt2)
+    config = json.loads((gpt2 / "config.json").read_text())
+    (gpt2 / "config.json").write_text(json.dumps({**config, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    cases = [
+        ([str(tmp_path / "missing")], "missing: no such folder"),
+        ([str(gpt2)], "gpt2"),
+        ([verify_models["qwen2"], "parallel.tensor=3"], "parallel.tensor=3"),
+        ([verify_models["qwen2"], "--layout", "parallel.pipeline=3"], "parallel.pipeline=3"),
+        ([verify_models["qwen2"], "--seq-len", "40000"], "--seq-len=40000"),
+        ([verify_models["qwen2"], "parallel.tensr=2"], "parallel.tensr"),
+        ([verify_models["qwen2"], "--layout", "parallel.world_size=2", "--layout", "parallel.world_size=4"],
+         "parallel.world_size"),
+    ]
+    for args, culprit in cases:
+        done, seconds = k15_verify(*args, "--tolerance", "1e-4")
+        assert done.returncode == 2, (args, done.stdout, done.stderr[-2000:])
+        assert culprit in done.stderr and "error:" in done.stderr, (args, done.stderr[-2000:])
+        assert "VERIFY" not in done.stdout and seconds < 60  # nothing started
+
+
+# --- the pieces, against whole tensors ---------------------------------------------------------
+
+
+def test_sharded_comparison_adds_up_to_the_whole():
+    """Partial statistics of 2 TP vocabulary shards x 2 CP token shares (Megatron's layout,
+    vocabulary padded from 50 to 64 with huge padding logits) equal those of the whole tensors,
+    and the greedy token of the shards is the whole row's argmax over the real vocabulary."""
+    from k15_megatron.jobs.logit_compare import LogitStats, compare_shard, real_vocab_columns, vocab_parallel_argmax
+    from k15_megatron.parallel.context import cp_rank_token_index
+
+    g = torch.Generator().manual_seed(0)
+    vocab, padded, tokens = 50, 64, 16
+    reference = torch.randn(tokens, vocab, generator=g)
+    ours = torch.cat([reference + 1e-3 * torch.randn(tokens, vocab, generator=g),
+                      torch.full((tokens, padded - vocab), 1e6)], dim=1)
+    whole = (ours[:, :vocab].double() - reference.double()).abs()
+    total = LogitStats()
+    for cp_rank in range(2):
+        rows = cp_rank_token_index([tokens], cp_size=2, cp_rank=cp_rank)
+        for tp_rank in range(2):
+            shard = ours[rows, tp_rank * 32:(tp_rank + 1) * 32]
+            start, num_real = real_vocab_columns(vocab_local=32, tp_rank=tp_rank, vocab_size=vocab)
+            total.add(compare_shard(shard, reference[rows], vocab_start=start, num_real=num_real))
+    assert total.num_values == tokens * vocab
+    assert total.max_abs == pytest.approx(float(whole.max()), rel=1e-12)
+    assert total.mean_abs == pytest.approx(float(whole.mean()), rel=1e-12)
+    start, num_real = real_vocab_columns(vocab_local=padded, tp_rank=0, vocab_size=vocab)
+    greedy = vocab_parallel_argmax(ours, vocab_start=start, num_real=num_real)
+    assert torch.equal(greedy, ours[:, :vocab].argmax(-1))  # the padding's 1e6 never wins
+
+
+def test_nan_counts_as_past_any_tolerance():
+    from k15_megatron.jobs.logit_compare import compare_shard
+    from k15_megatron.jobs.verify import verdict_line
+
+    ours = torch.zeros(2, 4)
+    ours[1, 2] = float("nan")
+    stats = compare_shard(ours, torch.zeros(2, 4), vocab_start=0, num_real=4)
+    stats.num_agree, stats.num_tokens = 2, 2
+    line, status = verdict_line([("x", stats)], 1e-4)
+    assert status == 1 and line.startswith("VERIFY max_abs=inf")
+
+
+def test_random_sequences_mix_lengths_and_repeat_with_the_seed():
+    from k15_megatron.jobs.verify_inputs import random_sequences
+
+    seqs = random_sequences(num_sequences=6, seq_len=100, vocab_size=50, seed=3)
+    again = random_sequences(num_sequences=6, seq_len=100, vocab_size=50, seed=3)
+    lengths = [len(s) for s in seqs]
+    assert lengths[0] == 100 and all(1 <= n <= 100 for n in lengths) and len(set(lengths)) > 2
+    assert all(torch.equal(a, b) for a, b in zip(seqs, again))
+    assert all(int(s.max()) < 50 for s in seqs)
+
+
+def test_padded_batch_marks_padding():
+    from k15_megatron.jobs.verify_inputs import padded_batch
+
+    batch = padded_batch([torch.tensor([5, 6, 7]), torch.tensor([8])], multiple=4)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 0], [8, 0, 0, 0]]
+    assert batch["sequence_ids"].tolist() == [[0, 0, 0, -1], [1, -1, -1, -1]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3]] * 2
