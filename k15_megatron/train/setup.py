@@ -115,18 +115,51 @@ def write_run_assets(trainer: Trainer) -> str:
 
 
 def engine_model_folder(trainer: Trainer, assets: str) -> str:
-    """A Hugging Face folder the rollout engine can start from: ``model.hf_path`` when given,
-    else ``<run_dir>/hf_engine`` with random weights of the architecture and the run's tokenizer
-    (written by rank 0). The engine's weights are replaced by the first weight sync anyway."""
+    """A Hugging Face folder the rollout engine can start from (rank 0 writes, all return it):
+
+    * ``model.hf_path`` itself when its config.json describes the architecture the trainer
+      resolved (the usual case);
+    * ``<run_dir>/hf_engine`` otherwise: with ``model.hf_path``, links to its files and a
+      config.json of the resolved architecture, so that ``model.*`` overrides of the folder's
+      config (``model.rope_scaling``, ``model.max_position_embeddings``, ...) reach vLLM as they
+      reach Megatron; without it, random weights of the architecture and the run's tokenizer
+      (the engine's weights are replaced by the first weight sync anyway).
+    """
     import torch
 
-    if trainer.cfg.model.hf_path:
-        return trainer.cfg.model.hf_path
-    from k15_megatron.models.tiny import save_hf_model_from_arch
+    from k15_megatron.config import ModelConfig, resolve_model_arch
 
+    hf_path = trainer.cfg.model.hf_path
+    if hf_path and resolve_model_arch(ModelConfig(hf_path=hf_path)) == trainer.arch:
+        return hf_path
     path = os.path.join(os.path.abspath(trainer.cfg.run_dir), "hf_engine")
     if trainer.is_logging_rank:
-        save_hf_model_from_arch(trainer.arch, path, tokenizer=trainer.tokenizer, base_config_dir=assets)
+        if hf_path:
+            _link_with_config(hf_path, path, trainer.arch)
+        else:
+            from k15_megatron.models.tiny import save_hf_model_from_arch
+
+            save_hf_model_from_arch(trainer.arch, path, tokenizer=trainer.tokenizer, base_config_dir=assets)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     return path
+
+
+def _link_with_config(source: str, path: str, arch) -> None:
+    """``path``: a symbolic link to every file of ``source`` but config.json, which is written
+    for ``arch`` over the source's own."""
+    import json
+    import shutil
+
+    from k15_megatron.config.hf_config import hf_config_dict
+
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path)
+    source = os.path.abspath(source)
+    for name in os.listdir(source):
+        if name != "config.json":
+            os.symlink(os.path.join(source, name), os.path.join(path, name))
+    with open(os.path.join(source, "config.json")) as f:
+        base = json.load(f)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf_config_dict(arch, base), f, indent=2)
