@@ -62,7 +62,7 @@ class VerifyRequest:
 
 def build_request(args) -> VerifyRequest:
     """Validate the command line and build the request (ValueError naming the culprit)."""
-    from k15_megatron.config import load_config, resolve_model_arch
+    from k15_megatron.config import resolve_model_arch
     from k15_megatron.parallel.launch import under_launcher
 
     if not os.path.isdir(args.hf_dir):
@@ -75,7 +75,7 @@ def build_request(args) -> VerifyRequest:
         raise ValueError(f"--seq-len={args.seq_len} and --num-sequences={args.num_sequences} must be >= 1")
     base = [f"model.hf_path={args.hf_dir}", "precision.dtype=fp32", *args.overrides]
     layouts = [shlex.split(text) for text in args.layout] or [[]]
-    drafts = [load_config(None, base + extra, check=False) for extra in layouts]
+    drafts = [_load(base, extra, check=False) for extra in layouts]
     arch = resolve_model_arch(drafts[0].model)  # an unsupported family or a bad config.json, once
     if args.seq_len > arch.max_position_embeddings:
         raise ValueError(f"--seq-len={args.seq_len} is longer than the model's context "
@@ -87,15 +87,28 @@ def build_request(args) -> VerifyRequest:
         # Only the layout's own rules matter here: one micro-batch of one global batch per replica.
         fixed = [f"parallel.world_size={draft.parallel.world_size or world}", f"data.global_batch_size={world}",
                  "data.micro_batch_size=1", f"data.seq_length={_multiple(draft.parallel) * args.seq_len}"]
-        cfg = load_config(None, base + extra + fixed)
+        cfg = _load(base, extra, fixed=fixed, world=world)
         if cfg.parallel.world_size != world:
-            raise ValueError(f"layout {' '.join(extra) or '(overrides only)'}: parallel.world_size="
-                             f"{cfg.parallel.world_size}, but the layouts of this start run {world} processes; "
-                             "give every layout the same parallel.world_size (or none)")
+            raise ValueError(f"--layout {shlex.join(extra)!r}: parallel.world_size={cfg.parallel.world_size}, "
+                             f"but the layouts of this start run {world} processes; give every layout the same "
+                             "parallel.world_size (or none)")
         configs.append((_label(cfg), cfg))
     return VerifyRequest(hf_dir=args.hf_dir, layouts=configs, num_processes=world,
                          sequences=_sequences(args, arch, seed=drafts[0].seed), packed=not args.padded,
                          tolerance=args.tolerance)
+
+
+def _load(base: list, layout: list, *, fixed: list = (), world: int | None = None, check: bool = True):
+    """The config of one layout; its errors name the layout (and the process count, which the
+    largest layout sets when parallel.world_size is not given)."""
+    from k15_megatron.config import load_config
+
+    try:
+        return load_config(None, base + layout + list(fixed), check=check)
+    except ValueError as exc:
+        where = f"--layout {shlex.join(layout)!r}: " if layout else ""
+        count = f" (this start runs {world} processes: the largest layout's)" if world and layout else ""
+        raise ValueError(f"{where}{exc}{count}") from None
 
 
 def _multiple(parallel) -> int:
