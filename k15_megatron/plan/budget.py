@@ -164,8 +164,9 @@ def _stage_phases(cfg, arch, layout, kernels, *, stage, num_layers, local, vocab
                               num_stage_layers=num_layers, padded_vocab=vocab)
     state = model_state(params, layout)
     in_flight = min(layout.pipeline - stage, micro_batches_per_step(cfg, layout, job="rl" if share else "sft"))
+    sequence = cfg.rollout.max_model_len if share is not None else cfg.data.seq_length
     stored = activations.stored_bytes(arch, layout, kernels, num_layers=num_layers, tokens=local,
-                                      last_stage=last, in_flight=in_flight)
+                                      last_stage=last, in_flight=in_flight, sequence_tokens=sequence)
     transient = activations.backward_transient_bytes(arch, layout, tokens=local)
     opt_note = "sharded over DP x CP" if layout.distributed_optimizer else "not sharded"
     lines = [Line("weights", state.weights, f"{params:,} parameters on this rank"),
