@@ -8,14 +8,19 @@ example (one longer than a row is an error naming it). Each row carries:
 * ``loss_mask``: 1 exactly where the label is a response token (the prompt and padding are not
   learned);
 * ``position_ids``: restart at 0 for every example, as if each were alone;
-* ``document_ids``: which example each token belongs to (-1 for padding), from which
-  :func:`block_causal_mask` builds the attention mask that keeps examples from seeing each other.
+* ``document_ids``: which example each token belongs to (-1 for padding).
+
+A row fixes which examples train together (the data order is a sequence of rows). For the
+forward pass :func:`row_examples` hands a row's examples out one by one, without the row's
+padding; the trainer packs them back to back as separate sequences
+(:mod:`k15_megatron.train.packed`), so examples never see each other and no padding beyond
+what context parallelism needs is computed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 
@@ -59,30 +64,14 @@ def _pad(row: PackedRow, seq_length: int, pad_id: int) -> PackedRow:
                      row.position_ids + [0] * n, row.document_ids + [-1] * n)
 
 
-def block_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
-    """[B, 1, S, S] bool attention mask, True where attention is NOT allowed: a token sees only
-    earlier tokens of its own example (Megatron's convention: masked positions are True)."""
-    same_doc = document_ids.unsqueeze(2) == document_ids.unsqueeze(1)
-    seq = document_ids.shape[1]
-    causal = torch.ones(seq, seq, dtype=torch.bool, device=document_ids.device).tril()
-    allowed = same_doc & causal
-    # Padding rows attend to themselves only, so their softmax stays finite.
-    allowed |= torch.eye(seq, dtype=torch.bool, device=document_ids.device)
-    return (~allowed).unsqueeze(1)
-
-
-def rows_to_micro_batches(rows: Sequence[PackedRow], micro_batch_size: int) -> List[dict]:
-    """Group rows into micro-batch dicts for :func:`k15_megatron.train.schedule.forward_backward`
-    (host tensors: the schedule moves each micro-batch to the compute device when it runs it)."""
-    batches = []
-    for start in range(0, len(rows) - micro_batch_size + 1, micro_batch_size):
-        chunk = rows[start:start + micro_batch_size]
-        docs = torch.tensor([r.document_ids for r in chunk])
-        batches.append({
-            "input_ids": torch.tensor([r.input_ids for r in chunk]),
-            "labels": torch.tensor([r.labels for r in chunk]),
-            "loss_mask": torch.tensor([r.loss_mask for r in chunk], dtype=torch.float32),
-            "position_ids": torch.tensor([r.position_ids for r in chunk]),
-            "attention_mask": block_causal_mask(docs),
-        })
-    return batches
+def row_examples(row: PackedRow) -> List[Dict[str, torch.Tensor]]:
+    """The examples of ``row`` in order, each a dict of 1-D tensors of its length: ``input_ids``
+    and ``labels`` (int64), ``loss_mask`` (float32); the row's padding is dropped."""
+    docs = torch.tensor(row.document_ids)
+    fields = {"input_ids": torch.tensor(row.input_ids), "labels": torch.tensor(row.labels),
+              "loss_mask": torch.tensor(row.loss_mask, dtype=torch.float32)}
+    examples = []
+    for doc in range(int(docs.max()) + 1 if len(docs) else 0):
+        where = docs == doc
+        examples.append({key: value[where] for key, value in fields.items()})
+    return examples

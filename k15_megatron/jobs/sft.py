@@ -2,10 +2,13 @@
 
 The long-CoT warm-up stage before RL (PAPER.md section 8). Examples are formatted as chat turns
 (:mod:`k15_megatron.data.formatting`), packed into rows of ``data.seq_length`` tokens with the
-loss on response tokens only and examples isolated from each other
-(:mod:`k15_megatron.data.packing`), and trained with Megatron for ``optim.train_iters`` steps of
-``data.global_batch_size`` rows. The data order is a pure function of (seed, step), so a resumed
-run (``checkpoint.resume=auto``) continues exactly. Checkpoints every
+loss on response tokens only (:mod:`k15_megatron.data.packing`), and trained with Megatron for
+``optim.train_iters`` steps of ``data.global_batch_size`` rows. The examples of
+``data.micro_batch_size`` rows form one packed (THD) micro-batch (:func:`sft_micro_batches`):
+each example its own sequence, so examples never attend to each other, split per
+context-parallel rank by the schedule; the step's loss is the mean over all its response
+tokens (:func:`k15_megatron.train.step.masked_token_loss`). The data order is a pure function of
+(seed, step), so a resumed run (``checkpoint.resume=auto``) continues exactly. Checkpoints every
 ``checkpoint.save_interval`` steps and at the end; SIGTERM, SIGINT or SIGUSR1 (to the ``k15``
 process, its process group, torchrun or every rank) finish the step, save once and exit 0.
 """
@@ -17,10 +20,12 @@ import random
 import time
 
 from k15_megatron.checkpoint import run_ckpt, run_dir
-from k15_megatron.data.packing import pack_examples, rows_to_micro_batches
+from k15_megatron.data.packing import pack_examples, row_examples
 from k15_megatron.data.sft_set import SftSet
 from k15_megatron.jobs.metrics_log import MetricsLogger
 from k15_megatron.jobs.preemption import PreemptionFlag
+from k15_megatron.train.packed import pack_sequences
+from k15_megatron.train.schedule import packing_multiple
 from k15_megatron.train.setup import build_trainer, write_run_assets
 from k15_megatron.train.step import train_step
 
@@ -31,6 +36,19 @@ def packed_rows(cfg, tokenizer, path: str):
     :mod:`k15_megatron.jobs.preflight`, printed any drop)."""
     examples = SftSet.from_jsonl(path, tokenizer, seq_length=cfg.data.seq_length, too_long=cfg.data.too_long)
     return pack_examples(examples.examples, seq_length=cfg.data.seq_length, pad_id=tokenizer.pad_token_id or 0)
+
+
+def sft_micro_batches(rows, *, micro_batch_size: int, multiple: int) -> list[dict]:
+    """One packed micro-batch (:func:`k15_megatron.train.packed.pack_sequences`) per
+    ``micro_batch_size`` consecutive rows: the rows' examples back to back, each its own
+    sequence padded to ``multiple`` tokens (:func:`k15_megatron.train.schedule.packing_multiple`),
+    with per-token ``input_ids``, ``labels`` and ``loss_mask`` (0 on padding). Rows past the last
+    whole micro-batch are not used (the step's rows are a multiple of it)."""
+    batches = []
+    for start in range(0, len(rows) - micro_batch_size + 1, micro_batch_size):
+        examples = [example for row in rows[start:start + micro_batch_size] for example in row_examples(row)]
+        batches.append(pack_sequences(examples, multiple=multiple))
+    return batches
 
 
 def rows_for_step(rows, step: int, *, global_batch: int, seed: int):
@@ -67,6 +85,7 @@ def run(cfg) -> None:
     logger = MetricsLogger(cfg.logging, enabled=trainer.is_logging_rank, resume_from_iteration=start)
     preemption = PreemptionFlag()
     per_rank = cfg.data.global_batch_size // layout.dp_size
+    multiple = packing_multiple(trainer.chunks)
 
     def save(step):
         run_dir.save_checkpoint(cfg, step, is_logging_rank=trainer.is_logging_rank, model_chunks=trainer.chunks,
@@ -80,7 +99,7 @@ def run(cfg) -> None:
         indices = rows_for_step(rows, step, global_batch=cfg.data.global_batch_size, seed=cfg.seed)
         mine = [rows[i] for i in indices[layout.dp_rank * per_rank:(layout.dp_rank + 1) * per_rank]]
         metrics = train_step(trainer.chunks, trainer.optimizer, trainer.scheduler,
-                             rows_to_micro_batches(mine, cfg.data.micro_batch_size))
+                             sft_micro_batches(mine, micro_batch_size=cfg.data.micro_batch_size, multiple=multiple))
         elapsed = time.perf_counter() - begin
         tokens = cfg.data.global_batch_size * cfg.data.seq_length
         logger.log(step + 1, {"train/loss": metrics["loss"], "train/grad_norm": metrics["grad_norm"],

@@ -15,9 +15,12 @@ that is 4.6 GiB per float32 copy. So the log-prob paths here never let the model
   through autograd, as from Megatron's own ColumnParallelLinear.
 
 :func:`sequence_token_logprobs` is the forward-only recompute (reference log-probs of the
-mirror-descent loss, the log-prob check after a weight sync): micro-batches of at most a given
-number of rows through Megatron's pipeline schedule, the [B, T-1] result kept on the compute
-device and returned on every rank. ``tools/bench/logprobs_memory.py`` measures this path.
+mirror-descent loss, the log-prob check after a weight sync): the rows' real tokens (right
+padding cut off) packed into THD micro-batches by a token budget and a row cap, through
+Megatron's pipeline schedule; each CP rank forms the log-probs of its own tokens from the hidden
+states (never the full vocabulary or the full sequence), and the per-token float32 results are
+all-gathered over the CP group into the [B, T-1] result, kept on the compute device and returned
+on every rank. ``tools/bench/logprobs_memory.py`` measures this path.
 
 :func:`micro_batch_split` is the one rule for cutting N items (rows, or whole groups in the RL
 update) into micro-batches of at most a given size: as few micro-batches as that bound allows,
@@ -34,9 +37,11 @@ from typing import Optional
 import torch
 
 from k15_megatron.models.gpt import unwrap_model
+from k15_megatron.parallel.context import natural_order_index, padded_length
 from k15_megatron.parallel.device import compute_device
 from k15_megatron.rl.logprobs import token_logprobs
-from k15_megatron.train.schedule import forward_backward
+from k15_megatron.train.packed import pack_sequences, padded_lengths, token_budget_groups
+from k15_megatron.train.schedule import forward_backward, packing_multiple
 
 
 @dataclasses.dataclass
@@ -128,42 +133,84 @@ def micro_batch_split(num_items: int, *, max_per_micro_batch: int) -> tuple[int,
     return count, -(-num_items // count)
 
 
+def _gather_context_parallel(local: torch.Tensor, padded_lengths: list[int]) -> torch.Tensor:
+    """This CP rank's per-token values [T/CP] (its tokens in Megatron's load-balanced order) ->
+    the whole packed batch's [T] in packed order, on every CP rank (all-gather)."""
+    from megatron.core import parallel_state as ps
+
+    cp_size = ps.get_context_parallel_world_size()
+    if cp_size == 1:
+        return local
+    parts = [torch.empty_like(local) for _ in range(cp_size)]
+    torch.distributed.all_gather(parts, local.contiguous(), group=ps.get_context_parallel_group())
+    order = natural_order_index(padded_lengths, cp_size=cp_size).to(local.device)
+    return torch.cat(parts).index_select(0, order)
+
+
+def packed_logprob_micro_batches(input_ids: torch.Tensor, lengths: list[int], *, multiple: int,
+                                 max_rows: int, max_tokens: int | None) -> list[dict]:
+    """Packed micro-batches (:func:`k15_megatron.train.packed.pack_sequences`) of the rows of
+    ``input_ids`` [B, T] cut to ``lengths``: per token ``input_ids`` and ``targets`` (the next
+    token of the same sequence; 0 on each sequence's last token, whose log-prob is not formed),
+    ``rows`` (the row of each sequence). Consecutive rows fill a micro-batch up to ``max_tokens``
+    padded tokens (None: no budget) and ``max_rows`` rows (:func:`token_budget_groups`)."""
+    padded = [padded_length(n, multiple) for n in lengths]
+    groups = token_budget_groups(padded, max_tokens=max_tokens or sum(padded), max_items=max_rows)
+    batches = []
+    for rows in groups:
+        sequences = []
+        for row in rows:
+            ids = input_ids[row, :lengths[row]]
+            sequences.append({"input_ids": ids, "targets": torch.cat([ids[1:], ids.new_zeros(1)])})
+        batches.append({**pack_sequences(sequences, multiple=multiple), "rows": rows})
+    return batches
+
+
 @torch.no_grad()
 def sequence_token_logprobs(model_chunks, input_ids: torch.Tensor, *, vocab_size: int,
                             temperature: float = 1.0, micro_batch_size: int | None = None,
+                            micro_batch_tokens: int | None = None, lengths: torch.Tensor | None = None,
                             chunk_size: int = 2048) -> torch.Tensor:
-    """log p(input_ids[b, t] | input_ids[b, :t]) for t >= 1, as a [B, T-1] float32 tensor on
-    :func:`compute_device`, equal on every rank (collective over the model-parallel groups).
+    """log p(input_ids[b, t] | input_ids[b, :t]) for 1 <= t < lengths[b], as a [B, T-1] float32
+    tensor on :func:`compute_device`, equal on every rank (collective over the model-parallel
+    groups); entries at t >= lengths[b] are 0.
 
-    ``input_ids`` [B, T] must be the same on every rank of the model-parallel group (right
-    padding is fine: mask the result). The model runs at most ``micro_batch_size`` rows at a time
-    (default: all B) through the pipeline schedule, in :func:`micro_batch_split` micro-batches
-    (the last one padded with rows of token 0 whose log-probs are dropped), and each
-    micro-batch's log-probs are formed from hidden states ``chunk_size`` tokens at a time, so the
-    memory is set by those two numbers, not by B. ``temperature`` divides the logits first
+    ``input_ids`` [B, T] must be the same on every rank of the model-parallel group; ``lengths``
+    [B] (default: T for every row) is each row's real length (its last non-pad token + 1): right
+    padding is never run. The rows become sequences of packed micro-batches
+    (:func:`packed_logprob_micro_batches`) of at most ``micro_batch_size`` rows (default: all B)
+    and ``micro_batch_tokens`` tokens (default: no budget; data.micro_batch_tokens), each
+    sequence padded to the layout's multiple (:func:`k15_megatron.train.schedule.packing_multiple`);
+    each CP rank's log-probs are formed from hidden states ``chunk_size`` tokens at a time, so the
+    memory is set by those numbers, not by B x T. ``temperature`` divides the logits first
     (match the sampler's processed log-probs).
 
     Raises:
-        ValueError: ``micro_batch_size`` < 1 or an empty batch.
+        ValueError: ``micro_batch_size`` or ``micro_batch_tokens`` < 1, an empty batch, or a
+            length outside [1, T].
     """
     batch_size, seq_len = input_ids.shape
-    count, rows = micro_batch_split(batch_size, max_per_micro_batch=micro_batch_size or batch_size)
-    padded = input_ids
-    if count * rows > batch_size:
-        padded = torch.cat([input_ids, input_ids.new_zeros(count * rows - batch_size, seq_len)])
-    positions = torch.arange(seq_len).unsqueeze(0).expand(rows, -1)  # moved per micro-batch by the schedule
-    micro_batches = [{"input_ids": padded[i:i + rows], "position_ids": positions, "index": i}
-                     for i in range(0, count * rows, rows)]
+    if batch_size < 1 or seq_len < 1:
+        raise ValueError(f"sequence_token_logprobs needs a non-empty batch, got shape {tuple(input_ids.shape)}")
+    row_lengths = [seq_len] * batch_size if lengths is None else [int(n) for n in lengths.tolist()]
+    if len(row_lengths) != batch_size or not all(1 <= n <= seq_len for n in row_lengths):
+        raise ValueError(f"lengths must be {batch_size} values in [1, {seq_len}], got {row_lengths}")
+    micro_batches = packed_logprob_micro_batches(input_ids.cpu(), row_lengths, multiple=packing_multiple(model_chunks),
+                                                 max_rows=micro_batch_size or batch_size,
+                                                 max_tokens=micro_batch_tokens)
     device = compute_device()
     result = torch.zeros(batch_size, seq_len - 1, dtype=torch.float32, device=device)
     for chunk in (model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]):
         chunk.eval()
     with hidden_state_output(model_chunks) as head:
         def collect(mb, hidden):
-            lp = head.token_logprobs(hidden[:, :-1], mb["input_ids"][:, 1:], vocab_size=vocab_size,
-                                     chunk_size=chunk_size, temperature=temperature)
-            keep = min(lp.shape[0], batch_size - mb["index"])  # padding rows are dropped
-            result[mb["index"]: mb["index"] + keep] = lp[:keep]
+            local = head.token_logprobs(hidden, mb["targets"], vocab_size=vocab_size, chunk_size=chunk_size,
+                                        temperature=temperature)[0]
+            whole = _gather_context_parallel(local, padded_lengths(mb))
+            starts = mb["cu_seqlens_padded"].tolist()
+            for start, row in zip(starts, mb["rows"]):
+                count = row_lengths[row] - 1  # the last token predicts nothing
+                result[row, :count] = whole[start:start + count]
             return hidden.new_zeros(()), torch.ones((), dtype=torch.int, device=device), {}
 
         forward_backward(model_chunks, micro_batches, collect, forward_only=True)

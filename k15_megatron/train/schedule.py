@@ -1,22 +1,47 @@
 """Forward/backward over micro-batches through Megatron's pipeline schedules.
 
-One function, :func:`forward_backward`, runs any (TP, PP) layout through
+One function, :func:`forward_backward`, runs any (TP, PP, CP) layout through
 ``megatron.core.pipeline_parallel.get_forward_backward_func()``; callers supply the micro-batches
-and a loss function and never see pipeline stages. :func:`forward_logits` is the forward-only
-special case that returns the vocabulary-parallel logits on the last stage.
+and a loss function and never see pipeline stages or context-parallel ranks.
+:func:`forward_logits` is the forward-only special case that returns the vocabulary-parallel
+logits on the last stage.
 
-Micro-batches may be built on the host: each is moved to the compute device
-(:func:`k15_megatron.parallel.device.to_device`) right before Megatron's forward, one at a time,
-so only the running micro-batch occupies device memory. Tensors the loss function creates must be
-created on the device of the model output it receives.
+Micro-batches may be built on the host: each is cut to this context-parallel rank's tokens
+(on the host) and moved to the compute device (:func:`k15_megatron.parallel.device.to_device`)
+right before Megatron's forward, one at a time, so only the running micro-batch's share
+occupies device memory. Tensors the loss function creates must be created on the device of the
+model output it receives. Every rank of a context-parallel group gets the same (whole)
+micro-batches.
 
-A micro-batch is a dict with ``input_ids`` and ``position_ids`` [B, S] (long), optionally an
-``attention_mask`` [B, 1, S, S] (bool, True = masked; default causal), plus whatever the loss
-function reads (e.g. ``labels``, ``loss_mask``). The loss function receives
-``(micro_batch, output)`` where output is the model's output on the last stage (per-token loss
-[B, S] when ``labels`` are in the batch, else logits [B, S, V/TP]) and returns
-``(loss_scalar, num_tokens, metrics_dict)``; Megatron divides the loss by ``num_tokens`` and the
-number of micro-batches.
+Two kinds of micro-batch, all of one kind in a call:
+
+* packed (THD, :mod:`k15_megatron.train.packed`): sequences back to back, per-token tensors
+  [1, T], ``cu_seqlens``/``cu_seqlens_padded``/``max_seqlen``. The model runs with Megatron's
+  ``PackedSeqParams(qkv_format="thd")`` (sequences never attend to each other, RoPE positions
+  restart per sequence) and no attention mask. Under CP > 1 every [1, T] tensor is cut to this
+  rank's tokens (:func:`k15_megatron.train.packed.cp_rank_share`).
+* padded: ``input_ids`` and ``position_ids`` [B, S] (long), optionally an ``attention_mask``
+  [B, 1, S, S] (bool, True = masked; default causal; CP = 1 only). Under CP > 1 each row is one
+  sequence of S tokens, S a multiple of :func:`packing_multiple`: every [B, S] tensor is cut
+  along dim 1 with the same index for each row (the rank's two chunks of the row, Megatron's
+  ``get_batch_on_this_cp_rank`` layout), so the loss function sees [B, S/CP] fields.
+
+Plus whatever the loss function reads (e.g. ``labels``, ``loss_mask``; a ``labels`` entry makes
+Megatron return the per-token loss instead of logits). The loss function receives
+``(micro_batch, output)``: this rank's share of the micro-batch and the model's output on the
+last stage (per-token loss [B, S/CP] or [1, T/CP] when ``labels`` are in the batch, else logits
+[B, S/CP, V/TP]; hidden states under :func:`k15_megatron.train.logprobs.hidden_state_output`),
+and returns ``(loss_scalar, num_tokens, metrics_dict)``. Megatron divides the loss by
+``num_tokens`` and the number of micro-batches, and its DDP averages the gradients over the
+data-parallel x context-parallel ranks (each CP rank's gradient covers only its tokens): a loss
+over this CP rank's tokens must be scaled by CP (and normalised by a count over the whole
+sequence) for the update to be the same as without CP (:func:`k15_megatron.train.step.masked_token_loss`
+does this).
+
+Pipeline parallelism with micro-batches of different token counts (packed micro-batches, one
+token budget each) needs ``TransformerConfig.variable_seq_lengths`` (the stages exchange each
+activation's shape first); :func:`k15_megatron.models.gpt.transformer_config` sets it when
+PP > 1.
 """
 
 from __future__ import annotations
@@ -25,40 +50,121 @@ from typing import Callable, Sequence
 
 import torch
 
+from k15_megatron.models.gpt import unwrap_model
+from k15_megatron.parallel.context import cp_rank_token_index, sequence_multiple
 from k15_megatron.parallel.device import compute_device, to_device
+from k15_megatron.train.packed import cp_rank_share, is_packed
 
 
 def _as_list(model):
     return list(model) if isinstance(model, (list, tuple)) else [model]
 
 
+def packing_multiple(model) -> int:
+    """The multiple every sequence must be padded to under this rank's layout (2*CP with
+    context parallelism, times TP with sequence parallelism; see
+    :func:`k15_megatron.parallel.context.sequence_multiple`), read from Megatron's parallel state
+    and the model's config. Pass it to :func:`k15_megatron.train.packed.pack_sequences`."""
+    from megatron.core import parallel_state as ps
+
+    config = unwrap_model(_as_list(model)[0]).config
+    return sequence_multiple(cp_size=ps.get_context_parallel_world_size(),
+                             tp_size=ps.get_tensor_model_parallel_world_size(),
+                             sequence_parallel=bool(config.sequence_parallel))
+
+
+def padded_cp_share(micro_batch: dict, *, cp_size: int, cp_rank: int) -> dict:
+    """This CP rank's part of a padded micro-batch: every [B, S] tensor cut along dim 1 to the
+    rank's two chunks of each row ([B, S/CP], Megatron's load-balanced order, the same index for
+    every row); other entries passed through. ``cp_size=1`` returns the batch unchanged.
+
+    Raises:
+        ValueError: an ``attention_mask`` under CP > 1 (it cannot be cut per rank), or S not a
+            multiple of 2*CP.
+    """
+    if cp_size == 1:
+        return dict(micro_batch)
+    if micro_batch.get("attention_mask") is not None:
+        raise ValueError("a padded micro-batch with an attention_mask cannot be split over "
+                         f"parallel.context={cp_size} ranks; pack the sequences instead "
+                         "(k15_megatron.train.packed.pack_sequences)")
+    shape = tuple(micro_batch["input_ids"].shape)
+    index = cp_rank_token_index([shape[1]], cp_size=cp_size, cp_rank=cp_rank)
+    out = {}
+    for key, value in micro_batch.items():
+        per_token = isinstance(value, torch.Tensor) and value.dim() == 2 and tuple(value.shape) == shape
+        out[key] = value[:, index.to(value.device)] if per_token else value
+    return out
+
+
+def _packed_seq_params(micro_batch: dict):
+    """Megatron's PackedSeqParams of a packed micro-batch already on the device."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu = micro_batch["cu_seqlens"].to(torch.int32)
+    cu_padded = micro_batch["cu_seqlens_padded"].to(torch.int32)
+    max_seqlen = int(micro_batch["max_seqlen"])
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu_padded,
+                           cu_seqlens_kv_padded=cu_padded, max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen)
+
+
+def _check_shapes(batches: list[dict], *, model) -> tuple[int, int]:
+    """(seq_length, micro_batch_size) for Megatron's schedule: the full (pre-CP) token count of
+    the longest micro-batch (the schedule divides by CP itself) and the rows of one."""
+    from megatron.core import parallel_state as ps
+
+    packed = [is_packed(mb) for mb in batches]
+    if any(packed) and not all(packed):
+        raise ValueError("forward_backward got packed and padded micro-batches in one call; use one kind")
+    shapes = [tuple(mb["input_ids"].shape) for mb in batches]
+    multiple = packing_multiple(model)
+    for i, (rows, length) in enumerate(shapes):
+        if length % multiple:
+            raise ValueError(f"micro-batch {i} has {length} tokens per row, not a multiple of {multiple} "
+                             "(2 x parallel.context, x parallel.tensor under sequence parallelism); pad "
+                             "each sequence to it (pack_sequences(multiple=packing_multiple(model)))")
+    config = unwrap_model(_as_list(model)[0]).config
+    if (ps.get_pipeline_model_parallel_world_size() > 1 and len(set(shapes)) > 1
+            and not config.variable_seq_lengths):
+        raise ValueError(f"micro-batch shapes {sorted(set(shapes))} differ; pipeline schedules need "
+                         "TransformerConfig.variable_seq_lengths=True for that (or pad them to one shape)")
+    return max(length for _, length in shapes), max(rows for rows, _ in shapes)
+
+
 def forward_backward(model, micro_batches: Sequence[dict], loss_fn: Callable, *,
                      forward_only: bool = False) -> list[dict]:
-    """Run all ``micro_batches`` forward (and backward unless ``forward_only``).
+    """Run all ``micro_batches`` forward (and backward unless ``forward_only``); see the module
+    docstring for the micro-batch kinds and the loss function's contract.
 
     Returns the metrics dicts of every micro-batch on the last pipeline stage, [] elsewhere.
     Gradients accumulate into the parameters' ``main_grad`` (Megatron DDP) or ``grad``.
+
+    Raises:
+        ValueError: no micro-batches, packed and padded ones mixed, a row length that is not a
+            multiple of :func:`packing_multiple`, shapes that differ under PP without
+            ``variable_seq_lengths``, or an attention mask under CP > 1.
     """
+    from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     if not micro_batches:
         raise ValueError("forward_backward needs at least one micro-batch")
     batches = list(micro_batches)
-    seq_length = batches[0]["input_ids"].shape[1]
-    micro_batch_size = batches[0]["input_ids"].shape[0]
-    for i, mb in enumerate(batches):
-        if tuple(mb["input_ids"].shape) != (micro_batch_size, seq_length):
-            raise ValueError(
-                f"micro-batch {i} has shape {tuple(mb['input_ids'].shape)}; pipeline schedules need "
-                f"every micro-batch to be [{micro_batch_size}, {seq_length}] (pad them)"
-            )
+    seq_length, micro_batch_size = _check_shapes(batches, model=model)
+    cp_size, cp_rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
     iterator = iter(batches)
 
     def forward_step(data_iterator, chunk):
         # The one place micro-batches built on the host reach the device (a no-op for tensors
-        # already there); the loss function sees the same, moved, micro-batch.
-        mb = to_device(next(data_iterator))
-        output = chunk(mb["input_ids"], mb["position_ids"], mb.get("attention_mask"), labels=mb.get("labels"))
+        # already there), cut to this CP rank first; the loss function sees the same micro-batch.
+        mb = next(data_iterator)
+        if is_packed(mb):
+            mb = to_device(cp_rank_share(mb, cp_size=cp_size, cp_rank=cp_rank))
+            output = chunk(mb["input_ids"], mb["position_ids"], None, labels=mb.get("labels"),
+                           packed_seq_params=_packed_seq_params(mb))
+        else:
+            mb = to_device(padded_cp_share(mb, cp_size=cp_size, cp_rank=cp_rank))
+            output = chunk(mb["input_ids"], mb["position_ids"], mb.get("attention_mask"), labels=mb.get("labels"))
 
         def loss_func(output_tensor):
             loss, num_tokens, metrics = loss_fn(mb, output_tensor)
@@ -79,7 +185,9 @@ def forward_backward(model, micro_batches: Sequence[dict], loss_fn: Callable, *,
 
 @torch.no_grad()
 def forward_logits(model, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None):
-    """Vocabulary-parallel logits [B, S, V_pad/TP] of one batch on the last stage, None elsewhere."""
+    """Vocabulary-parallel logits [B, S, V_pad/TP] of one padded batch on the last stage, None
+    elsewhere (under CP > 1: this rank's [B, S/CP] share of the positions, see
+    :func:`padded_cp_share`)."""
     from megatron.core import parallel_state
 
     if position_ids is None:

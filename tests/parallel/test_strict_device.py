@@ -92,12 +92,13 @@ def test_host_tensor_at_a_collective_fails():
 
 
 def _sft_rows(vocab_size: int):
-    from k15_megatron.data.packing import pack_examples, rows_to_micro_batches
+    from k15_megatron.data.packing import pack_examples
+    from k15_megatron.jobs.sft import sft_micro_batches
 
     g = torch.Generator().manual_seed(0)
     examples = [(torch.randint(5, vocab_size, (n,), generator=g).tolist(),
                  torch.randint(5, vocab_size, (m,), generator=g).tolist()) for n, m in ((4, 6), (7, 3), (2, 9), (5, 5))]
-    return rows_to_micro_batches(pack_examples(examples, seq_length=24, pad_id=0), 1)
+    return sft_micro_batches(pack_examples(examples, seq_length=24, pad_id=0), micro_batch_size=1, multiple=1)
 
 
 def _forward_worker(rank, world_size, hf_dir):
@@ -124,6 +125,6 @@ def _forward_worker(rank, world_size, hf_dir):
 def test_host_tensor_at_megatron_forward_or_in_the_loss_fails(tiny_hf_dirs):
     ((loss, op_error, forward_error),) = run_distributed(_forward_worker, 1, tiny_hf_dirs["qwen2"])
     assert 0 < loss < 20
-    assert "mixes a host tensor (1, 24) float32" in op_error and "train/step.py" in op_error
-    assert "GPTModel.forward got input_ids as a host tensor (1, 24) int64" in forward_error
+    assert "mixes a host tensor (1, 20) float32" in op_error and "train/step.py" in op_error
+    assert "GPTModel.forward got input_ids as a host tensor (1, 20) int64" in forward_error
     assert "train/schedule.py" in forward_error

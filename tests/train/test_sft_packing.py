@@ -1,10 +1,11 @@
-"""SFT packing: a packed row gives every example exactly the loss it has alone (Megatron, gloo)."""
+"""SFT packing: rows of examples, and the packed (THD) micro-batch that gives every example
+exactly the loss it has alone (Megatron, gloo)."""
 
 import pytest
 import torch
 from distributed import run_distributed
 
-from k15_megatron.data.packing import block_causal_mask, pack_examples
+from k15_megatron.data.packing import pack_examples, row_examples
 
 
 def test_packing_layout_and_loss_mask():
@@ -21,20 +22,22 @@ def test_packing_layout_and_loss_mask():
         pack_examples([([1] * 5, [2] * 4)], seq_length=8, pad_id=0)
 
 
-def test_block_causal_mask():
-    mask = block_causal_mask(torch.tensor([[0, 0, 1, 1, -1]]))[0, 0]
-    allowed = ~mask
-    assert allowed[1, 0] and not allowed[0, 1]          # causal inside an example
-    assert not allowed[2, 1] and allowed[3, 2]          # examples do not see each other
-    assert allowed[4, 4] and not allowed[4, 3]          # padding sees itself only
+def test_row_examples_drop_padding_and_keep_fields():
+    (row,) = pack_examples([([1, 2], [3, 9]), ([5], [6, 7, 9])], seq_length=12, pad_id=0)
+    first, second = row_examples(row)
+    assert first["input_ids"].tolist() == [1, 2, 3, 9] and first["labels"].tolist() == [2, 3, 9, 0]
+    assert first["loss_mask"].tolist() == [0, 1, 1, 0]
+    assert second["input_ids"].tolist() == [5, 6, 7, 9] and second["loss_mask"].tolist() == [1, 1, 1, 0]
+    assert second["loss_mask"].dtype == torch.float32 and len(row.input_ids) == 12
 
 
 def _packed_vs_alone(rank, world_size, hf_dir):
     from k15_megatron.checkpoint.model_weights import load_hf_weights
     from k15_megatron.config import ModelConfig, ParallelConfig, PrecisionConfig, resolve_model_arch
-    from k15_megatron.data.packing import rows_to_micro_batches
+    from k15_megatron.jobs.sft import sft_micro_batches
     from k15_megatron.models.gpt import build_gpt_model, padded_vocab_size
     from k15_megatron.parallel.initialize import initialize
+    from k15_megatron.train.schedule import forward_backward, packing_multiple
 
     parallel = ParallelConfig()
     initialize(parallel)
@@ -46,9 +49,17 @@ def _packed_vs_alone(rank, world_size, hf_dir):
     g = torch.Generator().manual_seed(0)
     examples = [(torch.randint(5, 90, (n,), generator=g).tolist(), torch.randint(5, 90, (m,), generator=g).tolist() + [2])
                 for n, m in ((4, 6), (7, 3), (2, 9))]
-    (batch,) = rows_to_micro_batches(pack_examples(examples, seq_length=40, pad_id=0), 1)
+    (batch,) = sft_micro_batches(pack_examples(examples, seq_length=40, pad_id=0), micro_batch_size=1,
+                                 multiple=packing_multiple(model))
+    assert batch["cu_seqlens"].tolist() == [0, 11, 22, 34]  # three sequences, none of the row's padding
+
+    def keep(mb, token_loss):
+        count = torch.ones((), dtype=torch.int, device=token_loss.device)
+        return token_loss.sum(), count, {"loss": token_loss.detach()}
+
+    (out,) = forward_backward([model], [batch], keep, forward_only=True)
+    packed = out["loss"][0]
     with torch.no_grad():
-        packed = model(batch["input_ids"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])[0]
         errors = []
         offset = 0
         for prompt, response in examples:

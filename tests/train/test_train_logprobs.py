@@ -1,10 +1,10 @@
 """The trainer's log-prob head on a real Megatron GPTModel, under TP=2 and PP=2 (gloo).
 
-- The recompute in micro-batches equals the whole-batch recompute and transformers' float64
-  log-probs of the same weights, also when the rows do not divide into micro-batches (the last
-  one padded, as the pipeline schedule needs equal shapes); no forward ever sees more rows than
-  the micro-batch size, and
-  the output layer hands the loss its input (hidden states), never logits [B, S, V/TP].
+- The recompute in packed micro-batches equals the whole-batch recompute and transformers'
+  float64 log-probs of the same weights, also when the rows do not divide into micro-batches
+  (the last one holds fewer rows: no padding rows are run); no forward ever sees more tokens
+  than the micro-batch size's rows, and the output layer hands the loss its input (hidden
+  states), never logits [B, S, V/TP].
 - Gradients through the hidden-state head (what the RL loss uses) equal those through Megatron's
   own logits output layer, for every parameter (the tied embedding included).
 """
@@ -50,8 +50,8 @@ def _head_worker(rank, world_size, hf_dir, tp, pp):
 
     arch, model, chunks, _, _ = megatron_from_hf(hf_dir, tp=tp, pp=pp, seed=3)
     ids = torch.randint(0, arch.vocab_size, (6, 13), generator=torch.Generator().manual_seed(11))
-    rows, widths = [], []
-    model.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    rows, widths = [], []  # rows: the tokens each forward sees (packed micro-batches are [1, T])
+    model.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[1]))
     if ps.is_pipeline_last_stage():  # True: the output layer passed its input (hidden states) on
         model.output_layer.register_forward_hook(lambda m, args, out: widths.append(out[0] is args[0]))
     whole = sequence_token_logprobs(chunks, ids, vocab_size=arch.vocab_size, chunk_size=5)
@@ -59,7 +59,7 @@ def _head_worker(rank, world_size, hf_dir, tp, pp):
     micro = sequence_token_logprobs(chunks, ids, vocab_size=arch.vocab_size, micro_batch_size=2, chunk_size=5)
     out = {"whole": whole, "micro": micro, "hf": _hf_logprobs(hf_dir, ids), "rows": list(rows),
            "widths": list(widths), "hidden": arch.hidden_size, "last_stage": ps.is_pipeline_last_stage()}
-    rows.clear()  # 5 rows, at most 2 a forward: three forwards of 2, the last padded with one row
+    rows.clear()  # 5 rows of 13 tokens, at most 2 a forward: forwards of 26, 26 and 13 tokens
     out["uneven"] = sequence_token_logprobs(chunks, ids[:5], vocab_size=arch.vocab_size, micro_batch_size=2,
                                             chunk_size=5)
     out["uneven_rows"] = list(rows)
@@ -96,10 +96,10 @@ def test_recompute_in_micro_batches_and_hidden_head_gradients(tiny_hf_dirs, tp, 
         assert torch.allclose(r["micro"], r["whole"], atol=1e-6), f"rank {rank}: micro-batched != whole batch"
         err = (r["micro"].double() - r["hf"]).abs().max().item()
         assert err < 1e-4, f"rank {rank}: recompute vs transformers float64: max |diff| {err:.2e}"
-        assert r["rows"] and max(r["rows"]) == 2, f"rank {rank}: forwards saw {r['rows']} rows, micro-batch is 2"
+        assert r["rows"] == [26, 26, 26], f"rank {rank}: forwards saw {r['rows']} tokens, micro-batch is 2 rows"
         assert r["uneven"].shape == (5, 12) and torch.allclose(r["uneven"], r["whole"][:5], atol=1e-6), \
             f"rank {rank}: 5 rows in micro-batches of at most 2 != the whole batch"
-        assert r["uneven_rows"] == [2, 2, 2], f"rank {rank}: uneven split ran forwards of {r['uneven_rows']} rows"
+        assert r["uneven_rows"] == [26, 26, 13], f"rank {rank}: uneven split ran forwards of {r['uneven_rows']} tokens"
         if r["last_stage"]:
             assert r["widths"] and all(r["widths"]), f"rank {rank}: the output layer formed logits"
             assert r["restored_widths"] and not any(r["restored_widths"]), "the logits output layer was not restored"
