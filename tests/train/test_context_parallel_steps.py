@@ -143,6 +143,7 @@ def _merged(per_rank, name, key):
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # about 130 s: 4 layouts x (recompute + two SFT steps), 12 model builds
 def test_sft_step_and_recompute_equal_across_context_parallel_layouts(tiny_hf_dirs):
     hf_dir = tiny_hf_dirs["qwen2"]
     per_rank = run_distributed(_layouts_worker, 4, hf_dir, timeout_s=900)
