@@ -195,18 +195,20 @@ def logprob_peak_bytes(arch: ModelArch, layout: Layout, *, tokens: int, chunk_to
                        padded_vocab: int) -> int:
     """Peak of the chunked log-prob head's backward (:mod:`k15_megatron.rl.logprobs`, weight
     path) on the last stage, beyond the kept hidden states: float32 copies of the output weight
-    shard [V/TP, h] and of its gradient, the float32 hidden gradient [tokens, h], one float32
-    [chunk, V/TP] block and its [chunk, h] input, then the cast of the larger gradient to the
-    model dtype. ``tokens``: this rank's tokens (the hidden states are gathered over sequence
+    shard [V/TP, h], of its gradient and of one chunk's contribution to it, the float32 hidden
+    gradient [tokens, h], one float32 [chunk, V/TP] block and its [chunk, h] input, then the
+    cast of the larger gradient to the model dtype. ``tokens``: this rank's tokens (the hidden states are gathered over sequence
     parallelism, so every TP rank holds all of them). Bytes."""
     h, size = arch.hidden_size, layout.dtype_bytes
     vocab_local = padded_vocab // layout.tensor
     weight32 = vocab_local * h * FP32
-    copies = weight32 * (2 if layout.dtype != "fp32" else 1)  # w.float() and grad_w
+    # grad_w, the chunk's product grad_z.T @ x before it is added in, and w.float() (a copy
+    # unless the model is float32)
+    copies = weight32 * (3 if layout.dtype != "fp32" else 2)
     chunk = min(chunk_tokens, tokens)
     blocks = chunk * vocab_local * FP32 + chunk * h * FP32
     grad_hidden = tokens * h * FP32
-    cast = max(tokens * h, vocab_local * h) * size
+    cast = max(tokens * h, vocab_local * h) * size if layout.dtype != "fp32" else 0  # .to(fp32) is a no-op
     return copies + blocks + grad_hidden + cast
 
 

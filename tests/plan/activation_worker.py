@@ -1,11 +1,11 @@
 """Measures the peak memory of Megatron GPTModel forward+backward passes on CPU (run as a script
 by test_plan_activations.py, in a fresh process with glibc's mmap threshold at 64 KiB).
 
-For each case (family, recompute) and sequence length: the model is built by the project's
+For each case (family, recompute, loss path) and sequence length: the model is built by the project's
 builders (fp32, TP=PP=CP=1, local layer spec), DDP-wrapped (its gradient buffer exists before
 the measurement), warmed up once; then the kernel's peak RSS is reset (``5`` to
-/proc/self/clear_refs), one forward (Megatron's labels path: per-token cross entropy) and
-backward runs, and peak extra = VmHWM - RSS before. Prints one JSON line per measurement.
+/proc/self/clear_refs), one forward (Megatron's labels path, or the RL path's hidden states and
+chunked log-prob head) and backward runs, and peak extra = VmHWM - RSS before. Prints one JSON line per measurement.
 """
 
 import json
@@ -19,6 +19,10 @@ CASES = {
                   num_query_groups=2, kv_channels=32),
 }
 VOCAB = 128
+RL_VOCAB = 8192
+"""The vocabulary of the ``rl`` loss cases: large enough for the log-prob head to matter."""
+RL_CHUNK = 2048
+"""rl.logprob_chunk_tokens of the ``rl`` loss cases."""
 
 
 def _kib(field: str) -> int:
@@ -29,34 +33,45 @@ def _kib(field: str) -> int:
     raise RuntimeError(field)
 
 
-def measure(name: str, recompute: str, lengths):
+def measure(name: str, recompute: str, loss: str, lengths):
+    """``loss``: labels (Megatron's cross entropy on the logits) | rl (the RL path: hidden
+    states and the chunked log-prob head, train/logprobs.py)."""
     import torch
 
     from k15_megatron.config import ModelConfig, OptimConfig, ParallelConfig, PrecisionConfig, resolve_model_arch
     from k15_megatron.models.gpt import build_gpt_model
+    from k15_megatron.parallel.device import compute_device
+    from k15_megatron.train.logprobs import hidden_state_output
     from k15_megatron.train.optimizer import build_training_objects
 
+    vocab = RL_VOCAB if loss == "rl" else VOCAB
     parallel, precision = ParallelConfig(recompute=recompute), PrecisionConfig(dtype="fp32")
-    arch = resolve_model_arch(ModelConfig(vocab_size=VOCAB, max_position_embeddings=max(lengths),
+    arch = resolve_model_arch(ModelConfig(vocab_size=vocab, max_position_embeddings=max(lengths),
                                           norm_epsilon=1e-6, rope_theta=1e6, tie_word_embeddings=False,
                                           **CASES[name]))
-    model = build_gpt_model(arch, parallel_cfg=parallel, precision_cfg=precision, padded_vocab=VOCAB)
+    model = build_gpt_model(arch, parallel_cfg=parallel, precision_cfg=precision, padded_vocab=vocab)
     chunks, _, _ = build_training_objects(model, optim_cfg=OptimConfig(lr=1e-3, clip_grad=0.0),
                                           precision_cfg=precision, num_steps=1)
     num_params = sum(p.numel() for p in model.parameters())
 
     def step(s: int) -> int:
-        ids = torch.randint(0, VOCAB, (1, s))
+        ids = torch.randint(0, vocab, (1, s)).to(compute_device())
+        positions = torch.arange(s).unsqueeze(0).to(compute_device())
         chunks[0].zero_grad_buffer()
         before = _kib("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        chunks[0](ids, torch.arange(s)[None], None, labels=ids).sum().backward()
+        if loss == "rl":
+            with hidden_state_output(chunks) as head:
+                hidden = chunks[0](ids, positions, None)
+                head.token_logprobs(hidden, ids, vocab_size=vocab, chunk_size=RL_CHUNK).sum().backward()
+        else:
+            chunks[0](ids, positions, None, labels=ids).sum().backward()
         return _kib("VmHWM") - before
 
     step(max(lengths) // 4)  # warm-up: kernels, caches and rope tables of this size
     for s in lengths:
-        print(json.dumps({"case": name, "recompute": recompute, "tokens": s, "peak_extra": step(s),
+        print(json.dumps({"case": name, "recompute": recompute, "loss": loss, "tokens": s, "peak_extra": step(s),
                           "num_params": num_params}), flush=True)
 
 
@@ -67,8 +82,8 @@ def main():
     initialize(ParallelConfig(), seed=0)
     lengths = [int(x) for x in sys.argv[1].split(",")]
     for spec in sys.argv[2:]:
-        name, recompute = spec.split(":")
-        measure(name, recompute, lengths)
+        name, recompute, loss = spec.split(":")
+        measure(name, recompute, loss, lengths)
 
 
 if __name__ == "__main__":
