@@ -120,3 +120,15 @@ def test_kv_bytes_per_token():
     assert kv_bytes_per_token(arch, tensor_parallel=1, dtype_bytes=2) == 2 * 28 * 4 * 128 * 2
     assert kv_bytes_per_token(arch, tensor_parallel=4, dtype_bytes=2) == 2 * 28 * 1 * 128 * 2
     assert kv_bytes_per_token(arch, tensor_parallel=8, dtype_bytes=2) == 2 * 28 * 1 * 128 * 2  # replicated head
+
+
+def test_plan_imports_no_torch(models):
+    """The plan runs on a login node in a second: no torch, Megatron, vLLM or transformers."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from k15_megatron.cli import main; "
+            f"rc = main(['plan', {RECIPE_128K!r}, 'parallel.world_size=32']); "
+            "print([m for m in ('torch', 'megatron', 'vllm', 'transformers') if m in sys.modules], rc)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "[] 0", out.stdout + out.stderr
