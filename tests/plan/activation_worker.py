@@ -80,10 +80,10 @@ def main():
     from k15_megatron.config import ParallelConfig
 
     initialize(ParallelConfig(), seed=0)
-    lengths = [int(x) for x in sys.argv[1].split(",")]
-    for spec in sys.argv[2:]:
-        name, recompute, loss = spec.split(":")
-        measure(name, recompute, loss, lengths)
+    for spec in sys.argv[1:]:  # family:recompute:loss@length,length,...
+        case, _, lengths = spec.partition("@")
+        name, recompute, loss = case.split(":")
+        measure(name, recompute, loss, [int(x) for x in lengths.split(",")])
 
 
 if __name__ == "__main__":

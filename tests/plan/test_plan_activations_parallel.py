@@ -107,6 +107,7 @@ def _expected(layout: Layout, *, local_tokens: int, loss_bytes_per_token: float)
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs /proc/self/clear_refs")
 def test_parallel_activation_estimates_match_measured_peaks(monkeypatch):
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")  # read by the spawned processes' glibc
