@@ -87,7 +87,6 @@ def _worker(rank, world_size):
 
         step(TOKENS // 4)  # warm-up
         results[name] = _measure(lambda: step(TOKENS))
-        del chunks, model
         ps.destroy_model_parallel()
     return results
 
