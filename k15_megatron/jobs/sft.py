@@ -101,7 +101,8 @@ def run(cfg) -> None:
         metrics = train_step(trainer.chunks, trainer.optimizer, trainer.scheduler,
                              sft_micro_batches(mine, micro_batch_size=cfg.data.micro_batch_size, multiple=multiple))
         elapsed = time.perf_counter() - begin
-        tokens = cfg.data.global_batch_size * cfg.data.seq_length
+        # The step's example tokens (all DP ranks): the rows' padding is never computed.
+        tokens = sum(len(rows[i].document_ids) - rows[i].document_ids.count(-1) for i in indices)
         logger.log(step + 1, {"train/loss": metrics["loss"], "train/grad_norm": metrics["grad_norm"],
                               "train/lr": metrics["lr"], "time/iteration_s": elapsed,
                               "throughput/train_tokens_per_s": tokens / elapsed}, prefix="sft ")
