@@ -23,7 +23,11 @@ comes from Transformer Engine). :class:`SdpaCoreAttention` takes its place in th
 
 Queries are processed in blocks; the first block of a sequence uses SDPA's own causal flag,
 later ones a [rows, keys] boolean mask of at most :data:`MASK_ELEMENTS` elements, so no [S, S]
-tensor is ever formed. Grouped-query attention uses SDPA's ``enable_gqa``.
+tensor is ever formed. A masked block is recomputed in backward (activation checkpointing of
+that block alone) rather than keeping its mask, which PyTorch's CPU kernel copies to float32 and
+would keep for backward: the masks of all blocks together grow with the square of the sequence.
+Memory kept per layer is then linear in the sequence (queries, gathered K/V, outputs); the cost
+is one more forward of the masked blocks. Grouped-query attention uses SDPA's ``enable_gqa``.
 
 Errors: a ``softmax_type`` other than "vanilla", an attention bias, or an ``attention_mask``
 under CP > 1 raise ValueError.
@@ -51,6 +55,14 @@ def _block_rows(keys: int) -> int:
     return min(QUERY_BLOCK, max(128, MASK_ELEMENTS // max(keys, 1)))
 
 
+def _masked_block(q, k, v, start: int, scale: float, dropout: float, gqa: bool) -> torch.Tensor:
+    """Queries at positions [start, start + rows) against keys [0, start + rows), causal by
+    position, through a [rows, keys] boolean mask."""
+    end = k.shape[2]
+    allowed = torch.arange(end, device=q.device).unsqueeze(0) <= torch.arange(start, end, device=q.device).unsqueeze(1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, dropout_p=dropout, enable_gqa=gqa)
+
+
 def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_start: int, scale: float,
                       dropout: float) -> torch.Tensor:
     """Attention of queries at positions [q_start, q_start + Lq) of one sequence to its keys at
@@ -69,11 +81,13 @@ def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_st
         if start == 0:
             out = F.scaled_dot_product_attention(q[:, :, a:b], keys, values, is_causal=True, scale=scale,
                                                  dropout_p=dropout, enable_gqa=gqa)
+        elif torch.is_grad_enabled() and q.requires_grad:
+            # The kernel would keep the block's float mask for backward (quadratic in the
+            # sequence over all blocks): recompute the block in backward instead.
+            out = torch.utils.checkpoint.checkpoint(_masked_block, q[:, :, a:b], keys, values, start, scale,
+                                                    dropout, gqa, use_reentrant=False)
         else:
-            allowed = (torch.arange(end, device=q.device).unsqueeze(0)
-                       <= torch.arange(start, end, device=q.device).unsqueeze(1))
-            out = F.scaled_dot_product_attention(q[:, :, a:b], keys, values, attn_mask=allowed, scale=scale,
-                                                 dropout_p=dropout, enable_gqa=gqa)
+            out = _masked_block(q[:, :, a:b], keys, values, start, scale, dropout, gqa)
         outputs.append(out)
         a = b
     return torch.cat(outputs, dim=2)
