@@ -133,9 +133,10 @@ def micro_batch_split(num_items: int, *, max_per_micro_batch: int) -> tuple[int,
     return count, -(-num_items // count)
 
 
-def _gather_context_parallel(local: torch.Tensor, padded_lengths: list[int]) -> torch.Tensor:
+def _gather_context_parallel(local: torch.Tensor, sequence_lengths: list[int]) -> torch.Tensor:
     """This CP rank's per-token values [T/CP] (its tokens in Megatron's load-balanced order) ->
-    the whole packed batch's [T] in packed order, on every CP rank (all-gather)."""
+    the whole packed batch's [T] in packed order, on every CP rank (all-gather);
+    ``sequence_lengths``: the packed batch's padded sequence lengths."""
     from megatron.core import parallel_state as ps
 
     cp_size = ps.get_context_parallel_world_size()
@@ -143,7 +144,7 @@ def _gather_context_parallel(local: torch.Tensor, padded_lengths: list[int]) -> 
         return local
     parts = [torch.empty_like(local) for _ in range(cp_size)]
     torch.distributed.all_gather(parts, local.contiguous(), group=ps.get_context_parallel_group())
-    order = natural_order_index(padded_lengths, cp_size=cp_size).to(local.device)
+    order = natural_order_index(sequence_lengths, cp_size=cp_size).to(local.device)
     return torch.cat(parts).index_select(0, order)
 
 
@@ -151,7 +152,7 @@ def packed_logprob_micro_batches(input_ids: torch.Tensor, lengths: list[int], *,
                                  max_rows: int, max_tokens: int | None) -> list[dict]:
     """Packed micro-batches (:func:`k15_megatron.train.packed.pack_sequences`) of the rows of
     ``input_ids`` [B, T] cut to ``lengths``: per token ``input_ids`` and ``targets`` (the next
-    token of the same sequence; 0 on each sequence's last token, whose log-prob is not formed),
+    token of the same sequence; 0 on each sequence's last token, whose log-prob is dropped),
     ``rows`` (the row of each sequence). Consecutive rows fill a micro-batch up to ``max_tokens``
     padded tokens (None: no budget) and ``max_rows`` rows (:func:`token_budget_groups`)."""
     padded = [padded_length(n, multiple) for n in lengths]
