@@ -1,5 +1,5 @@
 """``k15 verify HF_DIR [KEY=VALUE ...] [--layout "KEY=VALUE ..."]... [--seq-len N] [--text STR]...
-[--packed | --padded] [--tolerance X]``: does Megatron, under this layout, compute the same
+[--packed] [--padded] [--tolerance X]``: does Megatron, under this layout, compute the same
 logits as transformers for this Hugging Face model?
 
 The model of HF_DIR is loaded into Megatron (``model.hf_path``, as every job loads it) under
@@ -11,8 +11,9 @@ real vocabulary entry (vocabulary padding ignored) and the fraction of tokens wh
 (argmax) token is the same. Sequences: random token ids (``seed``; ``--num-sequences`` of them,
 the first ``--seq-len`` tokens long, the others of random lengths up to it) or the tokenised
 ``--text`` (repeatable, one sequence each). Megatron gets them as one micro-batch, packed
-(default: back to back, each padded only to what context parallelism needs) or padded (one row
-per sequence, padded to the longest).
+(``--packed``, the default: back to back, each padded only to what context parallelism needs)
+or padded (``--padded``: one row per sequence, padded to the longest); with both flags each
+layout is checked both ways, on the same model.
 
 Nothing is gathered: each rank compares its own logits (its context-parallel share of the
 tokens, its tensor-parallel share of the vocabulary) with the matching slice of the reference,
@@ -56,7 +57,7 @@ class VerifyRequest:
     layouts: list  # [(label, ExperimentConfig)]
     num_processes: int
     sequences: list  # [1-D int64 tensor]
-    packed: bool
+    batch_kinds: list  # ["packed"] and/or ["padded"]
     tolerance: float
 
 
@@ -94,7 +95,7 @@ def build_request(args) -> VerifyRequest:
                              "parallel.world_size (or none)")
         configs.append((_label(cfg), cfg))
     return VerifyRequest(hf_dir=args.hf_dir, layouts=configs, num_processes=world,
-                         sequences=_sequences(args, arch, seed=drafts[0].seed), packed=not args.padded,
+                         sequences=_sequences(args, arch, seed=drafts[0].seed), batch_kinds=_batch_kinds(args),
                          tolerance=args.tolerance)
 
 
@@ -109,6 +110,10 @@ def _load(base: list, layout: list, *, fixed: list = (), world: int | None = Non
         where = f"--layout {shlex.join(layout)!r}: " if layout else ""
         count = f" (this start runs {world} processes: the largest layout's)" if world and layout else ""
         raise ValueError(f"{where}{exc}{count}") from None
+
+
+def _batch_kinds(args) -> list:
+    return [kind for kind, given in (("packed", args.packed), ("padded", args.padded)) if given] or ["packed"]
 
 
 def _multiple(parallel) -> int:
@@ -160,10 +165,10 @@ def run_layouts(request: VerifyRequest) -> list:
         reference = reference_logits(request.hf_dir, request.sequences, vocab_size=arch_vocab)
     results = []
     for label, cfg in request.layouts:
-        stats = verify_layout(cfg, request.sequences, reference, packed=request.packed)
-        results.append((label, stats))
-        if torch.distributed.get_rank() == 0:
-            print(_layout_line(label, stats, request.tolerance), flush=True)
+        for kind, stats in verify_layout(cfg, request.sequences, reference, batch_kinds=request.batch_kinds):
+            results.append((f"{label} {kind}", stats))
+            if torch.distributed.get_rank() == 0:
+                print(_layout_line(f"{label} {kind}", stats, request.tolerance), flush=True)
     return results
 
 
@@ -204,9 +209,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-sequences", type=int, default=4, help="random sequences (default 4)")
     parser.add_argument("--text", action="append", default=[], help="a text to tokenise as one sequence "
                         "(repeatable; replaces the random sequences; cut to --seq-len)")
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--packed", action="store_true", help="one packed (THD) micro-batch (default)")
-    mode.add_argument("--padded", action="store_true", help="one padded [B, S] micro-batch")
+    parser.add_argument("--packed", action="store_true", help="one packed (THD) micro-batch (the default)")
+    parser.add_argument("--padded", action="store_true", help="one padded [B, S] micro-batch (with --packed: both)")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                         help=f"largest |logit difference| accepted (default {DEFAULT_TOLERANCE:g}, for fp32)")
     verbosity.add_flag(parser)

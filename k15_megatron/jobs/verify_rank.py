@@ -17,8 +17,10 @@ from k15_megatron.jobs.logit_compare import (LogitStats, compare_shard, real_voc
                                              vocab_parallel_argmax)
 
 
-def verify_layout(cfg, sequences: Sequence[torch.Tensor], reference: list | None, *, packed: bool) -> LogitStats:
-    """The reduced statistics of layout ``cfg`` (collective over every rank).
+def verify_layout(cfg, sequences: Sequence[torch.Tensor], reference: list | None, *,
+                  batch_kinds: Sequence[str]) -> list[tuple[str, LogitStats]]:
+    """[(batch kind, reduced statistics)] of layout ``cfg``, one per kind ("packed", "padded"),
+    on one model (collective over every rank).
 
     ``reference``: on global rank 0 the transformers logits [L_i, V] of each sequence, None on
     the other ranks. Raises RuntimeError when the ranks together did not compare every real
@@ -38,18 +40,21 @@ def verify_layout(cfg, sequences: Sequence[torch.Tensor], reference: list | None
         padded = padded_vocab_size(arch.vocab_size, cfg.model.make_vocab_size_divisible_by, layout.tp_size)
         model = build_gpt_model(arch, parallel_cfg=cfg.parallel, precision_cfg=cfg.precision, padded_vocab=padded)
         load_hf_weights(model, cfg.model.hf_path, arch, padded)
-        shard = _megatron_shard(model, _batch(sequences, cfg.parallel, packed=packed))
         group = parallel_state.get_tensor_model_parallel_group() if layout.tp_size > 1 else None
-        stats = _compare(shard, sequences, reference, vocab_size=arch.vocab_size, tp_rank=layout.tp_rank,
-                         group=group)
-        stats = reduce_stats(stats, device=collective_device())
+        results = []
+        for kind in batch_kinds:
+            shard = _megatron_shard(model, _batch(sequences, cfg.parallel, packed=kind == "packed"))
+            stats = _compare(shard, sequences, reference, vocab_size=arch.vocab_size, tp_rank=layout.tp_rank,
+                             group=group)
+            results.append((kind, reduce_stats(stats, device=collective_device())))
     finally:
         parallel_state.destroy_model_parallel()
     expected = sum(len(s) for s in sequences) * layout.dp_size
-    if stats.num_tokens != expected or stats.num_values != expected * arch.vocab_size:
-        raise RuntimeError(f"compared {stats.num_tokens} tokens ({stats.num_values} logits), expected "
-                           f"{expected} ({expected * arch.vocab_size}): the layout lost or repeated tokens")
-    return stats
+    for kind, stats in results:
+        if stats.num_tokens != expected or stats.num_values != expected * arch.vocab_size:
+            raise RuntimeError(f"{kind}: compared {stats.num_tokens} tokens ({stats.num_values} logits), expected "
+                               f"{expected} ({expected * arch.vocab_size}): the layout lost or repeated tokens")
+    return results
 
 
 def _batch(sequences, parallel, *, packed: bool) -> dict:

@@ -60,30 +60,44 @@ def parse(done: subprocess.CompletedProcess) -> tuple[list, tuple]:
 # --- end to end: every family, three layouts per start ---------------------------------------
 
 
+TEXTS = ("What is 12 + 30? The answer is 42, since 12 + 30 = 42 and nothing else; check: 42 - 30 = 12.",
+         "a shorter line, 1 2 3", "x")
+FP32_LABELS = ("TP=1 PP=1 CP=2 DP=2 fp32", "TP=2 PP=1 CP=2 DP=1 fp32", "TP=1 PP=2 CP=2 DP=1 fp32")
+STARTS = {
+    # family: (extra arguments, expected layout lines)
+    "llama": (["--seq-len", "96", "--num-sequences", "4", "--layout", "parallel.context=2 precision.dtype=bf16"],
+              [f"{label} packed" for label in FP32_LABELS] + ["TP=1 PP=1 CP=2 DP=2 bf16 packed"]),
+    "qwen2": (["--seq-len", "96", "--num-sequences", "4", "--packed", "--padded"],
+              [f"{label} {kind}" for label in FP32_LABELS for kind in ("packed", "padded")]),
+    "qwen3": ([a for text in TEXTS for a in ("--text", text)], [f"{label} packed" for label in FP32_LABELS]),
+}
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", sorted(STARTS))
 def test_verify_matches_transformers_under_cp_tp_pp(verify_models, family):
-    """CP=2, TP=2 x CP=2, PP=2 x CP=2 (4 processes) on one packed batch of 4 sequences of mixed
-    lengths (the longest 96 tokens): within 1e-4 and the same greedy tokens. Llama's start adds a
-    bf16 layout, which must be reported past the tolerance (exit status 1)."""
-    layouts = list(LAYOUTS) + (["parallel.context=2 precision.dtype=bf16"] if family == "llama" else [])
-    done, seconds = k15_verify(verify_models[family], "--seq-len", "96", "--num-sequences", "4",
-                               *[a for layout in layouts for a in ("--layout", layout)])
+    """CP=2, TP=2 x CP=2, PP=2 x CP=2 (4 processes, one start) on one packed batch of sequences of
+    mixed lengths: within 1e-4 and the same greedy tokens. Llama: 4 random sequences (the longest
+    96 tokens) and a bf16 layout, reported past the tolerance (exit status 1); Qwen2: the same
+    batch packed and padded; Qwen3: three texts of 92, 21 and 1 tokens."""
+    extra, labels = STARTS[family]
+    done, seconds = k15_verify(verify_models[family], *[a for layout in LAYOUTS for a in ("--layout", layout)],
+                               *extra)
     print(f"{family}: {seconds:.1f} s")
     rows, (max_abs, _, agree, tolerance) = parse(done)
     assert tolerance == 1e-4
-    assert len(rows) == len(layouts), done.stdout
-    expected_labels = ["TP=1 PP=1 CP=2 DP=2 fp32", "TP=2 PP=1 CP=2 DP=1 fp32", "TP=1 PP=2 CP=2 DP=1 fp32",
-                       "TP=1 PP=1 CP=2 DP=2 bf16"]
-    for (label, row_max, row_mean, row_agree, row_tokens, verdict), want in zip(rows, expected_labels):
-        assert label == want
+    assert [row[0] for row in rows] == labels, done.stdout
+    num_tokens = sum(len(t) for t in TEXTS) if family == "qwen3" else None
+    for label, row_max, row_mean, row_agree, row_tokens, verdict in rows:
         if "bf16" in label:
             assert verdict == "PAST" and float(row_max) > 1e-2, rows  # bf16 really differs from float32
             continue
         assert verdict == "within" and float(row_max) < 1e-4, rows
         assert 0 < float(row_mean) <= float(row_max)
         assert row_agree == row_tokens  # every token's greedy token is transformers'
+        if num_tokens is not None:  # one token per character; DP=2 replicas each compare all
+            assert int(row_tokens) == num_tokens * (2 if "DP=2" in label else 1)
     if family == "llama":
         assert done.returncode == 1, done.stderr[-3000:]
         assert max_abs > 1e-2 and agree < 1.0
@@ -101,17 +115,8 @@ def test_verify_16k_sequence_under_cp2(verify_models):
     print(f"16k: {seconds:.1f} s")
     assert done.returncode == 0, done.stderr[-3000:]
     rows, (max_abs, _, agree, _) = parse(done)
-    assert rows[0][0] == "TP=1 PP=1 CP=2 DP=1 fp32"
+    assert rows[0][0] == "TP=1 PP=1 CP=2 DP=1 fp32 packed"
     assert int(rows[0][4]) > 16384  # both sequences' tokens were compared
-    assert max_abs < 1e-4 and agree == 1.0
-
-
-def test_verify_padded_text_one_process(verify_models):
-    """--padded with two --text sequences of different lengths in one process."""
-    done, _ = k15_verify(verify_models["qwen2"], "--padded", "--text", "12+30=42", "--text", "a longer line, 1 2 3")
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows, (max_abs, _, agree, _) = parse(done)
-    assert rows[0][4] == str(len("12+30=42") + len("a longer line, 1 2 3"))  # one token per character
     assert max_abs < 1e-4 and agree == 1.0
 
 
