@@ -29,9 +29,16 @@ and each prints one line. The ranks are started as for ``k15 export``; bad input
 folder, an unsupported model family, a layout the model does not split into, a sequence longer
 than the model's context) is reported before any process starts.
 
+Memory: rank 0 also holds transformers' float32 model and the reference logits of every
+sequence (tokens x vocabulary x 4 bytes, e.g. 32k tokens of a 152k vocabulary: 19 GiB), which
+reach the other ranks one sequence at a time; each rank holds its own logits shard and one
+sequence's reference rows.
+
 The last line is ``VERIFY max_abs=<float> mean_abs=<float> greedy_agree=<fraction>
 tolerance=<float>`` (the worst layout); exit status 0 when every layout's max_abs is within
-``--tolerance`` (default 1e-4, meant for float32), 1 when one is past it, 2 for invalid input.
+``--tolerance`` (default 1e-4, meant for float32: bf16 weights differ from the float32
+reference by far more, so give a tolerance of your own there), 1 when one is past it, 2 for
+invalid input.
 """
 
 from __future__ import annotations
@@ -87,7 +94,7 @@ def build_request(args) -> VerifyRequest:
     for extra, draft in zip(layouts, drafts):
         # Only the layout's own rules matter here: one micro-batch of one global batch per replica.
         fixed = [f"parallel.world_size={draft.parallel.world_size or world}", f"data.global_batch_size={world}",
-                 "data.micro_batch_size=1", f"data.seq_length={_multiple(draft.parallel) * args.seq_len}"]
+                 "data.micro_batch_size=1", f"data.seq_length={_longest_row(draft.parallel, args.seq_len)}"]
         cfg = _load(base, extra, fixed=fixed, world=world)
         if cfg.parallel.world_size != world:
             raise ValueError(f"--layout {shlex.join(extra)!r}: parallel.world_size={cfg.parallel.world_size}, "
@@ -116,11 +123,11 @@ def _batch_kinds(args) -> list:
     return [kind for kind, given in (("packed", args.packed), ("padded", args.padded)) if given] or ["packed"]
 
 
-def _multiple(parallel) -> int:
-    from k15_megatron.parallel.context import sequence_multiple
+def _longest_row(parallel, seq_len: int) -> int:
+    from k15_megatron.jobs.verify_inputs import sequence_multiple_of
+    from k15_megatron.parallel.context import padded_length
 
-    return sequence_multiple(cp_size=parallel.context, tp_size=parallel.tensor,
-                             sequence_parallel=parallel.sequence_parallel)
+    return padded_length(seq_len, sequence_multiple_of(parallel))
 
 
 def _label(cfg) -> str:

@@ -18,8 +18,15 @@ from typing import Sequence
 
 import torch
 
-from k15_megatron.parallel.context import padded_length
+from k15_megatron.parallel.context import padded_length, sequence_multiple
 from k15_megatron.train.packed import pack_sequences
+
+
+def sequence_multiple_of(parallel) -> int:
+    """The multiple each sequence (packed) or row (padded) is padded to under the ``parallel``
+    section's layout (:func:`k15_megatron.parallel.context.sequence_multiple`)."""
+    return sequence_multiple(cp_size=parallel.context, tp_size=parallel.tensor,
+                             sequence_parallel=parallel.sequence_parallel)
 
 
 def random_sequences(*, num_sequences: int, seq_len: int, vocab_size: int, seed: int) -> list[torch.Tensor]:

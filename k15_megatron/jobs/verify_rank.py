@@ -58,12 +58,9 @@ def verify_layout(cfg, sequences: Sequence[torch.Tensor], reference: list | None
 
 
 def _batch(sequences, parallel, *, packed: bool) -> dict:
-    from k15_megatron.jobs.verify_inputs import packed_batch, padded_batch
-    from k15_megatron.parallel.context import sequence_multiple
+    from k15_megatron.jobs.verify_inputs import packed_batch, padded_batch, sequence_multiple_of
 
-    multiple = sequence_multiple(cp_size=parallel.context, tp_size=parallel.tensor,
-                                 sequence_parallel=parallel.sequence_parallel)
-    return (packed_batch if packed else padded_batch)(sequences, multiple=multiple)
+    return (packed_batch if packed else padded_batch)(sequences, multiple=sequence_multiple_of(parallel))
 
 
 def _megatron_shard(model, batch: dict):
