@@ -22,9 +22,11 @@ Engine on GPUs (fused RMSNorm+linear keeps input and output, 2h; flash attention
 output); :data:`LOCAL` is Megatron-Core's local spec with the SDPA core attention
 (:mod:`k15_megatron.models.attention`): torch's RMSNorm keeps input, normalised input and output
 (3h), the attention output is kept twice (SDPA's and the contiguous copy the projection saves),
-under CP each layer keeps the all-gathered K/V of the whole sequence (and not the QKV output),
-and every query block that does not start at position 0 keeps a float32 [rows, keys] mask
-(:func:`sdpa_mask_elements`: quadratic in the sequence length).
+under CP each layer keeps the all-gathered K/V of the whole sequence (and not the QKV output).
+A query block that does not start at position 0 is attended through a [rows, keys] mask that
+the CPU kernel copies to float32; the block is recomputed in backward, so no mask is kept. The
+recomputed block's mask (at most 2^24 elements) is formed in the attention's backward, after the
+layer's MLP activations are freed, and did not raise the measured peak: it is not counted.
 
 Recompute (``parallel.recompute``): full keeps each layer's input only, and the backward
 recomputes one layer at a time (its whole activation set alive once); selective recomputes the
@@ -102,54 +104,6 @@ def layer_bytes_per_token(arch: ModelArch, layout: Layout, kernels: Kernels) -> 
     return per_token
 
 
-SDPA_QUERY_BLOCK = 4096
-"""``k15_megatron.models.attention.QUERY_BLOCK`` (query rows per SDPA call)."""
-SDPA_MASK_ELEMENTS = 1 << 24
-"""``k15_megatron.models.attention.MASK_ELEMENTS`` (most elements of one block's mask)."""
-
-
-def _rank_chunks(sequence_tokens: int, context: int, rank: int):
-    """(first position, rows) of the chunks CP rank ``rank`` holds of one sequence."""
-    if context == 1:
-        return [(0, sequence_tokens)]
-    size = sequence_tokens // (2 * context)
-    return [(rank * size, size), ((2 * context - 1 - rank) * size, size)]
-
-
-def sdpa_mask_elements(*, sequence_tokens: int, context: int) -> int:
-    """Mask elements one layer of the SDPA core attention (:data:`LOCAL`) keeps for backward
-    for one sequence, on the CP rank that keeps the most: every query block not starting at
-    position 0 is attended with a [rows, keys up to the block's end] mask, which SDPA saves
-    (as float32 on CPU). Mirrors the block rule of ``models/attention.py``."""
-    def block_rows(keys: int) -> int:
-        return min(SDPA_QUERY_BLOCK, max(128, SDPA_MASK_ELEMENTS // max(keys, 1)))
-
-    worst = 0
-    for rank in range(context):
-        total = 0
-        for q_start, rows in _rank_chunks(sequence_tokens, context, rank):
-            a = 0
-            while a < rows:
-                if q_start + a == 0:
-                    b = min(SDPA_QUERY_BLOCK, rows)
-                else:
-                    b = min(a + block_rows(q_start + a + SDPA_QUERY_BLOCK), rows)
-                    total += (b - a) * (q_start + b)
-                a = b
-        worst = max(worst, total)
-    return worst
-
-
-def _mask_bytes(layout: Layout, kernels: Kernels, *, tokens: int, sequence_tokens: int) -> int:
-    """One layer's kept attention masks for a micro-batch of ``tokens`` local tokens made of
-    sequences of ``sequence_tokens`` tokens (0 for flash kernels and selective recompute)."""
-    if kernels.fused_norm or layout.recompute == "selective":  # TE: flash attention, no masks
-        return 0
-    sequences = max(1, tokens * layout.context // sequence_tokens)  # one mask for all heads
-    return sequences * sdpa_mask_elements(sequence_tokens=sequence_tokens,
-                                                         context=layout.context) * FP32
-
-
 def layer_input_bytes_per_token(arch: ModelArch, layout: Layout) -> float:
     """Bytes of one layer's input per local token (what full recompute keeps per layer)."""
     sp = layout.tensor if layout.sequence_parallel else 1
@@ -171,11 +125,8 @@ def stored_bytes(arch: ModelArch, layout: Layout, kernels: Kernels, *, num_layer
     """Activations that ``in_flight`` micro-batches of ``tokens`` local tokens each keep on a
     stage of ``num_layers`` layers until their backward, plus (full recompute) the one layer
     the backward recomputes at a time. ``sequence_tokens``: the length of each sequence of a
-    micro-batch (default: one sequence of all its tokens), for the attention masks of
-    :data:`LOCAL`. Bytes."""
-    sequence_tokens = sequence_tokens or tokens * layout.context
+    micro-batch (default: one sequence of all its tokens). Bytes."""
     layer = layer_bytes_per_token(arch, layout, kernels) * tokens
-    layer += _mask_bytes(layout, kernels, tokens=tokens, sequence_tokens=sequence_tokens)
     if layout.recompute == "full":
         kept = in_flight * num_layers * layer_input_bytes_per_token(arch, layout) * tokens + layer
     else:

@@ -10,8 +10,7 @@ memory above the pre-step level as tests/plan/test_plan_activations.py does. The
 planner's LOCAL-kernel activations + backward transient + what this test's loss keeps.
 
 Measured error (estimate / measured - 1, printed with pytest -s; 2026-11-30): TP=2 -3.8% on
-both ranks; CP=2 +3.6% (rank 0) and -1.7% (rank 1: the estimate takes the rank whose attention
-masks are largest). The test allows 10%.
+both ranks; CP=2 -0.6% (rank 0) and +1.1% (rank 1). The test allows 10%.
 """
 
 from __future__ import annotations
