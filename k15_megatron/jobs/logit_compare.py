@@ -74,8 +74,9 @@ def compare_shard(ours: torch.Tensor, reference: torch.Tensor, *, vocab_start: i
         return LogitStats()
     diff = (ours[:, :num_real].double() - reference[:, vocab_start:vocab_start + num_real].double()).abs()
     finite = bool(torch.isfinite(diff).all())
-    return LogitStats(max_abs=float(diff.max()) if finite else math.inf, sum_abs=float(diff.sum()) if finite else math.inf,
-                      num_values=diff.numel())
+    if not finite:
+        return LogitStats(max_abs=math.inf, sum_abs=math.inf, num_values=diff.numel())
+    return LogitStats(max_abs=float(diff.max()), sum_abs=float(diff.sum()), num_values=diff.numel())
 
 
 def vocab_parallel_argmax(logits: torch.Tensor, *, vocab_start: int, num_real: int, group=None) -> torch.Tensor:

@@ -131,7 +131,8 @@ def test_verify_refuses_bad_input_naming_it(verify_models, tmp_path, capsys):
     gpt2 = tmp_path / "gpt2"
     shutil.copytree(verify_models["qwen2"], gpt2)
     config = json.loads((gpt2 / "config.json").read_text())
-    (gpt2 / "config.json").write_text(json.dumps({**config, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    config.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    (gpt2 / "config.json").write_text(json.dumps(config))
     qwen2 = verify_models["qwen2"]
     cases = [
         ([str(gpt2)], "model_type 'gpt2' is not supported"),
@@ -154,7 +155,8 @@ def test_verify_refuses_bad_input_naming_it(verify_models, tmp_path, capsys):
 def test_verify_cli_refuses_a_missing_folder(tmp_path):
     done, _ = k15_verify(str(tmp_path / "missing"), "parallel.context=2")
     assert done.returncode == 2
-    assert done.stderr.strip() == f"error: {tmp_path / 'missing'}: no such folder (HF_DIR must be a Hugging Face model folder)"
+    missing = tmp_path / "missing"
+    assert done.stderr.strip() == f"error: {missing}: no such folder (HF_DIR must be a Hugging Face model folder)"
     assert done.stdout == ""
 
 
