@@ -63,11 +63,12 @@ kind and sharding shape that state. A change there could not apply, so it is ref
 RESUMABLE_KEYS = ("rl.iterations", "optim.train_iters", "optim.lr_decay_iters", "logging.", "checkpoint.save_interval",
                   "checkpoint.keep_last", "checkpoint.allow_config_change", "checkpoint.save_dir",
                   "checkpoint.resume", "eval.", "rl.eval_interval", "rl.eval_max_prompts", "data.eval_path", "name",
-                  "run_dir")
+                  "run_dir", "parallel.recompute", "parallel.cp_comm_type", "data.micro_batch_tokens")
 """Keys (a trailing dot: a whole section) that may change when a run resumes: they extend the
 run, or only observe it (logs, checkpoint cadence, evaluations). ``checkpoint.save_dir`` is
 where the checkpoint was just found, ``checkpoint.resume`` how it was found, and
-``name``/``run_dir`` locate the run. The run length and
+``name``/``run_dir`` locate the run. Activation recompute, TE's CP communication type and the
+micro-batch token budget change memory and speed, not what is trained. The run length and
 ``optim.lr_decay_iters`` also must keep the learning-rate schedule (see :func:`plan_start`)."""
 
 

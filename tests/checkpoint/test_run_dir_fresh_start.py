@@ -18,3 +18,10 @@ def test_resume_never_refuses_a_save_dir_holding_checkpoints(tmp_path):
         plan_start(load_config(f"{REPO_ROOT}/examples/tiny.yaml", overrides), job="sft")
     message = str(info.value)
     assert "checkpoint.resume=never" in message and "iter_0000002" in message and "another run_dir" in message
+
+
+def test_memory_only_keys_may_change_on_resume_the_layout_may_not():
+    from k15_megatron.checkpoint.run_dir import _resumable
+
+    assert all(_resumable(k) for k in ("parallel.recompute", "parallel.cp_comm_type", "data.micro_batch_tokens"))
+    assert not any(_resumable(k) for k in ("parallel.context", "parallel.tensor", "rl.tau"))
