@@ -142,10 +142,10 @@ class RLConfig:
     groups_per_micro_batch: int = 1
     """The most whole groups one Megatron micro-batch holds (a memory bound; a group is never
     split: its baseline needs all k), in the training steps and in the reference log-prob
-    recompute alike: one forward holds at most groups_per_micro_batch * group_size rows,
-    whatever the batch size. A step's G groups on a rank run as ceil(G / groups_per_micro_batch)
-    micro-batches of equal size, the last padded with fewer empty groups than there are
-    micro-batches (computed, then dropped); the loss is normalised over the step's samples, so the update does not depend on the split."""
+    recompute alike: one forward holds at most groups_per_micro_batch * group_size responses,
+    whatever the batch size. Micro-batches are packed (each response's real tokens only) and
+    also close at data.micro_batch_tokens tokens; the loss is normalised over the step's
+    samples, so the update does not depend on the split."""
     reference: str = "recompute"
     """log pi_i of the loss: recompute (the trainer's log-probs at the start of the iteration,
     exact) | behaviour (the rollout engine's, free but includes older policies' segments)."""

@@ -224,7 +224,9 @@ class DataConfig:
     padding cut off, each padded only to the 2 x parallel.context (x parallel.tensor under
     sequence parallelism) multiple; consecutive rows fill a micro-batch until the next would
     pass the budget, a longer row runs alone). The row cap of that call still applies. null =
-    no token budget, the row cap alone."""
+    no token budget, the row cap alone. ``k15 rl``'s policy update uses the same budget for its
+    training micro-batches (``k15_megatron.train.policy_update.packed_micro_batches``: whole
+    groups, at most rl.groups_per_micro_batch of them; a group above the budget runs alone)."""
     global_batch_size: int = at_least(8, 1)
     """SFT: rows per optimizer step over all data-parallel ranks. (An RL step trains on the
     finished groups of an iteration / rl.updates_per_iteration: rl.prompts_per_iteration /

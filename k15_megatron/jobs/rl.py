@@ -175,7 +175,8 @@ class RLJob:
     def train_step(self, batch) -> dict:
         start = time.perf_counter()
         metrics = self.hybrid.to_train()
-        metrics.update(update_policy(self.trainer, batch, self.cfg.rl))
+        metrics.update(update_policy(self.trainer, batch, self.cfg.rl,
+                                     micro_batch_tokens=self.cfg.data.micro_batch_tokens))
         elapsed = time.perf_counter() - start
         tokens = float(batch.attention_mask.sum())
         metrics.update({"time/train_s": elapsed, "train/tokens": tokens,

@@ -1,22 +1,27 @@
 """One RL iteration's policy update on Megatron: the mirror-descent loss over a RolloutBatch.
 
-``update_policy(trainer, batch, rl_cfg)``:
+``update_policy(trainer, batch, rl_cfg, micro_batch_tokens=...)``:
 
 1. resets the optimizer state (``rl.reset_optimizer``, PAPER.md section 1). The reset is
    idempotent: in ``k15 rl`` the hybrid engine already dropped the state at ``to_rollout``
    (``offload/optimizer_dropped_bytes``), so ``train/optimizer_reset_bytes`` is 0 there;
 2. computes log pi_i of every response token: the trainer's own log-probs before any update
-   (``rl.reference=recompute``, :func:`k15_megatron.train.logprobs.sequence_token_logprobs` in
-   micro-batches of at most ``rl.groups_per_micro_batch * rl.group_size`` rows) or the rollout
-   engine's behaviour log-probs;
+   (``rl.reference=recompute``, :func:`k15_megatron.train.logprobs.sequence_token_logprobs` on
+   each response's real length) or the rollout engine's behaviour log-probs;
 3. splits this data-parallel rank's groups into ``rl.updates_per_iteration`` mini-batches and
-   takes one optimizer step on each, with micro-batches of at most ``rl.groups_per_micro_batch``
-   whole groups (:func:`micro_batches`: as few as that bound allows, the last one padded; the
-   loss is normalised so that the step is the same whatever the split); per micro-batch the
-   loss is :func:`k15_megatron.rl.loss.mirror_descent_loss` of the sequence log-probs, formed
-   from the last stage's hidden states and the output weight shard
-   (:class:`k15_megatron.train.logprobs.OutputHead`: ``rl.logprob_chunk_tokens`` tokens of
-   float32 logits at a time, never the micro-batch's full [S, B, V/TP] logits or their gradient).
+   takes one optimizer step on each. The micro-batches are PACKED (:func:`packed_micro_batches`):
+   each response's real tokens (prompt + response) back to back, padded only to the multiple
+   context and sequence parallelism need, whole groups per micro-batch (the baseline needs a
+   group's k rewards) up to a token budget and at most ``rl.groups_per_micro_batch`` groups.
+   Per micro-batch the loss is :func:`k15_megatron.rl.loss.mirror_descent_loss` of the sequence
+   log-probs (:func:`mirror_descent_loss_fn`), formed from the last stage's hidden states and
+   the output weight shard (:class:`k15_megatron.train.logprobs.OutputHead`:
+   ``rl.logprob_chunk_tokens`` tokens of float32 logits at a time, never full logits).
+
+Context parallelism: each CP rank holds its load-balanced share of every sequence
+(:mod:`k15_megatron.parallel.context`); its token log-probs give partial sequence sums, which
+are all-reduced over the CP group (forward all-reduce, backward identity) BEFORE the loss
+squares them, so every CP rank computes the same loss, equal to CP=1's.
 
 Every sample of ``batch`` must already carry its total reward. The batch is the same on every
 rank; each data-parallel rank trains on its own contiguous share of the groups. The returned
@@ -30,56 +35,74 @@ import functools
 
 import torch
 
+from k15_megatron.parallel.context import padded_length
 from k15_megatron.parallel.device import compute_device
 from k15_megatron.rl.batch import RolloutBatch
-from k15_megatron.rl.loss import mirror_descent_loss, sequence_logprobs
+from k15_megatron.rl.loss import mirror_descent_loss, packed_sequence_logprobs
 from k15_megatron.rl.mismatch import (finalize_mismatch_metrics, logprob_mismatch_stats, reduce_mismatch_stats,
                                       truncated_is_weights)
 from k15_megatron.rl.optim_reset import reset_optimizer_state
-from k15_megatron.train.logprobs import hidden_state_output, micro_batch_split, sequence_token_logprobs
+from k15_megatron.train.logprobs import hidden_state_output, sequence_token_logprobs
+from k15_megatron.train.packed import pack_sequences, token_budget_groups
+from k15_megatron.train.schedule import packing_multiple
 from k15_megatron.train.step import global_step_metrics, train_step
 
 
-def micro_batches(batch: RolloutBatch, ref_logprobs: torch.Tensor, groups_per_micro_batch: int) -> list[dict]:
-    """The Megatron micro-batches of one optimizer step on this rank, where ``batch`` lives
-    (the schedule moves each to the compute device when it runs).
+def _next_token(row: torch.Tensor, length: int) -> torch.Tensor:
+    """row[1:length] then one 0: the entry of each position's NEXT token within the sequence
+    (the last position has none; its loss mask is 0)."""
+    return torch.cat([row[1:length], row.new_zeros(1)])
 
-    The G groups of ``batch`` are cut by :func:`k15_megatron.train.logprobs.micro_batch_split`
-    into M = ceil(G / groups_per_micro_batch) micro-batches of P <= groups_per_micro_batch whole
-    groups each; the last is padded with empty groups (token 0, no loss mask, reward 0) to the
-    same shape, which the loss drops. Each micro-batch holds ``input_ids``/``position_ids``
-    [R, T-1], and shifted to label positions ``targets`` [R, T-1] (input_ids[:, 1:]),
-    ``loss_mask``, ``behaviour`` and ``reference`` (``ref_logprobs`` [B, T-1] rows) [R, T-1],
-    ``rewards`` [R]; R = P * group_size. Plus three counts for the loss's normalisation:
-    ``num_samples`` (its real rows), ``step_samples`` (B, the rows of the whole step) and
-    ``num_micro_batches`` (M).
+
+def response_sequences(batch: RolloutBatch, reference: torch.Tensor) -> list[dict]:
+    """One dict of 1-D host tensors per sample, of its real length L (prompt + response, the
+    ``attention_mask`` count): ``input_ids`` [L] and, at each position, the next token's
+    ``targets``, ``loss_mask``, ``behaviour`` and ``reference`` log-prob [L] (0 / False at the
+    last position). ``reference`` [B, T-1] is aligned with label positions
+    (``reference[b, t]`` is the log-prob of ``input_ids[b, t + 1]``)."""
+    reference = reference.detach().to("cpu", torch.float32)
+    out = []
+    for b, length in enumerate(batch.attention_mask.sum(dim=1).tolist()):
+        out.append({
+            "input_ids": batch.input_ids[b, :length],
+            "targets": _next_token(batch.input_ids[b], length),
+            "loss_mask": _next_token(batch.loss_mask[b], length),
+            "behaviour": _next_token(batch.behaviour_logprobs[b].float(), length),
+            "reference": torch.cat([reference[b, :length - 1], reference.new_zeros(1)]),
+        })
+    return out
+
+
+def packed_micro_batches(batch: RolloutBatch, reference: torch.Tensor, *, multiple: int,
+                         max_tokens: int | None, max_groups: int) -> list[dict]:
+    """The packed micro-batches (:func:`k15_megatron.train.packed.pack_sequences`) of one
+    optimizer step on this rank, on the host (the schedule moves each to the device and cuts it
+    per CP rank).
+
+    Each sample is one sequence of its real length (:func:`response_sequences`), padded to
+    ``multiple`` tokens (:func:`k15_megatron.train.schedule.packing_multiple`). Whole groups
+    fill micro-batches in order up to ``max_tokens`` padded tokens (None: no token budget) and
+    at most ``max_groups`` groups (:func:`k15_megatron.train.packed.token_budget_groups`; a
+    group above the budget runs alone). Per micro-batch of n samples: the packed per-token
+    [1, T] fields ``input_ids``, ``position_ids``, ``sequence_ids``, ``targets``,
+    ``loss_mask``, ``behaviour``, ``reference``, the ``cu_seqlens`` metadata, and ``rewards``
+    [n], ``loss_tokens`` [n] (each response's loss-mask count: the WHOLE length that
+    ``rl.normalize=length`` divides by on every CP rank), plus ``step_samples`` (the B samples
+    of the step) and ``num_micro_batches`` (M) for the loss's normalisation.
     """
     k = batch.group_size
-    count, groups = micro_batch_split(batch.num_groups, max_per_micro_batch=groups_per_micro_batch)
-    rows, real = groups * k, batch.num_samples
-    seq = batch.input_ids.shape[1]
-
-    def padded(tensor: torch.Tensor) -> torch.Tensor:
-        pad = tensor.new_zeros((count * rows - real,) + tuple(tensor.shape[1:]))
-        return torch.cat([tensor, pad]) if pad.shape[0] else tensor
-
-    ids, loss_mask = padded(batch.input_ids), padded(batch.loss_mask)
-    behaviour, reference, rewards = padded(batch.behaviour_logprobs), padded(ref_logprobs), padded(batch.rewards)
+    sequences = response_sequences(batch, reference)
+    group_tokens = [sum(padded_length(int(s["input_ids"].numel()), multiple) for s in sequences[g * k:(g + 1) * k])
+                    for g in range(batch.num_groups)]
+    cuts = token_budget_groups(group_tokens, max_tokens=max_tokens or sum(group_tokens), max_items=max_groups)
     out = []
-    for start in range(0, count * rows, rows):
-        part = slice(start, start + rows)
-        out.append({
-            "input_ids": ids[part, :-1],
-            "position_ids": torch.arange(seq - 1).unsqueeze(0).expand(rows, -1),
-            "targets": ids[part, 1:],
-            "loss_mask": loss_mask[part, 1:],
-            "behaviour": behaviour[part, 1:],
-            "reference": reference[part],
-            "rewards": rewards[part],
-            "num_samples": min(rows, real - start),
-            "step_samples": real,
-            "num_micro_batches": count,
-        })
+    for groups in cuts:
+        rows = [g * k + j for g in groups for j in range(k)]
+        mb = pack_sequences([sequences[r] for r in rows], multiple=multiple)
+        mb.update(rewards=batch.rewards[rows].float(),
+                  loss_tokens=torch.stack([sequences[r]["loss_mask"].sum() for r in rows]).float(),
+                  step_samples=batch.num_samples, num_micro_batches=len(cuts))
+        out.append(mb)
     return out
 
 
@@ -105,40 +128,76 @@ class _LogRatioStats:
                 "train/log_ratio_abs_max": float(abs_max[0])}
 
 
-def mirror_descent_loss_fn(rl_cfg, *, token_logprobs, log_ratios: _LogRatioStats | None = None):
-    """The loss function (for :func:`k15_megatron.train.schedule.forward_backward`) of one
-    micro-batch of :func:`micro_batches`: ``token_logprobs(output, targets)`` -> [R, T-1]
-    log-probs -> sequence log-probs under the loss mask -> mirror-descent loss summed over the
-    micro-batch's real samples (its padding rows dropped). ``update_policy`` passes the
-    chunked hidden-state head (:meth:`OutputHead.token_logprobs`); the memory benchmark also
-    passes a plain full-vocabulary one. ``log_ratios`` collects log pi_theta - log pi_i.
+def _sum_over_context_parallel(partial: torch.Tensor, cp_group) -> torch.Tensor:
+    """The sum of ``partial`` over the CP group, forward all-reduce, backward identity (each
+    rank's partial sums receive the gradient of the whole sum); no-op without a group."""
+    if cp_group is None:
+        return partial
+    from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 
-    Normalisation: Megatron's schedule divides each micro-batch's returned loss by the count
+    return reduce_from_tensor_model_parallel_region(partial.contiguous(), group=cp_group)
+
+
+def _sequence_is_weights(log_ratio: torch.Tensor, clip: float) -> torch.Tensor:
+    """[n] sequence-level truncated IS weights min(exp(l), C) of the whole-response log-ratios
+    ``log_ratio`` [n] (reference - behaviour summed over every token of the response)."""
+    total = log_ratio.detach().unsqueeze(1)  # [n, 1]: one "token" carrying the whole sum
+    return truncated_is_weights(torch.zeros_like(total), total, torch.ones_like(total, dtype=torch.bool),
+                                clip=clip, level="sequence")
+
+
+def mirror_descent_loss_fn(rl_cfg, *, token_logprobs, log_ratios: _LogRatioStats | None = None, cp_group=None):
+    """The loss function (for :func:`k15_megatron.train.schedule.forward_backward`) of one packed
+    micro-batch of :func:`packed_micro_batches`, as this CP rank holds it (its tokens of every
+    sequence): ``token_logprobs(output, targets)`` -> [1, T_local] log-probs -> this rank's
+    share of each sequence log-prob under the loss mask
+    (:func:`k15_megatron.rl.loss.packed_sequence_logprobs`, ``rl.normalize=length`` by the whole
+    response length) -> summed over ``cp_group`` (with autograd) -> mirror-descent loss summed
+    over the micro-batch's n samples. ``update_policy`` passes the chunked hidden-state head
+    (:meth:`OutputHead.token_logprobs`); the memory benchmark also passes a plain
+    full-vocabulary one. ``log_ratios`` collects log pi_theta - log pi_i per sample.
+
+    Truncated IS (``rl.logprob_check``): token weights are local to each token; sequence weights
+    use the log-ratio summed over the whole response (all-reduced over ``cp_group``).
+
+    Normalisation. Megatron's schedule divides each micro-batch's returned loss by the count
     returned with it and by the number of micro-batches M (``calculate_per_token_loss`` off),
-    and DDP averages the gradients over data-parallel ranks. Micro-batches may hold different
-    numbers of samples (the last one of :func:`micro_batches`), so a mean of per-micro-batch
-    means would weigh the samples of a small micro-batch more. The loss therefore returns
-    (M * sum, B) with B the samples of the whole step on this rank: the gradient is that of
-    sum over the step's samples / B whatever the split, and every rank has the same B, so the
-    DP average is the mean over all samples of the step. The metrics keep the plain sum and
-    the micro-batch's own sample count."""
+    and DDP averages gradients over the DP x CP ranks. Micro-batches hold different numbers of
+    samples, so a mean of per-micro-batch means would weigh the samples of a small micro-batch
+    more. With S = the micro-batch's loss sum (the same on every CP rank after the all-reduce)
+    and B = the samples of the whole step on this DP rank, the loss returns (CP * M * S, B):
+
+    * over the micro-batches of a DP rank d and its CP ranks c: the sequence sums are
+      all-reduced with an identity backward, so CP rank c back-propagates dS/d(seq_lp) into its
+      own tokens only and sum_c g_c = grad S, the CP=1 gradient of S (attention's K/V exchange
+      carries the cross-rank terms). Each rank's accumulated gradient is
+      sum_mb (CP * M / (B * M)) g_c = (CP / B) sum_mb g_c;
+    * DDP averages over the DP*CP ranks: (1 / (DP * CP)) sum_d sum_c (CP / B) sum_mb g_{d,c}
+      = (1 / DP) sum_d (1 / B) grad(sum of rank d's S) = the gradient of the mean loss over
+      all DP * B samples of the step, whatever the split into micro-batches and whatever CP.
+
+    The metrics keep the plain S and the micro-batch's sample count n."""
+    cp_size = cp_group.size() if cp_group is not None else 1
+
     def loss(mb: dict, output: torch.Tensor):
-        n, step_samples, num_micro_batches = mb["num_samples"], mb["step_samples"], mb["num_micro_batches"]
-        token_lp = token_logprobs(output, mb["targets"])[:n]
-        mb = {key: mb[key][:n] for key in ("loss_mask", "behaviour", "reference", "rewards")}
+        n, step_samples, num_micro_batches = mb["num_sequences"], mb["step_samples"], mb["num_micro_batches"]
+        token_lp = token_logprobs(output, mb["targets"])
         mask = mb["loss_mask"]
-        weights = None
+        sequence_sum = functools.partial(packed_sequence_logprobs, response_mask=mask,
+                                         sequence_ids=mb["sequence_ids"], num_sequences=n)
         check = rl_cfg.logprob_check
+        weights = None
         if check.tis_enabled and check.tis_level == "token":
             weights = truncated_is_weights(mb["behaviour"], mb["reference"], mask, clip=check.tis_clip)
-        seq_lp = sequence_logprobs(token_lp, mask, normalize=rl_cfg.normalize,
-                                   constant=rl_cfg.normalize_constant, token_weights=weights)
-        ref_lp = sequence_logprobs(mb["reference"], mask, normalize=rl_cfg.normalize,
-                                   constant=rl_cfg.normalize_constant)
+        normalised = functools.partial(sequence_sum, normalize=rl_cfg.normalize, constant=rl_cfg.normalize_constant,
+                                       lengths=mb["loss_tokens"])
+        seq_lp = normalised(token_lp, token_weights=weights)
+        ref_lp = normalised(mb["reference"]).to(seq_lp.dtype)
+        seq_lp, ref_lp = _sum_over_context_parallel(torch.stack([seq_lp, ref_lp]), cp_group)
         sample_weights = None
         if check.tis_enabled and check.tis_level == "sequence":
-            sample_weights = truncated_is_weights(mb["behaviour"], mb["reference"], mask, clip=check.tis_clip,
-                                                  level="sequence")
+            log_ratio = sequence_sum(mb["reference"].double() - mb["behaviour"].double())
+            sample_weights = _sequence_is_weights(_sum_over_context_parallel(log_ratio, cp_group), check.tis_clip)
         loss_sum = mirror_descent_loss(seq_lp, ref_lp, mb["rewards"], rl_cfg.group_size, rl_cfg.tau,
                                        rl_cfg.log_z, sample_weights=sample_weights, reduction="sum")
         if log_ratios is not None:
@@ -146,15 +205,21 @@ def mirror_descent_loss_fn(rl_cfg, *, token_logprobs, log_ratios: _LogRatioStats
         num = torch.tensor(n, dtype=torch.int, device=loss_sum.device)
         step = torch.tensor(step_samples, dtype=torch.int, device=loss_sum.device)
         # Megatron divides the returned loss in place: the metric is a separate tensor.
-        return loss_sum * num_micro_batches, step, {"loss_sum": loss_sum.detach().clone(), "num_tokens": num}
+        return loss_sum * (cp_size * num_micro_batches), step, {"loss_sum": loss_sum.detach().clone(),
+                                                                 "num_tokens": num}
     return loss
 
 
-def _check_shapes(batch: RolloutBatch, rl_cfg) -> None:
+def _check_batch(batch: RolloutBatch, rl_cfg) -> None:
     if batch.rewards is None:
         raise ValueError("update_policy needs a batch with rewards")
     if batch.group_size != rl_cfg.group_size:
         raise ValueError(f"batch group size {batch.group_size} != rl.group_size {rl_cfg.group_size}")
+    attention = batch.attention_mask
+    gap = attention[:, 1:] & ~attention[:, :-1]  # a real token after padding
+    if bool(gap.any()) or bool((batch.loss_mask & ~attention).any()):
+        raise ValueError("RolloutBatch rows must be prompt + response tokens then padding: attention_mask "
+                         "has a gap, or loss_mask marks a padding position")
 
 
 def _mismatch_metrics(behaviour: torch.Tensor, recomputed: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
@@ -167,52 +232,67 @@ def _mismatch_metrics(behaviour: torch.Tensor, recomputed: torch.Tensor, mask: t
     return {f"logprob/{k}": v for k, v in finalize_mismatch_metrics(stats).items()}
 
 
-def update_policy(trainer, batch: RolloutBatch, rl_cfg) -> dict:
+def _context_parallel_group():
+    from megatron.core import parallel_state as ps
+
+    return ps.get_context_parallel_group() if ps.get_context_parallel_world_size() > 1 else None
+
+
+def update_policy(trainer, batch: RolloutBatch, rl_cfg, *, micro_batch_tokens: int | None = None) -> dict:
     """Train on ``batch`` (see the module docstring); returns metrics, global over data-parallel
     ranks and equal on all ranks (collective).
 
+    ``micro_batch_tokens``: the token budget of a packed micro-batch (padded tokens of the whole
+    micro-batch, before the CP split; None: only ``rl.groups_per_micro_batch`` bounds it).
+
     Raises:
-        ValueError: the batch has no rewards, a group size other than ``rl.group_size``, or its
-            groups do not split evenly over the data-parallel ranks and
-            ``rl.updates_per_iteration`` mini-batches (every rank must run the same number of
-            equal steps; ``k15 rl`` pops a multiple of DP x updates).
+        ValueError: the batch has no rewards, a group size other than ``rl.group_size``, rows
+            that are not prompt + response then padding, or its groups do not split evenly over
+            the data-parallel ranks and ``rl.updates_per_iteration`` mini-batches (every rank
+            must run the same number of equal steps; ``k15 rl`` pops a multiple of DP x updates).
     """
-    _check_shapes(batch, rl_cfg)
+    _check_batch(batch, rl_cfg)
     layout = trainer.layout
+    groups, updates = batch.num_groups // layout.dp_size, rl_cfg.updates_per_iteration
+    if batch.num_groups % layout.dp_size or groups % updates:
+        raise ValueError(f"{batch.num_groups} groups cannot be split over {layout.dp_size} data-parallel ranks "
+                         f"and rl.updates_per_iteration={updates} equal mini-batches")
     reset_bytes = reset_optimizer_state(trainer.optimizer) if rl_cfg.reset_optimizer else 0
     mine = batch.shard_groups(layout.dp_rank, layout.dp_size)
     device = compute_device()
-    rows_per_micro_batch = rl_cfg.groups_per_micro_batch * mine.group_size
     recomputed = sequence_token_logprobs(trainer.chunks, mine.input_ids, vocab_size=trainer.arch.vocab_size,
-                                         micro_batch_size=rows_per_micro_batch,
-                                         chunk_size=rl_cfg.logprob_chunk_tokens)
+                                         lengths=mine.attention_mask.sum(dim=1),
+                                         micro_batch_size=rl_cfg.groups_per_micro_batch * mine.group_size,
+                                         micro_batch_tokens=micro_batch_tokens, chunk_size=rl_cfg.logprob_chunk_tokens)
     behaviour = mine.behaviour_logprobs[:, 1:].to(device)
     metrics = _mismatch_metrics(behaviour, recomputed, mine.loss_mask[:, 1:].to(device))
     reference = recomputed if rl_cfg.reference == "recompute" else behaviour
 
-    groups = mine.num_groups
-    updates = rl_cfg.updates_per_iteration
-    if groups % updates:
-        raise ValueError(f"{groups} groups per data-parallel rank cannot be split into "
-                         f"rl.updates_per_iteration={updates} equal mini-batches")
     log_ratios = _LogRatioStats()
-    per_update = groups // updates
+    counts = torch.zeros(2, dtype=torch.float64, device=device)  # micro-batches, packed tokens
+    per_update, multiple = groups // updates, packing_multiple(trainer.chunks)
     losses, grad_norms = [], []
     with hidden_state_output(trainer.chunks) as head:
         token_lp = functools.partial(head.token_logprobs, vocab_size=trainer.arch.vocab_size,
                                      chunk_size=rl_cfg.logprob_chunk_tokens)
-        loss_fn = mirror_descent_loss_fn(rl_cfg, token_logprobs=token_lp, log_ratios=log_ratios)
+        loss_fn = mirror_descent_loss_fn(rl_cfg, token_logprobs=token_lp, log_ratios=log_ratios,
+                                         cp_group=_context_parallel_group())
         for u in range(updates):
             part = mine.select_groups(torch.arange(u * per_update, (u + 1) * per_update))
             rows = slice(u * per_update * mine.group_size, (u + 1) * per_update * mine.group_size)
-            micro = micro_batches(part, reference[rows], rl_cfg.groups_per_micro_batch)
+            micro = packed_micro_batches(part, reference[rows], multiple=multiple, max_tokens=micro_batch_tokens,
+                                         max_groups=rl_cfg.groups_per_micro_batch)
+            counts += torch.tensor([len(micro), sum(int(mb["cu_seqlens_padded"][-1]) for mb in micro)],
+                                   dtype=torch.float64, device=device)
             step = train_step(trainer.chunks, trainer.optimizer, trainer.scheduler, micro, loss_fn=loss_fn)
             losses.append(step["loss"])
             grad_norms.append(step["grad_norm"])
+    counts = global_step_metrics(counts)
     metrics.update(log_ratios.global_metrics())
     metrics.update({"train/loss": sum(losses) / len(losses), "train/grad_norm": max(grad_norms),
                     "train/lr": step["lr"], "train/updates": float(updates),
                     "train/optimizer_reset_bytes": float(reset_bytes),
                     "train/num_samples": float(mine.num_samples * layout.dp_size),
-                    "train/micro_batches_per_update": float(len(micro))})
+                    "train/micro_batches_per_update": float(counts[0]) / (updates * layout.dp_size),
+                    "train/packed_tokens": float(counts[1])})
     return metrics

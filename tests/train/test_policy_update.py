@@ -3,9 +3,10 @@
 The two ranks train on different shards (different rewards, behaviour log-probs and lengths).
 Every metric update_policy returns must equal the float64 value computed over BOTH shards with
 transformers' log-probs of the same weights, on both ranks: the loss, the behaviour-vs-trainer
-drift and the loss's log-ratio. And every forward of the model sees at most
-``rl.groups_per_micro_batch * rl.group_size`` rows and returns hidden states (never
-full-vocabulary logits), while a rank's shard is twice that.
+drift and the loss's log-ratio. And every forward of the model runs one packed micro-batch of
+``rl.groups_per_micro_batch * rl.group_size`` responses, their real tokens only (no padding at
+CP=1), and returns hidden states (never full-vocabulary logits), while a rank's shard is twice
+that.
 """
 
 from __future__ import annotations
@@ -65,15 +66,16 @@ def _dp_worker(rank, world_size, hf_dir):
     trainer = types.SimpleNamespace(layout=layout, chunks=chunks, optimizer=optimizer, scheduler=scheduler, arch=arch)
     batch = _batch(arch.vocab_size)
     expected = _expected(hf_dir, batch)  # before the update changes the weights
-    rows, widths = [], []
-    model.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    shapes, widths = [], []
+    model.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape)))
     # True: the output layer passed its input (hidden states) on instead of forming logits
     model.output_layer.register_forward_hook(lambda m, args, out: widths.append(out[0] is args[0]))
     cfg = RLConfig(group_size=K, tau=TAU, reference="behaviour", groups_per_micro_batch=1,
                    logprob_chunk_tokens=5, updates_per_iteration=1)
     metrics = update_policy(trainer, batch, cfg)
-    return {"metrics": metrics, "expected": expected, "rows": rows, "widths": widths,
-            "hidden": arch.hidden_size, "shard_rows": batch.num_samples // layout.dp_size}
+    mine = batch.shard_groups(layout.dp_rank, layout.dp_size)
+    return {"metrics": metrics, "expected": expected, "shapes": shapes, "widths": widths,
+            "lengths": mine.attention_mask.sum(1).tolist(), "shard_rows": mine.num_samples}
 
 
 @pytest.fixture(scope="module")
@@ -93,9 +95,11 @@ def test_logged_metrics_are_global_over_data_parallel_ranks(dp_run):
 
 
 @pytest.mark.distributed
-def test_forwards_hold_one_micro_batch_of_hidden_states(dp_run):
+def test_forwards_hold_one_packed_micro_batch_of_hidden_states(dp_run):
     for rank, r in enumerate(dp_run):
         assert r["shard_rows"] == 2 * K
-        # recompute (2 micro-batches) + one training step (2 micro-batches), K rows each
-        assert r["rows"] == [K] * 4, f"rank {rank}: rows per forward {r['rows']}"
+        groups = [sum(r["lengths"][g * K:(g + 1) * K]) for g in range(2)]
+        # recompute (2 micro-batches) + one training step (2 micro-batches), one group each,
+        # packed [1, tokens]: the prompt + response tokens of its K responses, nothing else
+        assert r["shapes"] == [(1, n) for n in groups * 2], f"rank {rank}: forwards {r['shapes']} ({groups})"
         assert r["widths"] == [True] * 4, f"rank {rank}: the output layer formed logits ({r['widths']})"

@@ -1,15 +1,16 @@
 """update_policy is the same step whatever the micro-batch split (DP=2, gloo, real GPTModel).
 
 Each data-parallel rank holds 3 groups of a 6-group batch. ``rl.groups_per_micro_batch`` = 3
-runs them as one micro-batch (the reference); 2 runs two micro-batches of 2 groups, the second
-holding 1 group and 1 padding group; 1 runs three micro-batches. With plain SGD (no clipping, so
-the parameter change is -lr x the gradient, unlike Adam's first step, which is nearly sign(g))
-the change of every parameter must equal the reference's, and the loss metric too: Megatron
-divides each micro-batch's loss by its count and by the number of micro-batches, so a split
-into unequal micro-batches would weigh the lone group twice as much if the loss did not
-correct for it. No forward holds more than groups_per_micro_batch x group_size rows, also in
-the reference log-prob recompute (rl.reference=recompute). The same holds through the pipeline
-schedule (PP=2), where the padded last micro-batch keeps every micro-batch's shape.
+runs them as one packed micro-batch (the reference); 2 runs two micro-batches, of 2 groups and
+of 1; 1 runs three micro-batches. With plain SGD (no clipping, so the parameter change is -lr x
+the gradient, unlike Adam's first step, which is nearly sign(g)) the change of every parameter
+must equal the reference's, and the loss metric too: Megatron divides each micro-batch's loss by
+its count and by the number of micro-batches, so a split into unequal micro-batches would weigh
+the lone group twice as much if the loss did not correct for it. Every forward runs one packed
+micro-batch [1, tokens] of at most groups_per_micro_batch whole groups, their real tokens only,
+also in the reference log-prob recompute (rl.reference=recompute, at most
+groups_per_micro_batch x group_size rows). The same holds through the pipeline schedule (PP=2),
+whose stages exchange micro-batches of different token counts.
 """
 
 from __future__ import annotations
@@ -46,21 +47,30 @@ def _split_worker(rank, world_size, hf_dir, pp, groups, splits):
                                    tp_size=1)
     trainer = types.SimpleNamespace(layout=layout, chunks=chunks, optimizer=optimizer, scheduler=scheduler, arch=arch)
     batch = _batch(arch.vocab_size).select_groups(torch.arange(groups))
-    rows = []
-    model.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    tokens = []
+    model.register_forward_pre_hook(lambda m, args: tokens.append(tuple(args[0].shape)))
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     out = {}
     for per_micro_batch in splits:
         cfg = RLConfig(group_size=K, tau=TAU, reference="recompute", groups_per_micro_batch=per_micro_batch,
                        logprob_chunk_tokens=5, updates_per_iteration=1)
-        rows.clear()
+        tokens.clear()
         metrics = update_policy(trainer, batch, cfg)
         delta = {n: (p.detach() - start[n]).clone() for n, p in model.named_parameters()}
-        out[per_micro_batch] = {"metrics": metrics, "delta": delta, "rows": list(rows)}
+        out[per_micro_batch] = {"metrics": metrics, "delta": delta, "forwards": list(tokens)}
         with torch.no_grad():
             for n, p in model.named_parameters():
                 p.copy_(start[n])
-    return out
+    mine = batch.shard_groups(ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
+    return {"splits": out, "lengths": mine.attention_mask.sum(1).tolist()}
+
+
+def _forwards(lengths: list[int], per: int) -> list[tuple[int, int]]:
+    """The packed forwards [1, tokens] of one update with ``per`` groups per micro-batch: the
+    recompute (at most per * K rows each), then the training step (at most per groups each)."""
+    rows = len(lengths)
+    recompute = [sum(lengths[i:i + per * K]) for i in range(0, rows, per * K)]
+    return [(1, n) for n in recompute * 2]  # one step: the same cuts (whole groups of K rows)
 
 
 def _assert_same_step(rank: int, out: dict, reference: int) -> None:
@@ -79,25 +89,29 @@ def _assert_same_step(rank: int, out: dict, reference: int) -> None:
 @pytest.mark.distributed
 def test_update_is_the_same_whatever_the_micro_batch_split(tiny_hf_dirs):
     results = run_distributed(_split_worker, 2, tiny_hf_dirs["qwen2"], 1, GROUPS, (3, 2, 1), timeout_s=400)
-    for rank, out in enumerate(results):
-        # recompute: 6 rows, at most per*K a forward (2 x 3 for per=2); training: 3 groups, per a forward
-        assert out[3]["rows"] == [6, 6], f"rank {rank}: {out[3]['rows']}"
-        assert out[2]["rows"] == [3, 3, 4, 4], f"rank {rank}: {out[2]['rows']}"
-        assert out[1]["rows"] == [2, 2, 2, 2, 2, 2], f"rank {rank}: {out[1]['rows']}"
+    for rank, r in enumerate(results):
+        out = r["splits"]
+        for per in (3, 2, 1):
+            want = _forwards(r["lengths"], per)
+            assert out[per]["forwards"] == want, f"rank {rank}, {per} groups: forwards {out[per]['forwards']} != {want}"
         assert [out[p]["metrics"]["train/micro_batches_per_update"] for p in (3, 2, 1)] == [1.0, 2.0, 3.0]
         _assert_same_step(rank, out, reference=3)
     for per in (3, 2, 1):
-        for name in results[0][per]["delta"]:
-            assert torch.equal(results[0][per]["delta"][name], results[1][per]["delta"][name]), \
+        for name, delta in results[0]["splits"][per]["delta"].items():
+            assert torch.equal(delta, results[1]["splits"][per]["delta"][name]), \
                 f"ranks disagree on {name} after the DP all-reduce"
 
 
 @pytest.mark.distributed
-def test_padded_micro_batches_through_the_pipeline_schedule(tiny_hf_dirs):
-    """PP=2: 5 groups in micro-batches of at most 2 run as three [4, T-1] micro-batches (the last
-    padded with one empty group), since pipeline stages exchange activations of a fixed shape;
-    the recompute's 10 rows as three of 4 (2 padding rows). Same step as one micro-batch of 5."""
+def test_packed_micro_batches_through_the_pipeline_schedule(tiny_hf_dirs):
+    """PP=2: 5 groups in micro-batches of at most 2 run as three packed micro-batches of
+    different token counts (2, 2 and 1 groups; the stages exchange each shape), the recompute's
+    10 rows likewise. Same step as one micro-batch of 5."""
     results = run_distributed(_split_worker, 2, tiny_hf_dirs["qwen2"], 2, 5, (5, 2), timeout_s=400)
-    for rank, out in enumerate(results):
-        assert out[5]["rows"] == [10, 10] and out[2]["rows"] == [4] * 6, f"rank {rank}: {out[2]['rows']}"
+    for rank, r in enumerate(results):
+        out = r["splits"]
+        for per in (5, 2):
+            want = _forwards(r["lengths"], per)
+            assert out[per]["forwards"] == want, f"rank {rank}, {per} groups: forwards {out[per]['forwards']} != {want}"
+        assert len({n for _, n in out[2]["forwards"]}) > 1, "the micro-batches should differ in tokens"
         _assert_same_step(rank, out, reference=5)

@@ -5,13 +5,13 @@ all) through a real Megatron GPTModel built by the project's builders (``build_g
 and optimizer by ``build_training_objects``, one process), through
 :func:`k15_megatron.train.schedule.forward_backward`, with the loss function ``update_policy``
 builds (:func:`k15_megatron.train.policy_update.mirror_descent_loss_fn` on
-:func:`k15_megatron.train.policy_update.micro_batches`). They differ only in where the token
+:func:`k15_megatron.train.policy_update.packed_micro_batches`, one packed micro-batch). They differ only in where the token
 log-probs come from:
 
 - ours: the model returns hidden states (:func:`k15_megatron.train.logprobs.hidden_state_output`)
   and the loss forms float32 logits ``rl.logprob_chunk_tokens`` tokens at a time
   (:meth:`OutputHead.token_logprobs`), exactly what ``update_policy`` runs;
-- naive: the model returns its logits [B, S, V] and the loss takes a plain full-vocabulary
+- naive: the model returns its logits [1, T, V] and the loss takes a plain full-vocabulary
   float32 ``log_softmax`` + ``gather``.
 
 The log-prob sum, the loss and every parameter gradient must agree (checked), so both did the
@@ -80,7 +80,7 @@ def _micro_batch(arch, rows: int, seq: int, seed: int):
     import torch
 
     from k15_megatron.rl.batch import RolloutBatch
-    from k15_megatron.train.policy_update import micro_batches
+    from k15_megatron.train.policy_update import packed_micro_batches
 
     g = torch.Generator().manual_seed(seed)
     t = seq + 1
@@ -95,7 +95,7 @@ def _micro_batch(arch, rows: int, seq: int, seed: int):
         segment_iterations=torch.zeros(rows, 1, dtype=torch.long),
         segment_policy_versions=torch.zeros(rows, 1, dtype=torch.long), num_segments=torch.ones(rows, dtype=torch.long),
         finish_reasons=["stop"] * rows, group_size=2, rewards=torch.rand(rows, generator=g))
-    return micro_batches(batch, behaviour[:, 1:], groups_per_micro_batch=rows // 2)
+    return packed_micro_batches(batch, behaviour[:, 1:], multiple=1, max_tokens=None, max_groups=rows // 2)
 
 
 def _naive_token_logprobs(logits, targets, *, vocab_size: int):
