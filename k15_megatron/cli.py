@@ -47,8 +47,6 @@ COMMANDS = (
     Command("plot", "PNG of a run's main curves", "k15_megatron.jobs.plot:main"),
     Command("plan", "per-GPU memory of a config before it runs: fits or not, and what to change",
             "k15_megatron.jobs.plan:main"),
-    Command("plan", "per-GPU memory of a config before it runs: fits or not, and what to change",
-            "k15_megatron.jobs.plan:main"),
     Command("verify", "compare Megatron's logits under a layout with transformers' for a Hugging Face model",
             "k15_megatron.jobs.verify:main"),
 )
