@@ -219,14 +219,16 @@ class DataConfig:
     """SFT: rows per forward/backward on one data-parallel rank. (RL micro-batches hold at
     most rl.groups_per_micro_batch groups.)"""
     micro_batch_tokens: Optional[int] = at_least(None, 1)
-    """Token budget of one packed micro-batch in the forward-only log-prob recompute
-    (``k15_megatron.train.logprobs.sequence_token_logprobs``: each row's real tokens, right
-    padding cut off, each padded only to the 2 x parallel.context (x parallel.tensor under
-    sequence parallelism) multiple; consecutive rows fill a micro-batch until the next would
-    pass the budget, a longer row runs alone). The row cap of that call still applies. null =
-    no token budget, the row cap alone. ``k15 rl``'s policy update uses the same budget for its
-    training micro-batches (``k15_megatron.train.policy_update.packed_micro_batches``: whole
-    groups, at most rl.groups_per_micro_batch of them; a group above the budget runs alone)."""
+    """Token budget of one packed micro-batch in ``k15 rl``'s reference log-prob recompute
+    (``k15_megatron.train.logprobs.sequence_token_logprobs`` from the policy update: each
+    sample's real tokens, right padding cut off, each padded only to the 2 x parallel.context
+    (x parallel.tensor under sequence parallelism) multiple; consecutive samples fill a
+    micro-batch until the next would pass the budget or rl.groups_per_micro_batch x
+    rl.group_size samples, a longer one runs alone). The policy update uses the same budget
+    for its training micro-batches (``k15_megatron.train.policy_update.packed_micro_batches``:
+    whole groups, at most rl.groups_per_micro_batch of them; a group above the budget runs
+    alone). null = no token budget, the caps alone. Not used by the log-prob check after a
+    weight sync (engine.*) or by ``k15 sft``."""
     global_batch_size: int = at_least(8, 1)
     """SFT: rows per optimizer step over all data-parallel ranks. (An RL step trains on the
     finished groups of an iteration / rl.updates_per_iteration: rl.prompts_per_iteration /

@@ -21,11 +21,6 @@ Megatron's pipeline schedule; each CP rank forms the log-probs of its own tokens
 states (never the full vocabulary or the full sequence), and the per-token float32 results are
 all-gathered over the CP group into the [B, T-1] result, kept on the compute device and returned
 on every rank. ``tools/bench/logprobs_memory.py`` measures this path.
-
-:func:`micro_batch_split` is the one rule for cutting N items (rows, or whole groups in the RL
-update) into micro-batches of at most a given size: as few micro-batches as that bound allows,
-all of one size (Megatron's pipeline schedules send activations of a fixed [S, B, H] shape
-between stages), the last one filled up with padding that is computed and discarded.
 """
 
 from __future__ import annotations
@@ -115,22 +110,6 @@ def _broadcast_from_last_stage(tensor: torch.Tensor) -> torch.Tensor:
         torch.distributed.broadcast(tensor, src=ps.get_pipeline_model_parallel_last_rank(),
                                     group=ps.get_pipeline_model_parallel_group())
     return tensor
-
-
-def micro_batch_split(num_items: int, *, max_per_micro_batch: int) -> tuple[int, int]:
-    """(number of micro-batches M, items per micro-batch P) for ``num_items`` items, at most
-    ``max_per_micro_batch`` per micro-batch: M = ceil(N / max), P = ceil(N / M) <= max. The
-    M micro-batches of P slots hold the N items in order; the last holds N - (M-1)P of them and
-    M*P - N < M padding slots (e.g. 9 items, at most 8: two micro-batches of 5, the last with
-    one padding slot).
-
-    Raises:
-        ValueError: ``num_items`` < 1 or ``max_per_micro_batch`` < 1.
-    """
-    if num_items < 1 or max_per_micro_batch < 1:
-        raise ValueError(f"cannot split {num_items} items into micro-batches of at most {max_per_micro_batch}")
-    count = -(-num_items // max_per_micro_batch)
-    return count, -(-num_items // count)
 
 
 def _gather_context_parallel(local: torch.Tensor, sequence_lengths: list[int]) -> torch.Tensor:
