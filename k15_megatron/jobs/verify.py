@@ -19,8 +19,9 @@ Nothing is gathered: each rank compares its own logits (its context-parallel sha
 tokens, its tensor-parallel share of the vocabulary) with the matching slice of the reference,
 and the statistics are reduced over the ranks; the greedy token over a sharded vocabulary comes
 from an all-reduce of each shard's (largest value, index) over the tensor-parallel group
-(:mod:`k15_megatron.jobs.logit_compare`). The command checks that every real token of every
-sequence was compared exactly once per data-parallel replica.
+(:mod:`k15_megatron.jobs.logit_compare`). The ranks must together have compared as many
+tokens as the sequences hold, times the data-parallel replicas (else the command fails with an
+error: the layout lost or repeated tokens).
 
 ``--layout`` (repeatable) checks several layouts in one start: each one's overrides are applied
 after the common ones, the layouts run one after another in the same processes (as many as the
