@@ -81,6 +81,7 @@ def validate(
             errors += _sequence_errors(par, cfg.data.seq_length)
         errors += _precision_errors(cfg, arch, te_available or have_transformer_engine,
                                     fp8_platform or probe_fp8_platform)
+        errors += _layer_spec_errors(par, te_available or have_transformer_engine)
     errors += _optim_errors(cfg.optim)
     if errors:
         raise ConfigError(errors)
@@ -255,6 +256,16 @@ def _not_implemented_errors(par: ParallelConfig) -> List[str]:
         errors.append(f"parallel.expert={par.expert}: expert parallelism is not implemented yet "
                       "(no mixture-of-experts model is supported); set parallel.expert=1")
     return errors
+
+
+def _layer_spec_errors(par: ParallelConfig, te_available: Callable[[], bool]) -> List[str]:
+    """Sequence parallelism exists only in Transformer Engine's layer spec: Megatron-Core's
+    local RMSNorm asserts at model build when it is on."""
+    if par.sequence_parallel and par.tensor > 1 and not te_available():
+        return ["parallel.sequence_parallel=true needs Transformer Engine's layer spec (Megatron-Core's local "
+                "norm refuses sequence parallelism) and transformer_engine is not importable here; set "
+                "parallel.sequence_parallel=false"]
+    return []
 
 
 def _sequence_errors(par: ParallelConfig, seq: int) -> List[str]:

@@ -98,7 +98,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parse(argv)
     try:
         capacity = gpu_capacity(args.gpu)
-        cfg = load_config(args.config, args.overrides)
+        # The plan is for the target cluster's stack: Transformer Engine unless --no-te.
+        cfg = load_config(args.config, args.overrides, te_available=lambda: not args.no_te)
         arch = resolve_model_arch(cfg.model)
         world, _ = resolve_world_size(cfg.parallel.world_size)
         layout = layout_from_config(cfg, world_size=world)

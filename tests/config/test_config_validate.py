@@ -150,17 +150,20 @@ def test_sequence_parallel_rules():
     msg = refused("parallel.sequence_parallel=true")
     assert "parallel.sequence_parallel=true needs parallel.tensor > 1" in msg
     msg = refused("parallel.sequence_parallel=true", "parallel.tensor=4",
-                  "parallel.world_size=4", "data.seq_length=1002")
+                  "parallel.world_size=4", "data.seq_length=1002", te=True)
     assert "data.seq_length=1002 is not divisible by parallel.tensor x parallel.context = 4" in msg
     check("parallel.sequence_parallel=true", "parallel.tensor=4", "parallel.world_size=4",
-          "data.seq_length=1004")
+          "data.seq_length=1004", te=True)
     # With CP the per-rank part seq/CP must split over TP: 1004 / 2 = 502 is not a multiple
     # of 4, although 1004 is a multiple of 2 * CP = 4.
     msg = refused("parallel.sequence_parallel=true", "parallel.tensor=4", "parallel.context=2",
-                  "parallel.world_size=8", "data.seq_length=1004")
+                  "parallel.world_size=8", "data.seq_length=1004", te=True)
     assert "parallel.tensor x parallel.context = 8" in msg and "2 x parallel.context" not in msg
     check("parallel.sequence_parallel=true", "parallel.tensor=4", "parallel.context=2",
-          "parallel.world_size=8", "data.seq_length=1024")
+          "parallel.world_size=8", "data.seq_length=1024", te=True)
+    msg = refused("parallel.sequence_parallel=true", "parallel.tensor=4", "parallel.world_size=4",
+                  "data.seq_length=1004")
+    assert "needs Transformer Engine's layer spec" in msg and "(1 problem)" in msg
 
 
 def test_global_batch_divisible_by_micro_batch_times_dp():
