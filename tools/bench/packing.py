@@ -68,10 +68,12 @@ def _trainer(args, work: str):
     from k15_megatron.models.tiny import save_tiny_hf_model
     from k15_megatron.train.setup import build_trainer
 
+    longest = max(args.long_length, args.short_max)
     model_dir = save_tiny_hf_model(os.path.join(work, "model"), "qwen2", hidden_size=args.hidden,
                                    intermediate_size=4 * args.hidden, num_hidden_layers=args.layers,
-                                   num_attention_heads=args.hidden // 64, num_key_value_heads=max(1, args.hidden // 128),
-                                   max_position_embeddings=8192 * 2)
+                                   num_attention_heads=args.hidden // 64,
+                                   num_key_value_heads=max(1, args.hidden // 128),
+                                   max_position_embeddings=2 * (args.prompt_tokens + longest))
     overrides = [f"model.hf_path={model_dir}", f"run_dir={work}/run", "precision.dtype=fp32",
                  f"data.micro_batch_tokens={args.budget}", f"rl.group_size={args.group_size}",
                  f"rl.groups_per_micro_batch={args.groups}", "rl.updates_per_iteration=1",
@@ -126,7 +128,8 @@ def main() -> None:
           f"data.micro_batch_tokens={args.budget}")
     for name in ("packed", "padded"):
         m = metrics[name]
-        print(f"{name}: {statistics.median(times[name]):.3f} s per update (runs {', '.join(f'{t:.2f}' for t in times[name])}), "
+        runs = ", ".join(f"{t:.2f}" for t in times[name])
+        print(f"{name}: {statistics.median(times[name]):.3f} s per update (runs {runs}), "
               f"{m['train/packed_tokens']:.0f} tokens trained, {m['train/micro_batches_per_update']:.0f} "
               "micro-batches")
     ours, base = statistics.median(times["packed"]), statistics.median(times["padded"])
