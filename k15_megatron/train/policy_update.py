@@ -244,6 +244,9 @@ def update_policy(trainer, batch: RolloutBatch, rl_cfg, *, micro_batch_tokens: i
 
     ``micro_batch_tokens``: the token budget of a packed micro-batch (padded tokens of the whole
     micro-batch, before the CP split; None: only ``rl.groups_per_micro_batch`` bounds it).
+    Besides the loss, drift and log-ratio metrics: ``train/packed_tokens`` (tokens the training
+    steps ran, padding to the CP/SP multiple included, summed over steps and data-parallel
+    ranks) and ``train/micro_batches_per_update`` (their mean per step and rank).
 
     Raises:
         ValueError: the batch has no rewards, a group size other than ``rl.group_size``, rows
