@@ -113,10 +113,16 @@ def padded_vocab(vocab_size: int, divisible_by: int) -> int:
 
 
 def micro_batch_tokens(cfg, *, job: str) -> int:
-    """Worst-case tokens of one micro-batch (all ranks of a CP group together)."""
+    """Worst-case tokens of one micro-batch (all ranks of a CP group together). RL packs whole
+    groups: at most ``rl.groups_per_micro_batch`` of them, and no more than the token budget
+    ``data.micro_batch_tokens`` allows, except that one group always runs (k responses of up
+    to ``rollout.max_model_len`` tokens)."""
     if job == "sft":
         return cfg.data.micro_batch_size * cfg.data.seq_length
-    return cfg.rl.groups_per_micro_batch * cfg.rl.group_size * cfg.rollout.max_model_len
+    group = cfg.rl.group_size * cfg.rollout.max_model_len
+    worst = cfg.rl.groups_per_micro_batch * group
+    budget = cfg.data.micro_batch_tokens
+    return worst if budget is None else min(worst, max(budget, group))
 
 
 def micro_batches_per_step(cfg, layout: Layout, *, job: str) -> int:

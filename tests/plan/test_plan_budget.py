@@ -70,3 +70,14 @@ def test_switch_keeps_what_the_engine_does_not_free(tmp_path):
     names = [line.name for line in kept.phases[1].lines]
     assert "gradient buffers" in names and "optimizer: moments" in names
     assert kept.phases[1].total > plan.phases[1].total
+
+
+def test_rl_micro_batch_follows_the_token_budget(tmp_path):
+    group = 2 * 8192  # rl.group_size x rollout.max_model_len
+    one = ("parallel.world_size=1", "rl.groups_per_micro_batch=4")
+    _, _, _, plan = _plan(tmp_path, *one)
+    assert plan.micro_batch_tokens == 4 * group  # no budget: the group cap alone
+    _, _, _, plan = _plan(tmp_path, *one, f"data.micro_batch_tokens={2 * group}")
+    assert plan.micro_batch_tokens == 2 * group
+    _, _, _, plan = _plan(tmp_path, *one, "data.micro_batch_tokens=100")
+    assert plan.micro_batch_tokens == group  # one whole group always runs
