@@ -77,11 +77,11 @@ def validate(
         errors += _layout_errors(par, arch, cfg.data, cfg.model.make_vocab_size_divisible_by,
                                  environ)
         errors += _not_implemented_errors(par)
+        errors += _cp_comm_errors(par, arch)
         if cfg.data.seq_length is not None:  # else the model is unresolved (reported above)
             errors += _sequence_errors(par, cfg.data.seq_length)
         errors += _precision_errors(cfg, arch, te_available or have_transformer_engine,
                                     fp8_platform or probe_fp8_platform)
-        errors += _layer_spec_errors(par, te_available or have_transformer_engine)
     errors += _optim_errors(cfg.optim)
     if errors:
         raise ConfigError(errors)
@@ -248,6 +248,20 @@ def _pipeline_split_errors(par: ParallelConfig, num_layers: int) -> List[str]:
     return []
 
 
+def _cp_comm_errors(par: ParallelConfig, arch: Optional[ModelArch]) -> List[str]:
+    """Transformer Engine's all-to-all CP attention scatters each TP rank's heads over the CP
+    ranks, so they must divide."""
+    if par.context == 1 or par.cp_comm_type != "a2a" or arch is None or arch.num_attention_heads % par.tensor:
+        return []
+    heads = arch.num_attention_heads // par.tensor
+    if heads % par.context:
+        return [f"parallel.cp_comm_type=a2a scatters the {heads} attention heads of each tensor-parallel rank "
+                f"(model.num_attention_heads={arch.num_attention_heads} / parallel.tensor={par.tensor}) over "
+                f"parallel.context={par.context} ranks, which must divide them; use parallel.cp_comm_type=p2p or "
+                "a context size that divides the heads"]
+    return []
+
+
 def _not_implemented_errors(par: ParallelConfig) -> List[str]:
     """Layouts the schema can describe but no job can run yet: there is no mixture-of-experts
     model to split over expert-parallel ranks."""
@@ -258,33 +272,14 @@ def _not_implemented_errors(par: ParallelConfig) -> List[str]:
     return errors
 
 
-def _layer_spec_errors(par: ParallelConfig, te_available: Callable[[], bool]) -> List[str]:
-    """Sequence parallelism exists only in Transformer Engine's layer spec: Megatron-Core's
-    local RMSNorm asserts at model build when it is on."""
-    if par.sequence_parallel and par.tensor > 1 and not te_available():
-        return ["parallel.sequence_parallel=true needs Transformer Engine's layer spec (Megatron-Core's local "
-                "norm refuses sequence parallelism) and transformer_engine is not importable here; set "
+def _sequence_errors(par: ParallelConfig, seq: int) -> List[str]:
+    """Sequence parallelism needs TP > 1. (Sequences need no particular length under CP or SP:
+    every packed sequence is padded to the multiple they need,
+    :func:`k15_megatron.parallel.context.sequence_multiple`.)"""
+    if par.sequence_parallel and par.tensor == 1:
+        return ["parallel.sequence_parallel=true needs parallel.tensor > 1 (got 1); set "
                 "parallel.sequence_parallel=false"]
     return []
-
-
-def _sequence_errors(par: ParallelConfig, seq: int) -> List[str]:
-    errors = []
-    tp, cp = par.tensor, par.context
-    if cp > 1 and seq % (2 * cp):
-        errors.append(f"data.seq_length={seq} is not divisible by 2 x parallel.context = {2 * cp} "
-                      "(context parallelism splits each sequence into 2*CP chunks); pad "
-                      f"data.seq_length to a multiple of {2 * cp}")
-    if par.sequence_parallel:
-        if tp == 1:
-            errors.append("parallel.sequence_parallel=true needs parallel.tensor > 1 (got 1); set "
-                          "parallel.sequence_parallel=false")
-        elif seq % (tp * cp):
-            errors.append(f"data.seq_length={seq} is not divisible by parallel.tensor x "
-                          f"parallel.context = {tp * cp}, needed with "
-                          "parallel.sequence_parallel=true; pad data.seq_length or turn "
-                          "sequence parallelism off")
-    return errors
 
 
 def _precision_errors(cfg: ExperimentConfig, arch: Optional[ModelArch],

@@ -91,6 +91,7 @@ def pre_start_errors(cfg, *, job: str) -> Tuple[List[str], List[str]]:
     length_errors = _length_errors(cfg, arch, generates=inputs.generates, sft=job == "sft")
     errors += length_errors
     errors += _precision_errors(cfg) if inputs.trains else []
+    errors += _layer_spec_errors(cfg)
     if job == "eval":
         from k15_megatron.jobs.eval_output import output_errors
 
@@ -148,6 +149,19 @@ def _precision_errors(cfg) -> List[str]:
         return []
     return [f"precision.dtype={cfg.precision.dtype}: training in {cfg.precision.dtype} needs a GPU (Megatron's "
             "mixed-precision optimizer takes CUDA tensors) and this machine has none; set precision.dtype=fp32"]
+
+
+def _layer_spec_errors(cfg) -> List[str]:
+    """Sequence parallelism exists only in Transformer Engine's layer spec (Megatron-Core's local
+    norm asserts at model build). Checked here, where the job runs, not by config validation:
+    a cluster recipe is still shown and planned on a login node without TE."""
+    from k15_megatron.config.env import have_transformer_engine
+
+    if cfg.parallel.sequence_parallel and not have_transformer_engine():
+        return ["parallel.sequence_parallel=true needs Transformer Engine's layer spec (Megatron-Core's local norm "
+                "refuses sequence parallelism) and transformer_engine is not importable on this machine; run where "
+                "it is installed or set parallel.sequence_parallel=false"]
+    return []
 
 
 def _length_errors(cfg, arch: ModelArch, *, generates: bool, sft: bool) -> List[str]:

@@ -238,7 +238,7 @@ class RLJob:
         before it saved."""
         state, rank_state = self.resume()
         if not state:
-            self.trainer.log(f"rl: weights: {self.trainer.init_source}")
+            self.trainer.log(f"rl: weights: {self.trainer.init_source}; layout {self.trainer.layout.describe()}")
         self.hybrid.to_rollout(policy_version=state.get("policy_version", 0))
         if "rollout_sampler_rng" in rank_state:
             self.rollout.set_sampler_rng_state(rank_state["rollout_sampler_rng"])

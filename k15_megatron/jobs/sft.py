@@ -74,7 +74,7 @@ def run(cfg) -> None:
     assets = write_run_assets(trainer)
     rows = packed_rows(cfg, trainer.tokenizer, cfg.data.train_path)
     trainer.log(f"sft: {len(rows)} packed rows of {cfg.data.seq_length} tokens from {cfg.data.train_path}; "
-                f"weights: {trainer.init_source}")
+                f"weights: {trainer.init_source}; layout {layout.describe()}")
     start = 0
     resume_from = run_ckpt.find_resume_checkpoint(cfg.checkpoint.save_dir) if cfg.checkpoint.resume == "auto" else None
     if resume_from:

@@ -61,6 +61,11 @@ class ParallelLayout:
     def is_first_stage(self) -> bool:
         return self.pp_rank == 0
 
+    def describe(self) -> str:
+        """The layout in one phrase, e.g. ``TP=2 PP=1 CP=2 DP=1 (4 processes)``."""
+        return (f"TP={self.tp_size} PP={self.pp_size} CP={self.cp_size} DP={self.dp_size} "
+                f"({self.world_size} process{'es' if self.world_size > 1 else ''})")
+
     @property
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.pp_size - 1

@@ -246,6 +246,22 @@ def test_training_in_bf16_without_a_gpu_is_refused_before_start_up(tmp_path):
     assert pre_start_errors(rl, job="eval")[0] == []
 
 
+def test_sequence_parallelism_without_transformer_engine_is_refused_where_the_job_runs(tmp_path):
+    """Megatron-Core's local norm asserts under sequence parallelism at model build: a job on a
+    machine without TE is refused up front; `k15 config show` (no job) still shows the config."""
+    from k15_megatron.config.env import have_transformer_engine
+
+    sft = _write(tmp_path / "s.jsonl", [{"prompt": "1+1", "response": "2"}])
+    cfg = load_config(TINY, [f"data.train_path={sft}", "parallel.world_size=2", "parallel.tensor=2",
+                             "parallel.sequence_parallel=true"], environ={})  # validation accepts it
+    errors = pre_start_errors(cfg, job="sft")[0]
+    expected = [] if have_transformer_engine() else [
+        "parallel.sequence_parallel=true needs Transformer Engine's layer spec (Megatron-Core's local norm refuses "
+        "sequence parallelism) and transformer_engine is not importable on this machine; run where it is "
+        "installed or set parallel.sequence_parallel=false"]
+    assert errors == expected
+
+
 @pytest.mark.parametrize("choice", ["default", "raw"])
 def test_the_chosen_template_is_saved_with_the_run_assets(plain_model, tmp_path, choice):
     """The next stage (model.init_from) and k15 export read the run's hf_assets: the template the

@@ -140,30 +140,22 @@ def test_uneven_pipeline_split(pp, first, last, ok):
         assert "parallel.pipeline_first_stage_layers" in refused(*overrides)
 
 
-def test_sequence_length_and_context_parallel():
-    msg = refused("parallel.context=4", "parallel.world_size=4", "data.seq_length=1004")
-    assert "data.seq_length=1004 is not divisible by 2 x parallel.context = 8" in msg
-    check("parallel.context=4", "parallel.world_size=4", "data.seq_length=1008")
-
-
-def test_sequence_parallel_rules():
+def test_sequence_rules_under_context_and_sequence_parallelism():
+    """Packed sequences are padded to the CP/SP multiple one by one: data.seq_length needs no
+    particular length; sequence parallelism needs TP > 1."""
+    check("parallel.context=4", "parallel.world_size=4", "data.seq_length=1004")
+    check("parallel.sequence_parallel=true", "parallel.tensor=4", "parallel.context=2",
+          "parallel.world_size=8", "data.seq_length=1002")
     msg = refused("parallel.sequence_parallel=true")
     assert "parallel.sequence_parallel=true needs parallel.tensor > 1" in msg
-    msg = refused("parallel.sequence_parallel=true", "parallel.tensor=4",
-                  "parallel.world_size=4", "data.seq_length=1002", te=True)
-    assert "data.seq_length=1002 is not divisible by parallel.tensor x parallel.context = 4" in msg
-    check("parallel.sequence_parallel=true", "parallel.tensor=4", "parallel.world_size=4",
-          "data.seq_length=1004", te=True)
-    # With CP the per-rank part seq/CP must split over TP: 1004 / 2 = 502 is not a multiple
-    # of 4, although 1004 is a multiple of 2 * CP = 4.
-    msg = refused("parallel.sequence_parallel=true", "parallel.tensor=4", "parallel.context=2",
-                  "parallel.world_size=8", "data.seq_length=1004", te=True)
-    assert "parallel.tensor x parallel.context = 8" in msg and "2 x parallel.context" not in msg
-    check("parallel.sequence_parallel=true", "parallel.tensor=4", "parallel.context=2",
-          "parallel.world_size=8", "data.seq_length=1024", te=True)
-    msg = refused("parallel.sequence_parallel=true", "parallel.tensor=4", "parallel.world_size=4",
-                  "data.seq_length=1004")
-    assert "needs Transformer Engine's layer spec" in msg and "(1 problem)" in msg
+
+
+def test_all_to_all_cp_needs_heads_divisible_by_context():
+    # The base model has 8 attention heads.
+    msg = refused("parallel.context=3", "parallel.world_size=3", "parallel.cp_comm_type=a2a")
+    assert "parallel.cp_comm_type=a2a scatters the 8 attention heads" in msg and "(1 problem)" in msg
+    check("parallel.context=3", "parallel.world_size=3")  # p2p: any context size
+    check("parallel.context=2", "parallel.world_size=4", "parallel.tensor=2", "parallel.cp_comm_type=a2a")
 
 
 def test_global_batch_divisible_by_micro_batch_times_dp():
@@ -210,9 +202,9 @@ def test_model_architecture_problems_surface_in_validation(tmp_path):
 def test_all_problems_are_reported_together():
     with pytest.raises(ConfigError) as info:
         check("parallel.tensor=3", "parallel.world_size=8", "precision.dtype=half",
-              "parallel.sequence_parallel=true", "data.seq_length=1001", "optim.adam_beta1=2")
+              "parallel.sequence_parallel=true", "parallel.cp_comm_type=ring", "optim.adam_beta1=2")
     errors = info.value.errors
     assert len(errors) >= 5
-    for key in ("precision.dtype", "parallel.tensor=3", "data.seq_length=1001",
+    for key in ("precision.dtype", "parallel.tensor=3", "parallel.cp_comm_type",
                 "optim.adam_beta1", "model.num_attention_heads=8"):
         assert any(key in e for e in errors), key

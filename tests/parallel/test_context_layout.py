@@ -33,3 +33,11 @@ def test_multiples_and_errors():
         cp_rank_token_index([4, 6], cp_size=2, cp_rank=0)
     with pytest.raises(ValueError, match="rank 2"):
         cp_rank_token_index([4], cp_size=2, cp_rank=2)
+
+
+def test_layout_described_in_one_phrase():
+    from k15_megatron.parallel.initialize import ParallelLayout
+
+    layout = ParallelLayout(rank=0, world_size=4, tp_rank=0, tp_size=2, pp_rank=0, pp_size=1, cp_size=2,
+                            dp_rank=0, dp_size=1, ep_size=1)
+    assert layout.describe() == "TP=2 PP=1 CP=2 DP=1 (4 processes)"
