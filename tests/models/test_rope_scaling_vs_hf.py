@@ -17,7 +17,6 @@ exports it back (``megatron_to_hf``). Checked here, float32:
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 
@@ -116,28 +115,31 @@ def test_megatron_and_export_match_transformers_past_the_original_context(conver
     assert torch.equal(_hf_logits(exported[family], tokens), reference)
 
 
-@pytest.fixture(scope="module")
-def yarn_engine(converted):
-    """The rollout engine (vLLM, in this process) on the exported YaRN Qwen2 folder."""
+def _vllm_worker(rank, world_size, folder, prompt):
+    """In its own process (an engine torn down in the test process would take vLLM's global
+    state from the session's shared engine): the rollout engine on ``folder``; its prompt-token
+    log-probs of ``prompt`` and 24 sampled tokens with their log-probs."""
+    from vllm import SamplingParams
+
     from k15_megatron.config.rl import RepeatConfig
     from k15_megatron.config.rollout import RolloutConfig
-    from k15_megatron.rollout import RolloutEngine
+    from k15_megatron.rollout import RolloutEngine, Sampling, SegmentRequest
 
-    _, exported, _ = converted
     cfg = RolloutConfig(max_model_len=SEQ_LEN, max_response_tokens=SEQ_LEN - PROMPT_LEN,
                         cpu_kv_cache_gib=0.125, max_num_seqs=4)
-    engine = RolloutEngine.create(cfg, model_path=exported["qwen2"], repeat=RepeatConfig(enabled=False), seed=0)
-    yield engine
-    del engine
-    gc.collect()
+    engine = RolloutEngine.create(cfg, model_path=folder, repeat=RepeatConfig(enabled=False), seed=0)
+    [out] = engine.llm.generate([{"prompt_token_ids": prompt.tolist()}],
+                                SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0), use_tqdm=False)
+    prompt_logprobs = torch.tensor([entry[tok].logprob for entry, tok in zip(out.prompt_logprobs[1:], prompt[1:].tolist())])
+    request = SegmentRequest(trajectory_id=0, prompt_tokens=prompt, response_tokens=torch.zeros(0, dtype=torch.long),
+                             token_budget=24, max_response_tokens=24)
+    sampling = Sampling.from_config(engine.cfg, temperature=1.0, seed=3, ignore_eos=True)
+    [result] = engine.generate([request], sampling=sampling)
+    return {"prompt_logprobs": prompt_logprobs, "tokens": result.tokens.clone(), "logprobs": result.logprobs.clone()}
 
 
 @pytest.mark.distributed
-def test_vllm_logprobs_equal_megatron_and_transformers_with_yarn(converted, yarn_engine):
-    from vllm import SamplingParams
-
-    from k15_megatron.rollout import Sampling, SegmentRequest
-
+def test_vllm_logprobs_equal_megatron_and_transformers_with_yarn(converted):
     from vllm.transformers_utils.config import get_config
 
     originals, exported, logits = converted
@@ -147,20 +149,13 @@ def test_vllm_logprobs_equal_megatron_and_transformers_with_yarn(converted, yarn
     assert rope[0] == rope[1] and rope[0]["rope_type"] == "yarn", rope
 
     prompt = _tokens(logits["qwen2"].shape[-1])[0, :PROMPT_LEN]
+    [out] = run_distributed(_vllm_worker, 1, exported["qwen2"], prompt, timeout_s=500)
     # prompt-token log-probs vs Megatron's, position by position up to 200
-    [out] = yarn_engine.llm.generate([{"prompt_token_ids": prompt.tolist()}],
-                                     SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0),
-                                     use_tqdm=False)
-    vllm_prompt = torch.tensor([entry[tok].logprob for entry, tok in zip(out.prompt_logprobs[1:], prompt[1:].tolist())])
     megatron = torch.log_softmax(logits["qwen2"][0, : PROMPT_LEN - 1], dim=-1).gather(1, prompt[1:, None])[:, 0]
-    assert (vllm_prompt - megatron).abs().max() < 1e-4
-
+    assert (out["prompt_logprobs"] - megatron).abs().max() < 1e-4
     # sampled-token log-probs of the rollout path vs transformers on the same folder
-    request = SegmentRequest(trajectory_id=0, prompt_tokens=prompt, response_tokens=torch.zeros(0, dtype=torch.long),
-                             token_budget=24, max_response_tokens=24)
-    sampling = Sampling.from_config(yarn_engine.cfg, temperature=1.0, seed=3, ignore_eos=True)
-    [result] = yarn_engine.generate([request], sampling=sampling)
-    assert result.tokens.numel() == 24
-    hf = _hf_logits(exported["qwen2"], torch.cat([prompt, result.tokens])[None])[0]
-    hf_logprobs = torch.log_softmax(hf[PROMPT_LEN - 1:-1], dim=-1).gather(1, result.tokens[:, None])[:, 0]
-    assert (result.logprobs - hf_logprobs).abs().max() < 1e-4
+    tokens = out["tokens"]
+    assert tokens.numel() == 24
+    hf = _hf_logits(exported["qwen2"], torch.cat([prompt, tokens])[None])[0]
+    hf_logprobs = torch.log_softmax(hf[PROMPT_LEN - 1:-1], dim=-1).gather(1, tokens[:, None])[:, 0]
+    assert (out["logprobs"] - hf_logprobs).abs().max() < 1e-4
