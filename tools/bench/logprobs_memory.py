@@ -135,8 +135,6 @@ def _run_once(variant: str, arch, chunks, micro, cfg, record: list):
 
 
 def _worker(variant: str, args) -> dict:
-    import torch
-
     from k15_megatron.config.rl import RLConfig
 
     arch, model, chunks = _build(args)
