@@ -25,14 +25,6 @@ RL_CHUNK = 2048
 """rl.logprob_chunk_tokens of the ``rl`` loss cases."""
 
 
-def _kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
-
-
 def measure(name: str, recompute: str, loss: str, lengths):
     """``loss``: labels (Megatron's cross entropy on the logits) | rl (the RL path: hidden
     states and the chunked log-prob head, train/logprobs.py)."""
@@ -40,7 +32,7 @@ def measure(name: str, recompute: str, loss: str, lengths):
 
     from k15_megatron.config import ModelConfig, OptimConfig, ParallelConfig, PrecisionConfig, resolve_model_arch
     from k15_megatron.models.gpt import build_gpt_model
-    from k15_megatron.parallel.device import compute_device
+    from k15_megatron.parallel.device import compute_device, host_peak_rss_extra
     from k15_megatron.train.logprobs import hidden_state_output
     from k15_megatron.train.optimizer import build_training_objects
 
@@ -58,16 +50,16 @@ def measure(name: str, recompute: str, loss: str, lengths):
         ids = torch.randint(0, vocab, (1, s)).to(compute_device())
         positions = torch.arange(s).unsqueeze(0).to(compute_device())
         chunks[0].zero_grad_buffer()
-        before = _kib("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        if loss == "rl":
-            with hidden_state_output(chunks) as head:
-                hidden = chunks[0](ids, positions, None)
-                head.token_logprobs(hidden, ids, vocab_size=vocab, chunk_size=RL_CHUNK).sum().backward()
-        else:
-            chunks[0](ids, positions, None, labels=ids).sum().backward()
-        return _kib("VmHWM") - before
+
+        def forward_backward():
+            if loss == "rl":
+                with hidden_state_output(chunks) as head:
+                    hidden = chunks[0](ids, positions, None)
+                    head.token_logprobs(hidden, ids, vocab_size=vocab, chunk_size=RL_CHUNK).sum().backward()
+            else:
+                chunks[0](ids, positions, None, labels=ids).sum().backward()
+
+        return host_peak_rss_extra(forward_backward)
 
     step(max(lengths) // 4)  # warm-up: kernels, caches and rope tables of this size
     for s in lengths:

@@ -32,22 +32,6 @@ TOKENS = 4096
 TOLERANCE = 0.10
 
 
-def _kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
-
-
-def _measure(run) -> int:
-    before = _kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    run()
-    return _kib("VmHWM") - before
-
-
 def _worker(rank, world_size):
     from megatron.core import parallel_state as ps
     from megatron.core.packed_seq_params import PackedSeqParams
@@ -55,6 +39,7 @@ def _worker(rank, world_size):
     from k15_megatron.config import OptimConfig, ParallelConfig, PrecisionConfig
     from k15_megatron.models.gpt import build_gpt_model
     from k15_megatron.parallel.context import sequence_multiple
+    from k15_megatron.parallel.device import host_peak_rss_extra
     from k15_megatron.parallel.initialize import initialize
     from k15_megatron.train.optimizer import build_training_objects
     from k15_megatron.train.packed import cp_rank_share, pack_sequences
@@ -85,7 +70,7 @@ def _worker(rank, world_size):
             chunks[0](mine["input_ids"], mine["position_ids"], None, packed_seq_params=params).sum().backward()
 
         step(TOKENS // 4)  # warm-up
-        results[name] = _measure(lambda: step(TOKENS))
+        results[name] = host_peak_rss_extra(lambda: step(TOKENS))
         ps.destroy_model_parallel()
     return results
 

@@ -31,14 +31,6 @@ import time
 MIB = 1024 * 1024
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def _build(args, cp: int):
     from k15_megatron.config import ModelConfig, OptimConfig, ParallelConfig, PrecisionConfig, resolve_model_arch
     from k15_megatron.models.gpt import build_gpt_model, padded_vocab_size
@@ -88,14 +80,13 @@ def _worker(args) -> dict:
     arch, chunks = _build(args, args.cp)
     _run_once(chunks, _micro_batch(arch, chunks, 64 * args.cp, seed=1))  # warm-up: kernels, buffers
     micro = _micro_batch(arch, chunks, args.length, seed=0)
+    from k15_megatron.parallel.device import host_peak_rss_extra
+
     torch.distributed.barrier()
-    rss_before = _status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
     start = time.perf_counter()
-    _run_once(chunks, micro)
+    extra = host_peak_rss_extra(lambda: _run_once(chunks, micro))
     seconds = time.perf_counter() - start
-    return {"peak_extra_mib": (_status_kib("VmHWM") - rss_before) / 1024, "seconds": seconds}
+    return {"peak_extra_mib": extra / MIB, "seconds": seconds}
 
 
 def _free_port() -> int:
