@@ -35,7 +35,7 @@ from k15_megatron.models.gpt import unwrap_model
 from k15_megatron.parallel.context import natural_order_index, padded_length
 from k15_megatron.parallel.device import compute_device
 from k15_megatron.rl.logprobs import token_logprobs
-from k15_megatron.train.packed import pack_sequences, padded_lengths, token_budget_groups
+from k15_megatron.train.packed import next_token, pack_sequences, padded_lengths, token_budget_groups
 from k15_megatron.train.schedule import forward_backward, packing_multiple
 
 
@@ -141,7 +141,7 @@ def packed_logprob_micro_batches(input_ids: torch.Tensor, lengths: list[int], *,
         sequences = []
         for row in rows:
             ids = input_ids[row, :lengths[row]]
-            sequences.append({"input_ids": ids, "targets": torch.cat([ids[1:], ids.new_zeros(1)])})
+            sequences.append({"input_ids": ids, "targets": next_token(ids)})
         batches.append({**pack_sequences(sequences, multiple=multiple), "rows": rows})
     return batches
 

@@ -75,6 +75,13 @@ def pack_sequences(sequences: Sequence[Mapping[str, torch.Tensor]], *, multiple:
     return batch
 
 
+def next_token(values: torch.Tensor) -> torch.Tensor:
+    """``values`` [L] of one sequence shifted to its next position: values[1:] then one 0 (the
+    last position has no next token; its loss mask must be 0). Built before the CP split, so a
+    target never crosses into another sequence or another rank's chunk."""
+    return torch.cat([values[1:], values.new_zeros(1)])
+
+
 def is_packed(micro_batch: Mapping) -> bool:
     """True for a micro-batch built by :func:`pack_sequences`."""
     return "cu_seqlens_padded" in micro_batch

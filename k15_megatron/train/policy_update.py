@@ -43,15 +43,9 @@ from k15_megatron.rl.mismatch import (finalize_mismatch_metrics, logprob_mismatc
                                       truncated_is_weights)
 from k15_megatron.rl.optim_reset import reset_optimizer_state
 from k15_megatron.train.logprobs import hidden_state_output, sequence_token_logprobs
-from k15_megatron.train.packed import pack_sequences, token_budget_groups
+from k15_megatron.train.packed import next_token, pack_sequences, token_budget_groups
 from k15_megatron.train.schedule import packing_multiple
 from k15_megatron.train.step import global_step_metrics, train_step
-
-
-def _next_token(row: torch.Tensor, length: int) -> torch.Tensor:
-    """row[1:length] then one 0: the entry of each position's NEXT token within the sequence
-    (the last position has none; its loss mask is 0)."""
-    return torch.cat([row[1:length], row.new_zeros(1)])
 
 
 def response_sequences(batch: RolloutBatch, reference: torch.Tensor) -> list[dict]:
@@ -65,9 +59,9 @@ def response_sequences(batch: RolloutBatch, reference: torch.Tensor) -> list[dic
     for b, length in enumerate(batch.attention_mask.sum(dim=1).tolist()):
         out.append({
             "input_ids": batch.input_ids[b, :length],
-            "targets": _next_token(batch.input_ids[b], length),
-            "loss_mask": _next_token(batch.loss_mask[b], length),
-            "behaviour": _next_token(batch.behaviour_logprobs[b].float(), length),
+            "targets": next_token(batch.input_ids[b][:length]),
+            "loss_mask": next_token(batch.loss_mask[b][:length]),
+            "behaviour": next_token(batch.behaviour_logprobs[b].float()[:length]),
             "reference": torch.cat([reference[b, :length - 1], reference.new_zeros(1)]),
         })
     return out
