@@ -1,6 +1,6 @@
 """Context parallelism through the trainer: one SFT step and the log-prob recompute give the same
-result under every layout (4 gloo processes, one launch, Megatron's parallel state
-re-initialised per layout; float32, tiny Qwen2 with its HF weights).
+result under every layout (4 gloo processes, one launch shared with test_policy_update_cp.py,
+Megatron's parallel state re-initialised per layout; float32, tiny Qwen2 with its HF weights).
 
 - SFT step: one global batch of 8 examples of mixed lengths, split over the data-parallel
   ranks in order and into 2 micro-batches per rank; plain SGD with lr 1 (the new weights are the
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from distributed import run_distributed
 
 # (tensor, pipeline, context) over 4 processes; the rest is data parallelism.
 LAYOUTS = {"CP1": (1, 1, 1), "CP2": (1, 1, 2), "TP2xCP2": (2, 1, 2), "PP2xCP2": (1, 2, 2)}
@@ -113,6 +112,14 @@ def _layouts_worker(rank, world_size, hf_dir):
     return out
 
 
+def context_parallel_worker(rank, world_size, hf_dir):
+    """Both context-parallel checks in one launch (conftest.context_parallel_launch): the RL
+    update's first (it leaves Megatron's parallel state destroyed), then this module's."""
+    from test_policy_update_cp import update_worker
+
+    return {"update": update_worker(rank, world_size, hf_dir), "steps": _layouts_worker(rank, world_size, hf_dir)}
+
+
 def _hf_row_logprobs(hf_dir: str, ids: torch.Tensor, lengths) -> torch.Tensor:
     """float64 log-probs of each row alone (its real tokens only), [B, T-1], 0 past each row."""
     from transformers import AutoModelForCausalLM
@@ -143,10 +150,10 @@ def _merged(per_rank, name, key):
 
 
 @pytest.mark.distributed
-@pytest.mark.slow  # about 130 s: 4 layouts x (recompute + two SFT steps), 12 model builds
-def test_sft_step_and_recompute_equal_across_context_parallel_layouts(tiny_hf_dirs):
+@pytest.mark.slow  # the shared launch: about 75 s
+def test_sft_step_and_recompute_equal_across_context_parallel_layouts(tiny_hf_dirs, context_parallel_launch):
     hf_dir = tiny_hf_dirs["qwen2"]
-    per_rank = run_distributed(_layouts_worker, 4, hf_dir, timeout_s=900)
+    per_rank = [result["steps"] for result in context_parallel_launch]
     reference = _merged(per_rank, "CP1", "packed")
     hf = _hf_row_logprobs(hf_dir, per_rank[0]["ids"], ROW_LENGTHS)
     for name in LAYOUTS:

@@ -1,6 +1,6 @@
 """One RL policy update under context parallelism equals CP=1's, on packed micro-batches.
 
-One 4-process launch runs the same updates (same rollout batch, same start weights: the tiny
+One 4-process launch (shared with test_context_parallel_steps.py) runs the same updates (same rollout batch, same start weights: the tiny
 Qwen2's) under three layouts, re-initialising Megatron's parallel state in between:
 TP=1 x CP=1 x DP=4 (the reference), TP=1 x CP=2 x DP=2 and TP=2 x CP=2 x DP=1. Plain SGD without
 clipping, so each parameter's change is -lr x its gradient. Two configurations, each from the
@@ -29,7 +29,6 @@ import dataclasses
 
 import pytest
 import torch
-from distributed import run_distributed
 from tooling import megatron_from_hf, single_segment_batch
 
 K, TAU, T, GROUPS = 2, 0.1, 40, 4
@@ -96,7 +95,7 @@ def _updates(hf_dir, tp, cp, cases) -> dict:
     return out
 
 
-def _cp_worker(rank, world_size, hf_dir):
+def update_worker(rank, world_size, hf_dir):
     from k15_megatron.config import ModelConfig, resolve_model_arch
 
     batch = _batch(hf_dir, resolve_model_arch(ModelConfig(hf_path=hf_dir)).vocab_size)
@@ -113,8 +112,8 @@ def _cp_worker(rank, world_size, hf_dir):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_update_under_context_parallelism_equals_cp1(tiny_hf_dirs):
-    results = run_distributed(_cp_worker, 4, tiny_hf_dirs["qwen2"], timeout_s=600)
+def test_update_under_context_parallelism_equals_cp1(context_parallel_launch):
+    results = [result["update"] for result in context_parallel_launch]
     for (layout, config), (metrics, delta) in results[0].items():
         reference_metrics, reference = results[0][("TP=1 CP=1", config)]
         scale = max(d.abs().max().item() for d in reference.values())
