@@ -47,6 +47,17 @@ def tiny_hf_dirs(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_moe_hf_dirs(tmp_path_factory):
+    """family -> folder of a tiny random mixture-of-experts HF model (4 experts, top 2, dense
+    first layer): Qwen3-MoE (renormalised top-k, QK-norm) and Qwen2-MoE (gated shared expert)."""
+    from k15_megatron.models.tiny import save_tiny_hf_model
+
+    root = tmp_path_factory.mktemp("tiny_moe_hf")
+    return {family: save_tiny_hf_model(str(root / family), family, init_std=0.1)
+            for family in ("qwen3_moe", "qwen2_moe")}
+
+
+@pytest.fixture(scope="session")
 def roundtrip_dirs(tiny_hf_dirs, tmp_path_factory):
     """family -> (k15 checkpoint, re-exported HF folder), made by the command-line tools with
     different layouts on each side: Llama TP=2 -> PP=2, Qwen2 PP=2 -> TP=2, Qwen3 TP=1 -> PP=2."""

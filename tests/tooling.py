@@ -17,7 +17,7 @@ def run_tool(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
                           timeout=timeout, env=env)
 
 
-def megatron_from_hf(hf_dir: str, *, tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 3, lr: float = 1e-2,
+def megatron_from_hf(hf_dir: str, *, tp: int = 1, pp: int = 1, cp: int = 1, ep: int = 1, seed: int = 3, lr: float = 1e-2,
                      clip_grad: float = 1.0, train_iters: int = 10, optimizer: str = "adam"):
     """Inside a rank: start the parallel state, build the Megatron model of ``hf_dir`` with its HF
     weights, wrap it for training. Returns (arch, model, chunks, optimizer, scheduler)."""
@@ -28,7 +28,8 @@ def megatron_from_hf(hf_dir: str, *, tp: int = 1, pp: int = 1, cp: int = 1, seed
     from k15_megatron.parallel.initialize import initialize
     from k15_megatron.train.optimizer import build_training_objects
 
-    parallel, precision = ParallelConfig(tensor=tp, pipeline=pp, context=cp), PrecisionConfig(dtype="fp32")
+    parallel = ParallelConfig(tensor=tp, pipeline=pp, context=cp, expert=ep)
+    precision = PrecisionConfig(dtype="fp32")
     initialize(parallel, seed=seed)
     arch = resolve_model_arch(ModelConfig(hf_path=hf_dir))
     padded = padded_vocab_size(arch.vocab_size, 128, tp)

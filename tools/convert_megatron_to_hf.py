@@ -1,6 +1,6 @@
 """Export a k15 Megatron checkpoint as a Hugging Face folder (sharded safetensors + index).
 
-    python tools/convert_megatron_to_hf.py --ckpt CKPT_DIR --out HF_DIR [--tp N --pp M] [--dtype bf16]
+    python tools/convert_megatron_to_hf.py --ckpt CKPT_DIR --out HF_DIR [--tp N --pp M --ep E] [--dtype bf16]
 
 The checkpoint loads under any layout; N*M > 1 splits the work over N*M processes (started by
 the tool itself unless under torchrun/srun). transformers and vLLM load the output unchanged.
@@ -22,6 +22,8 @@ def parse_args(argv=None):
                    help="write into an existing non-empty --out, replacing its model files only")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--ep", type=int, default=1,
+                   help="expert-parallel size (mixture-of-experts models): each rank handles 1/EP of the experts")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="dtype of the written tensors (default: that of the original HF config)")
     p.add_argument("--max-shard-size-mb", type=int, default=2048)
@@ -41,20 +43,20 @@ def main(argv=None):
     def check():
         from k15_megatron.checkpoint.convert import check_megatron_to_hf
 
-        check_megatron_to_hf(args.ckpt, tp=args.tp, pp=args.pp, out_dir=args.out, overwrite=args.overwrite)
+        check_megatron_to_hf(args.ckpt, tp=args.tp, pp=args.pp, ep=args.ep, out_dir=args.out, overwrite=args.overwrite)
 
     def work():
         from k15_megatron.checkpoint.convert import megatron_to_hf
         from k15_megatron.checkpoint.output_dir import describe_written
         from k15_megatron.models.gpt import torch_dtype
 
-        written = megatron_to_hf(args.ckpt, args.out, tp=args.tp, pp=args.pp,
+        written = megatron_to_hf(args.ckpt, args.out, tp=args.tp, pp=args.pp, ep=args.ep,
                                  dtype=torch_dtype(args.dtype) if args.dtype else None,
                                  max_shard_bytes=args.max_shard_size_mb * 1024**2, overwrite=args.overwrite)
         if written:  # rank 0
             print(describe_written("convert_megatron_to_hf", written, args.out), flush=True)
 
-    return run_as_ranks(args.tp * args.pp, work, check=check)
+    return run_as_ranks(args.tp * args.pp * args.ep, work, check=check)
 
 
 if __name__ == "__main__":

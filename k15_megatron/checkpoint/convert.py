@@ -37,16 +37,16 @@ def _hf_dtype(hf_dir: str) -> torch.dtype | None:
 
 
 # The tools' flags for the config keys that the layout rules name.
-_FLAG_NAMES = (("parallel.tensor", "--tp"), ("parallel.pipeline", "--pp"),
+_FLAG_NAMES = (("parallel.tensor", "--tp"), ("parallel.pipeline", "--pp"), ("parallel.expert", "--ep"),
                ("model.make_vocab_size_divisible_by", "--vocab-divisible-by"))
 
 
-def _layout_errors(arch, *, tp: int, pp: int, divisible_by: int, source: str) -> None:
-    """ValueError unless ``arch`` (read from ``source``) splits over TP x PP ranks; the message
-    names the tools' flags (see :func:`k15_megatron.config.validate.model_split_errors`)."""
+def _layout_errors(arch, *, tp: int, pp: int, ep: int, divisible_by: int, source: str) -> None:
+    """ValueError unless ``arch`` (read from ``source``) splits over TP x PP x EP ranks; the
+    message names the tools' flags (see :func:`k15_megatron.config.validate.model_split_errors`)."""
     from k15_megatron.config.validate import model_split_errors
 
-    errors = model_split_errors(arch, ParallelConfig(tensor=tp, pipeline=pp), divisible_by)
+    errors = model_split_errors(arch, ParallelConfig(tensor=tp, pipeline=pp, expert=ep), divisible_by)
     if errors:
         text = "; ".join(errors)
         for key, flag in _FLAG_NAMES:
@@ -54,7 +54,7 @@ def _layout_errors(arch, *, tp: int, pp: int, divisible_by: int, source: str) ->
         raise ValueError(f"{source}: {text}")
 
 
-def check_hf_to_megatron(hf_dir: str, *, tp: int, pp: int, make_vocab_size_divisible_by: int,
+def check_hf_to_megatron(hf_dir: str, *, tp: int, pp: int, make_vocab_size_divisible_by: int, ep: int = 1,
                          out_dir: str, overwrite: bool = False) -> None:
     """Everything :func:`hf_to_megatron` can refuse before any rank starts: a missing folder,
     an unsupported ``model_type`` or incomplete config.json, no safetensors weights, a layout
@@ -69,22 +69,23 @@ def check_hf_to_megatron(hf_dir: str, *, tp: int, pp: int, make_vocab_size_divis
                          "save_pretrained(..., safe_serialization=True))")
     if make_vocab_size_divisible_by < 1:
         raise ValueError(f"--vocab-divisible-by={make_vocab_size_divisible_by} must be >= 1")
-    _layout_errors(arch, tp=tp, pp=pp, divisible_by=make_vocab_size_divisible_by,
+    _layout_errors(arch, tp=tp, pp=pp, ep=ep, divisible_by=make_vocab_size_divisible_by,
                    source=os.path.join(hf_dir, "config.json"))
 
 
-def check_megatron_to_hf(ckpt_dir: str, *, tp: int, pp: int, out_dir: str, overwrite: bool = False) -> None:
+def check_megatron_to_hf(ckpt_dir: str, *, tp: int, pp: int, out_dir: str, overwrite: bool = False,
+                         ep: int = 1) -> None:
     """Everything :func:`megatron_to_hf` can refuse before any rank starts (not a k15
     checkpoint, a layout the model does not split into, an output folder that is not empty
     (without ``overwrite``) or is the input). Raises ValueError."""
     meta = dist_ckpt.read_meta(ckpt_dir)
     output_dir.check_output_dir(out_dir, overwrite=overwrite, inputs=[ckpt_dir])
-    _layout_errors(dist_ckpt.arch_from_meta(meta), tp=tp, pp=pp, divisible_by=meta["padded_vocab"],
+    _layout_errors(dist_ckpt.arch_from_meta(meta), tp=tp, pp=pp, ep=ep, divisible_by=meta["padded_vocab"],
                    source=ckpt_dir)
 
 
-def _build(arch, tp: int, pp: int, divisible_by: int):
-    parallel = ParallelConfig(tensor=tp, pipeline=pp)
+def _build(arch, tp: int, pp: int, divisible_by: int, ep: int = 1):
+    parallel = ParallelConfig(tensor=tp, pipeline=pp, expert=ep)
     initialize(parallel)
     padded = padded_vocab_size(arch.vocab_size, divisible_by, tp)
     # fp32 parameters hold fp32, bf16 and fp16 weights exactly, so conversion is lossless.
@@ -93,19 +94,19 @@ def _build(arch, tp: int, pp: int, divisible_by: int):
     return model, padded
 
 
-def hf_to_megatron(hf_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1,
+def hf_to_megatron(hf_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1, ep: int = 1,
                    make_vocab_size_divisible_by: int = 128, overwrite: bool = False) -> list[str]:
     """Convert the HF folder ``hf_dir`` into the k15 distributed checkpoint ``out_dir``.
     Returns the names written (on rank 0; ``[]`` elsewhere)."""
     output_dir.check_output_dir(out_dir, overwrite=overwrite, inputs=[hf_dir])
     arch = resolve_model_arch(ModelConfig(hf_path=hf_dir))
-    model, padded = _build(arch, tp, pp, make_vocab_size_divisible_by)
+    model, padded = _build(arch, tp, pp, make_vocab_size_divisible_by, ep)
     load_hf_weights(model, hf_dir, arch, padded)
     return dist_ckpt.save_model(model, out_dir, arch=arch, padded_vocab=padded, hf_assets_from=hf_dir,
                                 overwrite=overwrite)
 
 
-def megatron_to_hf(ckpt_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1,
+def megatron_to_hf(ckpt_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1, ep: int = 1,
                    dtype: torch.dtype | None = None, max_shard_bytes: int = 2 * 1024**3,
                    overwrite: bool = False) -> list[str]:
     """Export the k15 checkpoint ``ckpt_dir`` as a HF folder ``out_dir``; returns the names
@@ -119,7 +120,7 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1,
     arch = dist_ckpt.arch_from_meta(meta)
     assets = os.path.join(ckpt_dir, dist_ckpt.ASSETS_DIR)
     divisible_by = meta["padded_vocab"]  # the saved padding is kept whatever TP is used now
-    model, _ = _build(arch, tp, pp, divisible_by)
+    model, _ = _build(arch, tp, pp, divisible_by, ep)
     dist_ckpt.load_model(model, ckpt_dir)
     dtype = dtype or _hf_dtype(assets) or torch.float32
     return export_hf(model, arch, out_dir, assets_dir=assets, dtype=dtype, max_shard_bytes=max_shard_bytes,

@@ -17,6 +17,12 @@ Layouts that differ from Hugging Face:
   zero on import and dropped on export.
 * Megatron's local layer spec and the Transformer Engine spec name the two pre-norms
   differently; both are accepted.
+* Mixture-of-experts layers: the router is HF's ``mlp.gate``; routed expert ``e`` is
+  ``mlp.experts.local_experts.{e}`` with a *global* expert index (a rank holds experts
+  ``ep_rank * E/EP ...``; :func:`global_param_name` adds that offset), its ``linear_fc1`` stacking
+  the expert's gate and up projections as a dense MLP does; Transformer Engine's grouped experts
+  (``mlp.experts.linear_fc1.weight{j}``, GPU only, not run here) get the same global names.
+  Qwen2-MoE's shared expert is ``mlp.shared_experts`` with its sigmoid gate ``gate_weight``.
 """
 
 from __future__ import annotations
@@ -25,7 +31,11 @@ import re
 
 import torch
 
+from k15_megatron.config.moe_arch import moe_layer_indices
+
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_LOCAL_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12])\.weight$")
+_GROUPED_EXPERT = re.compile(r"^mlp\.experts\.(linear_fc[12])\.weight(\d+)$")
 
 # Per-layer Megatron suffix -> HF suffix (under model.layers.{i}.), for one-to-one tensors.
 _LAYER_ONE_TO_ONE = {
@@ -37,6 +47,9 @@ _LAYER_ONE_TO_ONE = {
     "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
     "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
     "mlp.linear_fc2.weight": "mlp.down_proj.weight",
+    "mlp.router.weight": "mlp.gate.weight",
+    "mlp.shared_experts.linear_fc2.weight": "mlp.shared_expert.down_proj.weight",
+    "mlp.shared_experts.gate_weight": "mlp.shared_expert_gate.weight",
 }
 
 # Tensor-parallel partition dim of each Megatron parameter kind (None = replicated).
@@ -46,15 +59,37 @@ _ROW_PARALLEL = ("linear_proj.weight", "linear_fc2.weight")
 
 
 class UnsupportedParameterError(ValueError):
-    """A Megatron or HF parameter this mapping does not know (e.g. MoE experts, biases on o_proj)."""
+    """A Megatron or HF parameter this mapping does not know (e.g. biases on o_proj)."""
 
 
-def global_param_name(local_name: str, layer_offset: int) -> str:
-    """``decoder.layers.{i}.x`` (stage-local i) -> ``decoder.layers.{i + layer_offset}.x``."""
+def global_param_name(local_name: str, layer_offset: int, expert_offset: int = 0) -> str:
+    """``decoder.layers.{i}.x`` (stage-local i) -> ``decoder.layers.{i + layer_offset}.x``; a
+    routed expert's local index ``j`` becomes ``j + expert_offset`` (the first expert this
+    expert-parallel rank holds), in the ``local_experts.{e}`` form for either expert module."""
     match = _LAYER.match(local_name)
     if not match:
         return local_name
-    return f"decoder.layers.{int(match.group(1)) + layer_offset}.{match.group(2)}"
+    layer, suffix = int(match.group(1)) + layer_offset, match.group(2)
+    expert = _LOCAL_EXPERT.match(suffix)
+    grouped = _GROUPED_EXPERT.match(suffix)
+    if expert:
+        suffix = f"mlp.experts.local_experts.{int(expert.group(1)) + expert_offset}.{expert.group(2)}.weight"
+    elif grouped:
+        suffix = f"mlp.experts.local_experts.{int(grouped.group(2)) + expert_offset}.{grouped.group(1)}.weight"
+    return f"decoder.layers.{layer}.{suffix}"
+
+
+def is_expert_param(megatron_name: str) -> bool:
+    """True for a routed expert's weight (split over expert-parallel ranks, and over the
+    expert tensor-parallel group instead of the dense one)."""
+    match = _LAYER.match(megatron_name)
+    return bool(match and (_LOCAL_EXPERT.match(match.group(2)) or _GROUPED_EXPERT.match(match.group(2))))
+
+
+def with_expert_index(megatron_name: str, expert: int) -> str:
+    """The global name of routed expert ``expert``'s same tensor (``megatron_name`` must be a
+    global routed-expert name)."""
+    return re.sub(r"\.local_experts\.\d+\.", f".local_experts.{expert}.", megatron_name)
 
 
 def partition_dim(megatron_name: str) -> int | None:
@@ -135,6 +170,14 @@ def hf_names(megatron_name: str, arch) -> list[str]:
         return [f"{prefix}self_attn.{p}_proj.{kind}" for p in ("q", "k", "v")]
     if suffix == "mlp.linear_fc1.weight":
         return [prefix + "mlp.gate_proj.weight", prefix + "mlp.up_proj.weight"]
+    if suffix == "mlp.shared_experts.linear_fc1.weight":
+        return [prefix + "mlp.shared_expert.gate_proj.weight", prefix + "mlp.shared_expert.up_proj.weight"]
+    expert = _LOCAL_EXPERT.match(suffix)
+    if expert:
+        e = f"{prefix}mlp.experts.{expert.group(1)}."
+        if expert.group(2) == "linear_fc1":
+            return [e + "gate_proj.weight", e + "up_proj.weight"]
+        return [e + "down_proj.weight"]
     raise UnsupportedParameterError(f"no Hugging Face name for Megatron parameter {megatron_name!r}")
 
 
@@ -172,14 +215,28 @@ def expected_hf_names(arch) -> set[str]:
     names = {"model.embed_tokens.weight", "model.norm.weight"}
     if not arch.tie_word_embeddings:
         names.add("lm_head.weight")
+    sparse = set(moe_layer_indices(arch))
     for i in range(arch.num_layers):
         p = f"model.layers.{i}."
-        names |= {p + "input_layernorm.weight", p + "post_attention_layernorm.weight",
-                  p + "self_attn.o_proj.weight", p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight",
-                  p + "mlp.down_proj.weight"}
+        names |= {p + "input_layernorm.weight", p + "post_attention_layernorm.weight", p + "self_attn.o_proj.weight"}
+        if i in sparse:
+            names |= _moe_hf_names(p, arch)
+        else:
+            names |= {p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight", p + "mlp.down_proj.weight"}
         names |= {f"{p}self_attn.{x}_proj.weight" for x in "qkv"}
         if arch.add_qkv_bias:
             names |= {f"{p}self_attn.{x}_proj.bias" for x in "qkv"}
         if arch.qk_layernorm:
             names |= {p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"}
+    return names
+
+
+def _moe_hf_names(prefix: str, arch) -> set[str]:
+    names = {prefix + "mlp.gate.weight"}
+    for e in range(arch.num_moe_experts):
+        names |= {f"{prefix}mlp.experts.{e}.{p}_proj.weight" for p in ("gate", "up", "down")}
+    if arch.moe_shared_expert_intermediate_size:
+        names |= {f"{prefix}mlp.shared_expert.{p}_proj.weight" for p in ("gate", "up", "down")}
+        if arch.moe_shared_expert_gate:
+            names.add(prefix + "mlp.shared_expert_gate.weight")
     return names

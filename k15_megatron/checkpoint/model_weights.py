@@ -8,6 +8,13 @@ ever holds more than its own shard of the model plus one full tensor:
 * :func:`iter_hf_tensors` yields ``(hf_name, full_tensor)`` for every tensor of this stage,
   merging TP shards with an all-gather over the tensor-parallel group (a collective: every TP
   rank of the stage must iterate). The HF exporter and the vLLM weight sync both consume it.
+
+Mixture-of-experts models: a rank holds the routed experts of its expert-parallel rank only
+(``E / EP`` per layer) and reads only those from the HF files; their tensor-parallel shards live
+on the expert tensor-parallel group. :func:`iter_hf_tensors` gathers each expert tensor over
+that group and then over the expert-parallel group, one local expert index at a time, so every
+rank yields every expert (what a colocated vLLM engine, which shards every expert by its own
+TP, needs) while holding at most EP full expert tensors beyond its own.
 """
 
 from __future__ import annotations
@@ -29,17 +36,33 @@ def stage_layer_offset(model) -> int:
 
 
 
-def local_named_parameters(model) -> Iterator[tuple[str, torch.nn.Parameter]]:
-    """(global Megatron name, parameter) for this stage, in module order."""
-    model = unwrap_model(model)
-    offset = stage_layer_offset(model)
-    for name, param in model.named_parameters():
-        yield hf_mapping.global_param_name(name, offset), param
-
-
-def _tp_group_and_rank():
+def expert_offset(model) -> int:
+    """Global index of the first routed expert this expert-parallel rank holds (0 without experts)."""
     from megatron.core import parallel_state as ps
 
+    config = unwrap_model(model).config
+    if not config.num_moe_experts:
+        return 0
+    return ps.get_expert_model_parallel_rank() * (config.num_moe_experts // ps.get_expert_model_parallel_world_size())
+
+
+def local_named_parameters(model) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    """(global Megatron name, parameter) for this stage, in module order (routed experts under
+    their global expert index)."""
+    model = unwrap_model(model)
+    offset, experts = stage_layer_offset(model), expert_offset(model)
+    for name, param in model.named_parameters():
+        yield hf_mapping.global_param_name(name, offset, experts), param
+
+
+def _tp_group_and_rank(name: str = ""):
+    """(group, rank, size) of the tensor-parallel group that shards ``name``: the expert
+    tensor-parallel group for routed experts, the dense one otherwise."""
+    from megatron.core import parallel_state as ps
+
+    if hf_mapping.is_expert_param(name):
+        return ps.get_expert_tensor_parallel_group(), ps.get_expert_tensor_parallel_rank(), \
+            ps.get_expert_tensor_parallel_world_size()
     return ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_rank(), \
         ps.get_tensor_model_parallel_world_size()
 
@@ -65,8 +88,8 @@ def load_hf_weights(model, hf_dir: str, arch, padded_vocab: int) -> None:
     """
     reader = HFTensorReader(hf_dir)
     _check_hf_names(reader, arch)
-    _, tp_rank, tp_size = _tp_group_and_rank()
     for name, param in local_named_parameters(model):
+        _, tp_rank, tp_size = _tp_group_and_rank(name)
         hf_tensors = [reader.get(n) for n in hf_mapping.hf_names(name, arch)]
         try:
             full = hf_mapping.megatron_from_hf(name, hf_tensors, arch, padded_vocab)
@@ -89,8 +112,9 @@ def load_hf_weights(model, hf_dir: str, arch, padded_vocab: int) -> None:
 
 @torch.no_grad()
 def gather_full_tensor(name: str, shard: torch.Tensor) -> torch.Tensor:
-    """Merge ``shard`` with the other TP ranks' shards of the same parameter (collective)."""
-    group, _, tp_size = _tp_group_and_rank()
+    """Merge ``shard`` with the other TP ranks' shards of the same parameter (collective; the
+    expert tensor-parallel group for a routed expert)."""
+    group, _, tp_size = _tp_group_and_rank(name)
     if tp_size == 1 or hf_mapping.partition_dim(name) is None:
         return shard
     shards = [torch.empty_like(shard) for _ in range(tp_size)]
@@ -109,5 +133,22 @@ def iter_hf_tensors(model, arch, *, dtype: torch.dtype | None = None) -> Iterato
         if name == "output_layer.weight" and arch.tie_word_embeddings:
             continue
         full = gather_full_tensor(name, param.detach())
-        for hf_name, tensor in hf_mapping.hf_from_megatron(name, full, arch):
-            yield hf_name, tensor if dtype is None else tensor.to(dtype)
+        for global_name, tensor in _over_expert_ranks(name, full, arch):
+            for hf_name, hf_tensor in hf_mapping.hf_from_megatron(global_name, tensor, arch):
+                yield hf_name, hf_tensor if dtype is None else hf_tensor.to(dtype)
+
+
+def _over_expert_ranks(name: str, full: torch.Tensor, arch):
+    """``[(name, full)]``, or for a routed expert under EP > 1 the same local expert of every
+    expert-parallel rank, all-gathered (collective over the expert-parallel group), each under
+    its global name."""
+    from megatron.core import parallel_state as ps
+
+    ep = ps.get_expert_model_parallel_world_size() if arch.is_moe else 1
+    if ep == 1 or not hf_mapping.is_expert_param(name):
+        return [(name, full)]
+    pieces = [torch.empty_like(full) for _ in range(ep)]
+    torch.distributed.all_gather(pieces, full.contiguous(), group=ps.get_expert_model_parallel_group())
+    per_rank = arch.num_moe_experts // ep
+    local = int(name.split(".local_experts.")[1].split(".")[0]) % per_rank
+    return [(hf_mapping.with_expert_index(name, r * per_rank + local), piece) for r, piece in enumerate(pieces)]

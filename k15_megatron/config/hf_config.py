@@ -7,10 +7,14 @@ exactly the trained model and still carries its tokenizer's special ids.
 
 from __future__ import annotations
 
+from k15_megatron.config.moe_arch import hf_moe_keys
+
 _FAMILY = {
     "llama": ("llama", "LlamaForCausalLM"),
     "qwen2": ("qwen2", "Qwen2ForCausalLM"),
     "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+    "qwen2_moe": ("qwen2_moe", "Qwen2MoeForCausalLM"),
+    "qwen3_moe": ("qwen3_moe", "Qwen3MoeForCausalLM"),
 }
 
 
@@ -47,9 +51,12 @@ def hf_config_dict(arch, base: dict | None = None) -> dict:
         config["rope_scaling"] = dict(arch.rope_scaling)
     if arch.family == "llama":
         config.update(attention_bias=False, mlp_bias=False)
-    if arch.family == "qwen3":
+    config.update(hf_moe_keys(arch))
+    if arch.family == "qwen2_moe":
+        config["qkv_bias"] = arch.add_qkv_bias
+    if arch.family in ("qwen3", "qwen3_moe"):
         if arch.add_qkv_bias:
             # transformers' Qwen3 attention_bias also adds an o_proj bias, which this model lacks.
-            raise ValueError("a qwen3 model with model.add_qkv_bias=true has no Hugging Face equivalent")
+            raise ValueError(f"a {arch.family} model with model.add_qkv_bias=true has no Hugging Face equivalent")
         config["attention_bias"] = False
     return config

@@ -22,8 +22,9 @@ import json
 import math
 import os
 from dataclasses import dataclass, fields
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
+from k15_megatron.config.moe_arch import check_moe, moe_fields_from_hf
 from k15_megatron.config.schema import SUPPORTED_FAMILIES, ModelConfig
 
 # HF config.json key -> ModelArch field, for the plain one-to-one keys.
@@ -84,6 +85,24 @@ class ModelArch:
     tie_word_embeddings: bool
     add_qkv_bias: bool
     qk_layernorm: bool
+    # Mixture of experts (None / defaults for dense models; see k15_megatron.config.moe_arch).
+    num_moe_experts: Optional[int] = None
+    moe_router_topk: Optional[int] = None
+    moe_ffn_hidden_size: Optional[int] = None
+    moe_shared_expert_intermediate_size: Optional[int] = None
+    moe_shared_expert_gate: bool = False
+    moe_router_pre_softmax: bool = False
+    moe_layer_freq: Optional[Tuple[int, ...]] = None
+    moe_aux_loss_coeff: float = 0.0
+    moe_z_loss_coeff: Optional[float] = None
+
+    def __post_init__(self):
+        if self.moe_layer_freq is not None:  # a list after a JSON round trip
+            object.__setattr__(self, "moe_layer_freq", tuple(self.moe_layer_freq))
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_moe_experts is not None
 
 
 def read_hf_config(hf_path: str) -> Dict[str, Any]:
@@ -225,9 +244,11 @@ def _check_hf_features(hf: Mapping[str, Any], family: str, where: str) -> Dict[s
     if hf.get("use_sliding_window", False) or "sliding_attention" in layer_types:
         raise ValueError(f"{where}: sliding-window attention is not supported; use a model with "
                          "use_sliding_window=false")
-    flags: Dict[str, Any] = {"qk_layernorm": family == "qwen3"}
+    flags: Dict[str, Any] = {"qk_layernorm": family in ("qwen3", "qwen3_moe")}
     if family == "qwen2":
         flags["add_qkv_bias"] = True  # Qwen2 always biases q/k/v and never o_proj
+    elif family == "qwen2_moe":
+        flags["add_qkv_bias"] = bool(hf.get("qkv_bias", True))
     else:
         # In Llama and Qwen3, attention_bias also adds an o_proj bias, which the builders lack.
         if hf.get("attention_bias", False):
@@ -249,6 +270,7 @@ def _from_hf(hf: Mapping[str, Any], where: str, family_override: Optional[str]) 
     out.update({arch: hf[key] for key, arch in _HF_KEYS.items() if hf.get(key) is not None})
     out.update(_rope_from_hf(hf, where))
     out.update(_check_hf_features(hf, model_type, where))
+    out.update(moe_fields_from_hf(hf, model_type, where))
     return out
 
 
@@ -265,7 +287,7 @@ def resolve_model_arch(model_cfg: ModelConfig) -> ModelArch:
         where = os.path.join(model_cfg.hf_path, "config.json")
         values.update(_from_hf(hf, where, model_cfg.family))
     for f in fields(ModelArch):
-        override = getattr(model_cfg, f.name)
+        override = getattr(model_cfg, f.name, None)  # some MoE fields come only from config.json
         if override is not None:
             values[f.name] = override
     if model_cfg.rope_scaling is not None:
@@ -279,7 +301,7 @@ def resolve_model_arch(model_cfg: ModelConfig) -> ModelArch:
                          f"{', '.join('model.' + k for k in missing)}")
     _fill_defaults(values)
     _check_yarn_context(values, context_source(model_cfg))
-    return ModelArch(**{f.name: values[f.name] for f in fields(ModelArch)})
+    return ModelArch(**{f.name: values[f.name] for f in fields(ModelArch) if f.name in values})
 
 
 def _check_yarn_context(values: Mapping[str, Any], source: str) -> None:
@@ -328,7 +350,8 @@ def _fill_defaults(values: Dict[str, Any]) -> None:
     values.setdefault("rope_theta", 10000.0)
     values.setdefault("rope_scaling", None)
     values.setdefault("tie_word_embeddings", False)
-    values.setdefault("add_qkv_bias", values["family"] == "qwen2")
-    values.setdefault("qk_layernorm", values["family"] == "qwen3")
+    values.setdefault("add_qkv_bias", values["family"] in ("qwen2", "qwen2_moe"))
+    values.setdefault("qk_layernorm", values["family"] in ("qwen3", "qwen3_moe"))
+    check_moe(values)
     values["rope_theta"] = float(values["rope_theta"])
     values["norm_epsilon"] = float(values["norm_epsilon"])

@@ -35,7 +35,7 @@ TOO_LONG_CHOICES = ("filter", "error")
 RECOMPUTE_CHOICES = ("none", "selective", "full")
 """Values of ``parallel.recompute``."""
 
-SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3")
+SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
 """Model families the Megatron builders implement (HF ``model_type`` values)."""
 
 
@@ -49,7 +49,8 @@ class ModelConfig:
     """Hugging Face folder whose config.json defines the architecture; its weights are used
     when converting. ``None``: the architecture is given entirely by the fields below."""
     family: Optional[str] = one_of(None, SUPPORTED_FAMILIES)
-    """Model family (llama | qwen2 | qwen3). ``None``: from config.json ``model_type``."""
+    """Model family (llama | qwen2 | qwen3 | qwen2_moe | qwen3_moe). ``None``: from config.json
+    ``model_type``."""
     num_layers: Optional[int] = at_least(None, 1)
     """Number of transformer layers (HF ``num_hidden_layers``)."""
     hidden_size: Optional[int] = at_least(None, 1)
@@ -82,6 +83,19 @@ class ModelConfig:
     """Bias on the Q/K/V projections only (Qwen2: true)."""
     qk_layernorm: Optional[bool] = None
     """RMSNorm on per-head queries and keys (Qwen3: true)."""
+    num_moe_experts: Optional[int] = at_least(None, 1)
+    """Routed experts per MoE layer (HF ``num_experts``); ``None`` on a dense model."""
+    moe_router_topk: Optional[int] = at_least(None, 1)
+    """Experts each token is routed to (HF ``num_experts_per_tok``)."""
+    moe_ffn_hidden_size: Optional[int] = at_least(None, 1)
+    """SwiGLU inner width of each routed expert (HF ``moe_intermediate_size``)."""
+    moe_shared_expert_intermediate_size: Optional[int] = at_least(None, 1)
+    """Inner width of the gated shared expert (qwen2_moe, HF ``shared_expert_intermediate_size``)."""
+    moe_aux_loss_coeff: Optional[float] = at_least(None, 0.0)
+    """Weight of Megatron's per-layer load-balancing loss (switch-style) added to the training
+    loss (HF ``router_aux_loss_coef``; 0 switches it off)."""
+    moe_z_loss_coeff: Optional[float] = at_least(None, 0.0)
+    """Weight of the router z-loss (mean squared logsumexp of the router logits); ``None``: off."""
     make_vocab_size_divisible_by: int = at_least(128, 1)
     """The embedding is padded to a multiple of this (independent of the tensor-parallel
     size, so one checkpoint loads under any TP dividing it); TP must divide the padded size."""
@@ -109,8 +123,13 @@ class ParallelConfig:
     allgather | a2a+p2p (hierarchical). Used only with the TE layer spec (GPUs, written for them
     and not run here); without TE the portable attention always all-gathers K/V."""
     expert: int = at_least(1, 1)
-    """Expert-parallel size (EP) for mixture-of-experts models. Not implemented yet:
-    validation refuses values above 1."""
+    """Expert-parallel size (EP) for mixture-of-experts models: each MoE layer's experts are
+    split over EP ranks carved from data parallelism x context (Megatron's expert layout; the
+    experts keep the tensor-parallel size). Must divide the experts; refused for dense models."""
+    moe_token_dispatcher_type: str = one_of("alltoall", ("alltoall", "allgather"))
+    """Megatron's MoE token dispatcher (TransformerConfig ``moe_token_dispatcher_type``):
+    alltoall (tokens sent to the EP ranks holding their experts) | allgather (every rank
+    gathers all tokens; refused with parallel.pipeline > 1)."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism (needs tensor > 1; an error otherwise, never silently
     switched off)."""

@@ -76,7 +76,7 @@ def validate(
     if sizes_ok:
         errors += _layout_errors(par, arch, cfg.data, cfg.model.make_vocab_size_divisible_by,
                                  environ)
-        errors += _not_implemented_errors(par)
+        errors += _expert_errors(par, arch)
         errors += _cp_comm_errors(par, arch)
         if cfg.data.seq_length is not None:  # else the model is unresolved (reported above)
             errors += _sequence_errors(par, cfg.data.seq_length)
@@ -188,14 +188,16 @@ def _layout_errors(par: ParallelConfig, arch: Optional[ModelArch], data: DataCon
 
 
 def model_split_errors(arch: ModelArch, par: ParallelConfig, divisible_by: int) -> List[str]:
-    """Whether ``arch`` splits over ``par.tensor`` x ``par.pipeline`` ranks (heads and query
-    groups by TP, the padded vocabulary by TP, layers by PP): the rules a layout must meet
+    """Whether ``arch`` splits over ``par.tensor`` x ``par.pipeline`` x ``par.expert`` ranks
+    (heads and query groups by TP, the padded vocabulary by TP, layers by PP, experts by EP,
+    which a dense model refuses): the rules a layout must meet
     before any rank builds the model (also used by the conversion tools)."""
     if par.tensor < 1 or par.pipeline < 1:
         return [f"parallel.tensor={par.tensor} and parallel.pipeline={par.pipeline} must be >= 1"]
     return (_tensor_split_errors(arch, par.tensor)
             + _vocab_padding_errors(arch.vocab_size, divisible_by, par.tensor)
-            + _pipeline_split_errors(par, arch.num_layers))
+            + _pipeline_split_errors(par, arch.num_layers)
+            + _expert_errors(par, arch))
 
 
 def _tensor_split_errors(arch: ModelArch, tp: int) -> List[str]:
@@ -262,13 +264,22 @@ def _cp_comm_errors(par: ParallelConfig, arch: Optional[ModelArch]) -> List[str]
     return []
 
 
-def _not_implemented_errors(par: ParallelConfig) -> List[str]:
-    """Layouts the schema can describe but no job can run yet: there is no mixture-of-experts
-    model to split over expert-parallel ranks."""
+def _expert_errors(par: ParallelConfig, arch: Optional[ModelArch]) -> List[str]:
+    """Expert parallelism needs a mixture-of-experts model whose experts divide over the EP
+    ranks; Megatron's "allgather" dispatcher refuses micro-batches of different lengths, which
+    pipeline parallelism runs (packed sequences)."""
     errors = []
-    if par.expert > 1:
-        errors.append(f"parallel.expert={par.expert}: expert parallelism is not implemented yet "
-                      "(no mixture-of-experts model is supported); set parallel.expert=1")
+    if par.moe_token_dispatcher_type == "allgather" and par.pipeline > 1:
+        errors.append(f"parallel.moe_token_dispatcher_type=allgather does not run micro-batches of different "
+                      f"lengths, which parallel.pipeline={par.pipeline} needs; use alltoall")
+    if arch is None or par.expert == 1:
+        return errors
+    if not arch.is_moe:
+        errors.append(f"parallel.expert={par.expert}: model family {arch.family!r} has no experts; "
+                      "set parallel.expert=1")
+    elif arch.num_moe_experts % par.expert:
+        errors.append(f"parallel.expert={par.expert} must divide the {arch.num_moe_experts} experts of each "
+                      f"MoE layer (model.num_moe_experts); choose one of {_divisors(arch.num_moe_experts)}")
     return errors
 
 

@@ -8,6 +8,9 @@ current weights into the engine in place, and ``close()``. Today there is one:
   :func:`k15_megatron.engine.weight_stream.iter_model_hf_tensors` is handed to vLLM's in-place
   ``reload_weights`` as its weights iterator, so tensors go from Megatron's parameters to vLLM's
   without disk, without a second copy of the model, and (on GPU) without leaving the device.
+  Mixture-of-experts models stream every expert on every rank (gathered over the
+  expert-parallel group, :mod:`k15_megatron.checkpoint.model_weights`), since vLLM shards each
+  expert over its own tensor-parallel ranks.
 
 A transport for disaggregated engines (NCCL broadcast to separate inference GPUs) or a disk
 fallback would implement the same two methods.
@@ -40,6 +43,23 @@ def _retie_output_embedding(vllm_model) -> None:
         quant_method.process_weights_after_loading(lm_head)
 
 
+def _repack_routed_experts(vllm_model) -> None:
+    """Pack the reloaded routed experts into the CPU experts kernel's layout again.
+
+    At load, vLLM's CPU experts kernel pads and packs ``w13_weight`` / ``w2_weight`` into its
+    grouped-GEMM layout. An in-place reload (vLLM 0.32) copies the new weights, in checkpoint
+    layout, into those parameters and skips the kernel's packing step on a weight update (it
+    only re-runs it when the kernel is first built), so generation read unpacked weights as
+    packed ones (log-prob errors of 1.5 nats even for identical weights). Running the kernel's
+    own post-load step again packs them. Called on CPU only; on GPU vLLM's kernels take the
+    weights as copied (written from vLLM's reload design, not run here).
+    """
+    for module in vllm_model.modules():
+        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+        if hasattr(module, "w13_weight") and kernel is not None:
+            kernel.fused_experts.process_weights_after_loading(module)
+
+
 class ColocatedWeightSync:
     """In-place reload of a colocated vLLM engine (see the module docstring)."""
 
@@ -65,6 +85,8 @@ class ColocatedWeightSync:
             worker.model_runner.reload_weights(weights_iterator=stream)
             if arch.tie_word_embeddings:
                 _retie_output_embedding(worker.model_runner.get_model())
+            if arch.is_moe and not torch.cuda.is_available():
+                _repack_routed_experts(worker.model_runner.get_model())
 
         self.llm.collective_rpc(reload)
         # Cached KV blocks were computed with the old weights.

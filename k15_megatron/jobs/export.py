@@ -15,7 +15,8 @@ import argparse
 import os
 
 
-def export_checkpoint(path: str, out_dir: str, *, tp: int, pp: int, dtype=None, overwrite: bool = False) -> list[str]:
+def export_checkpoint(path: str, out_dir: str, *, tp: int, pp: int, ep: int = 1, dtype=None,
+                      overwrite: bool = False) -> list[str]:
     """Export ``path`` to ``out_dir`` (collective); returns the names written on rank 0
     (``[]`` on the other ranks)."""
     import torch
@@ -29,12 +30,12 @@ def export_checkpoint(path: str, out_dir: str, *, tp: int, pp: int, dtype=None, 
 
     path = run_ckpt.resolve_checkpoint_dir(path)
     if not run_ckpt.is_complete(path):
-        return megatron_to_hf(path, out_dir, tp=tp, pp=pp, dtype=dtype, overwrite=overwrite)
+        return megatron_to_hf(path, out_dir, tp=tp, pp=pp, ep=ep, dtype=dtype, overwrite=overwrite)
     assets = os.path.join(path, "hf_assets")
     if not os.path.exists(os.path.join(assets, "config.json")):
         raise ValueError(f"{path}: run checkpoint without hf_assets/config.json; cannot tell its architecture")
     arch = resolve_model_arch(ModelConfig(hf_path=assets))
-    parallel = ParallelConfig(tensor=tp, pipeline=pp)
+    parallel = ParallelConfig(tensor=tp, pipeline=pp, expert=ep)
     initialize(parallel)
     model = build_gpt_model(arch, parallel_cfg=parallel, precision_cfg=PrecisionConfig(dtype="fp32"),
                             padded_vocab=_saved_padded_vocab(path, arch, tp))
@@ -80,6 +81,8 @@ def main(argv=None) -> int:
     parser.add_argument("out", help="output Hugging Face folder (new or empty, or see --overwrite)")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel processes used for the export")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel processes used for the export")
+    parser.add_argument("--ep", type=int, default=1,
+                        help="expert-parallel processes used for the export (mixture-of-experts models)")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                         help="dtype of the written tensors (default: the original model's, else fp32)")
     parser.add_argument("--overwrite", action="store_true",
@@ -92,10 +95,11 @@ def main(argv=None) -> int:
         from k15_megatron.checkpoint.output_dir import describe_written
         from k15_megatron.models.gpt import torch_dtype
 
-        written = export_checkpoint(args.checkpoint, args.out, tp=args.tp, pp=args.pp, overwrite=args.overwrite,
+        written = export_checkpoint(args.checkpoint, args.out, tp=args.tp, pp=args.pp, ep=args.ep,
+                                    overwrite=args.overwrite,
                                     dtype=torch_dtype(args.dtype) if args.dtype else None)
         if written:  # rank 0
             print(describe_written("export", written, args.out), flush=True)
 
-    return run_as_ranks(args.tp * args.pp, work,
+    return run_as_ranks(args.tp * args.pp * args.ep, work,
                         check=lambda: check_export(args.checkpoint, args.out, overwrite=args.overwrite))

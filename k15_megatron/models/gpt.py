@@ -1,13 +1,15 @@
-"""Megatron-Core GPTModel builders for the Llama 3, Qwen2/2.5 and Qwen3 families.
+"""Megatron-Core GPTModel builders for the Llama 3, Qwen2/2.5, Qwen3, Qwen2-MoE and Qwen3-MoE families.
 
-All three are the same decoder with different switches, all carried by a resolved
+All are the same decoder with different switches, all carried by a resolved
 :class:`k15_megatron.config.model_arch.ModelArch` (built from a Hugging Face config.json):
 
 * RoPE with the family's theta, and Llama 3 or YaRN scaling when ``rope_scaling`` says so
   (:mod:`k15_megatron.models.rope_scaling`);
 * RMSNorm, SwiGLU MLP (gated, no bias), grouped-query attention;
 * Qwen2 QKV bias (``add_qkv_bias``), Qwen3 per-head RMSNorm on queries and keys (``qk_layernorm``);
-* tied or untied input/output embeddings.
+* tied or untied input/output embeddings;
+* mixture-of-experts MLPs (routed experts, Qwen2-MoE's gated shared expert) on the layers
+  ``arch.moe_layer_freq`` marks (:func:`moe_config_fields`).
 
 The vocabulary is padded to a multiple of ``make_vocab_size_divisible_by`` (independent of the
 tensor-parallel size, so one checkpoint loads under any TP that divides the padded size); logits
@@ -21,8 +23,8 @@ import math
 import torch
 
 from k15_megatron.models.rope_scaling import scale_rotary_embedding, softmax_scale
-from k15_megatron.models.specs import gpt_layer_spec
-from k15_megatron.parallel.device import HAVE_CUDA
+from k15_megatron.models.specs import gpt_decoder_spec
+from k15_megatron.parallel.device import HAVE_CUDA, HAVE_TE
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -135,7 +137,6 @@ def transformer_config(arch, *, parallel_cfg, precision_cfg):
         # Packed micro-batches differ in token count: the stages exchange each shape first.
         # Megatron refuses that with its default "allgather" MoE dispatcher, even for dense models.
         variable_seq_lengths=parallel_cfg.pipeline > 1,
-        moe_token_dispatcher_type="alltoall",
         context_parallel_size=parallel_cfg.context,
         cp_comm_type=_TE_CP_COMM_TYPES[parallel_cfg.cp_comm_type] if parallel_cfg.context > 1 else None,
         expert_model_parallel_size=parallel_cfg.expert,
@@ -143,8 +144,40 @@ def transformer_config(arch, *, parallel_cfg, precision_cfg):
         num_layers_in_first_pipeline_stage=parallel_cfg.pipeline_first_stage_layers,
         num_layers_in_last_pipeline_stage=parallel_cfg.pipeline_last_stage_layers,
         **recompute_config_fields(parallel_cfg.recompute),
+        **moe_config_fields(arch, parallel_cfg=parallel_cfg),
         **fp8_kwargs,
     )
+
+
+def moe_config_fields(arch, *, parallel_cfg) -> dict:
+    """TransformerConfig keyword arguments of the mixture-of-experts part of ``arch``
+    (:mod:`k15_megatron.config.moe_arch`): top-k softmax routing (``moe_router_pre_softmax``
+    as the family normalises), router in float32, no token dropping, the load-balancing loss
+    (Megatron's per-layer switch loss) and z-loss with their coefficients, expert parallelism
+    over ``parallel.expert`` with ``parallel.moe_token_dispatcher_type``, grouped GEMM where
+    Transformer Engine provides it. A dense ``arch`` gets only the dispatcher type: Megatron
+    refuses packed micro-batches under PP (variable_seq_lengths) with its default "allgather"
+    dispatcher, even without experts."""
+    if not arch.is_moe:
+        return {"moe_token_dispatcher_type": "alltoall"}
+    return {
+        "num_moe_experts": arch.num_moe_experts,
+        "moe_router_topk": arch.moe_router_topk,
+        "moe_ffn_hidden_size": arch.moe_ffn_hidden_size,
+        "moe_router_pre_softmax": arch.moe_router_pre_softmax,
+        "moe_router_score_function": "softmax",
+        "moe_router_dtype": "fp32",
+        "moe_shared_expert_intermediate_size": arch.moe_shared_expert_intermediate_size,
+        "moe_shared_expert_gate": arch.moe_shared_expert_gate,
+        "moe_layer_freq": list(arch.moe_layer_freq) if arch.moe_layer_freq is not None else 1,
+        "moe_router_load_balancing_type": "aux_loss" if arch.moe_aux_loss_coeff > 0 else "none",
+        "moe_aux_loss_coeff": arch.moe_aux_loss_coeff,
+        "moe_z_loss_coeff": arch.moe_z_loss_coeff,
+        "moe_token_dispatcher_type": parallel_cfg.moe_token_dispatcher_type,
+        "moe_grouped_gemm": HAVE_TE,
+        "moe_permute_fusion": False,
+        "moe_expert_capacity_factor": None,
+    }
 
 
 def recompute_config_fields(recompute: str) -> dict:
@@ -177,7 +210,7 @@ def build_gpt_model(arch, *, parallel_cfg, precision_cfg, padded_vocab: int, vp_
     config = transformer_config(arch, parallel_cfg=parallel_cfg, precision_cfg=precision_cfg)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=gpt_layer_spec(qk_layernorm=arch.qk_layernorm, fp8=config.fp8),
+        transformer_layer_spec=gpt_decoder_spec(config, vp_stage=vp_stage),
         vocab_size=padded_vocab,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),

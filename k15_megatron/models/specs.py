@@ -23,6 +23,31 @@ def uses_transformer_engine() -> bool:
     return HAVE_TE
 
 
+def gpt_decoder_spec(config, *, vp_stage=None):
+    """The decoder spec GPTModel takes for ``config`` (a TransformerConfig): one layer spec for a
+    dense model; for a mixture-of-experts model the block spec of this pipeline stage's layers,
+    MoE or dense as ``config.moe_layer_freq`` says, with the same core attention choice."""
+    if not config.num_moe_experts:
+        return gpt_layer_spec(qk_layernorm=config.qk_layernorm, fp8=config.fp8)
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    _refuse_fp8_without_te(config.fp8)
+    block = gpt_layer_specs.get_gpt_decoder_block_spec(config, use_transformer_engine=uses_transformer_engine(),
+                                                       normalization="RMSNorm", vp_stage=vp_stage)
+    if not uses_transformer_engine():
+        from k15_megatron.models.attention import SdpaCoreAttention
+
+        for layer in block.layer_specs:
+            layer.submodules.self_attention.submodules.core_attention = SdpaCoreAttention
+    return block
+
+
+def _refuse_fp8_without_te(fp8) -> None:
+    if fp8 and not uses_transformer_engine():
+        raise ValueError(f"precision.fp8={fp8!r} needs the Transformer Engine layer spec, and "
+                         "transformer_engine is not importable here; set precision.fp8=null")
+
+
 def gpt_layer_spec(*, qk_layernorm: bool, fp8: Optional[str] = None):
     """The ModuleSpec of one decoder layer (RMSNorm, causal self-attention, gated MLP).
 
@@ -34,9 +59,7 @@ def gpt_layer_spec(*, qk_layernorm: bool, fp8: Optional[str] = None):
 
     if uses_transformer_engine():
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
-    if fp8:
-        raise ValueError(f"precision.fp8={fp8!r} needs the Transformer Engine layer spec, and "
-                         "transformer_engine is not importable here; set precision.fp8=null")
+    _refuse_fp8_without_te(fp8)
     from k15_megatron.models.attention import SdpaCoreAttention
 
     spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")

@@ -77,8 +77,13 @@ def build_char_tokenizer():
     return tok
 
 
+# Mixture-of-experts tiny models: 4 routed experts (top 2) per layer, the first layer dense.
+TINY_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, mlp_only_layers=[0],
+                router_aux_loss_coef=0.01)
+
+
 def _config_for(family: str, tokenizer_size: int, **overrides):
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig
 
     sizes = {**TINY_SIZES, **overrides}
     common = dict(vocab_size=tokenizer_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -93,7 +98,15 @@ def _config_for(family: str, tokenizer_size: int, **overrides):
     if family == "qwen3":
         base = dict(rope_theta=1000000.0, tie_word_embeddings=False, rms_norm_eps=1e-6, head_dim=32)
         return Qwen3Config(**{**common, **base, **sizes})
-    raise ValueError(f"tiny model family {family!r}: use llama, qwen2 or qwen3")
+    if family == "qwen3_moe":
+        base = dict(rope_theta=1000000.0, tie_word_embeddings=False, rms_norm_eps=1e-6, head_dim=32,
+                    norm_topk_prob=True, **TINY_MOE)
+        return Qwen3MoeConfig(**{**common, **base, **sizes})
+    if family == "qwen2_moe":
+        base = dict(rope_theta=1000000.0, tie_word_embeddings=False, rms_norm_eps=1e-6, norm_topk_prob=False,
+                    shared_expert_intermediate_size=96, **TINY_MOE)
+        return Qwen2MoeConfig(**{**common, **base, **sizes})
+    raise ValueError(f"tiny model family {family!r}: use llama, qwen2, qwen3, qwen2_moe or qwen3_moe")
 
 
 def save_tiny_hf_model(out_dir: str, family: str = "qwen2", *, seed: int = 0, init_std: float = 0.02,

@@ -17,7 +17,14 @@ only mean the CPU, so :func:`apply` maps Megatron's notion of the current accele
    dropout, restored afterwards.
 4. Gradient clipping: Megatron asserts that gradients are ``torch.cuda.FloatTensor``; the CPU
    replacement scales the same gradients by the same coefficient.
-5. Checkpoint writing: Megatron's file writer collects its results through a multiprocessing
+5. Mixture of experts: without TE, ``moe_utils`` never binds ``te_general_gemm`` (a NameError
+   at the router's first matmul; it is set to None, Megatron's own "absent" value); the
+   alltoall dispatcher's device-to-host copies of the split sizes run on a CUDA side stream,
+   here a stand-in stream that does nothing (host and device are the same memory), and its
+   split sizes become host numbers as they do after CUDA's copy (``maybe_move_tensor_to_cpu``
+   moves only CUDA tensors, so they stayed tensors and ``all_to_all_single`` refused them); the
+   aux-loss tracker's "cuda" buffers are created on the compute device.
+6. Checkpoint writing: Megatron's file writer collects its results through a multiprocessing
    Manager started with "spawn" (safe after CUDA initialisation), which re-imports the job's
    modules and made the first save of every process take about 2.6 s on a tiny model. Without
    CUDA the Manager is forked instead, as Megatron already forks its writer processes on every
@@ -25,7 +32,7 @@ only mean the CPU, so :func:`apply` maps Megatron's notion of the current accele
 
 Not covered (and refused by config validation or documented as GPU-only): Transformer Engine
 modules, FP8 (context parallelism runs through :mod:`k15_megatron.models.attention`), the distributed
-optimizer (it rejects CPU tensors), CUDA streams used for MoE overlap, CUDA graphs.
+optimizer (it rejects CPU tensors), the shared-expert overlap stream, CUDA graphs.
 
 :func:`apply` is idempotent and is called by
 :func:`k15_megatron.parallel.device.prepare_megatron_for_device` only when CUDA is absent.
@@ -52,6 +59,7 @@ _MODULES_WITH_LITERAL_CUDA = (
     "megatron.core.distributed.param_and_grad_buffer",
     "megatron.core.utils",
     "megatron.core.models.common.embeddings.rope_utils",
+    "megatron.core.transformer.moe.moe_utils",
 )
 
 _FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange", "randn", "rand", "as_tensor")
@@ -168,6 +176,64 @@ def _patch_grad_clipping() -> None:
     optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
 
 
+class _NoStream:
+    """A CUDA stream / event stand-in where every operation is already complete."""
+
+    def wait_stream(self, stream):
+        return None
+
+    def record_event(self, event=None):
+        return self
+
+    def synchronize(self):
+        return None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _StreamlessCuda:
+    """``torch.cuda`` inside the MoE token dispatcher: streams that do nothing."""
+
+    _stream = _NoStream()
+
+    def Stream(self, *args, **kwargs):  # noqa: N802 (torch's name)
+        return self._stream
+
+    def current_stream(self, *args, **kwargs):
+        return self._stream
+
+    def stream(self, stream):
+        return self._stream
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+
+class _DispatcherTorch(_CpuTorchNamespace):
+    cuda = _StreamlessCuda()
+
+
+def _host_numbers(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """Megatron's ``maybe_move_tensor_to_cpu`` for a machine whose tensors are all on the host:
+    the split sizes become a numpy array (``as_numpy``) as after CUDA's copy."""
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.detach().cpu().numpy()
+    return tensor
+
+
+def _patch_moe() -> None:
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    token_dispatcher.torch = _DispatcherTorch()
+    token_dispatcher.maybe_move_tensor_to_cpu = _host_numbers
+
+
 def _patch_checkpoint_writer_queue() -> None:
     import multiprocessing
 
@@ -192,5 +258,6 @@ def apply() -> None:
     _patch_literal_cuda_modules()
     _patch_rng_tracker()
     _patch_grad_clipping()
+    _patch_moe()
     _patch_checkpoint_writer_queue()
     _APPLIED = True

@@ -69,25 +69,27 @@ def test_world_size_from_environment():
     assert "WORLD_SIZE=0 must be >= 1" in refused(environ={"WORLD_SIZE": "0"})
 
 
-def test_expert_parallel_must_divide_dp_times_cp():
+MOE = ["model.family=qwen3_moe", "model.num_moe_experts=8", "model.moe_router_topk=2"]
+
+
+def test_expert_parallel_must_divide_dp_times_cp_and_the_experts():
     # world 8, TP 2 -> DP 4, CP 1: EP 3 does not divide 4, EP 4 does.
-    msg = refused("parallel.world_size=8", "parallel.tensor=2", "parallel.expert=3",
+    msg = refused(*MOE, "parallel.world_size=8", "parallel.tensor=2", "parallel.expert=3",
                   "data.global_batch_size=16")
     assert "parallel.expert=3 must divide data-parallel size x parallel.context = 4 x 1" in msg
-    msg = refused("parallel.world_size=8", "parallel.tensor=2", "parallel.expert=4",
-                  "data.global_batch_size=16")
-    assert only_not_implemented(msg, "parallel.expert=4")
+    check(*MOE, "parallel.world_size=8", "parallel.tensor=2", "parallel.expert=4", "data.global_batch_size=16")
+    msg = refused("model.family=qwen3_moe", "model.num_moe_experts=6", "model.moe_router_topk=2",
+                  "parallel.world_size=4", "parallel.expert=4", "data.global_batch_size=16")
+    assert "(1 problem)" in msg and "parallel.expert=4 must divide the 6 experts" in msg and "1, 2, 3, 6" in msg
 
 
-def only_not_implemented(msg: str, key: str) -> bool:
-    """``msg`` refuses ``key`` as not implemented yet and has no other problem."""
-    return "(1 problem)" in msg and f"{key}: " in msg and "not implemented yet" in msg
-
-
-def test_expert_parallelism_is_refused_until_implemented_context_is_accepted():
+def test_expert_parallelism_needs_experts_and_allgather_needs_one_stage():
     check("parallel.context=2", "parallel.world_size=2")
     msg = refused("parallel.expert=2", "parallel.world_size=2")
-    assert only_not_implemented(msg, "parallel.expert=2") and "set parallel.expert=1" in msg
+    assert "(1 problem)" in msg and "parallel.expert=2: model family 'qwen2' has no experts" in msg
+    check(*MOE, "parallel.expert=2", "parallel.world_size=2", "parallel.moe_token_dispatcher_type=allgather")
+    msg = refused(*MOE, "parallel.pipeline=2", "parallel.world_size=2", "parallel.moe_token_dispatcher_type=allgather")
+    assert "(1 problem)" in msg and "parallel.moe_token_dispatcher_type=allgather" in msg and "use alltoall" in msg
     check("parallel.world_size=2")
 
 

@@ -6,9 +6,11 @@ token log-probs with Megatron's recomputed ones: they must agree within 1e-4 (fl
 different layouts on each side:
 
 * Megatron TP=2 with one vLLM TP=2 engine spanning both processes;
-* Megatron PP=2 with one vLLM TP=1 engine per process (two replicas).
+* Megatron PP=2 with one vLLM TP=1 engine per process (two replicas);
+* a mixture-of-experts model (tiny Qwen3-MoE) under Megatron EP=2 with one vLLM TP=2 engine:
+  each rank holds half the experts, the stream gathers all of them.
 
-The model has tied embeddings (the harder case for vLLM's in-place reload). A second
+The dense model has tied embeddings (the harder case for vLLM's in-place reload). A second
 train/sync round checks that switching back and forth keeps working and that the policy version
 is carried to new segments. The memory steps run for real on CPU: the TP=2 case drops the
 optimizer state (``rl.reset_optimizer``), the PP=2 case offloads it and the parameters
@@ -28,7 +30,7 @@ def _nbytes(tensors):
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _hybrid_worker(rank, world_size, hf_dir, tp, pp, engine_tp, reset_optimizer):
+def _hybrid_worker(rank, world_size, hf_dir, tp, pp, ep, engine_tp, reset_optimizer):
     from k15_megatron.config.engine import EngineConfig
     from k15_megatron.config.rl import RepeatConfig
     from k15_megatron.config.rollout import RolloutConfig
@@ -39,7 +41,7 @@ def _hybrid_worker(rank, world_size, hf_dir, tp, pp, engine_tp, reset_optimizer)
     from k15_megatron.train.logprobs import sequence_token_logprobs
     from k15_megatron.train.step import train_step
 
-    arch, model, chunks, optimizer, scheduler = megatron_from_hf(hf_dir, tp=tp, pp=pp, seed=5, lr=1e-2)
+    arch, model, chunks, optimizer, scheduler = megatron_from_hf(hf_dir, tp=tp, pp=pp, ep=ep, seed=5, lr=1e-2)
     rollout_cfg = RolloutConfig(tensor_parallel_size=engine_tp, max_response_tokens=64, max_model_len=128,
                                 cpu_kv_cache_gib=0.25, max_num_seqs=16)
     rollout = RolloutEngine.create(rollout_cfg, model_path=hf_dir, repeat=RepeatConfig(enabled=False), seed=0)
@@ -59,7 +61,8 @@ def _hybrid_worker(rank, world_size, hf_dir, tp, pp, engine_tp, reset_optimizer)
     tokens = torch.randint(3, arch.vocab_size, (2, 33), generator=torch.Generator().manual_seed(1))
     batch = [{"input_ids": tokens[:, :-1], "labels": tokens[:, 1:], "position_ids": torch.arange(32).expand(2, -1)}]
     params = [p for chunk in chunks for p in chunk.parameters()]
-    grads = [buffer.grad_data for chunk in chunks for buffer in chunk.buffers]
+    grads = [buffer.grad_data for chunk in chunks
+             for buffer in [*chunk.buffers, *getattr(chunk, "expert_parallel_buffers", [])]]
     rounds = []
     for version in (1, 2):
         onload = hybrid.to_train() if hybrid.mode == "rollout" else {}
@@ -91,11 +94,14 @@ def _hybrid_worker(rank, world_size, hf_dir, tp, pp, engine_tp, reset_optimizer)
 
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.parametrize("tp,pp,engine_tp,reset_optimizer", [(2, 1, 2, True), (1, 2, 1, False)],
-                         ids=["megatron-TP2_vllm-TP2_reset", "megatron-PP2_vllm-TP1x2_offload-params"])
-def test_weight_sync_makes_vllm_logprobs_equal_megatron(tiny_hf_dirs, tp, pp, engine_tp, reset_optimizer):
-    per_rank = run_distributed(_hybrid_worker, 2, tiny_hf_dirs["qwen2"], tp, pp, engine_tp, reset_optimizer,
-                               timeout_s=400)
+@pytest.mark.parametrize("family,tp,pp,ep,engine_tp,reset_optimizer",
+                         [("qwen2", 2, 1, 1, 2, True), ("qwen2", 1, 2, 1, 1, False), ("qwen3_moe", 1, 1, 2, 2, True)],
+                         ids=["megatron-TP2_vllm-TP2_reset", "megatron-PP2_vllm-TP1x2_offload-params",
+                              "moe_megatron-EP2_vllm-TP2_reset"])
+def test_weight_sync_makes_vllm_logprobs_equal_megatron(tiny_hf_dirs, tiny_moe_hf_dirs, family, tp, pp, ep, engine_tp,
+                                                        reset_optimizer):
+    hf_dir = {**tiny_hf_dirs, **tiny_moe_hf_dirs}[family]
+    per_rank = run_distributed(_hybrid_worker, 2, hf_dir, tp, pp, ep, engine_tp, reset_optimizer, timeout_s=400)
     for rank, rounds in enumerate(per_rank):
         for version, r in enumerate(rounds, start=1):
             names = {"offload/grad_bytes"} | ({"offload/optimizer_dropped_bytes"} if reset_optimizer else
