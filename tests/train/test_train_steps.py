@@ -1,7 +1,9 @@
 """A few Megatron training steps (Adam, grad clipping on) lower the loss on a fixed batch.
 
 Runs the library's own path: initialize -> build model -> load HF weights -> Megatron DDP +
-optimizer + LR schedule -> train_step over two micro-batches, under TP=2 and PP=2 on gloo.
+optimizer + LR schedule -> train_step over two micro-batches, under TP=2 and PP=2 on gloo; and
+DP replicas and the two copies of a tied embedding stay identical. One 2-process launch runs
+every case, Megatron's parallel state re-initialised between them.
 """
 
 import pytest
@@ -23,10 +25,30 @@ def _train_worker(rank, world_size, hf_dir, tp, pp):
     return [train_step(chunks, optimizer, scheduler, micro_batches) for _ in range(5)]
 
 
+def _all_cases_worker(rank, world_size, dirs):
+    from megatron.core import parallel_state as ps
+
+    out = {}
+    for name, run in (("TP2", lambda: _train_worker(rank, world_size, dirs["llama"], 2, 1)),
+                      ("PP2", lambda: _train_worker(rank, world_size, dirs["llama"], 1, 2)),
+                      ("DP2", lambda: _replica_worker(rank, world_size, dirs["qwen3"], 1)),
+                      ("tied PP2", lambda: _replica_worker(rank, world_size, dirs["qwen2"], 2))):
+        out[name] = run()
+        ps.destroy_model_parallel()
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_hf_dirs):
+    """case -> [rank 0's result, rank 1's result]"""
+    per_rank = run_distributed(_all_cases_worker, 2, dict(tiny_hf_dirs), timeout_s=600)
+    return {case: [r[case] for r in per_rank] for case in per_rank[0]}
+
+
 @pytest.mark.distributed
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["TP2", "PP2"])
-def test_training_steps_lower_the_loss(tiny_hf_dirs, tp, pp):
-    per_rank = run_distributed(_train_worker, 2, tiny_hf_dirs["llama"], tp, pp)
+@pytest.mark.parametrize("layout", ["TP2", "PP2"])
+def test_training_steps_lower_the_loss(runs, layout):
+    per_rank = runs[layout]
     losses = [m["loss"] for m in per_rank[0]]
     assert [m["loss"] for m in per_rank[1]] == losses, "ranks disagree on the loss"
     assert all(not m["skipped"] for m in per_rank[0])
@@ -58,14 +80,14 @@ def _replica_worker(rank, world_size, hf_dir, pp):
 
 
 @pytest.mark.distributed
-def test_data_parallel_replicas_stay_identical(tiny_hf_dirs):
-    first, second = run_distributed(_replica_worker, 2, tiny_hf_dirs["qwen3"], 1)
+def test_data_parallel_replicas_stay_identical(runs):
+    first, second = runs["DP2"]
     for name, value in first.items():
         assert torch.equal(value, second[name]), f"DP replicas diverged on {name}"
 
 
 @pytest.mark.distributed
-def test_tied_embedding_copies_stay_identical_across_pipeline_stages(tiny_hf_dirs):
-    first_stage, last_stage = run_distributed(_replica_worker, 2, tiny_hf_dirs["qwen2"], 2)
+def test_tied_embedding_copies_stay_identical_across_pipeline_stages(runs):
+    first_stage, last_stage = runs["tied PP2"]
     assert torch.equal(first_stage["embedding"], last_stage["embedding"]), \
         "the last stage's copy of the tied embedding drifted from the first stage's"
