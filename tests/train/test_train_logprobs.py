@@ -1,4 +1,4 @@
-"""The trainer's log-prob head on a real Megatron GPTModel, under TP=2 and PP=2 (gloo).
+"""The trainer's log-prob head on a real Megatron GPTModel, under TP=2 and PP=2 (gloo, one launch).
 
 - The recompute in packed micro-batches equals the whole-batch recompute and transformers'
   float64 log-probs of the same weights, also when the rows do not divide into micro-batches
@@ -88,10 +88,30 @@ def _head_worker(rank, world_size, hf_dir, tp, pp):
     return out
 
 
+LAYOUTS = {"TP2": (2, 1), "PP2": (1, 2)}
+
+
+def _layouts_worker(rank, world_size, hf_dir):
+    """Every layout of LAYOUTS in one launch, Megatron's parallel state re-initialised between them."""
+    from megatron.core import parallel_state as ps
+
+    out = {}
+    for name, (tp, pp) in LAYOUTS.items():
+        out[name] = _head_worker(rank, world_size, hf_dir, tp, pp)
+        ps.destroy_model_parallel()
+    return out
+
+
+@pytest.fixture(scope="module")
+def per_layout(tiny_hf_dirs):
+    per_rank = run_distributed(_layouts_worker, 2, tiny_hf_dirs["qwen2"], timeout_s=600)
+    return {name: [r[name] for r in per_rank] for name in LAYOUTS}
+
+
 @pytest.mark.distributed
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["TP2", "PP2"])
-def test_recompute_in_micro_batches_and_hidden_head_gradients(tiny_hf_dirs, tp, pp):
-    for rank, r in enumerate(run_distributed(_head_worker, 2, tiny_hf_dirs["qwen2"], tp, pp, timeout_s=400)):
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_recompute_in_micro_batches_and_hidden_head_gradients(per_layout, layout):
+    for rank, r in enumerate(per_layout[layout]):
         assert r["micro"].shape == (6, 12) and r["micro"].dtype == torch.float32
         assert torch.allclose(r["micro"], r["whole"], atol=1e-6), f"rank {rank}: micro-batched != whole batch"
         err = (r["micro"].double() - r["hf"]).abs().max().item()
