@@ -20,6 +20,7 @@ from typing import List, Optional, Sequence
 from k15_megatron.config.env import resolve_world_size
 from k15_megatron.config.loader import load_config
 from k15_megatron.config.model_arch import resolve_model_arch
+from k15_megatron.config.moe_arch import moe_layer_indices
 from k15_megatron.jobs.help_text import config_keys_epilog, description, details
 from k15_megatron.plan import activations
 from k15_megatron.plan.budget import GIB, MemoryPlan, plan_memory
@@ -46,9 +47,12 @@ def format_plan(plan: MemoryPlan, *, arch, gpu: str, kernels) -> List[str]:
     lines = [
         f"model: {arch.family}, {arch.num_layers} layers, hidden {arch.hidden_size}, "
         f"{arch.num_attention_heads} heads / {arch.num_query_groups} KV heads, "
-        f"{plan.num_params:,} parameters",
+        f"{plan.num_params:,} parameters"
+        + (f", {arch.num_moe_experts} experts (top {arch.moe_router_topk}) on {len(moe_layer_indices(arch))} "
+           "MoE layers" if arch.is_moe else ""),
         f"layout: world {lay.world} = TP {lay.tensor} x PP {lay.pipeline} x CP {lay.context} x "
-        f"DP {lay.data}; sequence parallel {'on' if lay.sequence_parallel else 'off'}, "
+        f"DP {lay.data}" + (f", EP {lay.expert} (expert DP {lay.expert_data})" if lay.expert > 1 else "")
+        + f"; sequence parallel {'on' if lay.sequence_parallel else 'off'}, "
         f"distributed optimizer {'on' if lay.distributed_optimizer else 'off'}, "
         f"recompute {lay.recompute}, {lay.dtype}",
         f"layers: {kernels.name}",

@@ -35,6 +35,30 @@ core attention (its log-sum-exp and the second output copy are not kept).
 The backward pass adds a transient on top of the stored activations; measured on CPU it is
 about one [tokens, f/TP] block (:func:`backward_transient_bytes`). The measured error of the
 whole estimate is stated in ``docs/plan.md``.
+
+Mixture-of-experts layers (:func:`moe_mlp_bytes_per_token`, an estimate, not measured): the
+attention and norms as above, and in place of the dense MLP what Megatron-Core's MoE layer
+(alltoall dispatcher, ``moe_router_dtype=fp32``, no token dropping, probabilities applied after
+the expert activation) keeps per token:
+
+* the router (on the sequence-parallel shard): float32 [E] scores of the load-balancing loss
+  and of the routing probabilities the dispatcher keeps, two bool [E] routing maps, the top-k
+  probabilities and int64 indices; a pre-softmax router (qwen2_moe) one more float32 [E];
+* every token is dispatched top-k times. Assuming balanced routing, each rank receives k
+  copies per token of its CP shard (the all-to-all over EP returns k per token, the all-gather
+  over the expert tensor-parallel group, TP, restores the sequence-parallel split): per copy
+  the experts' fc1 input ``h``, fc1's output ``2 f_e / TP``, the probability-weighted SwiGLU
+  output ``f_e / TP`` (unfused: silu, linear half, product and weighted product, ``4 f_e / TP``)
+  and the float32 probability. The dispatch / combine buffers (permuted tokens, all-to-all
+  send and receive, the TP gather) are freed within the forward pass and are not kept;
+  skewed routing puts more than k copies per token on the ranks of popular experts;
+* qwen2_moe's shared expert as a dense SwiGLU MLP of ``f_s`` and the output its sigmoid gate
+  multiplies (``h`` on the sequence-parallel shard).
+
+The allgather dispatcher keeps the same expert activations (each rank computes its experts on
+the tokens of the whole TP x EP group and keeps its own); its gathered hidden states are
+transient too. In backward an MoE layer's transient is taken to be the gradients of the
+dispatched copies, k x (h + 2 f_e / TP) per token (:func:`backward_transient_bytes`).
 """
 
 from __future__ import annotations
@@ -70,10 +94,11 @@ LOCAL = Kernels("Megatron-Core local layers with the SDPA core attention",
                 fused_norm=False, fused_swiglu=False, attention_output_copies=2, cp_gathers_kv=True)
 
 
-def layer_bytes_per_token(arch: ModelArch, layout: Layout, kernels: Kernels) -> float:
+def layer_bytes_per_token(arch: ModelArch, layout: Layout, kernels: Kernels, *, sparse: bool = False) -> float:
     """Bytes one layer keeps for backward per token of this rank (no recompute), under TP,
-    sequence parallelism (norm terms divided by TP) and CP (the K/V gather of :data:`LOCAL`).
-    Units: bytes per local token (a token of this CP rank's share)."""
+    sequence parallelism (norm terms divided by TP) and CP (the K/V gather of :data:`LOCAL`);
+    ``sparse``: a mixture-of-experts layer (:func:`moe_mlp_bytes_per_token` in place of the
+    dense MLP). Units: bytes per local token (a token of this CP rank's share)."""
     h, d, f = arch.hidden_size, arch.kv_channels, arch.ffn_hidden_size
     nq, ng = arch.num_attention_heads, arch.num_query_groups
     tp, size = layout.tensor, layout.dtype_bytes
@@ -92,16 +117,40 @@ def layer_bytes_per_token(arch: ModelArch, layout: Layout, kernels: Kernels) -> 
         elements += (nq + ng) * d / tp                    # rotated Q, K
     elements += 4 * d                                     # RoPE cos/sin of q and of k
     elements += kernels.attention_output_copies * nq * d / tp
-    elements += 2 * f / tp + (f if kernels.fused_swiglu else 3 * f) / tp
+    if not sparse:
+        elements += 2 * f / tp + (f if kernels.fused_swiglu else 3 * f) / tp
     if arch.qk_layernorm:
         elements += nq * d / tp                           # Q reshaped out of the QKV output: a copy
         extra_bytes += (nq + ng) * (FP32 if kernels.fused_norm else size) / tp
         if not kernels.fused_norm:
             elements += (nq + ng) * d / tp                # the normalised q / k
     per_token = elements * size + extra_bytes
+    if sparse:
+        per_token += moe_mlp_bytes_per_token(arch, layout, kernels)
     if layout.recompute == "selective":
         per_token -= nq * FP32 / tp + (kernels.attention_output_copies - 1) * nq * d / tp * size
     return per_token
+
+
+def moe_mlp_bytes_per_token(arch: ModelArch, layout: Layout, kernels: Kernels) -> float:
+    """Bytes an MoE layer's router, routed experts and shared expert keep per local token
+    (module docstring: balanced routing, alltoall dispatcher, an estimate). Units: bytes per
+    token of this CP rank's share."""
+    h, size, tp = arch.hidden_size, layout.dtype_bytes, layout.tensor
+    sp = tp if layout.sequence_parallel else 1
+    num_experts, topk, f_e = arch.num_moe_experts, arch.moe_router_topk, arch.moe_ffn_hidden_size
+    router = 2 * num_experts * FP32 + 2 * num_experts + topk * (FP32 + 8)
+    if arch.moe_router_pre_softmax:
+        router += num_experts * FP32
+    swiglu = f_e if kernels.fused_swiglu else 4 * f_e
+    experts = topk * ((h + (2 * f_e + swiglu) / tp) * size + FP32)
+    shared = 0.0
+    f_s = arch.moe_shared_expert_intermediate_size
+    if f_s:
+        shared = (2 * f_s + (f_s if kernels.fused_swiglu else 3 * f_s)) / tp * size
+        if arch.moe_shared_expert_gate:
+            shared += h / sp * size + FP32 / sp
+    return router / sp + experts + shared
 
 
 def layer_input_bytes_per_token(arch: ModelArch, layout: Layout) -> float:
@@ -121,25 +170,36 @@ def final_norm_bytes_per_token(arch: ModelArch, layout: Layout, kernels: Kernels
 
 def stored_bytes(arch: ModelArch, layout: Layout, kernels: Kernels, *, num_layers: int,
                  tokens: int, last_stage: bool, in_flight: int = 1,
-                 sequence_tokens: int | None = None) -> int:
+                 sequence_tokens: int | None = None, num_moe_layers: int = 0) -> int:
     """Activations that ``in_flight`` micro-batches of ``tokens`` local tokens each keep on a
-    stage of ``num_layers`` layers until their backward, plus (full recompute) the one layer
-    the backward recomputes at a time. ``sequence_tokens``: the length of each sequence of a
-    micro-batch (default: one sequence of all its tokens). Bytes."""
-    layer = layer_bytes_per_token(arch, layout, kernels) * tokens
+    stage of ``num_layers`` layers (``num_moe_layers`` of them mixture-of-experts layers) until
+    their backward, plus (full recompute) the one layer, the largest, the backward recomputes
+    at a time. ``sequence_tokens``: the length of each sequence of a micro-batch (default: one
+    sequence of all its tokens). Bytes."""
+    dense = layer_bytes_per_token(arch, layout, kernels) * tokens
+    moe = layer_bytes_per_token(arch, layout, kernels, sparse=True) * tokens if num_moe_layers else 0.0
+    num_dense = num_layers - num_moe_layers
     if layout.recompute == "full":
-        kept = in_flight * num_layers * layer_input_bytes_per_token(arch, layout) * tokens + layer
+        largest = max(dense if num_dense else 0.0, moe)
+        kept = in_flight * num_layers * layer_input_bytes_per_token(arch, layout) * tokens + largest
     else:
-        kept = in_flight * num_layers * layer
+        kept = in_flight * (num_dense * dense + num_moe_layers * moe)
     if last_stage:
         kept += in_flight * final_norm_bytes_per_token(arch, layout, kernels) * tokens
     return int(kept)
 
 
-def backward_transient_bytes(arch: ModelArch, layout: Layout, *, tokens: int) -> int:
+def backward_transient_bytes(arch: ModelArch, layout: Layout, *, tokens: int, moe: bool = False) -> int:
     """Gradients alive inside one layer's backward beyond the stored activations: about one
-    [tokens, f/TP] block in the model dtype (measured on CPU, docs/plan.md). Bytes."""
-    return int(tokens * arch.ffn_hidden_size / layout.tensor * layout.dtype_bytes)
+    [tokens, f/TP] block in the model dtype (measured on CPU, docs/plan.md); with ``moe`` (the
+    stage has MoE layers) at least the dispatched copies' gradients, [k tokens, h + 2 f_e/TP]
+    (an estimate, not measured). Bytes."""
+    dense = tokens * arch.ffn_hidden_size / layout.tensor * layout.dtype_bytes
+    if moe:
+        copies = tokens * arch.moe_router_topk
+        dense = max(dense, copies * (arch.hidden_size + 2 * arch.moe_ffn_hidden_size / layout.tensor)
+                    * layout.dtype_bytes)
+    return int(dense)
 
 
 def logprob_peak_bytes(arch: ModelArch, layout: Layout, *, tokens: int, chunk_tokens: int,

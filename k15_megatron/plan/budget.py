@@ -35,7 +35,8 @@ from k15_megatron.plan import activations
 from k15_megatron.plan.activations import Kernels
 from k15_megatron.plan.layout import Layout
 from k15_megatron.plan.model_state import model_state
-from k15_megatron.plan.params import count_parameters, stage_layer_counts, stage_parameters
+from k15_megatron.config.moe_arch import moe_layer_indices
+from k15_megatron.plan.params import count_parameters, stage_layer_counts, stage_layer_ranges, stage_parameters
 from k15_megatron.plan.rollout import RolloutShare, rollout_share
 
 GIB = 1024 ** 3
@@ -74,7 +75,8 @@ class MemoryPlan:
     micro_batch_tokens: int
     local_tokens: int
     layer_activation_bytes: int
-    """One layer's kept activations for one micro-batch on one rank (no recompute)."""
+    """One layer's kept activations for one micro-batch on one rank (no recompute; the larger
+    of a dense and an MoE layer)."""
     phases: Tuple[Phase, ...]
     """Each phase on the pipeline stage where it is largest (named in the phase under PP)."""
     rollout: Optional[RolloutShare]
@@ -149,33 +151,44 @@ def plan_memory(cfg, arch: ModelArch, layout: Layout, *, capacity: int, job: str
     if job == "rl":
         share = rollout_share(arch, cfg.rollout, num_params=num_params, capacity=capacity,
                               train_dtype_bytes=layout.dtype_bytes)
-    per_stage = [_stage_phases(cfg, arch, layout, kernels, stage=stage, num_layers=layers,
+    per_stage = [_stage_phases(cfg, arch, layout, kernels, stage=stage, layers=layers,
                                local=local, vocab=vocab, share=share)
-                 for stage, layers in enumerate(counts)]
+                 for stage, layers in enumerate(stage_layer_ranges(counts))]
     worst = []  # each phase on the stage where it is largest
     for i in range(len(per_stage[0])):
         stage = max(range(len(per_stage)), key=lambda st: per_stage[st][i].total)
         phase = per_stage[stage][i]
         name = f"{phase.name} (stage {stage})" if layout.pipeline > 1 else phase.name
         worst.append(Phase(name, phase.lines))
-    layer = int(activations.layer_bytes_per_token(arch, layout.replace(recompute="none"), kernels) * local)
+    num_moe = len(moe_layer_indices(arch))
+    kinds = [sparse for sparse, n in ((False, arch.num_layers - num_moe), (True, num_moe)) if n]
+    no_recompute = layout.replace(recompute="none")
+    layer = int(max(activations.layer_bytes_per_token(arch, no_recompute, kernels, sparse=sparse)
+                    for sparse in kinds) * local)
     return MemoryPlan(num_params=num_params, layout=layout, micro_batch_tokens=tokens,
                       local_tokens=local, layer_activation_bytes=layer, phases=tuple(worst), rollout=share,
                       capacity=capacity)
 
 
-def _stage_phases(cfg, arch, layout, kernels, *, stage, num_layers, local, vocab, share):
+def _stage_phases(cfg, arch, layout, kernels, *, stage, layers: range, local, vocab, share):
     last = stage == layout.pipeline - 1
     params = stage_parameters(arch, stage=stage, pipeline=layout.pipeline, tensor=layout.tensor,
-                              num_stage_layers=num_layers, padded_vocab=vocab)
-    state = model_state(params, layout)
+                              layers=layers, padded_vocab=vocab, expert=layout.expert)
+    state = model_state(params.total, layout, expert_params=params.experts)
+    num_moe = len(set(layers) & set(moe_layer_indices(arch)))
     in_flight = min(layout.pipeline - stage, micro_batches_per_step(cfg, layout, job="rl" if share else "sft"))
     sequence = cfg.rollout.max_model_len if share is not None else cfg.data.seq_length
-    stored = activations.stored_bytes(arch, layout, kernels, num_layers=num_layers, tokens=local,
-                                      last_stage=last, in_flight=in_flight, sequence_tokens=sequence)
-    transient = activations.backward_transient_bytes(arch, layout, tokens=local)
+    stored = activations.stored_bytes(arch, layout, kernels, num_layers=len(layers), tokens=local,
+                                      last_stage=last, in_flight=in_flight, sequence_tokens=sequence,
+                                      num_moe_layers=num_moe)
+    transient = activations.backward_transient_bytes(arch, layout, tokens=local, moe=num_moe > 0)
     opt_note = "sharded over DP x CP" if layout.distributed_optimizer else "not sharded"
-    lines = [Line("weights", state.weights, f"{params:,} parameters on this rank"),
+    if layout.distributed_optimizer and params.experts:
+        opt_note += f", experts over DP x CP / EP = {layout.expert_data}"
+    held = f"{params.total:,} parameters on this rank"
+    if params.experts:
+        held += f" ({params.experts:,} in experts)"
+    lines = [Line("weights", state.weights, held),
              Line("gradient buffers", state.gradients, "DDP main_grad"),
              Line("optimizer: fp32 master copies", state.master, opt_note),
              Line("optimizer: moments", state.moments, opt_note),
@@ -191,7 +204,8 @@ def _stage_phases(cfg, arch, layout, kernels, *, stage, num_layers, local, vocab
         head = activations.labels_loss_peak_bytes(arch, layout, tokens=local, padded_vocab=vocab)
         lines.append(Line("logits + cross entropy", max(head, transient), "[tokens, V/TP] logits"))
     else:
-        lines.append(Line("backward transient", transient, "one [tokens, f/TP] gradient"))
+        lines.append(Line("backward transient", transient,
+                          "dispatched copies' gradients" if num_moe else "one [tokens, f/TP] gradient"))
     phases = [Phase("training step", tuple(lines))]
     if share is not None:
         phases.append(_switch_phase(cfg, arch, layout, state, share, vocab))

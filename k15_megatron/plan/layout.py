@@ -17,7 +17,9 @@ ROLLOUT_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 @dataclass(frozen=True)
 class Layout:
-    """One training layout (Megatron-Core semantics: world = TP x PP x CP x DP)."""
+    """One training layout (Megatron-Core semantics: world = TP x PP x CP x DP; the experts of a
+    mixture-of-experts model are split over EP ranks carved from DP x CP, keeping TP as their
+    expert tensor-parallel size)."""
 
     tensor: int
     pipeline: int
@@ -34,10 +36,17 @@ class Layout:
     """adam | sgd."""
     first_stage_layers: int | None = None
     last_stage_layers: int | None = None
+    expert: int = 1
+    """Expert-parallel size (``parallel.expert``)."""
 
     @property
     def world(self) -> int:
         return self.tensor * self.pipeline * self.context * self.data
+
+    @property
+    def expert_data(self) -> int:
+        """Ranks holding the same experts (Megatron's expert data-parallel group): DP x CP / EP."""
+        return self.data * self.context // self.expert
 
     @property
     def dtype_bytes(self) -> int:
@@ -64,4 +73,4 @@ def layout_from_config(cfg, *, world_size: int) -> Layout:
                   grad_reduce_in_fp32=cfg.precision.grad_reduce_in_fp32,
                   optimizer=cfg.optim.optimizer,
                   first_stage_layers=par.pipeline_first_stage_layers,
-                  last_stage_layers=par.pipeline_last_stage_layers)
+                  last_stage_layers=par.pipeline_last_stage_layers, expert=par.expert)

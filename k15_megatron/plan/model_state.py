@@ -9,7 +9,9 @@ As Megatron-Core allocates them (megatron/core/distributed, megatron/core/optimi
 * optimizer: Adam's two float32 moments (SGD: one momentum buffer) plus, for a bf16/fp16
   model, a float32 master copy of every parameter. The distributed optimizer shards all of it
   over the data-parallel group *with* context parallelism (DP x CP ranks hold the same
-  parameters), otherwise every rank holds it whole.
+  parameters), otherwise every rank holds it whole. A mixture-of-experts model's routed
+  experts are sharded over their own data-parallel group, DP x CP / EP ranks (Megatron's
+  expert data-parallel group with the expert tensor-parallel size equal to TP).
 """
 
 from __future__ import annotations
@@ -38,17 +40,24 @@ class ModelState:
         return self.master + self.moments
 
 
-def _sharded(num_bytes: int, layout: Layout) -> int:
+def _sharded(num_bytes: int, layout: Layout, *, ranks: int) -> int:
     if layout.distributed_optimizer:
-        return -(-num_bytes // (layout.data * layout.context))
+        return -(-num_bytes // ranks)
     return num_bytes
 
 
-def model_state(num_params: int, layout: Layout) -> ModelState:
+def model_state(num_params: int, layout: Layout, *, expert_params: int = 0) -> ModelState:
     """:class:`ModelState` for ``num_params`` parameters on one rank (its stage's shard,
-    :func:`k15_megatron.plan.params.stage_parameters`) under ``layout``."""
+    :func:`k15_megatron.plan.params.stage_parameters`, ``.total``) under ``layout``, of which
+    ``expert_params`` are routed experts (optimizer sharded over DP x CP / EP ranks, the rest
+    over DP x CP)."""
     grad_bytes = FP32 if (layout.grad_reduce_in_fp32 or layout.dtype == "fp32") else layout.dtype_bytes
-    moments = (2 if layout.optimizer == "adam" else 1) * FP32 * num_params
-    master = 0 if layout.dtype == "fp32" else FP32 * num_params
-    return ModelState(weights=num_params * layout.dtype_bytes, gradients=num_params * grad_bytes,
-                      master=_sharded(master, layout), moments=_sharded(moments, layout))
+    per_param = (2 if layout.optimizer == "adam" else 1) * FP32
+    master = 0 if layout.dtype == "fp32" else FP32
+    dense, dense_ranks = num_params - expert_params, layout.data * layout.context
+    return ModelState(
+        weights=num_params * layout.dtype_bytes, gradients=num_params * grad_bytes,
+        master=(_sharded(master * dense, layout, ranks=dense_ranks)
+                + _sharded(master * expert_params, layout, ranks=layout.expert_data)),
+        moments=(_sharded(per_param * dense, layout, ranks=dense_ranks)
+                 + _sharded(per_param * expert_params, layout, ranks=layout.expert_data)))

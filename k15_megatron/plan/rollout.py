@@ -6,9 +6,14 @@ least one ``max_model_len`` sequence, or vLLM refuses to start. KV bytes per tok
 2 (K and V) x layers x KV heads on this GPU x head dim x dtype bytes; vLLM's TP splits the KV
 heads (a head is replicated when TP exceeds the KV head count).
 
+Weights: vLLM's tensor parallelism shards every layer, the routed experts of a
+mixture-of-experts model included (each GPU holds 1/TP of every expert; no expert parallelism
+in the engine), so each GPU holds the model's total parameters / ``rollout.tensor_parallel_size``.
+
 Estimates that are not vLLM's exact profile (stated in the plan's table): activations of one
 engine step of ``max_num_batched_tokens`` tokens (default 8192) and the sampler's float32 logits
-of ``max_num_seqs`` sequences; CUDA graphs :data:`CUDA_GRAPH_BYTES` unless ``enforce_eager``.
+of ``max_num_seqs`` sequences (an MoE layer's MLP width counted as top-k x the expert width plus the
+shared expert); CUDA graphs :data:`CUDA_GRAPH_BYTES` unless ``enforce_eager``.
 """
 
 from __future__ import annotations
@@ -65,12 +70,14 @@ def kv_bytes_per_token(arch: ModelArch, *, tensor_parallel: int, dtype_bytes: in
 def rollout_share(arch: ModelArch, cfg: RolloutConfig, *, num_params: int, capacity: int,
                   train_dtype_bytes: int) -> RolloutShare:
     """The engine's :class:`RolloutShare` on a GPU of ``capacity`` bytes (``num_params``: the
-    model's parameter count; ``cfg.max_model_len`` must be resolved, as validation does)."""
+    model's total parameter count, every expert included; ``cfg.max_model_len`` must be resolved, as validation does)."""
     tp, size = cfg.tensor_parallel_size, rollout_dtype_bytes(cfg, train_dtype_bytes=train_dtype_bytes)
     reserved = int(cfg.gpu_memory_utilization * capacity)
     weights = num_params * size // tp
     step_tokens = cfg.max_num_batched_tokens or DEFAULT_BATCHED_TOKENS
     h, f = arch.hidden_size, arch.ffn_hidden_size
+    if arch.is_moe:  # each token runs through top-k experts (and the shared one)
+        f = arch.moe_router_topk * arch.moe_ffn_hidden_size + (arch.moe_shared_expert_intermediate_size or 0)
     activations = step_tokens * (2 * h + 3 * f // tp) * size
     sampler = cfg.max_num_seqs * arch.vocab_size * 4 * 2  # float32 logits and probabilities
     overhead = activations + sampler + (0 if cfg.enforce_eager else CUDA_GRAPH_BYTES)

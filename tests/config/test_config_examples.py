@@ -4,6 +4,7 @@ its schema default, so defaults are never written twice)."""
 from __future__ import annotations
 
 import glob
+import json
 import os
 
 import pytest
@@ -12,24 +13,30 @@ from transformers import Qwen2Config
 
 from k15_megatron.config import ConfigError, load_config, resolve_model_arch
 from k15_megatron.config.schema import ExperimentConfig
+from public_configs import QWEN3_30B_A3B
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLES = sorted(glob.glob(os.path.join(REPO, "examples", "*.yaml")))
 # Overrides a recipe needs to validate on this machine (its cluster world size).
 CLUSTER_OVERRIDES = {"qwen2_5_7b_128k.yaml": ["parallel.world_size=32"],
                      "qwen2_5_7b_128k_1node.yaml": ["parallel.world_size=8"],
-                     "qwen2_5_7b_32k.yaml": ["parallel.world_size=8"]}
+                     "qwen2_5_7b_32k.yaml": ["parallel.world_size=8"],
+                     "qwen3_30b_a3b_rl.yaml": ["parallel.world_size=16"],
+                     "qwen3_30b_a3b_rl_32k.yaml": ["parallel.world_size=16"]}
 
 
 @pytest.fixture
 def qwen2_5_7b_models_dir(tmp_path, monkeypatch):
-    """A K15_MODELS folder holding Qwen2.5-7B's real config.json (architecture only)."""
+    """A K15_MODELS folder holding Qwen2.5-7B's and Qwen3-30B-A3B's real config.json
+    (architecture only)."""
     cfg = Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
                       max_position_embeddings=131072, rope_theta=1000000.0, rms_norm_eps=1e-6,
                       tie_word_embeddings=False)
     os.makedirs(tmp_path / "Qwen2.5-7B")
     cfg.to_json_file(str(tmp_path / "Qwen2.5-7B" / "config.json"))
+    os.makedirs(tmp_path / "Qwen3-30B-A3B")  # the MoE cluster recipes' model
+    (tmp_path / "Qwen3-30B-A3B" / "config.json").write_text(json.dumps(QWEN3_30B_A3B))
     monkeypatch.setenv("K15_MODELS", str(tmp_path))
     monkeypatch.delenv("K15_RUNS", raising=False)
     return tmp_path

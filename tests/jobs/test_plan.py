@@ -12,6 +12,7 @@ from k15_megatron.cli import main as k15
 from k15_megatron.plan.layout import Layout
 from k15_megatron.plan.model_state import model_state
 from k15_megatron.plan.rollout import kv_bytes_per_token
+from public_configs import QWEN3_30B_A3B
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RECIPE_128K = os.path.join(REPO, "examples", "qwen2_5_7b_128k.yaml")
@@ -29,7 +30,7 @@ QWEN2_5 = {
 
 @pytest.fixture
 def models(tmp_path, monkeypatch):
-    for name, config in QWEN2_5.items():
+    for name, config in {**QWEN2_5, "Qwen3-30B-A3B": QWEN3_30B_A3B}.items():
         os.makedirs(tmp_path / name)
         (tmp_path / name / "config.json").write_text(json.dumps(config))
     monkeypatch.setenv("K15_MODELS", str(tmp_path))
@@ -132,3 +133,28 @@ def test_plan_imports_no_torch(models):
             "print([m for m in ('torch', 'megatron', 'vllm', 'transformers') if m in sys.modules], rc)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.stdout.strip().splitlines()[-1] == "[] 0", out.stdout + out.stderr
+
+
+def test_expert_optimizer_state_is_sharded_over_expert_data_parallel_ranks():
+    layout = Layout(tensor=1, pipeline=1, context=2, data=4, sequence_parallel=False, distributed_optimizer=True,
+                    recompute="none", dtype="bf16", grad_reduce_in_fp32=True, optimizer="adam", expert=4)
+    assert layout.expert_data == 2  # DP x CP / EP
+    state = model_state(1000, layout, expert_params=600)  # 400 dense over 8 ranks, 600 experts over 2
+    assert (state.weights, state.gradients) == (2000, 4000)  # neither is sharded
+    assert (state.master, state.moments) == (4 * 400 // 8 + 4 * 600 // 2, 8 * 400 // 8 + 8 * 600 // 2)
+    assert model_state(1000, layout.replace(expert=1), expert_params=600) == model_state(1000, layout.replace(expert=1))
+
+
+@pytest.mark.parametrize("recipe,context", [("qwen3_30b_a3b_rl.yaml", 1), ("qwen3_30b_a3b_rl_32k.yaml", 2)])
+def test_qwen3_30b_a3b_recipes_fit_two_h100_nodes(models, capsys, recipe, context):
+    status, out, _, match = plan(capsys, os.path.join(REPO, "examples", recipe), "parallel.world_size=16",
+                                 "--gpu", "h100-80gb")
+    assert status == 0 and match and match.group(1) == "yes", out
+    assert int(match.group(4)) == 30_532_122_624
+    assert f"TP 4 x PP 1 x CP {context} x DP {4 // context}, EP 4 (expert DP 1)" in out
+    assert "128 experts (top 8) on 48 MoE layers" in out
+    # 30.5B / 16 ranks: 1/16 of the experts and 1/4 of the rest (TP 4) on each GPU
+    assert "2,206,808,064 parameters on this rank (1,811,939,328 in experts)" in out
+    # vLLM's TP shards every expert: all 30.5B parameters / rollout TP 4, in bf16
+    weights = re.search(r"vLLM share: weights ([0-9.]+) GiB", out).group(1)
+    assert float(weights) == pytest.approx(30_532_122_624 * 2 / 4 / 1024 ** 3, abs=0.01)

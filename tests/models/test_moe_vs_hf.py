@@ -10,7 +10,8 @@ and run through Megatron's pipeline schedule on the same tokens as transformers:
 * EP=2 x TP=2 (the experts keep the tensor-parallel split: expert tensor parallelism);
 * PP=2 x EP=2.
 
-Tolerance: 1e-4 relative to the largest logit (float32; measured about 1e-6).
+Tolerance: 1e-4 relative to the largest logit (float32; measured about 1e-6). Each rank's
+parameter count, outside and inside the routed experts, equals ``k15 plan``'s shard of it.
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ def _worker(rank, world_size, hf_dirs):
             model = build_gpt_model(arch, parallel_cfg=parallel, precision_cfg=PrecisionConfig(dtype="fp32"),
                                     padded_vocab=padded)
             load_hf_weights(model, hf_dir, arch, padded)
+            experts = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." in n)
+            out[(family, name, "params")] = (ps.get_pipeline_model_parallel_rank(), padded,
+                                             sum(p.numel() for p in model.parameters()) - experts, experts)
             logits = forward_logits(model, _tokens(arch.vocab_size).to(compute_device()))
             if logits is not None:  # the last pipeline stage
                 out[(family, name)] = gather_from_tensor_model_parallel_region(logits)[..., : arch.vocab_size].cpu()
@@ -82,3 +86,20 @@ def test_moe_logits_match_transformers_under_expert_parallelism(tiny_moe_hf_dirs
             for ours in results:
                 err = ((ours - reference).abs().max() / reference.abs().max()).item()
                 assert err < TOLERANCE, f"{family} {name}: logits differ from transformers by {err:.2e} (relative)"
+    _check_planned_parameters(per_rank, tiny_moe_hf_dirs)
+
+
+def _check_planned_parameters(per_rank, hf_dirs):
+    """Each rank's parameters (outside and inside the routed experts) equal k15 plan's shard."""
+    from k15_megatron.config import ModelConfig, resolve_model_arch
+    from k15_megatron.plan.params import stage_layer_counts, stage_layer_ranges, stage_parameters
+
+    for family, hf_dir in hf_dirs.items():
+        arch = resolve_model_arch(ModelConfig(hf_path=hf_dir))
+        for name, (tp, pp, ep, _) in LAYOUTS.items():
+            layers = stage_layer_ranges(stage_layer_counts(num_layers=arch.num_layers, pipeline=pp))
+            for r in per_rank:
+                stage, padded, dense, experts = r[(family, name, "params")]
+                planned = stage_parameters(arch, stage=stage, pipeline=pp, tensor=tp, layers=layers[stage],
+                                           padded_vocab=padded, expert=ep)
+                assert (planned.dense, planned.experts) == (dense, experts), (family, name, stage)

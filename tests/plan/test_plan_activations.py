@@ -85,8 +85,8 @@ def _expected(case: str, recompute: str, loss: str, tokens: int):
         planned = stored + max(head, transient) + tokens * (8 + 8 + 4 + 4)
     else:  # not planned: this test's loss keeps float32 logits [s, V], ids, labels and a mask
         planned = stored + transient + tokens * (4 * VOCAB + 8 + 8 + 1)
-    params = stage_parameters(arch, stage=0, pipeline=1, tensor=1, num_stage_layers=arch.num_layers,
-                              padded_vocab=vocab)
+    params = stage_parameters(arch, stage=0, pipeline=1, tensor=1, layers=range(arch.num_layers),
+                              padded_vocab=vocab).total
     return planned, params
 
 
