@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Optional
 
 from k15_megatron.config.fields import at_least
 
@@ -23,6 +23,11 @@ class EvalConfig:
     output: str = "${run_dir}/eval.json"
     """Where ``k15 eval`` writes its metrics and per-prompt success rates (JSON); the generated
     texts go beside it, into ``<output without .json>_samples.jsonl``."""
+    greedy_output: Optional[str] = None
+    """When set, ``k15 eval`` also evaluates greedily (one response per prompt at temperature 0,
+    pass@1) after the evaluation above, in the same start (one engine, one weight sync), and
+    writes those results here in the same format (texts beside it likewise). ``null``: only the
+    evaluation above."""
 
     def config_errors(self, prefix: str) -> List[str]:
         errors = [f"{prefix}.ks: pass@{k} needs 1 <= k <= {prefix}.num_samples={self.num_samples}"

@@ -10,7 +10,9 @@ prompt with ``index``, ``prompt``, ``answer``, ``pass_rate`` and ``samples``, ea
 ``text``, ``reward``, ``correct``, ``length`` (tokens) and ``finish_reason``
 (:func:`k15_megatron.jobs.evaluate.sample_records`). Both files are written atomically, a re-run
 replaces only its own earlier results (:mod:`k15_megatron.jobs.eval_output`), and the job ends
-with the line ``eval: wrote <eval.json> and <samples file>``.
+with the line ``eval: wrote <eval.json> and <samples file>``. With ``eval.greedy_output`` the
+same engine then also evaluates greedily (one response at temperature 0) and writes those
+results there, in the same format.
 """
 
 from __future__ import annotations
@@ -41,27 +43,41 @@ def run(cfg) -> dict:
                                    repeat=cfg.rl.repeat, seed=cfg.seed)
     ColocatedWeightSync(rollout.llm, dtype=torch_dtype(cfg.precision.dtype)).sync(trainer.model, trainer.arch)
     rollout.mark_weights_updated(0)
-    metrics = evaluate(rollout, prompts, RewardManager(cfg.rewards), trainer.tokenizer,
-                       num_samples=cfg.eval.num_samples, temperature=cfg.eval.temperature,
-                       max_response_tokens=cfg.rollout.max_response_tokens, seed=cfg.seed, ks=cfg.eval.ks,
-                       keep_texts=True)
-    per_prompt = metrics.pop("per_prompt")
-    samples = metrics.pop("samples")
-    if trainer.is_logging_rank:
-        summary = ", ".join(f"{k.removeprefix('eval/')} {v:.0f}" if float(v).is_integer() else
-                            f"{k.removeprefix('eval/')} {v:.4f}" for k, v in metrics.items())
-        print(f"eval: {summary}", flush=True)
-        write_json(cfg.eval.output, {"weights": trainer.init_source, "eval_path": cfg.data.eval_path,
-                                      "num_samples": cfg.eval.num_samples, "temperature": cfg.eval.temperature,
-                                      "data/prompts_filtered_too_long": len(prompts.filtered_lines), **metrics,
-                                      "per_prompt": per_prompt.tolist()})
-        samples_path = samples_file(cfg.eval.output)
-        write_jsonl(samples_path, samples)
-        print(f"eval: wrote {os.path.abspath(cfg.eval.output)} and {os.path.abspath(samples_path)}", flush=True)
+    manager = RewardManager(cfg.rewards)
+    settings = [(cfg.eval.output, cfg.eval.num_samples, cfg.eval.temperature, cfg.eval.ks)]
+    if cfg.eval.greedy_output:
+        settings.append((cfg.eval.greedy_output, 1, 0.0, [1]))
+    results = []
+    for i, (output, num_samples, temperature, ks) in enumerate(settings):
+        if i:
+            rollout.llm.reset_prefix_cache()  # as in an engine of its own
+        metrics = evaluate(rollout, prompts, manager, trainer.tokenizer, num_samples=num_samples,
+                           temperature=temperature, max_response_tokens=cfg.rollout.max_response_tokens,
+                           seed=cfg.seed, ks=ks, keep_texts=True)
+        per_prompt, samples = metrics.pop("per_prompt"), metrics.pop("samples")
+        if trainer.is_logging_rank:
+            _write_results(output, metrics, per_prompt, samples, weights=trainer.init_source,
+                           eval_path=cfg.data.eval_path, num_samples=num_samples, temperature=temperature,
+                           filtered=len(prompts.filtered_lines))
+        results.append(metrics)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     rollout.shutdown()  # destroys process-wide groups: after the last collective
-    return metrics
+    return results[0]
+
+
+def _write_results(output: str, metrics: dict, per_prompt, samples, *, weights, eval_path: str,
+                   num_samples: int, temperature: float, filtered: int) -> None:
+    """Print the summary line and write ``output`` (JSON) and its samples file (see module doc)."""
+    summary = ", ".join(f"{k.removeprefix('eval/')} {v:.0f}" if float(v).is_integer() else
+                        f"{k.removeprefix('eval/')} {v:.4f}" for k, v in metrics.items())
+    print(f"eval: {summary}", flush=True)
+    write_json(output, {"weights": weights, "eval_path": eval_path, "num_samples": num_samples,
+                        "temperature": temperature, "data/prompts_filtered_too_long": filtered, **metrics,
+                        "per_prompt": per_prompt.tolist()})
+    samples_path = samples_file(output)
+    write_jsonl(samples_path, samples)
+    print(f"eval: wrote {os.path.abspath(output)} and {os.path.abspath(samples_path)}", flush=True)
 
 
 HELP_KEYS = ("data.eval_path", "eval", "rewards.default", "rollout.max_response_tokens", "rollout.max_model_len",

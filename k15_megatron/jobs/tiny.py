@@ -6,7 +6,8 @@ process group with the recipes ``examples/tiny_arith_*.yaml`` (docs/tiny_task.md
 1. ``data``: the arithmetic task (:mod:`k15_megatron.data.arithmetic`): SFT demonstrations
    (30% end in one plausible slip), RL-train prompts and 1,000 held-out eval prompts;
 2. ``sft``: ``k15 sft`` from random weights;
-3. ``eval-sft``: ``k15 eval`` of the SFT checkpoint, greedily and with 8 samples at temperature 1;
+3. ``eval-sft``: ``k15 eval`` of the SFT checkpoint with 8 samples at temperature 1 and, in the
+   same start, greedily (``eval.greedy_output``);
 4. ``rl``: ``k15 rl`` from the SFT checkpoint;
 5. ``eval-rl``: the same two evaluations of the RL checkpoint;
 6. ``report``: paired before/after comparisons on the same prompts (gain, standard error, z) and
@@ -35,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Sequence
 
+from k15_megatron.jobs.eval_output import samples_file
+
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 # One intra-op thread per process and no OpenMP core binding: on a small shared machine vLLM's
@@ -42,7 +45,9 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 # How much the stages print is set by k15_megatron/jobs/verbosity.py (--verbose carries through).
 STAGE_ENV = {"OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "TOKENIZERS_PARALLELISM": "false"}
 
-EVALS = {"greedy": ["eval.temperature=0", "eval.num_samples=1", "eval.ks=[1]"], "sampled": []}
+# The two evaluations of each checkpoint, run by one `k15 eval` start: eval.output (8 samples at
+# temperature 1, tiny_arith_eval.yaml) and eval.greedy_output.
+EVALS = ("greedy", "sampled")
 
 
 def _parse_args(argv):
@@ -170,16 +175,15 @@ def run_pipeline(args) -> dict:
                                       f"model.init_from={sft_ckpt}", f"data.train_path={data_dir}/train.jsonl",
                                       *args.rl], outputs=[f"{out}/rl"])
             ckpt = rl_ckpt
-        for mode, mode_overrides in EVALS.items():
-            output = os.path.join(out, "eval", f"{model}_{mode}.json")
-            stages.run_command(f"eval-{model}-{mode}",
-                               ["eval", str(EXAMPLES / "tiny_arith_eval.yaml"), seed,
-                                f"run_dir={out}/eval/{model}_{mode}", f"model.init_from={ckpt}",
-                                f"data.eval_path={data_dir}/eval.jsonl", f"eval.output={output}",
-                                *mode_overrides, *args.eval],
-                               outputs=[f"{out}/eval/{model}_{mode}", output,
-                                        output[:-len(".json")] + "_samples.jsonl"])
-            eval_files[(model, mode)] = output
+        outputs = {mode: os.path.join(out, "eval", f"{model}_{mode}.json") for mode in EVALS}
+        stages.run_command(f"eval-{model}",
+                           ["eval", str(EXAMPLES / "tiny_arith_eval.yaml"), seed, f"run_dir={out}/eval/{model}",
+                            f"model.init_from={ckpt}", f"data.eval_path={data_dir}/eval.jsonl",
+                            f"eval.output={outputs['sampled']}", f"eval.greedy_output={outputs['greedy']}",
+                            *args.eval],
+                           outputs=[f"{out}/eval/{model}"] + [path for output in outputs.values()
+                                                              for path in (output, samples_file(output))])
+        eval_files.update({(model, mode): output for mode, output in outputs.items()})
     subprocess.call([sys.executable, "-m", "k15_megatron.cli", "plot", os.path.join(out, "rl")])
     report = build_report(eval_files, os.path.join(out, "rl", "metrics.jsonl"), stages.seconds, min_z=args.min_z)
     report["command"] = "k15 tiny " + shlex.join(args.argv)

@@ -1,7 +1,8 @@
 """`k15 eval` as a user runs it (one process, the real vLLM CPU engine): its output is its own
 lines only (no vLLM config dump, no library warnings, no progress bars), it says what it wrote,
 and beside ``eval.json`` it keeps every generated text with its reward in
-``eval_samples.jsonl``. With ``--verbose`` the library output is back."""
+``eval_samples.jsonl``; ``eval.greedy_output`` adds a greedy evaluation from the same start, in
+the same format. With ``--verbose`` the library output is back."""
 
 import json
 import subprocess
@@ -30,9 +31,10 @@ def _eval(tmp_path, *extra):
 @pytest.mark.slow
 def test_eval_output_is_readable_and_keeps_the_generated_texts(tmp_path):
     _write_task(str(tmp_path))
-    lines = _eval(tmp_path)
+    greedy_json = tmp_path / "greedy.json"
+    lines = _eval(tmp_path, f"eval.greedy_output={greedy_json}")
     noise = [line for line in lines if any(m in line for m in LIBRARY_MARKERS)]
-    assert not noise and len(lines) <= 6, "\n".join(lines)  # was 62 lines before the quiet default
+    assert not noise and len(lines) <= 8, "\n".join(lines)  # was 62 lines before the quiet default
     eval_json, samples_file = tmp_path / "run" / "eval.json", tmp_path / "run" / "eval_samples.jsonl"
     assert f"eval: wrote {eval_json} and {samples_file}" in lines
 
@@ -51,6 +53,14 @@ def test_eval_output_is_readable_and_keeps_the_generated_texts(tmp_path):
             assert 0 < sample["length"] <= MAX_TOKENS
             lengths.append(sample["length"])
     assert sum(lengths) / len(lengths) == pytest.approx(metrics["eval/response_length_mean"])
+
+    greedy = json.loads(greedy_json.read_text())
+    greedy_records = [json.loads(line) for line in (tmp_path / "greedy_samples.jsonl").read_text().splitlines()]
+    assert f"eval: wrote {greedy_json} and {tmp_path / 'greedy_samples.jsonl'}" in lines
+    assert (greedy["num_samples"], greedy["temperature"]) == (1, 0.0) and "eval/pass@2" not in greedy
+    assert len(greedy["per_prompt"]) == len(prompts) and set(greedy["per_prompt"]) <= {0.0, 1.0}
+    assert [len(r["samples"]) for r in greedy_records] == [1] * len(prompts)
+    assert greedy["eval/pass@1"] == pytest.approx(sum(greedy["per_prompt"]) / len(prompts))
 
     verbose = _eval(tmp_path, "eval.max_prompts=1", "--verbose")
     assert any("Initializing a V1 LLM engine" in line for line in verbose), "\n".join(verbose[-40:])
