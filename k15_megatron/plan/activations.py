@@ -36,7 +36,8 @@ The backward pass adds a transient on top of the stored activations; measured on
 about one [tokens, f/TP] block (:func:`backward_transient_bytes`). The measured error of the
 whole estimate is stated in ``docs/plan.md``.
 
-Mixture-of-experts layers (:func:`moe_mlp_bytes_per_token`, an estimate, not measured): the
+Mixture-of-experts layers (:func:`moe_mlp_bytes_per_token`; measured on CPU with the local
+layers at TP=EP=1 only, docs/plan.md): the
 attention and norms as above, and in place of the dense MLP what Megatron-Core's MoE layer
 (alltoall dispatcher, ``moe_router_dtype=fp32``, no token dropping, probabilities applied after
 the expert activation) keeps per token:
@@ -57,8 +58,8 @@ the expert activation) keeps per token:
 
 The allgather dispatcher keeps the same expert activations (each rank computes its experts on
 the tokens of the whole TP x EP group and keeps its own); its gathered hidden states are
-transient too. In backward an MoE layer's transient is taken to be the gradients of the
-dispatched copies, k x (h + 2 f_e / TP) per token (:func:`backward_transient_bytes`).
+transient too. In backward an MoE layer's transient is about one [k tokens, f_e / TP] block
+(:func:`backward_transient_bytes`), as a dense layer's is one [tokens, f / TP] block.
 """
 
 from __future__ import annotations
@@ -189,17 +190,18 @@ def stored_bytes(arch: ModelArch, layout: Layout, kernels: Kernels, *, num_layer
     return int(kept)
 
 
-def backward_transient_bytes(arch: ModelArch, layout: Layout, *, tokens: int, moe: bool = False) -> int:
-    """Gradients alive inside one layer's backward beyond the stored activations: about one
-    [tokens, f/TP] block in the model dtype (measured on CPU, docs/plan.md); with ``moe`` (the
-    stage has MoE layers) at least the dispatched copies' gradients, [k tokens, h + 2 f_e/TP]
-    (an estimate, not measured). Bytes."""
-    dense = tokens * arch.ffn_hidden_size / layout.tensor * layout.dtype_bytes
+def backward_transient_bytes(arch: ModelArch, layout: Layout, *, tokens: int, dense: bool = True,
+                             moe: bool = False) -> int:
+    """Gradients alive inside one layer's backward beyond the stored activations, the larger
+    over the kinds of layer of the stage (``dense``, ``moe``): about one [tokens, f/TP] block in
+    the model dtype for a dense layer, one [top-k x tokens, f_e/TP] block for an MoE layer
+    (both measured on CPU, docs/plan.md). Bytes."""
+    width = []
+    if dense:
+        width.append(arch.ffn_hidden_size)
     if moe:
-        copies = tokens * arch.moe_router_topk
-        dense = max(dense, copies * (arch.hidden_size + 2 * arch.moe_ffn_hidden_size / layout.tensor)
-                    * layout.dtype_bytes)
-    return int(dense)
+        width.append(arch.moe_router_topk * arch.moe_ffn_hidden_size)
+    return int(tokens * max(width, default=0) / layout.tensor * layout.dtype_bytes)
 
 
 def logprob_peak_bytes(arch: ModelArch, layout: Layout, *, tokens: int, chunk_tokens: int,

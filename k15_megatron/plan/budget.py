@@ -181,7 +181,8 @@ def _stage_phases(cfg, arch, layout, kernels, *, stage, layers: range, local, vo
     stored = activations.stored_bytes(arch, layout, kernels, num_layers=len(layers), tokens=local,
                                       last_stage=last, in_flight=in_flight, sequence_tokens=sequence,
                                       num_moe_layers=num_moe)
-    transient = activations.backward_transient_bytes(arch, layout, tokens=local, moe=num_moe > 0)
+    transient = activations.backward_transient_bytes(arch, layout, tokens=local, dense=num_moe < len(layers),
+                                                     moe=num_moe > 0)
     opt_note = "sharded over DP x CP" if layout.distributed_optimizer else "not sharded"
     if layout.distributed_optimizer and params.experts:
         opt_note += f", experts over DP x CP / EP = {layout.expert_data}"
@@ -205,7 +206,7 @@ def _stage_phases(cfg, arch, layout, kernels, *, stage, layers: range, local, vo
         lines.append(Line("logits + cross entropy", max(head, transient), "[tokens, V/TP] logits"))
     else:
         lines.append(Line("backward transient", transient,
-                          "dispatched copies' gradients" if num_moe else "one [tokens, f/TP] gradient"))
+                          "one [k tokens, f_e/TP] gradient" if num_moe else "one [tokens, f/TP] gradient"))
     phases = [Phase("training step", tuple(lines))]
     if share is not None:
         phases.append(_switch_phase(cfg, arch, layout, state, share, vocab))

@@ -70,7 +70,8 @@ def kv_bytes_per_token(arch: ModelArch, *, tensor_parallel: int, dtype_bytes: in
 def rollout_share(arch: ModelArch, cfg: RolloutConfig, *, num_params: int, capacity: int,
                   train_dtype_bytes: int) -> RolloutShare:
     """The engine's :class:`RolloutShare` on a GPU of ``capacity`` bytes (``num_params``: the
-    model's total parameter count, every expert included; ``cfg.max_model_len`` must be resolved, as validation does)."""
+    model's total parameter count, every expert included; ``cfg.max_model_len`` must be
+    resolved, as validation does)."""
     tp, size = cfg.tensor_parallel_size, rollout_dtype_bytes(cfg, train_dtype_bytes=train_dtype_bytes)
     reserved = int(cfg.gpu_memory_utilization * capacity)
     weights = num_params * size // tp

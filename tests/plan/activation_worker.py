@@ -17,6 +17,9 @@ CASES = {
                   num_query_groups=2, kv_channels=64),
     "qwen3": dict(family="qwen3", num_layers=2, hidden_size=192, ffn_hidden_size=512, num_attention_heads=6,
                   num_query_groups=2, kv_channels=32),
+    "qwen3_moe": dict(family="qwen3_moe", num_layers=2, hidden_size=192, ffn_hidden_size=512, num_attention_heads=6,
+                      num_query_groups=2, kv_channels=32, num_moe_experts=8, moe_router_topk=2,
+                      moe_ffn_hidden_size=256, moe_aux_loss_coeff=0.001),
 }
 VOCAB = 128
 RL_VOCAB = 8192

@@ -2,7 +2,8 @@
 memory of real Megatron forward+backward passes on CPU.
 
 One subprocess (tests/plan/activation_worker.py) builds fp32 GPTModels with the project's
-builders (2 layers; Qwen2 with GQA and QKV bias, Qwen3 with q/k norms; the local layer spec with
+builders (2 layers; Qwen2 with GQA and QKV bias, Qwen3 with q/k norms, Qwen3-MoE with two MoE
+layers; the local layer spec with
 the SDPA core attention, so no [S, S] scores) and measures, at 1k, 2k (and 4k) tokens, the kernel's
 peak resident memory of one forward+backward above the memory before it (VmHWM reset through
 /proc/self/clear_refs; glibc mmaps every block above 64 KiB, so freed tensors leave at once).
@@ -16,7 +17,9 @@ planner's log-prob head peak.
 
 Measured error (estimate / measured - 1; 2026-11-30, torch 2.13 CPU, megatron-core 0.16.1):
 -2.1% to -0.6% for Qwen2 without and with full recompute, -0.4% to +0.2% for Qwen3, +0.4% to
-+1.0% for the RL path. The test allows 5% either way. Parameter counts of the built models equal the planner's per-rank count.
++1.0% for the RL path, -1.4% to +0.5% for Qwen3-MoE over two runs (8 experts, top 2,
+load-balancing loss on; the experts run one by one, Megatron's SequentialMLP). The test allows
+5% either way. Parameter counts of the built models equal the planner's per-rank count.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from activation_worker import CASES, RL_CHUNK, RL_VOCAB, VOCAB  # noqa: E402
 
 LENGTHS = (1024, 2048, 4096)
 RUNS = {"qwen2:none:labels": LENGTHS, "qwen2:full:labels": LENGTHS[:2], "qwen3:none:labels": LENGTHS[:2],
-        "qwen2:none:rl": LENGTHS[:2]}
+        "qwen2:none:rl": LENGTHS[:2], "qwen3_moe:none:labels": LENGTHS[:2]}
 """Measured cases (family:recompute:loss path) and their lengths (the other cases stop at 2k to
 keep the run short)."""
 TOLERANCE = 0.05
@@ -76,9 +79,11 @@ def _expected(case: str, recompute: str, loss: str, tokens: int):
     layout = Layout(tensor=1, pipeline=1, context=1, data=1, sequence_parallel=False,
                     distributed_optimizer=False, recompute=recompute, dtype="fp32",
                     grad_reduce_in_fp32=True, optimizer="adam")
+    num_moe = arch.num_layers if arch.is_moe else 0  # every layer of the MoE case is sparse
     stored = activations.stored_bytes(arch, layout, activations.LOCAL, num_layers=arch.num_layers,
-                                      tokens=tokens, last_stage=True)
-    transient = activations.backward_transient_bytes(arch, layout, tokens=tokens)
+                                      tokens=tokens, last_stage=True, num_moe_layers=num_moe)
+    transient = activations.backward_transient_bytes(arch, layout, tokens=tokens, dense=not num_moe,
+                                                     moe=bool(num_moe))
     if loss == "rl":  # the planner's head; ids, labels (int64), log-probs and normalisers (float32)
         head = activations.logprob_peak_bytes(arch, layout, tokens=tokens, chunk_tokens=RL_CHUNK,
                                               padded_vocab=vocab)

@@ -81,3 +81,44 @@ def test_rl_micro_batch_follows_the_token_budget(tmp_path):
     assert plan.micro_batch_tokens == 2 * group
     _, _, _, plan = _plan(tmp_path, *one, "data.micro_batch_tokens=100")
     assert plan.micro_batch_tokens == group  # one whole group always runs
+
+
+MOE = dict(SMALL, model_type="qwen3_moe", head_dim=64, num_experts=16, num_experts_per_tok=4, moe_intermediate_size=256,
+           norm_topk_prob=True, mlp_only_layers=[0, 1])
+"""SMALL as a Qwen3-MoE: 16 experts (top 4) on layers 2-7, layers 0 and 1 dense."""
+
+
+def test_moe_layers_and_expert_parallelism(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(MOE))
+    base = [f"model.hf_path={tmp_path}", "rollout.max_model_len=8192", "rl.group_size=2", "rl.prompts_per_iteration=8",
+            "parallel.world_size=8"]
+    cfg = load_config(None, base + ["parallel.expert=8"], environ={})
+    arch = resolve_model_arch(cfg.model)
+    layout = layout_from_config(cfg, world_size=8)
+    plan = plan_memory(cfg, arch, layout, capacity=80 * 1024 ** 3)
+    tokens = 2 * 8192
+    # Each kind of layer counted where it is: 2 dense, 6 MoE layers.
+    assert _line(plan.phases[0], "activations") == activations.stored_bytes(
+        arch, layout, activations.TE, num_layers=8, tokens=tokens, last_stage=True, num_moe_layers=6)
+    dense = activations.layer_bytes_per_token(arch, layout, activations.TE)
+    moe = activations.layer_bytes_per_token(arch, layout, activations.TE, sparse=True)
+    assert moe > dense
+    assert activations.stored_bytes(arch, layout, activations.TE, num_layers=8, tokens=tokens, last_stage=False,
+                                    num_moe_layers=6) == int((2 * dense + 6 * moe) * tokens)
+    # Full recompute keeps the layer inputs plus the largest layer, the MoE one.
+    full = layout.replace(recompute="full")
+    assert activations.stored_bytes(arch, full, activations.TE, num_layers=8, tokens=tokens, last_stage=False,
+                                    num_moe_layers=6) == int(
+        (8 * activations.layer_input_bytes_per_token(arch, full) + activations.layer_bytes_per_token(
+            arch, full, activations.TE, sparse=True)) * tokens)
+    # EP 8 holds 1/8 of the experts' weights and gradients; with the distributed optimizer their
+    # moments are sharded over expert DP = 8 / EP ranks, so the same bytes either way.
+    ep1 = plan_memory(cfg, arch, layout.replace(expert=1), capacity=80 * 1024 ** 3)
+    experts = 6 * 16 * 3 * 512 * 256
+    assert _line(ep1.phases[0], "weights") - _line(plan.phases[0], "weights") == 2 * experts * 7 // 8
+    sharded = layout.replace(distributed_optimizer=True)
+    moments = [_line(plan_memory(cfg, arch, sharded.replace(expert=ep), capacity=80 * 1024 ** 3).phases[0],
+                     "optimizer: moments") for ep in (1, 8)]
+    assert moments[0] == moments[1]
+    notes = [line.note for line in plan_memory(cfg, arch, sharded, capacity=80 * 1024 ** 3).phases[0].lines]
+    assert "sharded over DP x CP, experts over DP x CP / EP = 1" in notes
