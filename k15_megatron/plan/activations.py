@@ -37,7 +37,7 @@ about one [tokens, f/TP] block (:func:`backward_transient_bytes`). The measured 
 whole estimate is stated in ``docs/plan.md``.
 
 Mixture-of-experts layers (:func:`moe_mlp_bytes_per_token`; measured on CPU with the local
-layers at TP=EP=1 only, docs/plan.md): the
+layers at EP=1 and EP=2, docs/plan.md): the
 attention and norms as above, and in place of the dense MLP what Megatron-Core's MoE layer
 (alltoall dispatcher, ``moe_router_dtype=fp32``, no token dropping, probabilities applied after
 the expert activation) keeps per token:
