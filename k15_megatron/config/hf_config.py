@@ -13,6 +13,7 @@ _FAMILY = {
     "llama": ("llama", "LlamaForCausalLM"),
     "qwen2": ("qwen2", "Qwen2ForCausalLM"),
     "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+    "mistral": ("mistral", "MistralForCausalLM"),
     "qwen2_moe": ("qwen2_moe", "Qwen2MoeForCausalLM"),
     "qwen3_moe": ("qwen3_moe", "Qwen3MoeForCausalLM"),
 }
@@ -51,6 +52,9 @@ def hf_config_dict(arch, base: dict | None = None) -> dict:
         config["rope_scaling"] = dict(arch.rope_scaling)
     if arch.family == "llama":
         config.update(attention_bias=False, mlp_bias=False)
+    if arch.family == "mistral":
+        # transformers' MistralConfig defaults sliding_window to 4096: write the null explicitly.
+        config["sliding_window"] = None
     config.update(hf_moe_keys(arch))
     if arch.family == "qwen2_moe":
         config["qkv_bias"] = arch.add_qkv_bias

@@ -1,10 +1,14 @@
 """Resolve the concrete model architecture from a Hugging Face config.json plus overrides.
 
 Owns the mapping from HF config keys to Megatron-style architecture fields and the list of
-architecture features the Megatron builders support (Llama 3, Qwen2/2.5, Qwen3 dense models:
-RMSNorm, SwiGLU, grouped-query attention, RoPE with optional llama3 or yarn scaling, Qwen2
+architecture features the Megatron builders support (Llama 3, Mistral, Qwen2/2.5, Qwen3 dense
+models: RMSNorm, SwiGLU, grouped-query attention, RoPE with optional llama3 or yarn scaling, Qwen2
 QKV bias, Qwen3 QK-norm). Anything else is refused here with a ValueError naming the file and key, so
 unsupported checkpoints fail at config time rather than deep inside model construction.
+
+Only ``model_type`` and the architecture keys decide; ``architectures`` and the model's name are
+never read, so fine-tunes that keep their base's config.json (DeepSeek-R1-Distill-Qwen is
+``qwen2``, DeepSeek-R1-Distill-Llama is ``llama``) resolve as their base family.
 
 config.json is read with plain ``json`` (no transformers import). Both the transformers 4
 layout (top-level ``rope_theta`` / ``rope_scaling``) and the transformers 5 layout
@@ -244,6 +248,14 @@ def _check_hf_features(hf: Mapping[str, Any], family: str, where: str) -> Dict[s
     if hf.get("use_sliding_window", False) or "sliding_attention" in layer_types:
         raise ValueError(f"{where}: sliding-window attention is not supported; use a model with "
                          "use_sliding_window=false")
+    # Mistral has no use_sliding_window switch: a non-null sliding_window is applied on every
+    # layer (transformers and vLLM), which the builders lack. Qwen2 keeps sliding_window set
+    # but unused unless use_sliding_window, so only Mistral's value is checked.
+    if family == "mistral" and hf.get("sliding_window") is not None:
+        raise ValueError(f"{where}: sliding_window={hf['sliding_window']!r} (model_type 'mistral') asks "
+                         "for sliding-window attention, which is not supported; only sliding_window=null")
+    if hf.get("llama_4_scaling") is not None:
+        raise ValueError(f"{where}: llama_4_scaling is not supported (no position-dependent attention scaling)")
     flags: Dict[str, Any] = {"qk_layernorm": family in ("qwen3", "qwen3_moe")}
     if family == "qwen2":
         flags["add_qkv_bias"] = True  # Qwen2 always biases q/k/v and never o_proj

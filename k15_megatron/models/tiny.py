@@ -83,7 +83,7 @@ TINY_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, 
 
 
 def _config_for(family: str, tokenizer_size: int, **overrides):
-    from transformers import LlamaConfig, Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig
 
     sizes = {**TINY_SIZES, **overrides}
     common = dict(vocab_size=tokenizer_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -98,6 +98,12 @@ def _config_for(family: str, tokenizer_size: int, **overrides):
     if family == "qwen3":
         base = dict(rope_theta=1000000.0, tie_word_embeddings=False, rms_norm_eps=1e-6, head_dim=32)
         return Qwen3Config(**{**common, **base, **sizes})
+    if family == "mistral":
+        # Mistral-Nemo's shape: an explicit head_dim (32) wider than hidden / heads (16); no sliding window.
+        sizes = {**TINY_SIZES, "num_attention_heads": 8, **overrides}
+        base = dict(rope_theta=1000000.0, tie_word_embeddings=False, rms_norm_eps=1e-5, head_dim=32,
+                    sliding_window=None)
+        return MistralConfig(**{**common, **base, **sizes})
     if family == "qwen3_moe":
         base = dict(rope_theta=1000000.0, tie_word_embeddings=False, rms_norm_eps=1e-6, head_dim=32,
                     norm_topk_prob=True, **TINY_MOE)
@@ -106,7 +112,7 @@ def _config_for(family: str, tokenizer_size: int, **overrides):
         base = dict(rope_theta=1000000.0, tie_word_embeddings=False, rms_norm_eps=1e-6, norm_topk_prob=False,
                     shared_expert_intermediate_size=96, **TINY_MOE)
         return Qwen2MoeConfig(**{**common, **base, **sizes})
-    raise ValueError(f"tiny model family {family!r}: use llama, qwen2, qwen3, qwen2_moe or qwen3_moe")
+    raise ValueError(f"tiny model family {family!r}: use llama, qwen2, qwen3, mistral, qwen2_moe or qwen3_moe")
 
 
 def save_tiny_hf_model(out_dir: str, family: str = "qwen2", *, seed: int = 0, init_std: float = 0.02,
