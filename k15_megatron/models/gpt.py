@@ -1,4 +1,4 @@
-"""Megatron-Core GPTModel builders for the Llama 3, Qwen2/2.5, Qwen3, Qwen2-MoE and Qwen3-MoE families.
+"""Megatron-Core GPTModel builders for the Llama 3, Mistral, Qwen2/2.5, Qwen3, Qwen2-MoE and Qwen3-MoE families.
 
 All are the same decoder with different switches, all carried by a resolved
 :class:`k15_megatron.config.model_arch.ModelArch` (built from a Hugging Face config.json):
