@@ -90,7 +90,7 @@ def pre_start_errors(cfg, *, job: str) -> Tuple[List[str], List[str]]:
     arch = resolve_model_arch(cfg.model)  # cfg is validated: this succeeds
     length_errors = _length_errors(cfg, arch, generates=inputs.generates, sft=job == "sft")
     errors += length_errors
-    errors += _precision_errors(cfg) if inputs.trains else []
+    errors += _precision_errors(cfg) + _moe_training_errors(cfg, arch) if inputs.trains else []
     errors += _layer_spec_errors(cfg)
     if job == "eval":
         from k15_megatron.jobs.eval_output import output_errors
@@ -149,6 +149,17 @@ def _precision_errors(cfg) -> List[str]:
         return []
     return [f"precision.dtype={cfg.precision.dtype}: training in {cfg.precision.dtype} needs a GPU (Megatron's "
             "mixed-precision optimizer takes CUDA tensors) and this machine has none; set precision.dtype=fp32"]
+
+
+def _moe_training_errors(cfg, arch: ModelArch) -> List[str]:
+    """Megatron-Core's MoE layer refuses to train under tensor parallelism without sequence
+    parallelism (a ValueError at the first training forward); said here, before any rank starts."""
+    if arch.is_moe and cfg.parallel.tensor > 1 and not cfg.parallel.sequence_parallel:
+        return [f"parallel.tensor={cfg.parallel.tensor} with a mixture-of-experts model ({arch.family}) trains only "
+                "with parallel.sequence_parallel=true (Megatron-Core's MoE layer refuses tensor parallelism without "
+                "it; sequence parallelism needs Transformer Engine); or split the experts with parallel.expert "
+                "and keep parallel.tensor=1"]
+    return []
 
 
 def _layer_spec_errors(cfg) -> List[str]:

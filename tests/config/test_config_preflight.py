@@ -304,3 +304,21 @@ def test_eval_replaces_its_own_results_but_never_a_user_s_file(tmp_path):
     (tmp_path / "mine_samples.jsonl").write_text("my notes\n")
     [error] = errors()
     assert samples_file(str(output)) in error and output.read_text().startswith("{")
+
+
+def test_moe_training_under_tensor_parallelism_needs_sequence_parallelism(tmp_path, tiny_moe_hf_dirs):
+    """Megatron-Core's MoE layer raises at the first training forward under TP without SP: the
+    training jobs say so before start-up; evaluation (forward only) and EP with TP=1 pass."""
+    path = _write(tmp_path / "s.jsonl", [{"prompt": "1+1", "response": "2"}])
+    moe = _hf_overrides(tiny_moe_hf_dirs["qwen3_moe"]) + [f"data.train_path={path}",
+           f"data.eval_path={_write(tmp_path / 'e.jsonl', [{'prompt': '1+1', 'answer': '2'}])}"]
+    tp2 = load_config(TINY, moe + ["parallel.world_size=2", "parallel.tensor=2"], environ={})
+    errors, _ = pre_start_errors(tp2, job="sft")
+    assert [e for e in errors if "mixture-of-experts" in e] == [
+        "parallel.tensor=2 with a mixture-of-experts model (qwen3_moe) trains only with "
+        "parallel.sequence_parallel=true (Megatron-Core's MoE layer refuses tensor parallelism without it; "
+        "sequence parallelism needs Transformer Engine); or split the experts with parallel.expert and keep "
+        "parallel.tensor=1"]
+    assert not [e for e in pre_start_errors(tp2, job="eval")[0] if "mixture-of-experts" in e]
+    ep2 = load_config(TINY, moe + ["parallel.world_size=2", "parallel.expert=2"], environ={})
+    assert not [e for e in pre_start_errors(ep2, job="sft")[0] if "mixture-of-experts" in e]
