@@ -10,7 +10,7 @@ the lone group twice as much if the loss did not correct for it. Every forward r
 micro-batch [1, tokens] of at most groups_per_micro_batch whole groups, their real tokens only,
 also in the reference log-prob recompute (rl.reference=recompute, at most
 groups_per_micro_batch x group_size rows). The same holds through the pipeline schedule (PP=2),
-whose stages exchange micro-batches of different token counts.
+whose stages exchange micro-batches of different token counts. Both run in one 2-process launch.
 """
 
 from __future__ import annotations
@@ -65,6 +65,26 @@ def _split_worker(rank, world_size, hf_dir, pp, groups, splits):
     return {"splits": out, "lengths": mine.attention_mask.sum(1).tolist()}
 
 
+CASES = {"DP2": (1, GROUPS, (3, 2, 1)), "PP2": (2, 5, (5, 2))}  # name -> (pp, groups, splits)
+
+
+def _cases_worker(rank, world_size, hf_dir):
+    """Every case of CASES in one launch, Megatron's parallel state re-initialised between them."""
+    from megatron.core import parallel_state as ps
+
+    out = {}
+    for name, (pp, groups, splits) in CASES.items():
+        out[name] = _split_worker(rank, world_size, hf_dir, pp, groups, splits)
+        ps.destroy_model_parallel()
+    return out
+
+
+@pytest.fixture(scope="module")
+def per_case(tiny_hf_dirs):
+    per_rank = run_distributed(_cases_worker, 2, tiny_hf_dirs["qwen2"], timeout_s=600)
+    return {name: [r[name] for r in per_rank] for name in CASES}
+
+
 def _forwards(lengths: list[int], per: int) -> list[tuple[int, int]]:
     """The packed forwards [1, tokens] of one update with ``per`` groups per micro-batch: the
     recompute (at most per * K rows each), then the training step (at most per groups each)."""
@@ -87,8 +107,8 @@ def _assert_same_step(rank: int, out: dict, reference: int) -> None:
 
 
 @pytest.mark.distributed
-def test_update_is_the_same_whatever_the_micro_batch_split(tiny_hf_dirs):
-    results = run_distributed(_split_worker, 2, tiny_hf_dirs["qwen2"], 1, GROUPS, (3, 2, 1), timeout_s=400)
+def test_update_is_the_same_whatever_the_micro_batch_split(per_case):
+    results = per_case["DP2"]
     for rank, r in enumerate(results):
         out = r["splits"]
         for per in (3, 2, 1):
@@ -103,11 +123,11 @@ def test_update_is_the_same_whatever_the_micro_batch_split(tiny_hf_dirs):
 
 
 @pytest.mark.distributed
-def test_packed_micro_batches_through_the_pipeline_schedule(tiny_hf_dirs):
+def test_packed_micro_batches_through_the_pipeline_schedule(per_case):
     """PP=2: 5 groups in micro-batches of at most 2 run as three packed micro-batches of
     different token counts (2, 2 and 1 groups; the stages exchange each shape), the recompute's
     10 rows likewise. Same step as one micro-batch of 5."""
-    results = run_distributed(_split_worker, 2, tiny_hf_dirs["qwen2"], 2, 5, (5, 2), timeout_s=400)
+    results = per_case["PP2"]
     for rank, r in enumerate(results):
         out = r["splits"]
         for per in (5, 2):
