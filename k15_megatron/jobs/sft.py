@@ -24,6 +24,7 @@ from k15_megatron.data.packing import pack_examples, row_examples
 from k15_megatron.data.sft_set import SftSet
 from k15_megatron.jobs.metrics_log import MetricsLogger
 from k15_megatron.jobs.preemption import PreemptionFlag
+from k15_megatron.train.moe_metrics import RoutingMetrics
 from k15_megatron.train.packed import pack_sequences
 from k15_megatron.train.schedule import packing_multiple
 from k15_megatron.train.setup import build_trainer, write_run_assets
@@ -98,14 +99,17 @@ def run(cfg) -> None:
         begin = time.perf_counter()
         indices = rows_for_step(rows, step, global_batch=cfg.data.global_batch_size, seed=cfg.seed)
         mine = [rows[i] for i in indices[layout.dp_rank * per_rank:(layout.dp_rank + 1) * per_rank]]
-        metrics = train_step(trainer.chunks, trainer.optimizer, trainer.scheduler,
-                             sft_micro_batches(mine, micro_batch_size=cfg.data.micro_batch_size, multiple=multiple))
+        with RoutingMetrics(trainer.chunks) as routing:
+            metrics = train_step(trainer.chunks, trainer.optimizer, trainer.scheduler,
+                                 sft_micro_batches(mine, micro_batch_size=cfg.data.micro_batch_size,
+                                                   multiple=multiple))
         elapsed = time.perf_counter() - begin
         # The step's example tokens (all DP ranks): the rows' padding is never computed.
         tokens = sum(len(rows[i].document_ids) - rows[i].document_ids.count(-1) for i in indices)
         logger.log(step + 1, {"train/loss": metrics["loss"], "train/grad_norm": metrics["grad_norm"],
                               "train/lr": metrics["lr"], "time/iteration_s": elapsed,
-                              "throughput/train_tokens_per_s": tokens / elapsed}, prefix="sft ")
+                              "throughput/train_tokens_per_s": tokens / elapsed, **routing.global_metrics()},
+                   prefix="sft ")
         done = step + 1
         stop = preemption.requested()  # collective: every rank asks every step
         if stop or (cfg.checkpoint.save_interval and done % cfg.checkpoint.save_interval == 0

@@ -43,6 +43,7 @@ from k15_megatron.rl.mismatch import (finalize_mismatch_metrics, logprob_mismatc
                                       truncated_is_weights)
 from k15_megatron.rl.optim_reset import reset_optimizer_state
 from k15_megatron.train.logprobs import hidden_state_output, sequence_token_logprobs
+from k15_megatron.train.moe_metrics import RoutingMetrics
 from k15_megatron.train.packed import next_token, pack_sequences, token_budget_groups
 from k15_megatron.train.schedule import packing_multiple
 from k15_megatron.train.step import global_step_metrics, train_step
@@ -240,7 +241,10 @@ def update_policy(trainer, batch: RolloutBatch, rl_cfg, *, micro_batch_tokens: i
     micro-batch, before the CP split; None: only ``rl.groups_per_micro_batch`` bounds it).
     Besides the loss, drift and log-ratio metrics: ``train/packed_tokens`` (tokens the training
     steps ran, padding to the CP/SP multiple included, summed over steps and data-parallel
-    ranks) and ``train/micro_batches_per_update`` (their mean per step and rank).
+    ranks) and ``train/micro_batches_per_update`` (their mean per step and rank); for a
+    mixture-of-experts model the routing metrics of every step's training forwards
+    (:class:`k15_megatron.train.moe_metrics.RoutingMetrics`: ``moe/aux_loss``,
+    ``moe/load_imbalance_max``, ``moe/router_entropy``, per layer ``moe/layer_{i}/...``).
 
     Raises:
         ValueError: the batch has no rewards, a group size other than ``rl.group_size``, rows
@@ -269,7 +273,7 @@ def update_policy(trainer, batch: RolloutBatch, rl_cfg, *, micro_batch_tokens: i
     counts = torch.zeros(2, dtype=torch.float64, device=device)  # micro-batches, packed tokens
     per_update, multiple = groups // updates, packing_multiple(trainer.chunks)
     losses, grad_norms = [], []
-    with hidden_state_output(trainer.chunks) as head:
+    with hidden_state_output(trainer.chunks) as head, RoutingMetrics(trainer.chunks) as routing:
         token_lp = functools.partial(head.token_logprobs, vocab_size=trainer.arch.vocab_size,
                                      chunk_size=rl_cfg.logprob_chunk_tokens)
         loss_fn = mirror_descent_loss_fn(rl_cfg, token_logprobs=token_lp, log_ratios=log_ratios,
@@ -286,6 +290,7 @@ def update_policy(trainer, batch: RolloutBatch, rl_cfg, *, micro_batch_tokens: i
             grad_norms.append(step["grad_norm"])
     counts = global_step_metrics(counts)
     metrics.update(log_ratios.global_metrics())
+    metrics.update(routing.global_metrics())
     metrics.update({"train/loss": sum(losses) / len(losses), "train/grad_norm": max(grad_norms),
                     "train/lr": step["lr"], "train/updates": float(updates),
                     "train/optimizer_reset_bytes": float(reset_bytes),
