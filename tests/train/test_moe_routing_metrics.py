@@ -11,7 +11,9 @@ loss aux = E / (k T^2) sum_e (sum_x p(x, e)) n_e (moe_utils.switch_load_balancin
 the step's aux objective on rank d is C / M_d sum_mb aux_mb (Megatron's schedule scales the aux
 gradient by CP / M), and DDP averages over the data-parallel ranks. Each rank runs 2 packed
 micro-batches of different token counts (one group each); expert parallelism needs the same
-number of forward passes on every EP rank (each runs the dispatcher's all-to-all).
+number of forward passes on every EP rank (each runs the dispatcher's all-to-all). The z-loss
+(coefficient set in both runs) is checked as a metric only: mean over tokens of
+logsumexp(x W^T)^2 per micro-batch.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from distributed import run_distributed
 from tooling import megatron_from_hf, single_segment_batch
 
-K, TAU, COEFF = 2, 0.1, 0.5
+K, TAU, COEFF, Z_COEFF = 2, 0.1, 0.5, 1e-3
 
 
 def _batch(vocab: int):
@@ -38,20 +40,21 @@ def _reference(inputs: list[torch.Tensor], weight: torch.Tensor, *, topk: int) -
     w = weight.detach().double().requires_grad_()
     num_experts = w.shape[0]
     counts = torch.zeros(num_experts, dtype=torch.float64)
-    entropy, tokens, aux = 0.0, 0, []
+    entropy, tokens, aux, z = 0.0, 0, [], []
     for x in inputs:
         logits = x.reshape(-1, x.shape[-1]).double() @ w.T
         p = torch.softmax(logits, -1)
         n = torch.zeros_like(p).scatter(1, p.topk(topk, dim=-1).indices, 1.0).sum(0)
         t = logits.shape[0]
         aux.append(num_experts / (topk * t * t) * (p.sum(0) * n).sum())
+        z.append(float((torch.logsumexp(logits, -1) ** 2).mean()))  # ST-MoE z-loss, unweighted
         counts += n
         entropy += float(-(p * torch.log_softmax(logits, -1)).sum())
         tokens += t
     objective = COEFF * torch.stack(aux).mean()
     (grad,) = torch.autograd.grad(objective, w)
     return {"counts": counts, "entropy": entropy, "tokens": tokens, "aux_mean": float(torch.stack(aux).mean()),
-            "grad": grad, "micro_batches": len(inputs)}
+            "z_mean": sum(z) / len(z), "grad": grad, "micro_batches": len(inputs)}
 
 
 def _worker(rank, world_size, hf_dir):
@@ -75,6 +78,7 @@ def _worker(rank, world_size, hf_dir):
     for router in routers.values():
         router.register_forward_hook(keep_input)
     assert model.config.moe_router_load_balancing_type == "aux_loss"
+    model.config.moe_z_loss_coeff = Z_COEFF  # in both runs: its gradient cancels in their difference
     cfg = RLConfig(group_size=K, tau=TAU, reference="recompute", groups_per_micro_batch=1,
                    logprob_chunk_tokens=8, updates_per_iteration=1)
     batch = _batch(arch.vocab_size)
@@ -118,6 +122,7 @@ def test_moe_aux_loss_gradient_and_routing_metrics(tiny_moe_hf_dirs):
             f"moe/layer_{i}/router_entropy": sum(ref["entropy"] for ref in refs) / sum(ref["tokens"] for ref in refs),
             f"moe/layer_{i}/dropped_fraction": 0.0,
             f"moe/layer_{i}/load_balancing_loss": sum(ref["aux_mean"] for ref in refs) / 2,
+            f"moe/layer_{i}/z_loss": sum(ref["z_mean"] for ref in refs) / 2,
         }
         for result in results:
             metrics = result["runs"][COEFF]["metrics"]
@@ -132,6 +137,8 @@ def test_moe_aux_loss_gradient_and_routing_metrics(tiny_moe_hf_dirs):
         assert not any(key.startswith("moe/layer_0/") for key in metrics)  # the dense layer
         per_layer = [metrics[f"moe/layer_{n - 1}/load_balancing_loss"] for n in layers]
         assert abs(metrics["moe/aux_loss"] - COEFF * sum(per_layer)) <= 1e-9
+        z_total = Z_COEFF * sum(metrics[f"moe/layer_{n - 1}/z_loss"] for n in layers)
+        assert abs(metrics["moe/z_loss"] - z_total) <= 1e-12
         assert metrics["moe/load_imbalance_max"] == max(metrics[f"moe/layer_{n - 1}/load_imbalance"] for n in layers)
         assert metrics["moe/dropped_fraction"] == 0.0
         assert "moe/aux_loss" not in result["runs"][0.0]["metrics"]
