@@ -88,7 +88,8 @@ def _worker(rank, world_size, hf_dir):
         for kept in inputs.values():
             kept.clear()
         metrics = update_policy(trainer, batch, cfg)
-        runs[coeff] = {"metrics": metrics, "grads": {n: r.weight.main_grad.detach().clone() for n, r in routers.items()},
+        runs[coeff] = {"metrics": metrics,
+                       "grads": {n: r.weight.main_grad.detach().clone() for n, r in routers.items()},
                        "references": {n: _reference(inputs[n], routers[n].weight, topk=routers[n].topk)
                                       for n in routers}}
     return {"runs": runs, "num_layers": model.config.num_layers}
@@ -130,7 +131,8 @@ def test_moe_aux_loss_gradient_and_routing_metrics(tiny_moe_hf_dirs):
                 assert abs(metrics[key] - value) <= 1e-5 * max(1.0, abs(value)), (key, metrics[key], value)
             # Without the coefficient no aux loss is attached or logged; routing metrics stay.
             assert f"moe/layer_{i}/load_balancing_loss" not in result["runs"][0.0]["metrics"]
-            assert result["runs"][0.0]["metrics"][f"moe/layer_{i}/load_imbalance"] == metrics[f"moe/layer_{i}/load_imbalance"]
+            key = f"moe/layer_{i}/load_imbalance"
+            assert result["runs"][0.0]["metrics"][key] == metrics[key]
 
     for result in results:
         metrics = result["runs"][COEFF]["metrics"]
