@@ -131,6 +131,26 @@ def _check_shapes(batches: list[dict], *, model) -> tuple[int, int]:
     return max(length for _, length in shapes), max(rows for rows, _ in shapes)
 
 
+def _check_expert_parallel_counts(model, count: int) -> None:
+    """Every expert-parallel rank must run the same number of micro-batches: each forward of an
+    MoE layer is an all-to-all (or all-gather) over the EP group, so a rank with one more
+    micro-batch than another waits forever. A token budget (``data.micro_batch_tokens``) can cut
+    the data-parallel ranks' different samples into different counts; this raises instead of
+    hanging (one all-reduce over the EP group, only for MoE models under EP > 1)."""
+    from megatron.core import parallel_state as ps
+
+    if not unwrap_model(_as_list(model)[0]).config.num_moe_experts or ps.get_expert_model_parallel_world_size() == 1:
+        return
+    counts = torch.tensor([count, -count], dtype=torch.int64, device=compute_device())
+    torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.MAX, group=ps.get_expert_model_parallel_group())
+    most, fewest = int(counts[0]), -int(counts[1])
+    if most != fewest:
+        raise ValueError(f"expert-parallel ranks would run between {fewest} and {most} micro-batches in one step "
+                         f"(this rank {count}); every MoE layer's token exchange needs the same number on each EP "
+                         "rank: unset data.micro_batch_tokens or raise it so that each rank's share fits the same "
+                         "number of micro-batches")
+
+
 def forward_backward(model, micro_batches: Sequence[dict], loss_fn: Callable, *,
                      forward_only: bool = False) -> list[dict]:
     """Run all ``micro_batches`` forward (and backward unless ``forward_only``); see the module
@@ -142,7 +162,8 @@ def forward_backward(model, micro_batches: Sequence[dict], loss_fn: Callable, *,
     Raises:
         ValueError: no micro-batches, packed and padded ones mixed, a row length that is not a
             multiple of :func:`packing_multiple`, shapes that differ under PP without
-            ``variable_seq_lengths``, or an attention mask under CP > 1.
+            ``variable_seq_lengths``, an attention mask under CP > 1, or expert-parallel ranks
+            with different micro-batch counts.
     """
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -150,6 +171,7 @@ def forward_backward(model, micro_batches: Sequence[dict], loss_fn: Callable, *,
     if not micro_batches:
         raise ValueError("forward_backward needs at least one micro-batch")
     batches = list(micro_batches)
+    _check_expert_parallel_counts(model, len(batches))
     seq_length, micro_batch_size = _check_shapes(batches, model=model)
     cp_size, cp_rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
     iterator = iter(batches)
