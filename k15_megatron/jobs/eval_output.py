@@ -42,15 +42,15 @@ def _first_json_object(path: str, *, whole_file: bool) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def output_errors(output: str) -> List[str]:
-    """One line per existing file at ``eval.output`` or its samples file that an earlier
-    ``k15 eval`` did not write (empty when both are new or k15's own)."""
+def output_errors(output: str, *, key: str = "eval.output") -> List[str]:
+    """One line per existing file at ``output`` (the config ``key`` names it) or its samples
+    file that an earlier ``k15 eval`` did not write (empty when both are new or k15's own)."""
     errors = []
     for path, keys, whole in ((output, RESULT_KEYS, True), (samples_file(output), SAMPLE_KEYS, False)):
         if not os.path.lexists(path):
             continue
         data = _first_json_object(path, whole_file=whole) if os.path.isfile(path) else None
         if data is None or not all(key in data for key in keys):
-            errors.append(f"eval.output={output}: {path} exists and is not an earlier k15 eval result; "
-                          "choose another eval.output (k15 eval replaces only its own results)")
+            errors.append(f"{key}={output}: {path} exists and is not an earlier k15 eval result; "
+                          f"choose another {key} (k15 eval replaces only its own results)")
     return errors

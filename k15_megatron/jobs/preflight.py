@@ -96,6 +96,11 @@ def pre_start_errors(cfg, *, job: str) -> Tuple[List[str], List[str]]:
         from k15_megatron.jobs.eval_output import output_errors
 
         errors += output_errors(cfg.eval.output)
+        greedy = cfg.eval.greedy_output
+        if greedy and os.path.abspath(greedy) == os.path.abspath(cfg.eval.output):
+            errors.append(f"eval.greedy_output={greedy} is eval.output too; give the greedy results a file of their own")
+        elif greedy:
+            errors += output_errors(greedy, key="eval.greedy_output")
     tokenizer, warnings = None, []
     try:
         tokenizer, warning = _tokenizer(cfg, arch)

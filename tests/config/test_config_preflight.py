@@ -322,3 +322,19 @@ def test_moe_training_under_tensor_parallelism_needs_sequence_parallelism(tmp_pa
     assert not [e for e in pre_start_errors(tp2, job="eval")[0] if "mixture-of-experts" in e]
     ep2 = load_config(TINY, moe + ["parallel.world_size=2", "parallel.expert=2"], environ={})
     assert not [e for e in pre_start_errors(ep2, job="sft")[0] if "mixture-of-experts" in e]
+
+
+def test_eval_greedy_output_is_checked_like_eval_output(tmp_path):
+    """eval.greedy_output may not be eval.output, nor a file k15 eval did not write."""
+    prompts = _write(tmp_path / "e.jsonl", [{"prompt": "1+1", "answer": "2"}])
+    base = [f"data.eval_path={prompts}", "parallel.world_size=1", f"eval.output={tmp_path / 'eval.json'}"]
+    same = load_config(TINY, base + [f"eval.greedy_output={tmp_path / 'eval.json'}"], environ={})
+    assert pre_start_errors(same, job="eval")[0] == [
+        f"eval.greedy_output={tmp_path / 'eval.json'} is eval.output too; give the greedy results a file of their own"]
+    (tmp_path / "notes.json").write_text('{"mine": 1}')
+    foreign = load_config(TINY, base + [f"eval.greedy_output={tmp_path / 'notes.json'}"], environ={})
+    assert pre_start_errors(foreign, job="eval")[0] == [
+        f"eval.greedy_output={tmp_path / 'notes.json'}: {tmp_path / 'notes.json'} exists and is not an earlier "
+        "k15 eval result; choose another eval.greedy_output (k15 eval replaces only its own results)"]
+    fresh = load_config(TINY, base + [f"eval.greedy_output={tmp_path / 'greedy.json'}"], environ={})
+    assert pre_start_errors(fresh, job="eval")[0] == []
