@@ -10,6 +10,23 @@ import sys
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def save_config(tmp_path, config, name: str = "m") -> str:
+    """``config.save_pretrained`` (a transformers config) into ``tmp_path/name``; returns the folder."""
+    folder = tmp_path / name
+    config.save_pretrained(str(folder))
+    return str(folder)
+
+
+def save_config_json(tmp_path, data: dict, name: str = "m") -> str:
+    """``data`` as the config.json of a new folder ``tmp_path/name``; returns the folder."""
+    import json
+
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(data))
+    return str(folder)
+
+
 def run_tool(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run ``python <args>`` from the repository root; returns the CompletedProcess."""
     env = {"K15_STRICT_DEVICE": "1", **os.environ}  # see tests/conftest.py

@@ -5,11 +5,11 @@ before anything starts."""
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
 from tooling import REPO_ROOT
+from tooling import save_config_json as save_json
 from transformers import AutoConfig, MistralConfig
 
 from k15_megatron.config import ModelArch, ModelConfig, resolve_model_arch
@@ -41,13 +41,6 @@ R1_DISTILL_LLAMA = {
     "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
     "transformers_version": "4.43.1", "use_cache": True, "vocab_size": 128256,
 }
-
-
-def save_json(tmp_path, data: dict, name="m") -> str:
-    folder = tmp_path / name
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(data))
-    return str(folder)
 
 
 def test_mistral_resolves_like_llama_with_an_explicit_head_dim(tmp_path):

@@ -4,9 +4,10 @@ QK-norm), the transformers-4 layout, overrides, and every refusal."""
 
 from __future__ import annotations
 
-import json
 
 import pytest
+from tooling import save_config as save
+from tooling import save_config_json as save_json
 from transformers import GPT2Config, LlamaConfig, Qwen2Config, Qwen3Config
 
 from k15_megatron.config import ModelArch, ModelConfig, read_hf_config, resolve_model_arch
@@ -17,19 +18,6 @@ SIZES = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=3, num_att
 # transformers adds rope_theta into the dict it is given: always pass a copy.
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 256}
-
-
-def save(tmp_path, config, name="m") -> str:
-    folder = tmp_path / name
-    config.save_pretrained(str(folder))
-    return str(folder)
-
-
-def save_json(tmp_path, data: dict, name="m") -> str:
-    folder = tmp_path / name
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(data))
-    return str(folder)
 
 
 def test_llama3_with_rope_scaling(tmp_path):

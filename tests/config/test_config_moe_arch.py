@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from tooling import save_config as save
+from tooling import save_config_json as save_json
 from transformers import Qwen2MoeConfig, Qwen3MoeConfig
 
 from k15_megatron.config import ModelConfig, resolve_model_arch
@@ -15,12 +17,6 @@ from k15_megatron.config.moe_arch import moe_layer_indices
 
 SIZES = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=300, max_position_embeddings=1024, rms_norm_eps=1e-6)
-
-
-def save(tmp_path, config, name="m") -> str:
-    folder = tmp_path / name
-    config.save_pretrained(str(folder))
-    return str(folder)
 
 
 def edit(folder: str, **changes) -> str:
@@ -49,16 +45,9 @@ def test_qwen3_moe_routing_and_layer_pattern(tmp_path):
     hub = edit(folder, num_local_experts=None, num_experts=8)
     assert resolve_model_arch(ModelConfig(hf_path=hub)) == arch
     # A config.json written for export reads back as the same architecture.
-    exported = save_json(tmp_path, hf_config_dict(arch, json.load(open(f"{folder}/config.json"))))
+    exported = save_json(tmp_path, hf_config_dict(arch, json.load(open(f"{folder}/config.json"))), "exported")
     assert resolve_model_arch(ModelConfig(hf_path=exported)) == arch
     assert Qwen3MoeConfig.from_pretrained(exported).num_experts == 8
-
-
-def save_json(tmp_path, data: dict) -> str:
-    folder = tmp_path / "exported"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(data))
-    return str(folder)
 
 
 def test_qwen2_moe_shared_expert_and_defaults(tmp_path):

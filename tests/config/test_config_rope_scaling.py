@@ -9,6 +9,8 @@ import json
 
 import pytest
 import torch
+from tooling import save_config as save
+from tooling import save_config_json as save_json
 from transformers import AutoConfig, LlamaConfig, Qwen2Config
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -18,17 +20,6 @@ from k15_megatron.config.hf_config import hf_config_dict
 SIZES = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=300, rms_norm_eps=1e-6)
 QWEN25_YARN = {"factor": 4.0, "original_max_position_embeddings": 32768}
-
-
-def save(tmp_path, config, name="m") -> str:
-    config.save_pretrained(str(tmp_path / name))
-    return str(tmp_path / name)
-
-
-def save_json(tmp_path, data: dict, name="m") -> str:
-    (tmp_path / name).mkdir()
-    (tmp_path / name / "config.json").write_text(json.dumps(data))
-    return str(tmp_path / name)
 
 
 def old_layout(tmp_path, rope_scaling: dict, name="old", **extra) -> str:
