@@ -10,6 +10,10 @@ An exception in any rank fails the call with that rank's traceback; a hang fails
 under torchrun. Ranks run in the strict device mode (``K15_STRICT_DEVICE=1``, see
 :mod:`k15_megatron.parallel.strict_device`) unless ``strict_device=False`` or the suite runs
 with ``K15_STRICT_DEVICE=0``.
+
+``run_cases(world_size, {name: (fn, args)})`` runs several such functions one after the other in
+ONE launch (starting processes costs more than most checks), destroying Megatron's parallel
+state after each, and returns ``{name: [rank 0's result, rank 1's, ...]}``.
 """
 
 from __future__ import annotations
@@ -88,3 +92,22 @@ def run_distributed(fn, world_size: int, *args, timeout_s: float = 600.0, strict
     if failures:
         raise AssertionError("\n".join(failures))
     return [results[r] for r in range(world_size)]
+
+
+def _cases_entry(rank, world_size, cases):
+    from megatron.core import parallel_state as ps
+
+    out = {}
+    for name, (fn, args) in cases.items():
+        out[name] = fn(rank, world_size, *args)
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+    return out
+
+
+def run_cases(world_size: int, cases: dict, *, timeout_s: float = 600.0) -> dict:
+    """Run every ``fn(rank, world_size, *args)`` of ``cases`` ({name: (fn, args)}, in order) in one
+    launch of ``world_size`` processes, Megatron's parallel state destroyed after each; returns
+    {name: [rank 0's result, rank 1's, ...]}. ``fn`` must be module-level (pickled by reference)."""
+    per_rank = run_distributed(_cases_entry, world_size, cases, timeout_s=timeout_s)
+    return {name: [result[name] for result in per_rank] for name in cases}

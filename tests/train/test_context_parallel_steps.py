@@ -112,14 +112,6 @@ def _layouts_worker(rank, world_size, hf_dir):
     return out
 
 
-def context_parallel_worker(rank, world_size, hf_dir):
-    """Both context-parallel checks in one launch (conftest.context_parallel_launch): the RL
-    update's first (it leaves Megatron's parallel state destroyed), then this module's."""
-    from test_policy_update_cp import update_worker
-
-    return {"update": update_worker(rank, world_size, hf_dir), "steps": _layouts_worker(rank, world_size, hf_dir)}
-
-
 def _hf_row_logprobs(hf_dir: str, ids: torch.Tensor, lengths) -> torch.Tensor:
     """float64 log-probs of each row alone (its real tokens only), [B, T-1], 0 past each row."""
     from transformers import AutoModelForCausalLM
@@ -153,7 +145,7 @@ def _merged(per_rank, name, key):
 @pytest.mark.slow  # the shared launch: about 75 s
 def test_sft_step_and_recompute_equal_across_context_parallel_layouts(tiny_hf_dirs, context_parallel_launch):
     hf_dir = tiny_hf_dirs["qwen2"]
-    per_rank = [result["steps"] for result in context_parallel_launch]
+    per_rank = context_parallel_launch["steps"]
     reference = _merged(per_rank, "CP1", "packed")
     hf = _hf_row_logprobs(hf_dir, per_rank[0]["ids"], ROW_LENGTHS)
     for name in LAYOUTS:

@@ -113,7 +113,7 @@ def update_worker(rank, world_size, hf_dir):
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_update_under_context_parallelism_equals_cp1(context_parallel_launch):
-    results = [result["update"] for result in context_parallel_launch]
+    results = context_parallel_launch["update"]
     for (layout, config), (metrics, delta) in results[0].items():
         reference_metrics, reference = results[0][("TP=1 CP=1", config)]
         scale = max(d.abs().max().item() for d in reference.values())

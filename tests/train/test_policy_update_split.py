@@ -19,7 +19,7 @@ import types
 
 import pytest
 import torch
-from distributed import run_distributed
+from distributed import run_cases
 from tooling import megatron_from_hf, single_segment_batch
 
 K, TAU, T, GROUPS = 2, 0.1, 12, 6
@@ -68,21 +68,9 @@ def _split_worker(rank, world_size, hf_dir, pp, groups, splits):
 CASES = {"DP2": (1, GROUPS, (3, 2, 1)), "PP2": (2, 5, (5, 2))}  # name -> (pp, groups, splits)
 
 
-def _cases_worker(rank, world_size, hf_dir):
-    """Every case of CASES in one launch, Megatron's parallel state re-initialised between them."""
-    from megatron.core import parallel_state as ps
-
-    out = {}
-    for name, (pp, groups, splits) in CASES.items():
-        out[name] = _split_worker(rank, world_size, hf_dir, pp, groups, splits)
-        ps.destroy_model_parallel()
-    return out
-
-
 @pytest.fixture(scope="module")
 def per_case(tiny_hf_dirs):
-    per_rank = run_distributed(_cases_worker, 2, tiny_hf_dirs["qwen2"], timeout_s=600)
-    return {name: [r[name] for r in per_rank] for name in CASES}
+    return run_cases(2, {name: (_split_worker, (tiny_hf_dirs["qwen2"], *case)) for name, case in CASES.items()})
 
 
 def _forwards(lengths: list[int], per: int) -> list[tuple[int, int]]:

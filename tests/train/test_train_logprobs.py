@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from distributed import run_distributed
+from distributed import run_cases
 from tooling import megatron_from_hf
 
 
@@ -91,21 +91,9 @@ def _head_worker(rank, world_size, hf_dir, tp, pp):
 LAYOUTS = {"TP2": (2, 1), "PP2": (1, 2)}
 
 
-def _layouts_worker(rank, world_size, hf_dir):
-    """Every layout of LAYOUTS in one launch, Megatron's parallel state re-initialised between them."""
-    from megatron.core import parallel_state as ps
-
-    out = {}
-    for name, (tp, pp) in LAYOUTS.items():
-        out[name] = _head_worker(rank, world_size, hf_dir, tp, pp)
-        ps.destroy_model_parallel()
-    return out
-
-
 @pytest.fixture(scope="module")
 def per_layout(tiny_hf_dirs):
-    per_rank = run_distributed(_layouts_worker, 2, tiny_hf_dirs["qwen2"], timeout_s=600)
-    return {name: [r[name] for r in per_rank] for name in LAYOUTS}
+    return run_cases(2, {name: (_head_worker, (tiny_hf_dirs["qwen2"], tp, pp)) for name, (tp, pp) in LAYOUTS.items()})
 
 
 @pytest.mark.distributed

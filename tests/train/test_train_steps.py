@@ -8,7 +8,7 @@ every case, Megatron's parallel state re-initialised between them.
 
 import pytest
 import torch
-from distributed import run_distributed
+from distributed import run_cases
 from tooling import megatron_from_hf
 
 
@@ -25,24 +25,13 @@ def _train_worker(rank, world_size, hf_dir, tp, pp):
     return [train_step(chunks, optimizer, scheduler, micro_batches) for _ in range(5)]
 
 
-def _all_cases_worker(rank, world_size, dirs):
-    from megatron.core import parallel_state as ps
-
-    out = {}
-    for name, run in (("TP2", lambda: _train_worker(rank, world_size, dirs["llama"], 2, 1)),
-                      ("PP2", lambda: _train_worker(rank, world_size, dirs["llama"], 1, 2)),
-                      ("DP2", lambda: _replica_worker(rank, world_size, dirs["qwen3"], 1)),
-                      ("tied PP2", lambda: _replica_worker(rank, world_size, dirs["qwen2"], 2))):
-        out[name] = run()
-        ps.destroy_model_parallel()
-    return out
-
-
 @pytest.fixture(scope="module")
 def runs(tiny_hf_dirs):
     """case -> [rank 0's result, rank 1's result]"""
-    per_rank = run_distributed(_all_cases_worker, 2, dict(tiny_hf_dirs), timeout_s=600)
-    return {case: [r[case] for r in per_rank] for case in per_rank[0]}
+    return run_cases(2, {"TP2": (_train_worker, (tiny_hf_dirs["llama"], 2, 1)),
+                         "PP2": (_train_worker, (tiny_hf_dirs["llama"], 1, 2)),
+                         "DP2": (_replica_worker, (tiny_hf_dirs["qwen3"], 1)),
+                         "tied PP2": (_replica_worker, (tiny_hf_dirs["qwen2"], 2))})
 
 
 @pytest.mark.distributed
