@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Optional
+import functools
+from typing import Callable, Optional
 
 import torch
 
@@ -35,8 +36,8 @@ from k15_megatron.models.gpt import unwrap_model
 from k15_megatron.parallel.context import natural_order_index, padded_length
 from k15_megatron.parallel.device import compute_device
 from k15_megatron.rl.logprobs import token_logprobs
-from k15_megatron.train.packed import next_token, pack_sequences, padded_lengths, token_budget_groups
-from k15_megatron.train.schedule import forward_backward, packing_multiple
+from k15_megatron.train.packed import next_token, pack_sequences, padded_lengths, split_to_count, token_budget_groups
+from k15_megatron.train.schedule import forward_backward, micro_batch_count, packing_multiple
 
 
 @dataclasses.dataclass
@@ -128,14 +129,19 @@ def _gather_context_parallel(local: torch.Tensor, sequence_lengths: list[int]) -
 
 
 def packed_logprob_micro_batches(input_ids: torch.Tensor, lengths: list[int], *, multiple: int,
-                                 max_rows: int, max_tokens: int | None) -> list[dict]:
+                                 max_rows: int, max_tokens: int | None,
+                                 count_for: Callable[[int], int] | None = None) -> list[dict]:
     """Packed micro-batches (:func:`k15_megatron.train.packed.pack_sequences`) of the rows of
     ``input_ids`` [B, T] cut to ``lengths``: per token ``input_ids`` and ``targets`` (the next
     token of the same sequence; 0 on each sequence's last token, whose log-prob is dropped),
     ``rows`` (the row of each sequence). Consecutive rows fill a micro-batch up to ``max_tokens``
-    padded tokens (None: no budget) and ``max_rows`` rows (:func:`token_budget_groups`)."""
+    padded tokens (None: no budget) and ``max_rows`` rows (:func:`token_budget_groups`);
+    ``count_for`` (a collective such as :func:`k15_megatron.train.schedule.micro_batch_count`)
+    turns this rank's count into the count to run (:func:`split_to_count`)."""
     padded = [padded_length(n, multiple) for n in lengths]
     groups = token_budget_groups(padded, max_tokens=max_tokens or sum(padded), max_items=max_rows)
+    if count_for is not None:
+        groups = split_to_count(groups, padded, count_for(len(groups)))
     batches = []
     for rows in groups:
         sequences = []
@@ -177,7 +183,8 @@ def sequence_token_logprobs(model_chunks, input_ids: torch.Tensor, *, vocab_size
         raise ValueError(f"lengths must be {batch_size} values in [1, {seq_len}], got {row_lengths}")
     micro_batches = packed_logprob_micro_batches(input_ids.cpu(), row_lengths, multiple=packing_multiple(model_chunks),
                                                  max_rows=micro_batch_size or batch_size,
-                                                 max_tokens=micro_batch_tokens)
+                                                 max_tokens=micro_batch_tokens,
+                                                 count_for=functools.partial(micro_batch_count, model_chunks))
     device = compute_device()
     result = torch.zeros(batch_size, seq_len - 1, dtype=torch.float32, device=device)
     for chunk in (model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]):

@@ -18,7 +18,9 @@ added by a caller is split with the tokens without being named here. Each sequen
 and 100k-token sequences costs what its tokens cost, not B x the longest.
 
 :func:`token_budget_groups` is the dynamic micro-batching rule: consecutive items (sequences, or
-RL groups of sequences kept whole) fill micro-batches up to a token budget.
+RL groups of sequences kept whole) fill micro-batches up to a token budget;
+:func:`split_to_count` cuts them further until a given count (ranks that must run the same
+number of forward passes, e.g. an expert-parallel group).
 """
 
 from __future__ import annotations
@@ -139,3 +141,33 @@ def token_budget_groups(item_tokens: Sequence[int], *, max_tokens: int,
             groups.append([index])
             used = tokens
     return groups
+
+
+def split_to_count(groups: Sequence[Sequence[int]], item_tokens: Sequence[int], count: int) -> list[list[int]]:
+    """``groups`` (:func:`token_budget_groups`' micro-batches of item indices) split until there
+    are ``count`` of them: each time, the micro-batch of the most tokens that holds two or more
+    items is cut in two at the item boundary that best balances its tokens (the earlier boundary
+    on a tie). Items stay in order and whole, so every micro-batch stays within the token budget;
+    ``count`` <= len(groups) returns them unchanged.
+
+    Raises:
+        ValueError: ``count`` above the number of items (a micro-batch needs at least one).
+    """
+    out = [list(g) for g in groups]
+    items = sum(len(g) for g in out)
+    if count > items:
+        raise ValueError(f"cannot run {count} micro-batches of {items} items (sequences or RL groups): "
+                         "each micro-batch needs at least one")
+    while len(out) < count:
+        index = max((i for i, g in enumerate(out) if len(g) > 1),
+                    key=lambda i: (sum(item_tokens[j] for j in out[i]), -i))
+        group = out[index]
+        tokens = [item_tokens[j] for j in group]
+        total, before, best = sum(tokens), 0, None
+        for cut in range(1, len(group)):
+            before += tokens[cut - 1]
+            imbalance = abs(total - 2 * before)
+            if best is None or imbalance < best[0]:
+                best = (imbalance, cut)
+        out[index:index + 1] = [group[:best[1]], group[best[1]:]]
+    return out

@@ -32,6 +32,7 @@ compute device) before any mean is formed, and equal on every rank.
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import torch
 
@@ -44,8 +45,8 @@ from k15_megatron.rl.mismatch import (finalize_mismatch_metrics, logprob_mismatc
 from k15_megatron.rl.optim_reset import reset_optimizer_state
 from k15_megatron.train.logprobs import hidden_state_output, sequence_token_logprobs
 from k15_megatron.train.moe_metrics import RoutingMetrics
-from k15_megatron.train.packed import next_token, pack_sequences, token_budget_groups
-from k15_megatron.train.schedule import packing_multiple
+from k15_megatron.train.packed import next_token, pack_sequences, split_to_count, token_budget_groups
+from k15_megatron.train.schedule import micro_batch_count, packing_multiple
 from k15_megatron.train.step import global_step_metrics, train_step
 
 
@@ -69,7 +70,8 @@ def response_sequences(batch: RolloutBatch, reference: torch.Tensor) -> list[dic
 
 
 def packed_micro_batches(batch: RolloutBatch, reference: torch.Tensor, *, multiple: int,
-                         max_tokens: int | None, max_groups: int) -> list[dict]:
+                         max_tokens: int | None, max_groups: int,
+                         count_for: Callable[[int], int] | None = None) -> list[dict]:
     """The packed micro-batches (:func:`k15_megatron.train.packed.pack_sequences`) of one
     optimizer step on this rank, on the host (the schedule moves each to the device and cuts it
     per CP rank).
@@ -78,7 +80,10 @@ def packed_micro_batches(batch: RolloutBatch, reference: torch.Tensor, *, multip
     ``multiple`` tokens (:func:`k15_megatron.train.schedule.packing_multiple`). Whole groups
     fill micro-batches in order up to ``max_tokens`` padded tokens (None: no token budget) and
     at most ``max_groups`` groups (:func:`k15_megatron.train.packed.token_budget_groups`; a
-    group above the budget runs alone). Per micro-batch of n samples: the packed per-token
+    group above the budget runs alone). ``count_for`` (e.g. ``functools.partial(
+    k15_megatron.train.schedule.micro_batch_count, model)``, a collective) turns this rank's count
+    into the count to run, reached by splitting micro-batches at group boundaries
+    (:func:`k15_megatron.train.packed.split_to_count`). Per micro-batch of n samples: the packed per-token
     [1, T] fields ``input_ids``, ``position_ids``, ``sequence_ids``, ``targets``,
     ``loss_mask``, ``behaviour``, ``reference``, the ``cu_seqlens`` metadata, and ``rewards``
     [n], ``loss_tokens`` [n] (each response's loss-mask count: the WHOLE length that
@@ -90,6 +95,8 @@ def packed_micro_batches(batch: RolloutBatch, reference: torch.Tensor, *, multip
     group_tokens = [sum(padded_length(int(s["input_ids"].numel()), multiple) for s in sequences[g * k:(g + 1) * k])
                     for g in range(batch.num_groups)]
     cuts = token_budget_groups(group_tokens, max_tokens=max_tokens or sum(group_tokens), max_items=max_groups)
+    if count_for is not None:
+        cuts = split_to_count(cuts, group_tokens, count_for(len(cuts)))
     out = []
     for groups in cuts:
         rows = [g * k + j for g in groups for j in range(k)]
@@ -282,7 +289,8 @@ def update_policy(trainer, batch: RolloutBatch, rl_cfg, *, micro_batch_tokens: i
             part = mine.select_groups(torch.arange(u * per_update, (u + 1) * per_update))
             rows = slice(u * per_update * mine.group_size, (u + 1) * per_update * mine.group_size)
             micro = packed_micro_batches(part, reference[rows], multiple=multiple, max_tokens=micro_batch_tokens,
-                                         max_groups=rl_cfg.groups_per_micro_batch)
+                                         max_groups=rl_cfg.groups_per_micro_batch,
+                                         count_for=functools.partial(micro_batch_count, trainer.chunks))
             counts += torch.tensor([len(micro), sum(int(mb["cu_seqlens_padded"][-1]) for mb in micro)],
                                    dtype=torch.float64, device=device)
             step = train_step(trainer.chunks, trainer.optimizer, trainer.scheduler, micro, loss_fn=loss_fn)

@@ -131,24 +131,43 @@ def _check_shapes(batches: list[dict], *, model) -> tuple[int, int]:
     return max(length for _, length in shapes), max(rows for rows, _ in shapes)
 
 
-def _check_expert_parallel_counts(model, count: int) -> None:
-    """Every expert-parallel rank must run the same number of micro-batches: each forward of an
-    MoE layer is an all-to-all (or all-gather) over the EP group, so a rank with one more
-    micro-batch than another waits forever. A token budget (``data.micro_batch_tokens``) can cut
-    the data-parallel ranks' different samples into different counts; this raises instead of
-    hanging (one all-reduce over the EP group, only for MoE models under EP > 1)."""
+def _expert_parallel_group(model):
+    """The expert-parallel group when ``model`` is a mixture of experts under EP > 1, else None."""
     from megatron.core import parallel_state as ps
 
     if not unwrap_model(_as_list(model)[0]).config.num_moe_experts or ps.get_expert_model_parallel_world_size() == 1:
-        return
+        return None
+    return ps.get_expert_model_parallel_group()
+
+
+def _count_range(model, count: int) -> tuple[int, int]:
+    """(fewest, most) of ``count`` over the expert-parallel group (one all-reduce)."""
+    group = _expert_parallel_group(model)
+    if group is None:
+        return count, count
     counts = torch.tensor([count, -count], dtype=torch.int64, device=compute_device())
-    torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.MAX, group=ps.get_expert_model_parallel_group())
-    most, fewest = int(counts[0]), -int(counts[1])
+    torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.MAX, group=group)
+    return -int(counts[1]), int(counts[0])
+
+
+def micro_batch_count(model, count: int) -> int:
+    """How many micro-batches this rank must run when its own data makes ``count``: the largest
+    ``count`` over its expert-parallel group for a mixture-of-experts model under EP > 1 (every
+    MoE layer's forward is an all-to-all or all-gather over that group, so each rank must run the
+    same number of forward passes; data-parallel ranks' different samples can cut into different
+    counts under a token budget), else ``count``. Collective over the EP group; callers split
+    their micro-batches to it (:func:`k15_megatron.train.packed.split_to_count`)."""
+    return _count_range(model, count)[1]
+
+
+def _check_expert_parallel_counts(model, count: int) -> None:
+    """Raise instead of hanging when the EP ranks were given different micro-batch counts."""
+    fewest, most = _count_range(model, count)
     if most != fewest:
-        raise ValueError(f"expert-parallel ranks would run between {fewest} and {most} micro-batches in one step "
+        raise ValueError(f"expert-parallel ranks would run between {fewest} and {most} micro-batches in one call "
                          f"(this rank {count}); every MoE layer's token exchange needs the same number on each EP "
-                         "rank: unset data.micro_batch_tokens or raise it so that each rank's share fits the same "
-                         "number of micro-batches")
+                         "rank: split each rank's micro-batches to micro_batch_count(model, count) "
+                         "(k15_megatron.train.packed.split_to_count)")
 
 
 def forward_backward(model, micro_batches: Sequence[dict], loss_fn: Callable, *,

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from k15_megatron.train.packed import cp_rank_share, pack_sequences, padded_lengths, token_budget_groups
+from k15_megatron.train.packed import cp_rank_share, pack_sequences, padded_lengths, split_to_count, token_budget_groups
 
 
 def _seq(n, start):
@@ -42,3 +42,21 @@ def test_pack_errors_name_the_sequence():
         pack_sequences([_seq(2, 0), {"input_ids": torch.arange(3), "loss_mask": torch.ones(2)}])
     with pytest.raises(ValueError, match="at least one"):
         pack_sequences([])
+
+
+def test_split_to_count_cuts_the_largest_micro_batch_where_it_balances():
+    tokens = [4, 4, 1, 6, 2, 2]
+    groups = [[0, 1, 2], [3], [4, 5]]  # 9, 6 and 4 tokens
+    assert split_to_count(groups, tokens, 3) == groups
+    assert split_to_count(groups, tokens, 1) == groups  # never merges
+    # The 9-token one first, at 4 | 4 + 1 (|4 - 5| < |8 - 1|); then the largest splittable is [1, 2]
+    # (5 tokens; [3] holds one item), then [4, 5].
+    assert split_to_count(groups, tokens, 4) == [[0], [1, 2], [3], [4, 5]]
+    assert split_to_count(groups, tokens, 5) == [[0], [1], [2], [3], [4, 5]]
+    assert split_to_count(groups, tokens, 6) == [[0], [1], [2], [3], [4], [5]]
+    # Ties: the earlier micro-batch, and the earlier boundary.
+    assert split_to_count([[0, 1], [2, 3]], [1, 1, 1, 1], 3) == [[0], [1], [2, 3]]
+    assert split_to_count([[0, 1, 2, 3]], [1, 2, 2, 1], 2) == [[0, 1], [2, 3]]
+    assert split_to_count([[0, 1, 2]], [2, 2, 2], 2) == [[0], [1, 2]]
+    with pytest.raises(ValueError, match="cannot run 7 micro-batches of 6 items"):
+        split_to_count(groups, tokens, 7)
