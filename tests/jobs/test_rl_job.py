@@ -1,5 +1,6 @@
-"""A shortened `k15 rl` job on 2 processes (Megatron TP=2, one vLLM TP=2 engine in the same
-processes) and the loop's invariants:
+"""A shortened `k15 rl` job on 2 processes with a mixture-of-experts model (a tiny Qwen3-MoE
+defined in the config, Megatron EP=2, one vLLM TP=2 engine in the same processes) and the loop's
+invariants:
 
 * every sample that is trained on got a reward (counts agree iteration by iteration);
 * the optimizer is reset every iteration: when the hybrid engine drops the state at the switch
@@ -7,7 +8,11 @@ processes) and the loop's invariants:
   whole run, and the bytes reported dropped are those of the state it held;
 * partial rollouts: with a token budget below the response length, trajectories carry unfinished
   segments into later iterations and trained samples consist of several segments;
+* the sync keeps vLLM's log-probs equal to Megatron's (``logprob_check/max_abs_diff``), and the
+  router's load-balancing loss and routing metrics are logged with the update;
 * metrics (JSONL, TensorBoard), the resolved config and a complete checkpoint are written.
+
+The dense path (TP=2) runs the same loop in test_rl_resume and test_tiny_job.
 """
 
 import json
@@ -63,7 +68,9 @@ def test_short_rl_job_keeps_the_loop_invariants(tmp_path):
     iterations, updates = 4, 2
     overrides = [
         f"run_dir={run_dir}", f"data.train_path={tmp_path / 'train.jsonl'}",
-        f"data.eval_path={tmp_path / 'eval.jsonl'}", "parallel.tensor=2", "parallel.world_size=2",
+        f"data.eval_path={tmp_path / 'eval.jsonl'}", "parallel.expert=2", "parallel.world_size=2",
+        "model.family=qwen3_moe", "model.num_moe_experts=4", "model.moe_router_topk=2",
+        "model.moe_ffn_hidden_size=64", "model.moe_aux_loss_coeff=0.01",
         "rollout.tensor_parallel_size=2", "rollout.max_response_tokens=40", "rollout.max_model_len=96",
         "rollout.cpu_kv_cache_gib=0.25", "rl.group_size=4", "rl.prompts_per_iteration=4",
         f"rl.updates_per_iteration={updates}", f"rl.iterations={iterations}", "rl.replay.segment_token_budget=16",
@@ -83,6 +90,8 @@ def test_short_rl_job_keeps_the_loop_invariants(tmp_path):
         assert r["train/optimizer_reset_bytes"] == 0  # the engine dropped the state before
         assert r["offload/optimizer_dropped_bytes"] > 0
         assert r["logprob_check/max_abs_diff"] < 1e-4
+        assert r["moe/aux_loss"] > 0 and r["moe/load_imbalance_max"] >= 1.0 and r["moe/dropped_fraction"] == 0.0
+        assert {f"moe/layer_{i}/router_entropy" for i in range(2)} <= r.keys()
     assert any(r["rollout/continued"] > 0 for r in loop), "no trajectory was continued from an earlier iteration"
     assert max(r["response/segments_mean"] for r in trained) > 1.0, "trained samples never spanned segments"
     assert any(r["reward/length_penalty_weight"] > 0 for r in trained)

@@ -1,13 +1,14 @@
-"""Exact resume of `k15 rl` on CPU (2 processes under torchrun), in both sampling modes.
+"""Exact resume of `k15 rl` on CPU (2 processes under torchrun), in both sampling modes, with a
+dense model (TP=2) and a mixture-of-experts one (a tiny Qwen3-MoE under EP=2).
 
 Run A goes 2N iterations uninterrupted. Run B is the same command, killed with SIGKILL (the whole
 process group) right after its checkpoint at iteration N, i.e. inside iteration N + 1, then
 started again with checkpoint.resume=auto and run to 2N. The metrics of every iteration and the
 final weights must be bit-identical to run A's:
 
-* ``deterministic=true``: every request samples from its own stream seeded by (seed, trajectory,
-  position);
-* the default mode: vLLM's sampler draws from the engine's random stream, whose state the
+* ``deterministic=true`` (the MoE run): every request samples from its own stream seeded by
+  (seed, trajectory, position);
+* the default mode (the dense run): vLLM's sampler draws from the engine's random stream, whose state the
   checkpoint carries (restored after the resume's weight sync, whose log-prob check draws
   from the same stream).
 
@@ -40,10 +41,15 @@ VOLATILE = ("time", "time/", "throughput/", "eval/seconds", "sync/sync_s", "memo
 VOLATILE_SUFFIXES = ("/latency_s", "/latency_per_call_s")  # reward latencies (rewards/<name>/...)
 
 
+MOE = ["model.family=qwen3_moe", "model.num_moe_experts=4", "model.moe_router_topk=2", "model.moe_ffn_hidden_size=64",
+       "model.moe_aux_loss_coeff=0.01", "parallel.expert=2"]
+
+
 def _command(run_dir, data_dir, *, deterministic):
+    layout = MOE if deterministic else ["parallel.tensor=2"]
     return [sys.executable, "-m", "k15_megatron.cli", "rl", "examples/tiny.yaml", f"run_dir={run_dir}",
             f"data.train_path={data_dir}/train.jsonl", f"data.eval_path={data_dir}/eval.jsonl",
-            "parallel.tensor=2", "parallel.world_size=2", "rollout.tensor_parallel_size=2",
+            *layout, "parallel.world_size=2", "rollout.tensor_parallel_size=2",
             "rollout.max_response_tokens=40", "rollout.max_model_len=96", "rollout.cpu_kv_cache_gib=0.25",
             "rl.group_size=4", "rl.prompts_per_iteration=4", f"rl.iterations={2 * N}",
             "rl.replay.segment_token_budget=16", "rl.updates_per_iteration=2", f"checkpoint.save_interval={N}",
@@ -93,7 +99,7 @@ def _final_weights(run_dir, scratch) -> dict:
 
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "default"])
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic-moe_EP2", "default-dense_TP2"])
 def test_kill_and_resume_is_bit_identical(tmp_path, deterministic):
     _write_task(str(tmp_path))
     run_a, run_b = tmp_path / "a", tmp_path / "b"
@@ -136,6 +142,8 @@ def test_kill_and_resume_is_bit_identical(tmp_path, deterministic):
     assert all(s["changes"] == [] for s in starts)
     weights_a, weights_b = _final_weights(run_a, tmp_path / "a.pt"), _final_weights(run_b, tmp_path / "b.pt")
     assert len(weights_a) > 5 and weights_a.keys() == weights_b.keys()
+    assert any(".experts." in name for name in weights_a) == deterministic  # the MoE run's experts compared too
+    assert any(k.startswith("moe/") for r in metrics_a for k in r) == deterministic
     for name, tensor in weights_a.items():
         assert torch.equal(tensor, weights_b[name]), f"{name} differs after resume"
     if deterministic:  # once is enough: starting a complete run does not depend on the sampling mode
