@@ -21,6 +21,11 @@ stage after one that ran, starts over in fresh folders (``--fresh`` starts every
 samples at temperature 1, the expected reward RL maximises) exceeds ``--min-z`` standard errors
 and the training reward rises by more than ``--min-z`` standard errors of its slope. The greedy
 pass@1 gain is reported beside it, with its own z, but not required.
+
+``--model moe`` runs the same pipeline with a mixture-of-experts model in place of the dense
+one (:data:`MODELS`: a tiny Qwen3-MoE, 8 experts per layer, top-2 routing, each expert half the
+dense model's SwiGLU width so a token's active width is the same, the router's load-balancing
+loss at 0.01) under expert parallelism EP=2 on the two processes, into ``runs/tiny-arith-moe``.
 """
 
 from __future__ import annotations
@@ -49,14 +54,24 @@ STAGE_ENV = {"OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "TOK
 # temperature 1, tiny_arith_eval.yaml) and eval.greedy_output.
 EVALS = ("greedy", "sampled")
 
+# The model variants: overrides every training and evaluation stage gets before the user's own.
+MODELS = {
+    "dense": [],
+    "moe": ["model.family=qwen3_moe", "model.num_moe_experts=8", "model.moe_router_topk=2",
+            "model.moe_ffn_hidden_size=256", "model.moe_aux_loss_coeff=0.01", "parallel.expert=2"],
+}
+
 
 def _parse_args(argv):
     from k15_megatron.jobs.help_text import description
 
     parser = argparse.ArgumentParser(prog="k15 tiny", description=description(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=os.path.join(os.environ.get("K15_RUNS", "runs"), "tiny-arith"),
-                        help="run folder (default: $K15_RUNS/tiny-arith, K15_RUNS defaults to runs)")
+    parser.add_argument("--model", choices=sorted(MODELS), default="dense",
+                        help="dense (default) or moe: a tiny Qwen3-MoE under expert parallelism EP=2")
+    parser.add_argument("--out", default=None,
+                        help="run folder (default: $K15_RUNS/tiny-arith, or tiny-arith-moe with --model moe; "
+                             "K15_RUNS defaults to runs)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the task data and of every stage")
     parser.add_argument("--fresh", action="store_true", help="run every stage again")
     parser.add_argument("--min-z", type=float, default=3.0, help="required paired gain in standard errors")
@@ -66,7 +81,13 @@ def _parse_args(argv):
     for stage in ("task", "sft", "rl", "eval"):
         parser.add_argument(f"--{stage}", action="append", default=[], metavar="KEY=VALUE",
                             help=f"override for the {stage} stage (repeatable)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.out is None:
+        name = "tiny-arith" if args.model == "dense" else f"tiny-arith-{args.model}"
+        args.out = os.path.join(os.environ.get("K15_RUNS", "runs"), name)
+    model = MODELS[args.model]
+    args.sft, args.rl, args.eval = model + args.sft, model + args.rl, model + args.eval
+    return args
 
 
 # -- stages ---------------------------------------------------------------------------------------
@@ -187,6 +208,7 @@ def run_pipeline(args) -> dict:
     subprocess.call([sys.executable, "-m", "k15_megatron.cli", "plot", os.path.join(out, "rl")])
     report = build_report(eval_files, os.path.join(out, "rl", "metrics.jsonl"), stages.seconds, min_z=args.min_z)
     report["command"] = "k15 tiny " + shlex.join(args.argv)
+    report["model"] = args.model
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
     text = render_report(report)
@@ -218,7 +240,8 @@ def build_report(eval_files: dict, metrics_path: str, seconds: dict, *, min_z: f
 
 
 def render_report(report: dict) -> str:
-    lines = ["", "# k15 tiny: SFT -> RL on held-out arithmetic (paired, same prompts)", ""]
+    model = "" if report.get("model", "dense") == "dense" else f" ({report['model']} model)"
+    lines = ["", f"# k15 tiny{model}: SFT -> RL on held-out arithmetic (paired, same prompts)", ""]
     lines.append("| pass@1 | SFT | RL | gain (points) | SE | z |")
     lines.append("|---|---|---|---|---|---|")
     for mode, c in report["comparisons"].items():
