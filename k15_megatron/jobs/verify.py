@@ -4,6 +4,7 @@ logits as transformers for this Hugging Face model?
 
 The model of HF_DIR is loaded into Megatron (``model.hf_path``, as every job loads it) under
 the layout the overrides give (``parallel.tensor=2 parallel.context=2 parallel.pipeline=2``,
+``parallel.expert=2`` and ``parallel.moe_token_dispatcher_type`` for a mixture-of-experts model,
 ``parallel.world_size``, ``precision.dtype``; default float32), the same sequences run through
 Megatron and through transformers (float32, one sequence at a time, on rank 0), and the
 command prints the largest and the mean |logit difference| over every real token and every
@@ -89,7 +90,7 @@ def build_request(args) -> VerifyRequest:
     if args.seq_len > arch.max_position_embeddings:
         raise ValueError(f"--seq-len={args.seq_len} is longer than the model's context "
                          f"(max_position_embeddings={arch.max_position_embeddings} in {args.hf_dir}/config.json)")
-    wanted = {d.parallel.world_size or d.parallel.tensor * d.parallel.pipeline * d.parallel.context for d in drafts}
+    wanted = {d.parallel.world_size or _fewest_processes(d.parallel) for d in drafts}
     world = int(os.environ["WORLD_SIZE"]) if under_launcher() and "WORLD_SIZE" in os.environ else max(wanted)
     configs = []
     for extra, draft in zip(layouts, drafts):
@@ -120,6 +121,13 @@ def _load(base: list, layout: list, *, fixed: list = (), world: int | None = Non
         raise ValueError(f"{where}{exc}{count}") from None
 
 
+def _fewest_processes(parallel) -> int:
+    """The fewest ranks a layout runs on: TP x PP x CP model-parallel ranks, times the
+    data-parallel replicas expert parallelism needs (EP must divide DP x CP)."""
+    expert = parallel.expert
+    return parallel.tensor * parallel.pipeline * parallel.context * (expert // math.gcd(expert, parallel.context))
+
+
 def _batch_kinds(args) -> list:
     return [kind for kind, given in (("packed", args.packed), ("padded", args.padded)) if given] or ["packed"]
 
@@ -134,8 +142,9 @@ def _longest_row(parallel, seq_len: int) -> int:
 def _label(cfg) -> str:
     par = cfg.parallel
     data = cfg.parallel.world_size // (par.tensor * par.pipeline * par.context)
+    expert = f" EP={par.expert} ({par.moe_token_dispatcher_type})" if par.expert > 1 else ""
     extra = " sequence_parallel" if par.sequence_parallel else ""
-    return f"TP={par.tensor} PP={par.pipeline} CP={par.context} DP={data}{extra} {cfg.precision.dtype}"
+    return f"TP={par.tensor} PP={par.pipeline} CP={par.context}{expert} DP={data}{extra} {cfg.precision.dtype}"
 
 
 def _sequences(args, arch, *, seed: int) -> list:
