@@ -122,6 +122,7 @@ def test_verify_16k_sequence_under_cp2(verify_models):
 
 MOE_LAYOUTS = {
     "parallel.expert=2 parallel.tensor=2": "TP=2 PP=1 CP=1 EP=2 (alltoall) DP=2 fp32 packed",
+    "parallel.expert=2 parallel.pipeline=2": "TP=1 PP=2 CP=1 EP=2 (alltoall) DP=2 fp32 packed",
     "parallel.expert=2 parallel.context=2": "TP=1 PP=1 CP=2 EP=2 (alltoall) DP=2 fp32 packed",
     "parallel.expert=2 parallel.moe_token_dispatcher_type=allgather": "TP=1 PP=1 CP=1 EP=2 (allgather) DP=4 fp32 packed",
 }
@@ -131,7 +132,7 @@ MOE_LAYOUTS = {
 @pytest.mark.slow
 def test_verify_moe_under_expert_parallelism(tiny_moe_hf_dirs):
     """A Qwen2-MoE (gated shared expert, dense first layer) under EP=2 with TP=2 (expert tensor
-    parallelism), with CP=2, and with the allgather token dispatcher: 4 processes, one start (the
+    parallelism), with PP=2, with CP=2, and with the allgather token dispatcher: 4 processes, one start (the
     process count is the largest layout's: EP adds the data-parallel replicas it needs)."""
     done, seconds = k15_verify(tiny_moe_hf_dirs["qwen2_moe"], "--seq-len", "64", "--num-sequences", "3",
                                *[a for layout in MOE_LAYOUTS for a in ("--layout", layout)])
