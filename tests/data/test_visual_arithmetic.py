@@ -1,0 +1,64 @@
+"""The visual arithmetic task: each character is the same pixels in its own cell, so the image
+holds the whole problem (read back here by template matching), and the files are the arithmetic
+task's records with the expression moved into an image."""
+
+import os
+
+import numpy as np
+import pytest
+
+from k15_megatron.data.arithmetic import PROMPT_PREFIX, ArithmeticTaskConfig, generate_splits
+from k15_megatron.data.jsonl import read_jsonl
+from k15_megatron.data.visual_arithmetic import (IMAGE_PROMPT, VisualArithmeticConfig, render_expression,
+                                                 write_visual_task_files)
+
+ALPHABET = "0123456789+-"
+CELL = 28
+
+
+def _cells(image) -> list:
+    pixels = np.asarray(image.convert("L"), dtype=np.int16)
+    assert pixels.shape[0] == CELL and pixels.shape[1] % CELL == 0
+    return [pixels[:, i * CELL:(i + 1) * CELL] for i in range(pixels.shape[1] // CELL)]
+
+
+def _read(image, templates: dict) -> str:
+    """The expression drawn in ``image``: each cell's nearest template (sum of |pixel differences|)."""
+    return "".join(min(templates, key=lambda c: int(np.abs(templates[c] - cell).sum())) for cell in _cells(image))
+
+
+def test_each_character_is_one_glyph_inside_its_own_cell():
+    cells = _cells(render_expression(ALPHABET + ALPHABET[::-1]))
+    first, second = cells[:len(ALPHABET)], cells[len(ALPHABET):][::-1]
+    for char, a, b in zip(ALPHABET, first, second):
+        assert np.array_equal(a, b), char  # the same character, the same pixels, wherever it stands
+        ink = np.argwhere(a < 128)
+        assert len(ink) > 0, char
+        assert ink.min() >= 1 and ink.max() <= CELL - 2, char  # nothing touches the cell's border
+    distinct = {a.tobytes() for a in first}
+    assert len(distinct) == len(ALPHABET)
+    with pytest.raises(ValueError, match="larger than cell=8"):
+        render_expression("8", cell=8)
+
+
+def test_the_image_holds_the_problem(tmp_path):
+    task = ArithmeticTaskConfig(num_sft=30, num_train=20, num_eval=20, seed=3)
+    paths = write_visual_task_files(VisualArithmeticConfig(task=task), str(tmp_path))
+    originals = generate_splits(task)
+    templates = dict(zip(ALPHABET, _cells(render_expression(ALPHABET))))
+    from PIL import Image
+
+    images = set()
+    for split, path in paths.items():
+        records = read_jsonl(path)
+        assert len(records) == len(originals[split]) > 0
+        for record, original in zip(records, originals[split]):
+            assert record["prompt"] == IMAGE_PROMPT
+            assert {k: v for k, v in record.items() if k not in ("prompt", "images")} == \
+                {k: v for k, v in original.items() if k != "prompt"}
+            (image_path,) = record["images"]
+            assert not os.path.isabs(image_path)
+            image = Image.open(os.path.join(os.path.dirname(path), image_path))
+            assert _read(image, templates) == original["prompt"][len(PROMPT_PREFIX):]
+            images.add(image_path)
+    assert sorted(os.listdir(tmp_path / "images")) == sorted(os.path.basename(p) for p in images)
