@@ -54,3 +54,18 @@ def test_tiny_pipeline_runs_every_stage_and_reports_paired_gains(tmp_path):
     assert again.returncode == 1, again.stdout[-3000:] + again.stderr[-3000:]
     assert again.stdout.count("already complete, skipped") == 5
     assert "RESULT: FAIL" in again.stdout
+
+
+def test_the_moe_variant_gives_every_training_and_evaluation_stage_its_model(monkeypatch):
+    """`k15 tiny --model moe`: the MoE model's overrides reach the sft, rl and eval stages before the
+    user's own, and the run gets its own folder; the resolved recipe is a valid MoE config."""
+    from k15_megatron.config import load_config
+    from k15_megatron.jobs.tiny import EXAMPLES, MODELS, _parse_args
+
+    monkeypatch.delenv("K15_RUNS", raising=False)
+    args = _parse_args(["--model", "moe", "--rl", "rl.iterations=3"])
+    assert args.out == os.path.join("runs", "tiny-arith-moe")
+    assert args.sft == args.eval == MODELS["moe"] and args.rl == MODELS["moe"] + ["rl.iterations=3"]
+    cfg = load_config(str(EXAMPLES / "tiny_arith_rl.yaml"), args.rl + ["model.init_from=null"])
+    assert (cfg.model.family, cfg.model.num_moe_experts, cfg.parallel.expert) == ("qwen3_moe", 8, 2)
+    assert _parse_args([]).out == os.path.join("runs", "tiny-arith") and _parse_args([]).sft == []
