@@ -92,6 +92,7 @@ def pre_start_errors(cfg, *, job: str) -> Tuple[List[str], List[str]]:
     errors += length_errors
     errors += _precision_errors(cfg) + _moe_training_errors(cfg, arch) if inputs.trains else []
     errors += _layer_spec_errors(cfg)
+    errors += _moe_rollout_errors(cfg, arch) if inputs.generates else []
     if job == "eval":
         from k15_megatron.jobs.eval_output import output_errors
 
@@ -165,6 +166,22 @@ def _moe_training_errors(cfg, arch: ModelArch) -> List[str]:
                 "it; sequence parallelism needs Transformer Engine); or split the experts with parallel.expert "
                 "and keep parallel.tensor=1"]
     return []
+
+
+def _moe_rollout_errors(cfg, arch: ModelArch) -> List[str]:
+    """vLLM runs a mixture-of-experts model's expert layers across its data-parallel replicas
+    (each MoE forward gathers the replicas' tokens, ``all_gatherv``), which vLLM's CPU build does
+    not implement (NotImplementedError at the first generated token). On CPU a MoE model needs
+    one engine over all ranks. On GPUs the replicas run that exchange (written, not run here)."""
+    import torch
+
+    world, engine_tp = cfg.parallel.world_size, cfg.rollout.tensor_parallel_size
+    if not arch.is_moe or world // engine_tp == 1 or torch.cuda.is_available():
+        return []
+    return [f"rollout.tensor_parallel_size={engine_tp} runs {world // engine_tp} vLLM replicas of a "
+            f"mixture-of-experts model ({arch.family}); their expert layers exchange tokens between the replicas, "
+            f"which vLLM's CPU build cannot do: set rollout.tensor_parallel_size={world} (one engine over all "
+            "ranks) on a machine without a GPU"]
 
 
 def _layer_spec_errors(cfg) -> List[str]:

@@ -25,7 +25,8 @@ pass@1 gain is reported beside it, with its own z, but not required.
 ``--model moe`` runs the same pipeline with a mixture-of-experts model in place of the dense
 one (:data:`MODELS`: a tiny Qwen3-MoE, 8 experts per layer, top-2 routing, each expert half the
 dense model's SwiGLU width so a token's active width is the same, the router's load-balancing
-loss at 0.01) under expert parallelism EP=2 on the two processes, into ``runs/tiny-arith-moe``.
+loss at 0.01) under expert parallelism EP=2 on the two processes, with one vLLM engine over both
+(``rollout.tensor_parallel_size=2``), into ``runs/tiny-arith-moe``.
 """
 
 from __future__ import annotations
@@ -54,11 +55,14 @@ STAGE_ENV = {"OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "TOK
 # temperature 1, tiny_arith_eval.yaml) and eval.greedy_output.
 EVALS = ("greedy", "sampled")
 
-# The model variants: overrides every training and evaluation stage gets before the user's own.
+# The model variants: overrides the stages get before the user's own ("every": sft, rl and eval;
+# "generating": rl and eval, which run vLLM; on CPU vLLM cannot split an MoE model's requests
+# over two engine replicas, so the MoE variant runs one engine over both ranks).
 MODELS = {
-    "dense": [],
-    "moe": ["model.family=qwen3_moe", "model.num_moe_experts=8", "model.moe_router_topk=2",
-            "model.moe_ffn_hidden_size=256", "model.moe_aux_loss_coeff=0.01", "parallel.expert=2"],
+    "dense": {"every": [], "generating": []},
+    "moe": {"every": ["model.family=qwen3_moe", "model.num_moe_experts=8", "model.moe_router_topk=2",
+                      "model.moe_ffn_hidden_size=256", "model.moe_aux_loss_coeff=0.01", "parallel.expert=2"],
+            "generating": ["rollout.tensor_parallel_size=2"]},
 }
 
 
@@ -85,8 +89,8 @@ def _parse_args(argv):
     if args.out is None:
         name = "tiny-arith" if args.model == "dense" else f"tiny-arith-{args.model}"
         args.out = os.path.join(os.environ.get("K15_RUNS", "runs"), name)
-    model = MODELS[args.model]
-    args.sft, args.rl, args.eval = model + args.sft, model + args.rl, model + args.eval
+    every, generating = MODELS[args.model]["every"], MODELS[args.model]["generating"]
+    args.sft, args.rl, args.eval = every + args.sft, every + generating + args.rl, every + generating + args.eval
     return args
 
 

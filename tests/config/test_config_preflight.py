@@ -308,7 +308,8 @@ def test_eval_replaces_its_own_results_but_never_a_user_s_file(tmp_path):
 
 def test_moe_training_under_tensor_parallelism_needs_sequence_parallelism(tmp_path, tiny_moe_hf_dirs):
     """Megatron-Core's MoE layer raises at the first training forward under TP without SP: the
-    training jobs say so before start-up; evaluation (forward only) and EP with TP=1 pass."""
+    training jobs say so before start-up; evaluation (forward only) and EP with TP=1 pass. On
+    CPU, rollouts of an MoE model need one vLLM engine over all ranks."""
     path = _write(tmp_path / "s.jsonl", [{"prompt": "1+1", "response": "2"}])
     moe = _hf_overrides(tiny_moe_hf_dirs["qwen3_moe"]) + [f"data.train_path={path}",
            f"data.eval_path={_write(tmp_path / 'e.jsonl', [{'prompt': '1+1', 'answer': '2'}])}"]
@@ -319,9 +320,19 @@ def test_moe_training_under_tensor_parallelism_needs_sequence_parallelism(tmp_pa
         "parallel.sequence_parallel=true (Megatron-Core's MoE layer refuses tensor parallelism without it; "
         "sequence parallelism needs Transformer Engine); or split the experts with parallel.expert and keep "
         "parallel.tensor=1"]
-    assert not [e for e in pre_start_errors(tp2, job="eval")[0] if "mixture-of-experts" in e]
+    assert not [e for e in pre_start_errors(tp2, job="eval")[0] if "trains only with" in e]
     ep2 = load_config(TINY, moe + ["parallel.world_size=2", "parallel.expert=2"], environ={})
     assert not [e for e in pre_start_errors(ep2, job="sft")[0] if "mixture-of-experts" in e]
+    # Two vLLM replicas of an MoE model exchange tokens in every expert layer; vLLM's CPU build
+    # cannot (NotImplementedError once generation starts): refused for the jobs that generate.
+    for job in ("rl", "eval"):
+        assert [e for e in pre_start_errors(ep2, job=job)[0] if "mixture-of-experts" in e] == [
+            "rollout.tensor_parallel_size=1 runs 2 vLLM replicas of a mixture-of-experts model (qwen3_moe); their "
+            "expert layers exchange tokens between the replicas, which vLLM's CPU build cannot do: set "
+            "rollout.tensor_parallel_size=2 (one engine over all ranks) on a machine without a GPU"]
+    one_engine = load_config(TINY, moe + ["parallel.world_size=2", "parallel.expert=2",
+                                          "rollout.tensor_parallel_size=2"], environ={})
+    assert not [e for e in pre_start_errors(one_engine, job="rl")[0] if "mixture-of-experts" in e]
 
 
 def test_eval_greedy_output_is_checked_like_eval_output(tmp_path):

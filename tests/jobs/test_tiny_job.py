@@ -65,7 +65,10 @@ def test_the_moe_variant_gives_every_training_and_evaluation_stage_its_model(mon
     monkeypatch.delenv("K15_RUNS", raising=False)
     args = _parse_args(["--model", "moe", "--rl", "rl.iterations=3"])
     assert args.out == os.path.join("runs", "tiny-arith-moe")
-    assert args.sft == args.eval == MODELS["moe"] and args.rl == MODELS["moe"] + ["rl.iterations=3"]
+    moe = MODELS["moe"]["every"]
+    assert args.sft == moe and args.eval == moe + ["rollout.tensor_parallel_size=2"]
+    assert args.rl == moe + ["rollout.tensor_parallel_size=2", "rl.iterations=3"]
     cfg = load_config(str(EXAMPLES / "tiny_arith_rl.yaml"), args.rl + ["model.init_from=null"])
     assert (cfg.model.family, cfg.model.num_moe_experts, cfg.parallel.expert) == ("qwen3_moe", 8, 2)
+    assert cfg.rollout.tensor_parallel_size == 2
     assert _parse_args([]).out == os.path.join("runs", "tiny-arith") and _parse_args([]).sft == []
