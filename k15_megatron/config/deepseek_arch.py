@@ -124,9 +124,17 @@ def _refuse_unsupported(hf: Mapping[str, Any], where: str) -> None:
 
 
 def hf_deepseek_keys(arch) -> Dict[str, Any]:
-    """The config.json keys of a ``deepseek_v3`` ``arch`` (inverse of :func:`deepseek_fields_from_hf`)."""
+    """The config.json keys of a ``deepseek_v3`` ``arch`` (inverse of :func:`deepseek_fields_from_hf`).
+    ValueError for a layer pattern or shared-expert width config.json cannot express."""
     freq = arch.moe_layer_freq
+    dense = 0 if freq is None else list(freq).index(1)
+    if freq is not None and list(freq) != [0] * dense + [1] * (len(freq) - dense):
+        raise ValueError(f"model.moe_layer_freq={list(freq)} cannot be written as deepseek_v3's "
+                         "first_k_dense_replace (dense layers first, then MoE layers)")
     shared = arch.moe_shared_expert_intermediate_size or 0
+    if shared % arch.moe_ffn_hidden_size:
+        raise ValueError(f"model.moe_shared_expert_intermediate_size={shared} is not a multiple of "
+                         f"model.moe_ffn_hidden_size={arch.moe_ffn_hidden_size} (deepseek_v3's n_shared_experts)")
     return {
         "q_lora_rank": arch.q_lora_rank, "kv_lora_rank": arch.kv_lora_rank,
         "qk_nope_head_dim": arch.qk_head_dim, "qk_rope_head_dim": arch.qk_pos_emb_head_dim,
@@ -135,7 +143,7 @@ def hf_deepseek_keys(arch) -> Dict[str, Any]:
         "moe_intermediate_size": arch.moe_ffn_hidden_size, "n_shared_experts": shared // arch.moe_ffn_hidden_size,
         "n_group": arch.moe_router_num_groups or 1, "topk_group": arch.moe_router_group_topk or 1,
         "routed_scaling_factor": arch.moe_router_topk_scaling_factor, "norm_topk_prob": True,
-        "first_k_dense_replace": 0 if freq is None else freq.index(1),
+        "first_k_dense_replace": dense,
         "topk_method": "noaux_tc", "scoring_func": "sigmoid", "num_nextn_predict_layers": 0,
         "attention_bias": False,
     }
