@@ -95,9 +95,10 @@ def _hybrid_worker(rank, world_size, hf_dir, tp, pp, ep, engine_tp, reset_optimi
 @pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.parametrize("family,tp,pp,ep,engine_tp,reset_optimizer",
-                         [("qwen2", 2, 1, 1, 2, True), ("qwen2", 1, 2, 1, 1, False), ("qwen3_moe", 1, 1, 2, 2, True)],
+                         [("qwen2", 2, 1, 1, 2, True), ("qwen2", 1, 2, 1, 1, False), ("qwen3_moe", 1, 1, 2, 2, True),
+                          ("deepseek_v3", 1, 1, 2, 2, True)],
                          ids=["megatron-TP2_vllm-TP2_reset", "megatron-PP2_vllm-TP1x2_offload-params",
-                              "moe_megatron-EP2_vllm-TP2_reset"])
+                              "moe_megatron-EP2_vllm-TP2_reset", "deepseek-v3_megatron-EP2_vllm-TP2_reset"])
 def test_weight_sync_makes_vllm_logprobs_equal_megatron(tiny_hf_dirs, tiny_moe_hf_dirs, family, tp, pp, ep, engine_tp,
                                                         reset_optimizer):
     hf_dir = {**tiny_hf_dirs, **tiny_moe_hf_dirs}[family]
