@@ -16,6 +16,7 @@ from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 from k15_megatron.config import ModelConfig, ParallelConfig, resolve_model_arch
 from k15_megatron.config.hf_config import hf_config_dict
 from k15_megatron.config.moe_arch import moe_layer_indices
+from k15_megatron.config.validate import model_split_errors
 from k15_megatron.models.gpt import mla_config_fields
 from k15_megatron.plan.params import count_parameters
 
@@ -99,3 +100,12 @@ def test_multi_latent_attention_refuses_tensor_parallelism(tmp_path):
     with pytest.raises(ValueError, match="parallel.tensor=2: model family 'deepseek_v3'"):
         mla_config_fields(arch, parallel_cfg=ParallelConfig(tensor=2))
     assert mla_config_fields(dataclasses.replace(arch, kv_lora_rank=None), parallel_cfg=ParallelConfig(tensor=2)) == {}
+
+
+def test_layouts_with_tensor_or_context_parallelism_are_refused_before_start(tmp_path):
+    arch = resolve_model_arch(ModelConfig(hf_path=_folder(tmp_path)))
+    assert model_split_errors(arch, ParallelConfig(pipeline=2, expert=2), 128) == []
+    errors = model_split_errors(arch, ParallelConfig(tensor=2, context=2, expert=2), 128)
+    assert errors == [f"parallel.{key}=2: model family 'deepseek_v3' (multi-latent attention) supports "
+                      f"parallel.{key}=1 only; split it with parallel.expert and parallel.pipeline"
+                      for key in ("tensor", "context")]
