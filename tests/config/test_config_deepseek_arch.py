@@ -19,6 +19,7 @@ from k15_megatron.config.moe_arch import moe_layer_indices
 from k15_megatron.config.validate import model_split_errors
 from k15_megatron.models.gpt import mla_config_fields
 from k15_megatron.plan.params import count_parameters
+from k15_megatron.plan.rollout import kv_bytes_per_token
 
 # Published DeepSeek-V3 routing and attention shapes, scaled down (8 experts in 4 groups, top 4
 # from the 2 best groups, latent 64, no MTP weights).
@@ -109,3 +110,11 @@ def test_layouts_with_tensor_or_context_parallelism_are_refused_before_start(tmp
     assert errors == [f"parallel.{key}=2: model family 'deepseek_v3' (multi-latent attention) supports "
                       f"parallel.{key}=1 only; split it with parallel.expert and parallel.pipeline"
                       for key in ("tensor", "context")]
+
+
+def test_vllm_kv_cache_per_token_is_the_latent(tmp_path):
+    arch = resolve_model_arch(ModelConfig(hf_path=_folder(tmp_path)))
+    # 4 layers x (kv_lora_rank 64 + qk_rope_head_dim 8) x 2 bytes, the same on every TP rank
+    assert kv_bytes_per_token(arch, tensor_parallel=2, dtype_bytes=2) == 4 * 72 * 2
+    full = dataclasses.replace(arch, num_layers=61, kv_lora_rank=512, qk_pos_emb_head_dim=64)
+    assert kv_bytes_per_token(full, tensor_parallel=8, dtype_bytes=2) == 70272  # DeepSeek-V3 in bf16
