@@ -231,6 +231,17 @@ def hf_from_megatron(megatron_name: str, full: torch.Tensor, arch) -> list[tuple
     return [(names[0], full)]
 
 
+_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def is_mtp_tensor(hf_name: str, arch) -> bool:
+    """True for a DeepSeek-V3 multi-token-prediction tensor (``num_nextn_predict_layers``
+    extra layers stored after the decoder, ``model.layers.{i}`` with ``i >= num_layers``): not
+    part of the model here, nor in transformers; loading skips them."""
+    match = _HF_LAYER.match(hf_name)
+    return bool(arch.is_mla and match and int(match.group(1)) >= arch.num_layers)
+
+
 def expected_hf_names(arch) -> set[str]:
     """Every tensor name a Hugging Face checkpoint of ``arch`` holds (for completeness checks)."""
     names = {"model.embed_tokens.weight", "model.norm.weight"}

@@ -75,7 +75,8 @@ def _check_hf_names(reader: HFTensorReader, arch) -> None:
     expected = hf_mapping.expected_hf_names(arch)
     present = reader.names()
     missing = sorted(expected - present)
-    unexpected = sorted(present - expected - {"lm_head.weight"})  # a tied model may still ship lm_head
+    # A tied model may still ship lm_head; DeepSeek-V3 ships its multi-token-prediction layers.
+    unexpected = sorted(n for n in present - expected - {"lm_head.weight"} if not hf_mapping.is_mtp_tensor(n, arch))
     if missing or unexpected:
         raise ValueError(
             f"{reader.hf_dir}: checkpoint tensors do not match its config.json "

@@ -28,8 +28,10 @@ Refused with a ValueError naming the key: RoPE scaling (DeepSeek-V3's YaRN with 
 implemented here), ``norm_topk_prob`` false with top-k > 1 (Megatron always renormalises sigmoid
 scores), a ``topk_method`` other than ``noaux_tc`` or ``scoring_func`` other than ``sigmoid``
 (what transformers computes for this model_type), ``rope_interleave`` false, attention biases.
-``num_nextn_predict_layers`` (multi-token-prediction weights) is accepted and ignored, as
-transformers ignores it; an exported config.json says 0.
+``quantization_config`` (the published checkpoint's block-wise FP8 weights) is refused too.
+``num_nextn_predict_layers`` (multi-token-prediction layers, stored as ``model.layers.{i}``
+after the decoder) is accepted and those tensors are skipped, as transformers skips them; an
+exported config.json says 0 and holds none.
 """
 
 from __future__ import annotations
@@ -106,6 +108,11 @@ def deepseek_fields_from_hf(hf: Mapping[str, Any], where: str) -> Dict[str, Any]
 
 
 def _refuse_unsupported(hf: Mapping[str, Any], where: str) -> None:
+    if hf.get("quantization_config") is not None:
+        method = hf["quantization_config"].get("quant_method") if isinstance(hf["quantization_config"], Mapping) else None
+        raise ValueError(f"{where}: quantization_config (quant_method {method!r}) is not supported: quantised "
+                         "weights (the published DeepSeek-V3 checkpoint is block-wise FP8) are not read; convert "
+                         "them to bfloat16 first and drop quantization_config")
     rules = (
         ("topk_method", "noaux_tc", "only 'noaux_tc' (sigmoid scores with the correction bias)"),
         ("scoring_func", "sigmoid", "only 'sigmoid'"),

@@ -78,6 +78,8 @@ def test_parameter_count_equals_transformers(q_lora_rank, tmp_path):
     (dict(num_experts_per_tok=2), "num_experts_per_tok=2 with topk_group=2"),
     (dict(n_group=3), "n_group=3 must divide n_routed_experts=8"),
     (dict(first_k_dense_replace=4), "first_k_dense_replace=4 must be an integer in [0, num_hidden_layers=4)"),
+    (dict(quantization_config={"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}),
+     "quantization_config (quant_method 'fp8') is not supported"),
 ])
 def test_unsupported_settings_are_refused_naming_the_key(changes, message, tmp_path):
     folder = _folder(tmp_path, **changes)
