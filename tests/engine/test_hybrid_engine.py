@@ -8,7 +8,9 @@ different layouts on each side:
 * Megatron TP=2 with one vLLM TP=2 engine spanning both processes;
 * Megatron PP=2 with one vLLM TP=1 engine per process (two replicas);
 * a mixture-of-experts model (tiny Qwen3-MoE) under Megatron EP=2 with one vLLM TP=2 engine:
-  each rank holds half the experts, the stream gathers all of them.
+  each rank holds half the experts, the stream gathers all of them;
+* the same for a tiny DeepSeek-V3 (multi-latent attention, sigmoid routing whose
+  score-correction bias travels in the stream, ungated shared expert), on vLLM's CPU MLA backend.
 
 The dense model has tied embeddings (the harder case for vLLM's in-place reload). A second
 train/sync round checks that switching back and forth keeps working and that the policy version
