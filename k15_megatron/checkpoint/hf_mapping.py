@@ -64,6 +64,9 @@ _MLA_ONE_TO_ONE = {
     "self_attention.linear_q_up_proj.weight": "self_attn.q_b_proj.weight",
     "self_attention.linear_kv_down_proj.weight": "self_attn.kv_a_proj_with_mqa.weight",
     "self_attention.kv_layernorm.weight": "self_attn.kv_a_layernorm.weight",
+    # Transformer Engine's MLA spec fuses those two norms into the up-projections (GPU only, not run here).
+    "self_attention.linear_q_up_proj.layer_norm_weight": "self_attn.q_a_layernorm.weight",
+    "self_attention.linear_kv_up_proj.layer_norm_weight": "self_attn.kv_a_layernorm.weight",
     "self_attention.linear_kv_up_proj.weight": "self_attn.kv_b_proj.weight",
     "mlp.router.expert_bias": "mlp.gate.e_score_correction_bias",
     "mlp.shared_experts.linear_fc2.weight": "mlp.shared_experts.down_proj.weight",
