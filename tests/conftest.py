@@ -48,13 +48,15 @@ def tiny_hf_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_moe_hf_dirs(tmp_path_factory):
-    """family -> folder of a tiny random mixture-of-experts HF model (4 experts, top 2, dense
-    first layer): Qwen3-MoE (renormalised top-k, QK-norm) and Qwen2-MoE (gated shared expert)."""
+    """family -> folder of a tiny random mixture-of-experts HF model (top 2, dense first layer):
+    Qwen3-MoE (4 experts, renormalised top-k, QK-norm), Qwen2-MoE (4 experts, gated shared expert)
+    and DeepSeek-V3 (8 experts in 2 groups, sigmoid routing with a random score-correction bias,
+    multi-latent attention, an ungated shared expert)."""
     from k15_megatron.models.tiny import save_tiny_hf_model
 
     root = tmp_path_factory.mktemp("tiny_moe_hf")
     return {family: save_tiny_hf_model(str(root / family), family, init_std=0.1)
-            for family in ("qwen3_moe", "qwen2_moe")}
+            for family in ("qwen3_moe", "qwen2_moe", "deepseek_v3")}
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,10 @@ Layouts that differ from Hugging Face:
   the expert's gate and up projections as a dense MLP does; Transformer Engine's grouped experts
   (``mlp.experts.linear_fc1.weight{j}``, GPU only, not run here) get the same global names.
   Qwen2-MoE's shared expert is ``mlp.shared_experts`` with its sigmoid gate ``gate_weight``.
+* DeepSeek-V3 (``arch.is_mla``): multi-latent attention's projections and norms map one to one
+  (:data:`_MLA_ONE_TO_ONE`); the router's score-correction bias is Megatron's ``expert_bias``
+  *buffer* (not a parameter; :mod:`k15_megatron.checkpoint.model_weights` moves it too); the
+  ungated shared experts are HF's ``mlp.shared_experts``.
 """
 
 from __future__ import annotations
@@ -50,6 +54,22 @@ _LAYER_ONE_TO_ONE = {
     "mlp.router.weight": "mlp.gate.weight",
     "mlp.shared_experts.linear_fc2.weight": "mlp.shared_expert.down_proj.weight",
     "mlp.shared_experts.gate_weight": "mlp.shared_expert_gate.weight",
+}
+
+# DeepSeek-V3 (multi-latent attention): Megatron suffix -> HF suffix, consulted first.
+_MLA_ONE_TO_ONE = {
+    "self_attention.linear_q_proj.weight": "self_attn.q_proj.weight",
+    "self_attention.linear_q_down_proj.weight": "self_attn.q_a_proj.weight",
+    "self_attention.q_layernorm.weight": "self_attn.q_a_layernorm.weight",
+    "self_attention.linear_q_up_proj.weight": "self_attn.q_b_proj.weight",
+    "self_attention.linear_kv_down_proj.weight": "self_attn.kv_a_proj_with_mqa.weight",
+    "self_attention.kv_layernorm.weight": "self_attn.kv_a_layernorm.weight",
+    # Transformer Engine's MLA spec fuses those two norms into the up-projections (GPU only, not run here).
+    "self_attention.linear_q_up_proj.layer_norm_weight": "self_attn.q_a_layernorm.weight",
+    "self_attention.linear_kv_up_proj.layer_norm_weight": "self_attn.kv_a_layernorm.weight",
+    "self_attention.linear_kv_up_proj.weight": "self_attn.kv_b_proj.weight",
+    "mlp.router.expert_bias": "mlp.gate.e_score_correction_bias",
+    "mlp.shared_experts.linear_fc2.weight": "mlp.shared_experts.down_proj.weight",
 }
 
 # Tensor-parallel partition dim of each Megatron parameter kind (None = replicated).
@@ -163,6 +183,10 @@ def hf_names(megatron_name: str, arch) -> list[str]:
     if not match:
         raise UnsupportedParameterError(f"no Hugging Face name for Megatron parameter {megatron_name!r}")
     prefix, suffix = f"model.layers.{match.group(1)}.", match.group(2)
+    if arch.is_mla and suffix in _MLA_ONE_TO_ONE:
+        return [prefix + _MLA_ONE_TO_ONE[suffix]]
+    if arch.is_mla and suffix == "mlp.shared_experts.linear_fc1.weight":
+        return [prefix + "mlp.shared_experts.gate_proj.weight", prefix + "mlp.shared_experts.up_proj.weight"]
     if suffix in _LAYER_ONE_TO_ONE:
         return [prefix + _LAYER_ONE_TO_ONE[suffix]]
     if suffix in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
@@ -210,6 +234,17 @@ def hf_from_megatron(megatron_name: str, full: torch.Tensor, arch) -> list[tuple
     return [(names[0], full)]
 
 
+_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def is_mtp_tensor(hf_name: str, arch) -> bool:
+    """True for a DeepSeek-V3 multi-token-prediction tensor (``num_nextn_predict_layers``
+    extra layers stored after the decoder, ``model.layers.{i}`` with ``i >= num_layers``): not
+    part of the model here, nor in transformers; loading skips them."""
+    match = _HF_LAYER.match(hf_name)
+    return bool(arch.is_mla and match and int(match.group(1)) >= arch.num_layers)
+
+
 def expected_hf_names(arch) -> set[str]:
     """Every tensor name a Hugging Face checkpoint of ``arch`` holds (for completeness checks)."""
     names = {"model.embed_tokens.weight", "model.norm.weight"}
@@ -223,6 +258,9 @@ def expected_hf_names(arch) -> set[str]:
             names |= _moe_hf_names(p, arch)
         else:
             names |= {p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight", p + "mlp.down_proj.weight"}
+        if arch.is_mla:
+            names |= _mla_hf_names(p, arch)
+            continue
         names |= {f"{p}self_attn.{x}_proj.weight" for x in "qkv"}
         if arch.add_qkv_bias:
             names |= {f"{p}self_attn.{x}_proj.bias" for x in "qkv"}
@@ -231,11 +269,23 @@ def expected_hf_names(arch) -> set[str]:
     return names
 
 
+def _mla_hf_names(prefix: str, arch) -> set[str]:
+    attn = prefix + "self_attn."
+    names = {attn + "kv_a_proj_with_mqa.weight", attn + "kv_a_layernorm.weight", attn + "kv_b_proj.weight"}
+    if arch.q_lora_rank is None:
+        return names | {attn + "q_proj.weight"}
+    return names | {attn + "q_a_proj.weight", attn + "q_a_layernorm.weight", attn + "q_b_proj.weight"}
+
+
 def _moe_hf_names(prefix: str, arch) -> set[str]:
     names = {prefix + "mlp.gate.weight"}
     for e in range(arch.num_moe_experts):
         names |= {f"{prefix}mlp.experts.{e}.{p}_proj.weight" for p in ("gate", "up", "down")}
-    if arch.moe_shared_expert_intermediate_size:
+    if arch.moe_router_enable_expert_bias:
+        names.add(prefix + "mlp.gate.e_score_correction_bias")
+    if arch.moe_shared_expert_intermediate_size and arch.is_mla:
+        names |= {f"{prefix}mlp.shared_experts.{p}_proj.weight" for p in ("gate", "up", "down")}
+    elif arch.moe_shared_expert_intermediate_size:
         names |= {f"{prefix}mlp.shared_expert.{p}_proj.weight" for p in ("gate", "up", "down")}
         if arch.moe_shared_expert_gate:
             names.add(prefix + "mlp.shared_expert_gate.weight")

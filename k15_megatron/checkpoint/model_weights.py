@@ -46,13 +46,17 @@ def expert_offset(model) -> int:
     return ps.get_expert_model_parallel_rank() * (config.num_moe_experts // ps.get_expert_model_parallel_world_size())
 
 
-def local_named_parameters(model) -> Iterator[tuple[str, torch.nn.Parameter]]:
-    """(global Megatron name, parameter) for this stage, in module order (routed experts under
-    their global expert index)."""
+def local_named_parameters(model) -> Iterator[tuple[str, torch.Tensor]]:
+    """(global Megatron name, tensor) for this stage: the parameters in module order (routed
+    experts under their global expert index), then the routers' ``expert_bias`` buffers
+    (DeepSeek-V3's score-correction bias, part of the checkpoint but not a parameter)."""
     model = unwrap_model(model)
     offset, experts = stage_layer_offset(model), expert_offset(model)
     for name, param in model.named_parameters():
         yield hf_mapping.global_param_name(name, offset, experts), param
+    for name, buffer in model.named_buffers():
+        if name.endswith(".router.expert_bias") and buffer is not None:
+            yield hf_mapping.global_param_name(name, offset, experts), buffer
 
 
 def _tp_group_and_rank(name: str = ""):
@@ -71,7 +75,8 @@ def _check_hf_names(reader: HFTensorReader, arch) -> None:
     expected = hf_mapping.expected_hf_names(arch)
     present = reader.names()
     missing = sorted(expected - present)
-    unexpected = sorted(present - expected - {"lm_head.weight"})  # a tied model may still ship lm_head
+    # A tied model may still ship lm_head; DeepSeek-V3 ships its multi-token-prediction layers.
+    unexpected = sorted(n for n in present - expected - {"lm_head.weight"} if not hf_mapping.is_mtp_tensor(n, arch))
     if missing or unexpected:
         raise ValueError(
             f"{reader.hf_dir}: checkpoint tensors do not match its config.json "

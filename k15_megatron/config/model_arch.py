@@ -99,6 +99,17 @@ class ModelArch:
     moe_layer_freq: Optional[Tuple[int, ...]] = None
     moe_aux_loss_coeff: float = 0.0
     moe_z_loss_coeff: Optional[float] = None
+    moe_router_score_function: str = "softmax"
+    moe_router_enable_expert_bias: bool = False
+    moe_router_num_groups: Optional[int] = None
+    moe_router_group_topk: Optional[int] = None
+    moe_router_topk_scaling_factor: Optional[float] = None
+    # Multi-latent attention (DeepSeek-V3; None for other families, see k15_megatron.config.deepseek_arch).
+    q_lora_rank: Optional[int] = None
+    kv_lora_rank: Optional[int] = None
+    qk_head_dim: Optional[int] = None
+    qk_pos_emb_head_dim: Optional[int] = None
+    v_head_dim: Optional[int] = None
 
     def __post_init__(self):
         if self.moe_layer_freq is not None:  # a list after a JSON round trip
@@ -107,6 +118,11 @@ class ModelArch:
     @property
     def is_moe(self) -> bool:
         return self.num_moe_experts is not None
+
+    @property
+    def is_mla(self) -> bool:
+        """Multi-latent attention (DeepSeek-V3) instead of grouped-query attention."""
+        return self.kv_lora_rank is not None
 
 
 def read_hf_config(hf_path: str) -> Dict[str, Any]:

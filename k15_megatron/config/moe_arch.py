@@ -2,7 +2,8 @@
 checked, and written back.
 
 Families: ``qwen3_moe`` (Qwen3-30B-A3B, Qwen3-235B-A22B) and ``qwen2_moe`` (Qwen1.5/2-MoE, with
-a shared expert scaled by ``sigmoid(shared_expert_gate(x))``). Both route with a softmax over
+a shared expert scaled by ``sigmoid(shared_expert_gate(x))``); ``deepseek_v3`` (sigmoid routing,
+its own keys) is read by :mod:`k15_megatron.config.deepseek_arch`. Both route with a softmax over
 all experts and keep the ``num_experts_per_tok`` largest; with ``norm_topk_prob`` the kept
 probabilities are renormalised to sum to 1 (Megatron: ``moe_router_pre_softmax=False``, which
 takes the softmax over the top-k logits, the same numbers), without it they are used as they are
@@ -15,7 +16,10 @@ from __future__ import annotations
 
 from typing import Any, Dict, Mapping, Optional, Tuple
 
-MOE_FAMILIES = ("qwen2_moe", "qwen3_moe")
+from k15_megatron.config.deepseek_arch import FAMILY as DEEPSEEK
+from k15_megatron.config.deepseek_arch import deepseek_fields_from_hf, hf_deepseek_keys
+
+MOE_FAMILIES = ("qwen2_moe", "qwen3_moe", "deepseek_v3")
 
 # HF config.json key -> ModelArch field (one-to-one).
 _HF_MOE_KEYS = {
@@ -33,6 +37,8 @@ def moe_fields_from_hf(hf: Mapping[str, Any], family: str, where: str) -> Dict[s
     family). ValueError naming ``where`` (the file) for a missing or invalid key."""
     if family not in MOE_FAMILIES:
         return {}
+    if family == DEEPSEEK:
+        return deepseek_fields_from_hf(hf, where)
     out: Dict[str, Any] = {}
     for key, field in _HF_MOE_KEYS.items():
         value = hf.get(key, _HF_DEFAULTS.get(key))
@@ -102,6 +108,8 @@ def hf_moe_keys(arch) -> Dict[str, Any]:
     """The config.json keys of ``arch``'s MoE fields (inverse of :func:`moe_fields_from_hf`)."""
     if arch.num_moe_experts is None:
         return {}
+    if arch.family == DEEPSEEK:
+        return hf_deepseek_keys(arch)
     sparse = set(moe_layer_indices(arch))
     out = {"num_experts": arch.num_moe_experts, "num_experts_per_tok": arch.moe_router_topk,
            "moe_intermediate_size": arch.moe_ffn_hidden_size, "norm_topk_prob": not arch.moe_router_pre_softmax,

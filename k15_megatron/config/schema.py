@@ -35,7 +35,7 @@ TOO_LONG_CHOICES = ("filter", "error")
 RECOMPUTE_CHOICES = ("none", "selective", "full")
 """Values of ``parallel.recompute``."""
 
-SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "qwen2_moe", "qwen3_moe")
+SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
 """Model families the Megatron builders implement (HF ``model_type`` values)."""
 
 
@@ -49,7 +49,7 @@ class ModelConfig:
     """Hugging Face folder whose config.json defines the architecture; its weights are used
     when converting. ``None``: the architecture is given entirely by the fields below."""
     family: Optional[str] = one_of(None, SUPPORTED_FAMILIES)
-    """Model family (llama | qwen2 | qwen3 | mistral | qwen2_moe | qwen3_moe). ``None``: from config.json
+    """Model family (llama | qwen2 | qwen3 | mistral | qwen2_moe | qwen3_moe | deepseek_v3). ``None``: from config.json
     ``model_type``."""
     num_layers: Optional[int] = at_least(None, 1)
     """Number of transformer layers (HF ``num_hidden_layers``)."""

@@ -163,6 +163,7 @@ def _layout_errors(par: ParallelConfig, arch: Optional[ModelArch], data: DataCon
         errors += _tensor_split_errors(arch, tp)
         errors += _vocab_padding_errors(arch.vocab_size, divisible_by, tp)
         errors += _pipeline_split_errors(par, arch.num_layers)
+        errors += _mla_errors(par, arch)
     try:
         world, source = resolve_world_size(par.world_size, environ)
     except ValueError as e:
@@ -197,7 +198,19 @@ def model_split_errors(arch: ModelArch, par: ParallelConfig, divisible_by: int) 
     return (_tensor_split_errors(arch, par.tensor)
             + _vocab_padding_errors(arch.vocab_size, divisible_by, par.tensor)
             + _pipeline_split_errors(par, arch.num_layers)
-            + _expert_errors(par, arch))
+            + _expert_errors(par, arch)
+            + _mla_errors(par, arch))
+
+
+def _mla_errors(par: ParallelConfig, arch: ModelArch) -> List[str]:
+    """Multi-latent attention (DeepSeek-V3) runs with TP = 1 and CP = 1 here: the tensor-parallel
+    layout of its latent projections is not mapped to Hugging Face names, and context
+    parallelism has not been checked against a reference for it."""
+    if not arch.is_mla:
+        return []
+    return [f"parallel.{key}={value}: model family {arch.family!r} (multi-latent attention) supports "
+            f"parallel.{key}=1 only; split it with parallel.expert and parallel.pipeline"
+            for key, value in (("tensor", par.tensor), ("context", par.context)) if value > 1]
 
 
 def _tensor_split_errors(arch: ModelArch, tp: int) -> List[str]:

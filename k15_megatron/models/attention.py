@@ -98,12 +98,15 @@ class SdpaCoreAttention(torch.nn.Module):
 
     Constructed by Megatron with DotProductAttention's arguments; ``forward(query, key, value,
     attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None)`` returns
-    [S_local, B, heads/TP * dim] (sbhd) or [T_local, heads/TP * dim] (THD).
+    [S_local, B, heads/TP * dim] (sbhd) or [T_local, heads/TP * dim] (THD), ``dim`` the value
+    width. Multi-latent attention passes ``k_channels`` / ``v_channels`` (query/key and value
+    widths differ there); SDPA takes both from the tensors, so they are not needed beyond that.
     """
 
     def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
                  attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
-                 cp_comm_type: Optional[str] = None, pg_collection=None):
+                 cp_comm_type: Optional[str] = None, pg_collection=None, k_channels: Optional[int] = None,
+                 v_channels: Optional[int] = None):
         super().__init__()
         from megatron.core import parallel_state
 

@@ -1,4 +1,5 @@
-"""Megatron-Core GPTModel builders for the Llama 3, Mistral, Qwen2/2.5, Qwen3, Qwen2-MoE and Qwen3-MoE families.
+"""Megatron-Core GPTModel builders for the Llama 3, Mistral, Qwen2/2.5, Qwen3, Qwen2-MoE, Qwen3-MoE and
+DeepSeek-V3 families.
 
 All are the same decoder with different switches, all carried by a resolved
 :class:`k15_megatron.config.model_arch.ModelArch` (built from a Hugging Face config.json):
@@ -9,7 +10,9 @@ All are the same decoder with different switches, all carried by a resolved
 * Qwen2 QKV bias (``add_qkv_bias``), Qwen3 per-head RMSNorm on queries and keys (``qk_layernorm``);
 * tied or untied input/output embeddings;
 * mixture-of-experts MLPs (routed experts, Qwen2-MoE's gated shared expert) on the layers
-  ``arch.moe_layer_freq`` marks (:func:`moe_config_fields`).
+  ``arch.moe_layer_freq`` marks (:func:`moe_config_fields`);
+* DeepSeek-V3's multi-latent attention and sigmoid routing with expert bias and group-limited
+  top-k (:func:`mla_config_fields`, :func:`moe_config_fields`).
 
 The vocabulary is padded to a multiple of ``make_vocab_size_divisible_by`` (independent of the
 tensor-parallel size, so one checkpoint loads under any TP that divides the padded size); logits
@@ -95,12 +98,13 @@ def transformer_config(arch, *, parallel_cfg, precision_cfg):
     """Megatron's TransformerConfig for ``arch`` under the given parallel and precision sections."""
     import dataclasses
 
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
     dtype = torch_dtype(precision_cfg.dtype)
     fp8_kwargs = fp8_config_fields(
         precision_cfg, available=frozenset(f.name for f in dataclasses.fields(TransformerConfig)))
-    return TransformerConfig(
+    config_class = MLATransformerConfig if arch.is_mla else TransformerConfig
+    return config_class(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
         ffn_hidden_size=arch.ffn_hidden_size,
@@ -119,7 +123,7 @@ def transformer_config(arch, *, parallel_cfg, precision_cfg):
         init_method_std=0.02,
         attention_softmax_in_fp32=True,
         # YaRN's attention factor (1/sqrt(head dim) otherwise), see models.rope_scaling.
-        softmax_scale=softmax_scale(arch.rope_scaling, kv_channels=arch.kv_channels),
+        softmax_scale=None if arch.is_mla else softmax_scale(arch.rope_scaling, kv_channels=arch.kv_channels),
         apply_query_key_layer_scaling=False,
         # Fusions need CUDA kernels; the unfused paths compute the same thing.
         bias_activation_fusion=HAVE_CUDA,
@@ -145,8 +149,36 @@ def transformer_config(arch, *, parallel_cfg, precision_cfg):
         num_layers_in_last_pipeline_stage=parallel_cfg.pipeline_last_stage_layers,
         **recompute_config_fields(parallel_cfg.recompute),
         **moe_config_fields(arch, parallel_cfg=parallel_cfg),
+        **mla_config_fields(arch, parallel_cfg=parallel_cfg),
         **fp8_kwargs,
     )
+
+
+def mla_config_fields(arch, *, parallel_cfg) -> dict:
+    """MLATransformerConfig keyword arguments of a multi-latent-attention ``arch`` (DeepSeek-V3,
+    :mod:`k15_megatron.config.deepseek_arch`); ``{}`` otherwise. Plain RoPE over the
+    ``qk_pos_emb_head_dim`` rotary channels (Megatron's MLA RoPE acts on interleaved pairs, as
+    DeepSeek's does), softmax scale 1/sqrt(qk_head_dim + qk_pos_emb_head_dim) (Megatron's default
+    without YaRN). ValueError for ``parallel.tensor`` > 1, which is not implemented for MLA here
+    (the latent projections' tensor-parallel layout is not mapped to Hugging Face names)."""
+    if not arch.is_mla:
+        return {}
+    if parallel_cfg.tensor > 1:
+        raise ValueError(f"parallel.tensor={parallel_cfg.tensor}: model family {arch.family!r} (multi-latent "
+                         "attention) supports parallel.tensor=1 only; use parallel.expert / parallel.pipeline")
+    return {
+        "multi_latent_attention": True,
+        "q_lora_rank": arch.q_lora_rank,
+        "kv_lora_rank": arch.kv_lora_rank,
+        "qk_head_dim": arch.qk_head_dim,
+        "qk_pos_emb_head_dim": arch.qk_pos_emb_head_dim,
+        "v_head_dim": arch.v_head_dim,
+        "rope_type": "rope",
+        "rotary_base": arch.rope_theta,
+        "rotary_scaling_factor": 1.0,
+        "mscale": 1.0,
+        "mscale_all_dim": 0.0,
+    }
 
 
 def moe_config_fields(arch, *, parallel_cfg) -> dict:
@@ -165,7 +197,13 @@ def moe_config_fields(arch, *, parallel_cfg) -> dict:
         "moe_router_topk": arch.moe_router_topk,
         "moe_ffn_hidden_size": arch.moe_ffn_hidden_size,
         "moe_router_pre_softmax": arch.moe_router_pre_softmax,
-        "moe_router_score_function": "softmax",
+        "moe_router_score_function": arch.moe_router_score_function,
+        "moe_router_enable_expert_bias": arch.moe_router_enable_expert_bias,
+        # The expert bias is kept as loaded (Megatron would otherwise move it after every step).
+        "moe_router_bias_update_rate": 0.0,
+        "moe_router_num_groups": arch.moe_router_num_groups,
+        "moe_router_group_topk": arch.moe_router_group_topk,
+        "moe_router_topk_scaling_factor": arch.moe_router_topk_scaling_factor,
         "moe_router_dtype": "fp32",
         "moe_shared_expert_intermediate_size": arch.moe_shared_expert_intermediate_size,
         "moe_shared_expert_gate": arch.moe_shared_expert_gate,
@@ -221,7 +259,8 @@ def build_gpt_model(arch, *, parallel_cfg, precision_cfg, padded_vocab: int, vp_
         rotary_base=int(arch.rope_theta) if float(arch.rope_theta).is_integer() else arch.rope_theta,
         vp_stage=vp_stage,
     )
-    scale_rotary_embedding(model.rotary_pos_emb, arch.rope_scaling, rope_theta=arch.rope_theta)
+    if not arch.is_mla:  # MLA layers keep their own RoPE (plain: rope scaling is refused for them)
+        scale_rotary_embedding(model.rotary_pos_emb, arch.rope_scaling, rope_theta=arch.rope_theta)
     if HAVE_CUDA:
         model.cuda(torch.cuda.current_device())
     return model

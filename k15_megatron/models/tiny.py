@@ -81,9 +81,22 @@ def build_char_tokenizer():
 TINY_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, mlp_only_layers=[0],
                 router_aux_loss_coef=0.01)
 
+# DeepSeek-V3: multi-latent attention with the latent and rotary widths vLLM's CPU MLA decode kernel
+# requires (kv_lora_rank 512 + qk_rope_head_dim 64), 8 routed experts in 2 groups (top 2 from the best
+# group), one shared expert, the first layer dense. topk_method / scoring_func are written as the
+# published checkpoints have them (vLLM reads them; transformers always computes this routing).
+TINY_DEEPSEEK_V3 = dict(
+    q_lora_rank=96, kv_lora_rank=512, qk_nope_head_dim=32, qk_rope_head_dim=64, v_head_dim=32,
+    n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1,
+    moe_intermediate_size=64, routed_scaling_factor=2.5, norm_topk_prob=True, first_k_dense_replace=1,
+    topk_method="noaux_tc", scoring_func="sigmoid", num_nextn_predict_layers=0, rope_scaling=None,
+    rope_theta=10000.0, tie_word_embeddings=False, rms_norm_eps=1e-6,
+)
+
 
 def _config_for(family: str, tokenizer_size: int, **overrides):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig
+    from transformers import (DeepseekV3Config, LlamaConfig, MistralConfig, Qwen2Config, Qwen2MoeConfig, Qwen3Config,
+                              Qwen3MoeConfig)
 
     sizes = {**TINY_SIZES, **overrides}
     common = dict(vocab_size=tokenizer_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -112,7 +125,19 @@ def _config_for(family: str, tokenizer_size: int, **overrides):
         base = dict(rope_theta=1000000.0, tie_word_embeddings=False, rms_norm_eps=1e-6, norm_topk_prob=False,
                     shared_expert_intermediate_size=96, **TINY_MOE)
         return Qwen2MoeConfig(**{**common, **base, **sizes})
-    raise ValueError(f"tiny model family {family!r}: use llama, qwen2, qwen3, mistral, qwen2_moe or qwen3_moe")
+    if family == "deepseek_v3":
+        return DeepseekV3Config(**{**common, **TINY_DEEPSEEK_V3, **{**TINY_SIZES, "num_key_value_heads": 4, **overrides}})
+    raise ValueError(f"tiny model family {family!r}: use llama, qwen2, qwen3, mistral, qwen2_moe, qwen3_moe "
+                     "or deepseek_v3")
+
+
+@torch.no_grad()
+def _randomise_router_bias(model, std: float) -> None:
+    """DeepSeek-V3's expert score-correction biases start at zero in transformers: draw them, so
+    that tests see them act on routing."""
+    for name, buffer in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            buffer.copy_(torch.randn(buffer.shape) * std)
 
 
 def save_tiny_hf_model(out_dir: str, family: str = "qwen2", *, seed: int = 0, init_std: float = 0.02,
@@ -130,6 +155,7 @@ def save_tiny_hf_model(out_dir: str, family: str = "qwen2", *, seed: int = 0, in
     config.initializer_range = init_std
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _randomise_router_bias(model, init_std)
     os.makedirs(out_dir, exist_ok=True)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out_dir, safe_serialization=True, **kwargs)

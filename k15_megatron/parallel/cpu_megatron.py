@@ -23,7 +23,8 @@ only mean the CPU, so :func:`apply` maps Megatron's notion of the current accele
    here a stand-in stream that does nothing (host and device are the same memory), and its
    split sizes become host numbers as they do after CUDA's copy (``maybe_move_tensor_to_cpu``
    moves only CUDA tensors, so they stayed tensors and ``all_to_all_single`` refused them); the
-   aux-loss tracker's "cuda" buffers are created on the compute device.
+   aux-loss tracker's "cuda" buffers are created on the compute device. Multi-latent attention
+   takes Megatron's mock TE classes (importable without TE) for real ones; it is told TE is absent.
 6. Checkpoint writing: Megatron's file writer collects its results through a multiprocessing
    Manager started with "spawn" (safe after CUDA initialisation), which re-imports the job's
    modules and made the first save of every process take about 2.6 s on a tiny model. Without
@@ -234,6 +235,18 @@ def _patch_moe() -> None:
     token_dispatcher.maybe_move_tensor_to_cpu = _host_numbers
 
 
+def _patch_mla() -> None:
+    """Multi-latent attention decides it has Transformer Engine when importing Megatron's TE
+    extension succeeds, which it does without TE (that module then holds mock classes), and
+    ``isinstance(linear_proj, TELinear)`` fails on the mock. Tell it the truth."""
+    from megatron.core.transformer import multi_latent_attention
+
+    from k15_megatron.parallel.device import HAVE_TE
+
+    if not HAVE_TE:
+        multi_latent_attention.HAVE_TE = False
+
+
 def _patch_checkpoint_writer_queue() -> None:
     import multiprocessing
 
@@ -259,5 +272,6 @@ def apply() -> None:
     _patch_rng_tracker()
     _patch_grad_clipping()
     _patch_moe()
+    _patch_mla()
     _patch_checkpoint_writer_queue()
     _APPLIED = True

@@ -1,5 +1,5 @@
-"""Parameter counts of the supported decoders (Llama 3, Qwen2/2.5, Qwen3 dense; Qwen3-MoE and
-Qwen2-MoE mixture-of-experts).
+"""Parameter counts of the supported decoders (Llama 3, Qwen2/2.5, Qwen3 dense; Qwen3-MoE,
+Qwen2-MoE and DeepSeek-V3 mixture-of-experts).
 
 :func:`count_parameters` is the Hugging Face model's own count (``sum(p.numel())`` of the
 transformers model built from the same config.json: unpadded vocabulary, the output layer
@@ -60,17 +60,35 @@ def layer_parameters(arch: ModelArch, *, sparse: bool = False) -> LayerParams:
     [h, f]; a ``sparse`` (MoE) layer's router [E, h], E experts of 3 h f_e, and (qwen2_moe) the
     shared expert 3 h f_s with its gate [1, h]."""
     h, d = arch.hidden_size, arch.kv_channels
-    q, kv = arch.num_attention_heads * d, arch.num_query_groups * d
-    attention = h * q + 2 * h * kv + q * h
-    if arch.add_qkv_bias:
-        attention += q + 2 * kv
-    norms = 2 * h + (2 * d if arch.qk_layernorm else 0)
+    if arch.is_mla:
+        attention, norms = _mla_parameters(arch)
+    else:
+        q, kv = arch.num_attention_heads * d, arch.num_query_groups * d
+        attention = h * q + 2 * h * kv + q * h
+        if arch.add_qkv_bias:
+            attention += q + 2 * kv
+        norms = 2 * h + (2 * d if arch.qk_layernorm else 0)
     if not sparse:
         return LayerParams(split=attention + 3 * h * arch.ffn_hidden_size, replicated=norms)
     shared = 3 * h * (arch.moe_shared_expert_intermediate_size or 0)
     gate = h if arch.moe_shared_expert_gate else 0
     return LayerParams(split=attention + shared, replicated=norms + arch.num_moe_experts * h + gate,
                        experts=arch.num_moe_experts * 3 * h * arch.moe_ffn_hidden_size)
+
+
+def _mla_parameters(arch: ModelArch) -> tuple:
+    """(projections, norms) of one multi-latent attention layer (DeepSeek-V3): q through the
+    ``q_lora_rank`` bottleneck r_q (h r_q + r_q n (d_n + d_r), or one [n (d_n + d_r), h] q_proj),
+    the latent down-projection [r_kv + d_r, h], its up-projection [n (d_n + d_v), r_kv], o
+    [h, n d_v]; the two pre-norms plus the q (r_q) and latent (r_kv) norms. Megatron holds them
+    whole (multi-latent attention runs with TP = 1 here)."""
+    h, n = arch.hidden_size, arch.num_attention_heads
+    qk = arch.qk_head_dim + arch.qk_pos_emb_head_dim
+    r_q, r_kv = arch.q_lora_rank, arch.kv_lora_rank
+    q = h * n * qk if r_q is None else h * r_q + r_q * n * qk
+    attention = q + h * (r_kv + arch.qk_pos_emb_head_dim) + r_kv * n * (arch.qk_head_dim + arch.v_head_dim) \
+        + n * arch.v_head_dim * h
+    return attention, 2 * h + (r_q or 0) + r_kv
 
 
 def _layer_kinds(arch: ModelArch, layers: range) -> tuple:

@@ -62,7 +62,11 @@ def rollout_dtype_bytes(cfg: RolloutConfig, *, train_dtype_bytes: int) -> int:
 
 
 def kv_bytes_per_token(arch: ModelArch, *, tensor_parallel: int, dtype_bytes: int) -> int:
-    """2 x layers x KV heads per GPU x head dim x dtype bytes."""
+    """2 x layers x KV heads per GPU x head dim x dtype bytes; for multi-latent attention
+    (DeepSeek-V3) vLLM caches each layer's latent and rotary key instead, on every TP rank:
+    layers x (kv_lora_rank + qk_rope_head_dim) x dtype bytes (DeepSeek-V2 paper, section 2.1)."""
+    if arch.is_mla:
+        return arch.num_layers * (arch.kv_lora_rank + arch.qk_pos_emb_head_dim) * dtype_bytes
     heads = max(1, arch.num_query_groups // tensor_parallel)
     return 2 * arch.num_layers * heads * arch.kv_channels * dtype_bytes
 

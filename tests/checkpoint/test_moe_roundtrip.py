@@ -2,7 +2,9 @@
 different expert-parallel layouts on each side (each rank reads and writes only its experts):
 
 * Qwen3-MoE: converted with EP=2 (2 processes), exported with TP=2 x EP=1;
-* Qwen2-MoE (gated shared expert): converted with PP=2, exported with EP=2.
+* Qwen2-MoE (gated shared expert): converted with PP=2, exported with EP=2;
+* DeepSeek-V3 (multi-latent attention, router score-correction bias, ungated shared expert):
+  converted with EP=2, exported with PP=2.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import pytest
 from safetensors.torch import load_file
 from tooling import run_tool
 
-LAYOUTS = {"qwen3_moe": (("--ep", "2"), ("--tp", "2")), "qwen2_moe": (("--pp", "2"), ("--ep", "2"))}
+LAYOUTS = {"qwen3_moe": (("--ep", "2"), ("--tp", "2")), "qwen2_moe": (("--pp", "2"), ("--ep", "2")),
+           "deepseek_v3": (("--ep", "2"), ("--pp", "2"))}
 
 
 def _tensors(folder: str) -> dict:
@@ -40,7 +43,12 @@ def test_moe_roundtrip_is_bit_identical_across_expert_layouts(tiny_moe_hf_dirs, 
     for name, tensor in original.items():
         assert exported[name].dtype == tensor.dtype and exported[name].equal(tensor), f"{name} changed"
     config = json.load(open(f"{back}/config.json"))
-    assert config["model_type"] == family and config["mlp_only_layers"] == [0]
+    assert config["model_type"] == family
+    if family == "deepseek_v3":
+        assert any(name.endswith(".mlp.gate.e_score_correction_bias") for name in exported)
+        assert config["first_k_dense_replace"] == 1 and config["kv_lora_rank"] == 512
+    else:
+        assert config["mlp_only_layers"] == [0]
 
 
 def test_the_tools_refuse_expert_parallelism_that_does_not_fit(tiny_hf_dirs, tiny_moe_hf_dirs, tmp_path):
