@@ -8,7 +8,8 @@ invariants:
   whole run, and the bytes reported dropped are those of the state it held;
 * partial rollouts: with a token budget below the response length, trajectories carry unfinished
   segments into later iterations and trained samples consist of several segments;
-* the sync keeps vLLM's log-probs equal to Megatron's (``logprob_check/max_abs_diff``), and the
+* the sync keeps vLLM's log-probs equal to Megatron's (``logprob_check/max_abs_diff``, over at
+  least two train/sync rounds), and the
   router's load-balancing loss and routing metrics are logged with the update;
 * metrics (JSONL, TensorBoard), the resolved config and a complete checkpoint are written.
 
@@ -65,7 +66,7 @@ def _rl_worker(rank, world_size, overrides):
 def test_short_rl_job_keeps_the_loop_invariants(tmp_path):
     _write_task(str(tmp_path))
     run_dir = tmp_path / "run"
-    iterations, updates = 4, 2
+    iterations, updates = 5, 2
     overrides = [
         f"run_dir={run_dir}", f"data.train_path={tmp_path / 'train.jsonl'}",
         f"data.eval_path={tmp_path / 'eval.jsonl'}", "parallel.expert=2", "parallel.world_size=2",
@@ -85,6 +86,9 @@ def test_short_rl_job_keeps_the_loop_invariants(tmp_path):
     assert loop[0]["data/prompts_filtered_too_long"] == 1 and loop[0]["data/eval_prompts_filtered_too_long"] == 0
     trained = [r for r in loop if "train/loss" in r]
     assert trained, "no iteration trained (no group finished?)"
+    # At least two syncs of trained weights were checked (the check runs at each iteration's switch
+    # to rollouts, so an iteration after a trained one checks the new weights).
+    assert len([r for r in trained if r["iteration"] > trained[0]["iteration"]]) >= 2
     for r in trained:
         assert r["reward/num_samples"] == r["train/num_samples"] > 0
         assert r["train/optimizer_reset_bytes"] == 0  # the engine dropped the state before
