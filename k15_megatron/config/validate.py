@@ -178,7 +178,7 @@ def _layout_errors(par: ParallelConfig, arch: Optional[ModelArch], data: DataCon
     if (dp * cp) % ep:
         errors.append(f"parallel.expert={ep} must divide data-parallel size x parallel.context = "
                       f"{dp} x {cp} = {dp * cp} (world {world}, {source}); choose a divisor of "
-                      f"{dp * cp}")
+                      f"{dp * cp}, or run a multiple of {mp * ep // math.gcd(cp, ep)} processes (parallel.world_size)")
     per_step = data.micro_batch_size * dp
     if per_step >= 1 and data.global_batch_size % per_step:
         errors.append(

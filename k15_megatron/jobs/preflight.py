@@ -92,7 +92,7 @@ def pre_start_errors(cfg, *, job: str) -> Tuple[List[str], List[str]]:
     errors += length_errors
     errors += _precision_errors(cfg) + _moe_training_errors(cfg, arch) if inputs.trains else []
     errors += _layer_spec_errors(cfg)
-    errors += _moe_rollout_errors(cfg, arch) if inputs.generates else []
+    errors += _rollout_layout_errors(cfg, arch) if inputs.generates else []
     if job == "eval":
         from k15_megatron.jobs.eval_output import output_errors
 
@@ -103,6 +103,10 @@ def pre_start_errors(cfg, *, job: str) -> Tuple[List[str], List[str]]:
         elif greedy:
             errors += output_errors(greedy, key="eval.greedy_output")
     tokenizer, warnings = None, []
+    if job == "sft" and cfg.data.micro_batch_tokens is not None:
+        warnings.append(f"data.micro_batch_tokens={cfg.data.micro_batch_tokens} is not used by k15 sft (its "
+                        "micro-batches are data.micro_batch_size packed rows of data.seq_length tokens); it sets "
+                        "the token budget of k15 rl's update and log-prob recompute")
     try:
         tokenizer, warning = _tokenizer(cfg, arch)
         warnings += [warning] if warning else []
@@ -168,15 +172,26 @@ def _moe_training_errors(cfg, arch: ModelArch) -> List[str]:
     return []
 
 
-def _moe_rollout_errors(cfg, arch: ModelArch) -> List[str]:
-    """vLLM runs a mixture-of-experts model's expert layers across its data-parallel replicas
-    (each MoE forward gathers the replicas' tokens, ``all_gatherv``), which vLLM's CPU build does
-    not implement (NotImplementedError at the first generated token). On CPU a MoE model needs
-    one engine over all ranks. On GPUs the replicas run that exchange (written, not run here)."""
+def _rollout_layout_errors(cfg, arch: ModelArch) -> List[str]:
+    """The engine layout (:func:`k15_megatron.rollout.build.engine_layout`) before any rank
+    starts: ``rollout.tensor_parallel_size`` must divide the world size. And vLLM runs a
+    mixture-of-experts model's expert layers across its data-parallel replicas (each MoE forward
+    gathers the replicas' tokens, ``all_gatherv``), which vLLM's CPU build does not implement
+    (NotImplementedError at the first generated token): on CPU a MoE model needs one engine over
+    all ranks. On GPUs the replicas run that exchange (written, not run here)."""
     import torch
 
-    world, engine_tp = cfg.parallel.world_size, cfg.rollout.tensor_parallel_size
-    if not arch.is_moe or world // engine_tp == 1 or torch.cuda.is_available():
+    from k15_megatron.config.env import resolve_world_size
+
+    try:
+        world, _ = resolve_world_size(cfg.parallel.world_size, os.environ)
+    except ValueError:
+        return []  # reported by the config's validation
+    engine_tp = cfg.rollout.tensor_parallel_size
+    if world % engine_tp:
+        return [f"rollout.tensor_parallel_size={engine_tp} must divide the world size {world} (each vLLM engine "
+                "replica spans rollout.tensor_parallel_size ranks)"]
+    if not arch.is_moe or world == engine_tp or torch.cuda.is_available():
         return []
     return [f"rollout.tensor_parallel_size={engine_tp} runs {world // engine_tp} vLLM replicas of a "
             f"mixture-of-experts model ({arch.family}); their expert layers exchange tokens between the replicas, "

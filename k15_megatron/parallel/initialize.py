@@ -62,8 +62,10 @@ class ParallelLayout:
         return self.pp_rank == 0
 
     def describe(self) -> str:
-        """The layout in one phrase, e.g. ``TP=2 PP=1 CP=2 DP=1 (4 processes)``."""
-        return (f"TP={self.tp_size} PP={self.pp_size} CP={self.cp_size} DP={self.dp_size} "
+        """The layout in one phrase, e.g. ``TP=2 PP=1 CP=2 DP=1 (4 processes)``; expert
+        parallelism (carved from DP x CP) is named when on: ``TP=1 PP=1 CP=1 EP=2 DP=2 (2 processes)``."""
+        expert = f" EP={self.ep_size}" if self.ep_size > 1 else ""
+        return (f"TP={self.tp_size} PP={self.pp_size} CP={self.cp_size}{expert} DP={self.dp_size} "
                 f"({self.world_size} process{'es' if self.world_size > 1 else ''})")
 
     @property

@@ -323,6 +323,11 @@ def test_moe_training_under_tensor_parallelism_needs_sequence_parallelism(tmp_pa
     assert not [e for e in pre_start_errors(tp2, job="eval")[0] if "trains only with" in e]
     ep2 = load_config(TINY, moe + ["parallel.world_size=2", "parallel.expert=2"], environ={})
     assert not [e for e in pre_start_errors(ep2, job="sft")[0] if "mixture-of-experts" in e]
+    budget = load_config(TINY, moe + ["parallel.world_size=2", "parallel.expert=2", "data.micro_batch_tokens=128"],
+                         environ={})
+    assert [w for w in pre_start_errors(budget, job="sft")[1] if "micro_batch_tokens" in w] == [
+        "data.micro_batch_tokens=128 is not used by k15 sft (its micro-batches are data.micro_batch_size packed "
+        "rows of data.seq_length tokens); it sets the token budget of k15 rl's update and log-prob recompute"]
     # Two vLLM replicas of an MoE model exchange tokens in every expert layer; vLLM's CPU build
     # cannot (NotImplementedError once generation starts): refused for the jobs that generate.
     for job in ("rl", "eval"):
@@ -333,6 +338,11 @@ def test_moe_training_under_tensor_parallelism_needs_sequence_parallelism(tmp_pa
     one_engine = load_config(TINY, moe + ["parallel.world_size=2", "parallel.expert=2",
                                           "rollout.tensor_parallel_size=2"], environ={})
     assert not [e for e in pre_start_errors(one_engine, job="rl")[0] if "mixture-of-experts" in e]
+    too_wide = load_config(TINY, moe + ["parallel.world_size=2", "parallel.expert=2",
+                                        "rollout.tensor_parallel_size=4"], environ={})
+    assert [e for e in pre_start_errors(too_wide, job="rl")[0] if e.startswith("rollout.")] == [
+        "rollout.tensor_parallel_size=4 must divide the world size 2 (each vLLM engine replica spans "
+        "rollout.tensor_parallel_size ranks)"]
 
 
 def test_eval_greedy_output_is_checked_like_eval_output(tmp_path):

@@ -77,6 +77,7 @@ def test_expert_parallel_must_divide_dp_times_cp_and_the_experts():
     msg = refused(*MOE, "parallel.world_size=8", "parallel.tensor=2", "parallel.expert=3",
                   "data.global_batch_size=16")
     assert "parallel.expert=3 must divide data-parallel size x parallel.context = 4 x 1" in msg
+    assert "choose a divisor of 4, or run a multiple of 6 processes (parallel.world_size)" in msg  # TP 2 x EP 3
     check(*MOE, "parallel.world_size=8", "parallel.tensor=2", "parallel.expert=4", "data.global_batch_size=16")
     msg = refused("model.family=qwen3_moe", "model.num_moe_experts=6", "model.moe_router_topk=2",
                   "parallel.world_size=4", "parallel.expert=4", "data.global_batch_size=16")

@@ -41,3 +41,6 @@ def test_layout_described_in_one_phrase():
     layout = ParallelLayout(rank=0, world_size=4, tp_rank=0, tp_size=2, pp_rank=0, pp_size=1, cp_size=2,
                             dp_rank=0, dp_size=1, ep_size=1)
     assert layout.describe() == "TP=2 PP=1 CP=2 DP=1 (4 processes)"
+    moe = ParallelLayout(rank=0, world_size=2, tp_rank=0, tp_size=1, pp_rank=0, pp_size=1, cp_size=1,
+                         dp_rank=0, dp_size=2, ep_size=2)
+    assert moe.describe() == "TP=1 PP=1 CP=1 EP=2 DP=2 (2 processes)"

@@ -35,6 +35,9 @@ def _parse_args():
     p.add_argument("--topk", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--work-dir", default="/tmp/k15_moe_sync_bench", help="where the model folder is written")
+    from k15_megatron.jobs.verbosity import add_flag
+
+    add_flag(p)
     return p.parse_args()
 
 
@@ -127,7 +130,10 @@ def _rank_work(args) -> None:
 def main() -> int:
     from k15_megatron.parallel.launch import run_as_ranks
 
+    from k15_megatron.jobs.verbosity import configure
+
     args = _parse_args()
+    configure(verbose=args.verbose)  # library chatter hidden, as in the k15 commands
     return run_as_ranks(2, lambda: _rank_work(args))
 
 
