@@ -58,6 +58,15 @@ def tiny_moe_hf_dirs(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen2_vl_dir(tmp_path_factory):
+    """Folder of a tiny random Qwen2-VL (2 vision blocks, 2 language layers, M-RoPE sections
+    [4, 6, 6]) with its tokenizer and Qwen2VLProcessor (k15_megatron.models.tiny_vl)."""
+    from k15_megatron.models.tiny_vl import save_tiny_qwen2_vl
+
+    return save_tiny_qwen2_vl(str(tmp_path_factory.mktemp("tiny_qwen2_vl")), init_std=0.1)
+
+
+@pytest.fixture(scope="session")
 def roundtrip_dirs(tiny_hf_dirs, tmp_path_factory):
     """family -> (k15 checkpoint, re-exported HF folder), made by the command-line tools with
     different layouts on each side: Llama TP=2 -> PP=2, Qwen2 PP=2 -> TP=2, Qwen3 TP=1 -> PP=2."""
