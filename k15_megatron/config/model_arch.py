@@ -30,6 +30,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 from k15_megatron.config.moe_arch import check_moe, moe_fields_from_hf
 from k15_megatron.config.schema import SUPPORTED_FAMILIES, ModelConfig
+from k15_megatron.config.vision_arch import VISION_FAMILIES, text_config_of
 
 # HF config.json key -> ModelArch field, for the plain one-to-one keys.
 _HF_KEYS = {
@@ -257,7 +258,7 @@ def _check_hf_features(hf: Mapping[str, Any], family: str, where: str) -> Dict[s
     if hf.get("llama_4_scaling") is not None:
         raise ValueError(f"{where}: llama_4_scaling is not supported (no position-dependent attention scaling)")
     flags: Dict[str, Any] = {"qk_layernorm": family in ("qwen3", "qwen3_moe")}
-    if family == "qwen2":
+    if family in ("qwen2", "qwen2_vl"):
         flags["add_qkv_bias"] = True  # Qwen2 always biases q/k/v and never o_proj
     elif family == "qwen2_moe":
         flags["add_qkv_bias"] = bool(hf.get("qkv_bias", True))
@@ -278,6 +279,8 @@ def _from_hf(hf: Mapping[str, Any], where: str, family_override: Optional[str]) 
     if family_override is not None and family_override != model_type:
         raise ValueError(f"model.family={family_override!r} contradicts model_type {model_type!r} "
                          f"in {where}; remove model.family (it is read from config.json)")
+    if model_type in VISION_FAMILIES:  # the language model's keys (its vision: config.vision_arch)
+        hf = text_config_of(hf)
     out: Dict[str, Any] = {"family": model_type}
     out.update({arch: hf[key] for key, arch in _HF_KEYS.items() if hf.get(key) is not None})
     out.update(_rope_from_hf(hf, where))
@@ -362,7 +365,7 @@ def _fill_defaults(values: Dict[str, Any]) -> None:
     values.setdefault("rope_theta", 10000.0)
     values.setdefault("rope_scaling", None)
     values.setdefault("tie_word_embeddings", False)
-    values.setdefault("add_qkv_bias", values["family"] in ("qwen2", "qwen2_moe"))
+    values.setdefault("add_qkv_bias", values["family"] in ("qwen2", "qwen2_moe", "qwen2_vl"))
     values.setdefault("qk_layernorm", values["family"] in ("qwen3", "qwen3_moe"))
     check_moe(values)
     values["rope_theta"] = float(values["rope_theta"])

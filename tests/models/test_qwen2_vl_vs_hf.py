@@ -1,0 +1,124 @@
+"""Qwen2-VL built from its HF config as Megatron-Core modules (k15_megatron/models/qwen2_vl.py)
+gives transformers' logits with images, and its HF <-> Megatron mapping round-trips bit-exactly.
+
+Inputs come from transformers' Qwen2VLProcessor (pixel values, image grids, expanded image
+tokens); the M-RoPE position ids are k15's own and are checked against transformers'
+``get_rope_index``. Prompts: one 56x84 image; two images of different sizes (56x56, 84x112) in
+one prompt. One launch of 2 gloo processes runs the layouts TP=1 (DP=2), TP=2 and PP=2 (the
+vision tower on the first stage), loading the HF folder into each and exporting it back.
+Tolerance: 1e-4 relative to the largest logit (float32).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from distributed import run_cases
+
+from k15_megatron.models.tiny_vl import IMAGE_PLACEHOLDER
+
+TOLERANCE = 1e-4
+LAYOUTS = {"TP1": (1, 1), "TP2": (2, 1), "PP2": (1, 2)}
+# prompt name -> (text with one IMAGE_PLACEHOLDER per image, image sizes (height, width))
+PROMPTS = {
+    "one image": (f"<|im_start|>user\nLook: {IMAGE_PLACEHOLDER} what is it?<|im_end|>\n", [(56, 84)]),
+    "two images": (f"<|im_start|>user\n{IMAGE_PLACEHOLDER} and {IMAGE_PLACEHOLDER} differ?<|im_end|>\n",
+                   [(56, 56), (84, 112)]),
+}
+
+
+def _processed(hf_dir: str) -> dict:
+    """prompt name -> the processor's tensors (input_ids, pixel_values, image_grid_thw and the
+    token types transformers' get_rope_index reads)."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(hf_dir)
+    rng = np.random.default_rng(5)
+    out = {}
+    for name, (text, sizes) in PROMPTS.items():
+        images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
+        inputs = processor(text=[text], images=images, return_tensors="pt")
+        out[name] = {k: inputs[k] for k in ("input_ids", "pixel_values", "image_grid_thw", "mm_token_type_ids")}
+    return out
+
+
+def _layout_case(rank, world_size, hf_dir, inputs, tp, pp):
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    from k15_megatron.checkpoint.vl_weights import iter_vl_hf_tensors, load_vl_hf_weights
+    from k15_megatron.config import ModelConfig, ParallelConfig, PrecisionConfig, resolve_model_arch
+    from k15_megatron.config.vision_arch import resolve_vision_arch
+    from k15_megatron.models.gpt import padded_vocab_size
+    from k15_megatron.models.qwen2_vl import build_qwen2_vl_model, mrope_position_ids
+    from k15_megatron.parallel.device import to_device
+    from k15_megatron.parallel.initialize import initialize
+    from k15_megatron.train.schedule import forward_logits
+
+    parallel = ParallelConfig(tensor=tp, pipeline=pp)
+    initialize(parallel, seed=3)
+    arch, vision = resolve_model_arch(ModelConfig(hf_path=hf_dir)), resolve_vision_arch(ModelConfig(hf_path=hf_dir))
+    padded = padded_vocab_size(arch.vocab_size, 128, tp)
+    model = build_qwen2_vl_model(arch, vision, parallel_cfg=parallel, precision_cfg=PrecisionConfig(dtype="fp32"),
+                                 padded_vocab=padded)
+    load_vl_hf_weights(model, hf_dir, arch, vision, padded)
+    out = {"exported": {name: t.clone() for name, t in iter_vl_hf_tensors(model, arch, vision)}}
+    for name, batch in inputs.items():
+        positions = mrope_position_ids(batch["input_ids"], batch["image_grid_thw"], image_token_id=vision.image_token_id,
+                                       vision_start_token_id=vision.vision_start_token_id,
+                                       spatial_merge_size=vision.spatial_merge_size)
+        images = to_device({"pixel_values": batch["pixel_values"], "image_grid_thw": batch["image_grid_thw"]})
+        logits = forward_logits(model, to_device(batch["input_ids"]), to_device(positions), images=images)
+        if logits is not None:
+            out[name] = gather_from_tensor_model_parallel_region(logits)[..., : arch.vocab_size].cpu()
+    return out
+
+
+def _hf_reference(hf_dir: str, inputs: dict) -> tuple[dict, dict]:
+    """(prompt -> transformers' logits, prompt -> transformers' M-RoPE position ids)."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    logits, positions = {}, {}
+    with torch.no_grad():
+        for name, batch in inputs.items():
+            logits[name] = model(**batch).logits
+            positions[name] = model.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"],
+                                                         image_grid_thw=batch["image_grid_thw"])[0]
+    return logits, positions
+
+
+@pytest.mark.distributed
+def test_qwen2_vl_logits_and_round_trip_match_transformers(tiny_qwen2_vl_dir):
+    from safetensors.torch import load_file
+
+    from k15_megatron.config import ModelConfig
+    from k15_megatron.config.vision_arch import resolve_vision_arch
+    from k15_megatron.models.qwen2_vl import mrope_position_ids
+
+    inputs = _processed(tiny_qwen2_vl_dir)
+    assert [g.tolist() for g in inputs["two images"]["image_grid_thw"]] == [[1, 4, 4], [1, 6, 8]]
+    ref_logits, ref_positions = _hf_reference(tiny_qwen2_vl_dir, inputs)
+    vision = resolve_vision_arch(ModelConfig(hf_path=tiny_qwen2_vl_dir))
+    for name, batch in inputs.items():
+        ours = mrope_position_ids(batch["input_ids"], batch["image_grid_thw"], image_token_id=vision.image_token_id,
+                                  vision_start_token_id=vision.vision_start_token_id,
+                                  spatial_merge_size=vision.spatial_merge_size)
+        assert torch.equal(ours, ref_positions[name]), name
+
+    cases = {layout: (_layout_case, (tiny_qwen2_vl_dir, inputs, tp, pp)) for layout, (tp, pp) in LAYOUTS.items()}
+    results = run_cases(2, cases, timeout_s=900)
+    original = load_file(f"{tiny_qwen2_vl_dir}/model.safetensors")
+    for layout, per_rank in results.items():
+        exported = {}
+        for rank_result in per_rank:
+            exported.update(rank_result["exported"])
+        assert set(exported) == set(original), layout
+        for hf_name, tensor in original.items():
+            assert torch.equal(exported[hf_name], tensor), (layout, hf_name)
+        last = per_rank[-1]
+        for name, ref in ref_logits.items():
+            scale = ref.abs().max()
+            err = (last[name] - ref).abs().max() / scale
+            assert err <= TOLERANCE, (layout, name, float(err))
