@@ -34,6 +34,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from megatron.core.transformer.module import MegatronModule
+
 from k15_megatron.parallel.device import HAVE_CUDA
 
 
@@ -131,7 +133,7 @@ def vision_rotary_angles(grid_thw: torch.Tensor, *, head_dim: int, spatial_merge
     return torch.cat([angle_h, angle_w, angle_h, angle_w], dim=-1)[:, None, None, :]
 
 
-class Qwen2VisionModel(torch.nn.Module):
+class Qwen2VisionModel(MegatronModule):
     """Qwen2-VL's vision tower and patch merger (see the module docstring for the sharding).
 
     ``forward(pixel_values [P, in_channels * temporal_patch_size * patch_size^2], grid_thw [I, 3])``
@@ -141,13 +143,12 @@ class Qwen2VisionModel(torch.nn.Module):
     """
 
     def __init__(self, vision, *, language_config):
-        super().__init__()
         from megatron.core.models.gpt import gpt_layer_specs
         from megatron.core.models.vision.multimodal_projector import MultimodalProjector
         from megatron.core.transformer.transformer_block import TransformerBlock
 
+        super().__init__(config=vision_transformer_config(vision, language_config=language_config))
         self.arch = vision
-        self.config = vision_transformer_config(vision, language_config=language_config)
         dtype = self.config.params_dtype
         self.patch_embed = torch.nn.Linear(vision.patch_input_size, vision.embed_dim, bias=False, dtype=dtype)
         self.decoder = TransformerBlock(config=self.config, spec=vision_layer_spec(), post_layer_norm=False,
@@ -176,8 +177,10 @@ class Qwen2VisionModel(torch.nn.Module):
         return self.merger(merged)
 
 
-class Qwen2VLModel(torch.nn.Module):
+class Qwen2VLModel(MegatronModule):
     """Qwen2-VL: :class:`Qwen2VisionModel` (first pipeline stage only) + a GPTModel with M-RoPE.
+    A MegatronModule, so Megatron's distributed checkpointing saves and reshards it (the
+    patch embedding and LayerNorms as replicated tensors).
 
     ``forward(input_ids [B, S], position_ids [3, B, S], attention_mask=None, labels=None,
     pixel_values=None, image_grid_thw=None)`` (GPTModel's order, so Megatron's schedule runs it)
@@ -188,16 +191,12 @@ class Qwen2VLModel(torch.nn.Module):
     """
 
     def __init__(self, *, vision_arch, language_model, pre_process: bool):
-        super().__init__()
+        super().__init__(config=language_model.config)
         self.vision_arch = vision_arch
         self.language_model = language_model
         self.vision = Qwen2VisionModel(vision_arch, language_config=language_model.config) if pre_process else None
         self.pre_process = pre_process
         self.model_type = language_model.model_type  # read by Megatron's pipeline schedules
-
-    @property
-    def config(self):
-        return self.language_model.config
 
     def set_input_tensor(self, input_tensor) -> None:
         """Pipeline stages after the first receive hidden states (Megatron's schedule calls this)."""

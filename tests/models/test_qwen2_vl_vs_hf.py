@@ -5,7 +5,9 @@ Inputs come from transformers' Qwen2VLProcessor (pixel values, image grids, expa
 tokens); the M-RoPE position ids are k15's own and are checked against transformers'
 ``get_rope_index``. Prompts: one 56x84 image; two images of different sizes (56x56, 84x112) in
 one prompt. One launch of 2 gloo processes runs the layouts TP=1 (DP=2), TP=2 and PP=2 (the
-vision tower on the first stage), loading the HF folder into each and exporting it back.
+vision tower on the first stage), loading the HF folder into each and streaming it back out,
+then the converters behind tools/convert_* and ``k15 export``: HF -> k15 checkpoint at TP=2,
+checkpoint -> HF at PP=2, whose files must hold the original tensors bit for bit.
 Tolerance: 1e-4 relative to the largest logit (float32).
 """
 
@@ -75,6 +77,29 @@ def _layout_case(rank, world_size, hf_dir, inputs, tp, pp):
     return out
 
 
+def _convert_case(rank, world_size, hf_dir, ckpt_dir):
+    from k15_megatron.checkpoint.convert import hf_to_megatron
+
+    return hf_to_megatron(hf_dir, ckpt_dir, tp=2)
+
+
+def _export_case(rank, world_size, ckpt_dir, out_dir):
+    from k15_megatron.checkpoint.convert import megatron_to_hf
+
+    return megatron_to_hf(ckpt_dir, out_dir, pp=2)
+
+
+def _read_folder(folder: str) -> dict:
+    import glob
+
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for path in glob.glob(f"{folder}/*.safetensors"):
+        tensors.update(load_file(path))
+    return tensors
+
+
 def _hf_reference(hf_dir: str, inputs: dict) -> tuple[dict, dict]:
     """(prompt -> transformers' logits, prompt -> transformers' M-RoPE position ids)."""
     from transformers import Qwen2VLForConditionalGeneration
@@ -90,9 +115,7 @@ def _hf_reference(hf_dir: str, inputs: dict) -> tuple[dict, dict]:
 
 
 @pytest.mark.distributed
-def test_qwen2_vl_logits_and_round_trip_match_transformers(tiny_qwen2_vl_dir):
-    from safetensors.torch import load_file
-
+def test_qwen2_vl_logits_and_round_trip_match_transformers(tiny_qwen2_vl_dir, tmp_path):
     from k15_megatron.config import ModelConfig
     from k15_megatron.config.vision_arch import resolve_vision_arch
     from k15_megatron.models.qwen2_vl import mrope_position_ids
@@ -108,9 +131,22 @@ def test_qwen2_vl_logits_and_round_trip_match_transformers(tiny_qwen2_vl_dir):
         assert torch.equal(ours, ref_positions[name]), name
 
     cases = {layout: (_layout_case, (tiny_qwen2_vl_dir, inputs, tp, pp)) for layout, (tp, pp) in LAYOUTS.items()}
+    ckpt, back = str(tmp_path / "ckpt"), str(tmp_path / "hf")
+    cases["convert"] = (_convert_case, (tiny_qwen2_vl_dir, ckpt))
+    cases["export"] = (_export_case, (ckpt, back))
     results = run_cases(2, cases, timeout_s=900)
-    original = load_file(f"{tiny_qwen2_vl_dir}/model.safetensors")
-    for layout, per_rank in results.items():
+    original = _read_folder(tiny_qwen2_vl_dir)
+    round_trip = _read_folder(back)
+    assert set(round_trip) == set(original)
+    assert all(torch.equal(round_trip[name], tensor) for name, tensor in original.items())
+    from transformers import Qwen2VLForConditionalGeneration
+
+    reloaded = Qwen2VLForConditionalGeneration.from_pretrained(back, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(**inputs["two images"]).logits, ref_logits["two images"])
+    assert _processed(back)["two images"]["input_ids"].equal(inputs["two images"]["input_ids"])  # processor kept
+    for layout in LAYOUTS:
+        per_rank = results[layout]
         exported = {}
         for rank_result in per_rank:
             exported.update(rank_result["exported"])
