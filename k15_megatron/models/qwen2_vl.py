@@ -268,21 +268,18 @@ def mrope_position_ids(input_ids: torch.Tensor, image_grid_thw: Optional[torch.T
     grids = iter(image_grid_thw.tolist() if image_grid_thw is not None else [])
     m = spatial_merge_size
     for b in range(batch):
-        ids = input_ids[b].tolist()
-        pieces, start, i = [], 0, 0
-        while i < seq:
-            if ids[i] == image_token_id and i > 0 and ids[i - 1] == vision_start_token_id:
-                t, h, w = next(grids)
-                gh, gw = h // m, w // m
-                tt = torch.arange(t).view(-1, 1, 1).expand(t, gh, gw).flatten()
-                hh = torch.arange(gh).view(1, -1, 1).expand(t, gh, gw).flatten()
-                ww = torch.arange(gw).view(1, 1, -1).expand(t, gh, gw).flatten()
-                pieces.append(torch.stack([tt, hh, ww]) + start)
-                start = int(pieces[-1].max()) + 1
-                i += t * gh * gw
-            else:
-                pieces.append(torch.full((3, 1), start))
-                start += 1
-                i += 1
+        ids = input_ids[b]
+        image_starts = ((ids[1:] == image_token_id) & (ids[:-1] == vision_start_token_id)).nonzero().flatten() + 1
+        pieces, start, done = [], 0, 0
+        for first in image_starts.tolist():
+            text = first - done
+            pieces.append(torch.arange(start, start + text).expand(3, text))
+            start += text
+            t, h, w = next(grids)
+            tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h // m), torch.arange(w // m), indexing="ij")
+            pieces.append(torch.stack([tt.flatten(), hh.flatten(), ww.flatten()]) + start)
+            start = int(pieces[-1].max()) + 1
+            done = first + pieces[-1].shape[1]
+        pieces.append(torch.arange(start, start + seq - done).expand(3, seq - done))
         positions[:, b] = torch.cat(pieces, dim=1)
     return positions
