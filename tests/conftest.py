@@ -58,12 +58,14 @@ def tiny_moe_hf_dirs(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_qwen2_vl_dir(tmp_path_factory):
-    """Folder of a tiny random Qwen2-VL (2 vision blocks, 2 language layers, M-RoPE sections
-    [4, 6, 6]) with its tokenizer and Qwen2VLProcessor (k15_megatron.models.tiny_vl)."""
-    from k15_megatron.models.tiny_vl import save_tiny_qwen2_vl
+def tiny_vl_dirs(tmp_path_factory):
+    """family -> folder of a tiny random vision-language model with its tokenizer and processor
+    (k15_megatron.models.tiny_vl): Qwen2-VL and Qwen2.5-VL (window attention in its first vision
+    block), 2 vision blocks, 2 language layers, M-RoPE sections [4, 6, 6]."""
+    from k15_megatron.models.tiny_vl import FAMILIES, save_tiny_qwen2_vl
 
-    return save_tiny_qwen2_vl(str(tmp_path_factory.mktemp("tiny_qwen2_vl")), init_std=0.1)
+    root = tmp_path_factory.mktemp("tiny_vl")
+    return {family: save_tiny_qwen2_vl(str(root / family), family=family, init_std=0.1) for family in FAMILIES}
 
 
 @pytest.fixture(scope="session")

@@ -55,7 +55,7 @@ def load_vl_hf_weights(model, hf_dir: str, arch, vision, padded_vocab: int) -> N
         tensors = [reader.get(n) for n in hf_names]
         try:
             full = vl_mapping.megatron_from_hf(name, tensors, arch, vision, padded_vocab)
-            shard = vl_mapping.tp_split(name, full, tp_size)[tp_rank]
+            shard = vl_mapping.tp_split(name, full, tp_size, vision=vision)[tp_rank]
         except (RuntimeError, ValueError) as exc:
             raise ValueError(f"{hf_dir}: tensors {hf_names} with shapes {[tuple(t.shape) for t in tensors]} "
                              f"do not fit Megatron parameter {name} ({exc})") from exc
@@ -80,6 +80,6 @@ def iter_vl_hf_tensors(model, arch, vision, *, dtype: torch.dtype | None = None
         if tp_size > 1 and vl_mapping.partition_dim(name) is not None:
             shards = [torch.empty_like(full) for _ in range(tp_size)]
             torch.distributed.all_gather(shards, full.contiguous(), group=group)
-            full = vl_mapping.tp_merge(name, shards)
+            full = vl_mapping.tp_merge(name, shards, vision=vision)
         for hf_name, tensor in vl_mapping.hf_from_megatron(name, full, arch, vision):
             yield hf_name, tensor if dtype is None else tensor.to(dtype)

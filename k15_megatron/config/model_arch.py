@@ -258,7 +258,7 @@ def _check_hf_features(hf: Mapping[str, Any], family: str, where: str) -> Dict[s
     if hf.get("llama_4_scaling") is not None:
         raise ValueError(f"{where}: llama_4_scaling is not supported (no position-dependent attention scaling)")
     flags: Dict[str, Any] = {"qk_layernorm": family in ("qwen3", "qwen3_moe")}
-    if family in ("qwen2", "qwen2_vl"):
+    if family in ("qwen2", "qwen2_vl", "qwen2_5_vl"):
         flags["add_qkv_bias"] = True  # Qwen2 always biases q/k/v and never o_proj
     elif family == "qwen2_moe":
         flags["add_qkv_bias"] = bool(hf.get("qkv_bias", True))
@@ -365,7 +365,7 @@ def _fill_defaults(values: Dict[str, Any]) -> None:
     values.setdefault("rope_theta", 10000.0)
     values.setdefault("rope_scaling", None)
     values.setdefault("tie_word_embeddings", False)
-    values.setdefault("add_qkv_bias", values["family"] in ("qwen2", "qwen2_moe", "qwen2_vl"))
+    values.setdefault("add_qkv_bias", values["family"] in ("qwen2", "qwen2_moe", "qwen2_vl", "qwen2_5_vl"))
     values.setdefault("qk_layernorm", values["family"] in ("qwen3", "qwen3_moe"))
     check_moe(values)
     values["rope_theta"] = float(values["rope_theta"])

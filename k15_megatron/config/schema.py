@@ -35,7 +35,8 @@ TOO_LONG_CHOICES = ("filter", "error")
 RECOMPUTE_CHOICES = ("none", "selective", "full")
 """Values of ``parallel.recompute``."""
 
-SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "qwen2_moe", "qwen3_moe", "qwen2_vl")
+SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "qwen2_moe", "qwen3_moe", "qwen2_vl",
+                      "qwen2_5_vl")
 """Model families the Megatron builders implement (HF ``model_type`` values)."""
 
 

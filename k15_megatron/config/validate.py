@@ -266,7 +266,7 @@ def _cp_comm_errors(par: ParallelConfig, arch: Optional[ModelArch]) -> List[str]
 
 
 def _vision_errors(model_cfg) -> List[str]:
-    """A vision-language model (model_type qwen2_vl) is built, converted and checked against
+    """A vision-language model (model_type qwen2_vl or qwen2_5_vl) is built, converted and checked against
     transformers (k15_megatron.models.qwen2_vl, k15_megatron.checkpoint.vl_weights), but the
     jobs' data, rollout, weight sync and export paths carry text only: refused here, before any
     process starts, rather than failing inside the trainer."""
@@ -278,7 +278,7 @@ def _vision_errors(model_cfg) -> List[str]:
         return [str(e)]
     if vision is None:
         return []
-    return [f"model.family='qwen2_vl' (model_type in {model_cfg.hf_path}/config.json): vision-language models "
+    return [f"model.family={vision.family!r} (model_type in {model_cfg.hf_path}/config.json): vision-language models "
             "are not yet supported by the k15 jobs (image data, rollouts, weight sync and export are "
             "text-only); use a text model"]
 

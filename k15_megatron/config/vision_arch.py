@@ -11,17 +11,21 @@ language model's width). The language model uses M-RoPE: the rotary channels are
 
 Both config.json layouts are read: transformers 5 (language keys under ``text_config``,
 ``rope_parameters.mrope_section``) and the hub's original one (language keys at the top level,
-``rope_scaling: {type: mrope, mrope_section: [...]}``). Qwen2.5-VL (window attention, RMSNorm and
-SwiGLU vision blocks) is not covered; config validation refuses its ``model_type``.
+``rope_scaling: {type: mrope, mrope_section: [...]}``).
+
+Qwen2.5-VL (``qwen2_5_vl``) differs in the vision tower only: RMSNorm blocks with a SwiGLU MLP
+(biases kept), an RMSNorm before the merger, and window attention: patches are regrouped into
+windows of ``window_size`` pixels (in merged units), and every block except
+``fullatt_block_indexes`` attends within its window only.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
-VISION_FAMILIES = ("qwen2_vl",)
-_VISION_ACTS = ("quick_gelu",)
+VISION_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+_VISION_ACTS = {"qwen2_vl": ("quick_gelu",), "qwen2_5_vl": ("silu",)}
 
 
 @dataclass(frozen=True)
@@ -55,9 +59,21 @@ class VisionArch:
     mrope_section: Tuple[int, int, int]
     """Language-model rotary frequencies given to the (temporal, height, width) positions;
     their sum is half the language model's head dim."""
+    family: str = "qwen2_vl"
+    """qwen2_vl: LayerNorm blocks, quick_gelu MLP, full attention per image. qwen2_5_vl: RMSNorm
+    blocks, SwiGLU MLP, window attention."""
+    window_size: Optional[int] = None
+    """Qwen2.5-VL: window side in pixels (window attention in the other blocks)."""
+    fullatt_block_indexes: Tuple[int, ...] = ()
+    """Qwen2.5-VL: the blocks (0-based) that attend over the whole image."""
+
+    @property
+    def is_qwen2_5(self) -> bool:
+        return self.family == "qwen2_5_vl"
 
     def __post_init__(self):
         object.__setattr__(self, "mrope_section", tuple(self.mrope_section))
+        object.__setattr__(self, "fullatt_block_indexes", tuple(self.fullatt_block_indexes))
 
     @property
     def patch_input_size(self) -> int:
@@ -95,8 +111,30 @@ def _mrope_section(hf: Mapping[str, Any], where: str) -> Tuple[int, int, int]:
                     or not all(isinstance(x, int) and x > 0 for x in section)):
                 raise ValueError(f"{where}: {key}.mrope_section={section!r} must be three positive integers")
             return tuple(section)
-    raise ValueError(f"{where}: model_type 'qwen2_vl' needs rope_parameters.mrope_section "
+    raise ValueError(f"{where}: model_type {hf.get('model_type')!r} needs rope_parameters.mrope_section "
                      "(or rope_scaling.mrope_section)")
+
+
+def _positive(vision: Mapping[str, Any], key: str, where: str) -> int:
+    if not (isinstance(vision.get(key), int) and not isinstance(vision[key], bool) and vision[key] > 0):
+        raise ValueError(f"{where}: vision_config.{key}={vision.get(key)!r} must be a positive integer")
+    return vision[key]
+
+
+def _family_sizes(vision: Mapping[str, Any], family: str, where: str) -> Dict[str, Any]:
+    """The family-dependent VisionArch fields (Qwen2-VL and Qwen2.5-VL name the widths differently)."""
+    if family == "qwen2_vl":
+        embed = _positive(vision, "embed_dim", where)
+        return dict(embed_dim=embed, ffn_hidden_size=int(embed * vision.get("mlp_ratio", 4)),
+                    out_hidden_size=_positive(vision, "hidden_size", where))
+    full = vision.get("fullatt_block_indexes", ())
+    if not isinstance(full, (list, tuple)) or not all(isinstance(i, int) and 0 <= i < vision["depth"] for i in full):
+        raise ValueError(f"{where}: vision_config.fullatt_block_indexes={full!r} must list block indices "
+                         f"in [0, {vision['depth']})")
+    return dict(embed_dim=_positive(vision, "hidden_size", where),
+                ffn_hidden_size=_positive(vision, "intermediate_size", where),
+                out_hidden_size=_positive(vision, "out_hidden_size", where),
+                window_size=_positive(vision, "window_size", where), fullatt_block_indexes=tuple(full))
 
 
 def vision_arch_from_hf(hf: Mapping[str, Any], *, where: str, head_dim: int) -> VisionArch:
@@ -105,17 +143,20 @@ def vision_arch_from_hf(hf: Mapping[str, Any], *, where: str, head_dim: int) -> 
     ``head_dim``: the language model's head dim, which the M-RoPE sections must fill (half of
     it). Raises ValueError naming the file and key for a missing or unsupported setting.
     """
+    family = hf.get("model_type")
     vision = hf.get("vision_config")
     if not isinstance(vision, Mapping):
-        raise ValueError(f"{where}: model_type 'qwen2_vl' needs a vision_config mapping")
-    act = vision.get("hidden_act", "quick_gelu")
-    if act not in _VISION_ACTS:
-        raise ValueError(f"{where}: vision_config.hidden_act={act!r} is not supported (only quick_gelu)")
-    for key in ("depth", "embed_dim", "num_heads", "hidden_size"):
-        if not (isinstance(vision.get(key), int) and vision[key] > 0):
-            raise ValueError(f"{where}: vision_config.{key}={vision.get(key)!r} must be a positive integer")
-    if vision["embed_dim"] % vision["num_heads"]:
-        raise ValueError(f"{where}: vision_config.embed_dim={vision['embed_dim']} is not divisible by "
+        raise ValueError(f"{where}: model_type {family!r} needs a vision_config mapping")
+    act = vision.get("hidden_act", _VISION_ACTS[family][0])
+    if act not in _VISION_ACTS[family]:
+        raise ValueError(f"{where}: vision_config.hidden_act={act!r} is not supported for {family} "
+                         f"(only {', '.join(_VISION_ACTS[family])})")
+    _positive(vision, "depth", where)
+    _positive(vision, "num_heads", where)
+    sizes = _family_sizes(vision, family, where)
+    if sizes["embed_dim"] % vision["num_heads"]:
+        key = "embed_dim" if family == "qwen2_vl" else "hidden_size"
+        raise ValueError(f"{where}: vision_config.{key}={sizes['embed_dim']} is not divisible by "
                          f"vision_config.num_heads={vision['num_heads']}")
     section = _mrope_section(hf, where)
     if 2 * sum(section) != head_dim:
@@ -125,16 +166,14 @@ def vision_arch_from_hf(hf: Mapping[str, Any], *, where: str, head_dim: int) -> 
     ids = {}
     for key in ("image_token_id", "vision_start_token_id"):
         if not isinstance(text.get(key), int):
-            raise ValueError(f"{where}: model_type 'qwen2_vl' needs {key}")
+            raise ValueError(f"{where}: model_type {family!r} needs {key}")
         ids[key] = text[key]
     rope = vision.get("rope_parameters") or {}
     return VisionArch(
-        depth=vision["depth"], embed_dim=vision["embed_dim"], num_heads=vision["num_heads"],
-        ffn_hidden_size=int(vision["embed_dim"] * vision.get("mlp_ratio", 4)),
-        patch_size=vision.get("patch_size", 14), temporal_patch_size=vision.get("temporal_patch_size", 2),
+        depth=vision["depth"], num_heads=vision["num_heads"], patch_size=vision.get("patch_size", 14),
+        temporal_patch_size=vision.get("temporal_patch_size", 2),
         spatial_merge_size=vision.get("spatial_merge_size", 2), in_channels=vision.get("in_channels", 3),
-        out_hidden_size=vision["hidden_size"], rope_theta=float(rope.get("rope_theta", 10000.0)),
-        mrope_section=section, **ids)
+        rope_theta=float(rope.get("rope_theta", 10000.0)), mrope_section=section, family=family, **sizes, **ids)
 
 
 def resolve_vision_arch(model_cfg) -> "VisionArch | None":

@@ -1,5 +1,5 @@
-"""Qwen2-VL as Megatron-Core modules: a vision transformer and patch merger feeding a GPTModel
-with M-RoPE (:mod:`k15_megatron.config.vision_arch` describes the architecture).
+"""Qwen2-VL and Qwen2.5-VL as Megatron-Core modules: a vision transformer and patch merger
+feeding a GPTModel with M-RoPE (:mod:`k15_megatron.config.vision_arch` describes the architecture).
 
 * Vision tower (:class:`Qwen2VisionModel`): the patch embedding is a linear map over flattened
   patches (Qwen2-VL's Conv3d has stride = kernel, so it is exactly that), then Megatron-Core's
@@ -10,6 +10,11 @@ with M-RoPE (:mod:`k15_megatron.config.vision_arch` describes the architecture).
   than restarting positions per segment as it does for THD). The merger is a LayerNorm over
   each patch followed by Megatron's ``MultimodalProjector`` MLP (GELU) on every
   ``spatial_merge_size^2`` consecutive patches.
+* Qwen2.5-VL: RMSNorm and a SwiGLU MLP (with biases) in the blocks, RMSNorm before the merger,
+  and window attention: the merged units are reordered window by window
+  (:func:`window_order`), the blocks not in ``fullatt_block_indexes`` attend within their
+  window (:class:`ImageSegments` carries both segmentations), and the merged tokens are put
+  back in the processor's order at the end.
 * Tensor parallelism: the vision blocks and the merger MLP are sharded over the same
   tensor-parallel group as the language model (column/row-parallel linears; vision heads must
   divide by TP); the patch embedding and the LayerNorms are replicated. Every TP rank gets the
@@ -20,8 +25,7 @@ with M-RoPE (:mod:`k15_megatron.config.vision_arch` describes the architecture).
   config's ``mrope_section``; position ids are [3, B, S] (:func:`mrope_position_ids`). The
   embeddings of ``<|image_pad|>`` tokens are replaced by the merged image embeddings, in order.
 
-Not covered: videos, Qwen2.5-VL's window attention and RMSNorm/SwiGLU vision blocks, sequence
-parallelism and context parallelism with images, Transformer Engine's layer spec for the vision
+Not covered: videos, sequence parallelism and context parallelism with images, Transformer Engine's layer spec for the vision
 blocks (the local spec is used on every machine).
 """
 
@@ -29,11 +33,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 
 from k15_megatron.parallel.device import HAVE_CUDA
@@ -44,28 +50,41 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
+@dataclass
+class ImageSegments(PackedSeqParams):
+    """PackedSeqParams (``qkv_format="sbhd"``) of a packed patch sequence: ``cu_seqlens_q`` /
+    ``cu_seqlens_kv`` [images + 1] are the images' patch offsets, ``window_cu_seqlens``
+    [windows + 1] the attention windows' (Qwen2.5-VL; None for Qwen2-VL)."""
+
+    window_cu_seqlens: Optional[torch.Tensor] = None
+
+
 class PackedImageAttention(torch.nn.Module):
-    """Bidirectional core attention within each image of a packed patch sequence.
+    """Bidirectional core attention within each image (or window) of a packed patch sequence.
 
     Built by Megatron's SelfAttention with DotProductAttention's arguments. ``forward(query, key,
     value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None)``
     takes query/key/value [S, 1, heads/TP, dim] (all images' patches in one sequence) and
     ``packed_seq_params.cu_seqlens_q`` [images + 1] (patch offsets of the images); each patch
-    attends to every patch of its own image (SDPA, no mask). Returns [S, 1, heads/TP * dim].
+    attends to every patch of its own image (SDPA, no mask). With ``full_attention_layers``
+    (0-based block indices; Qwen2.5-VL) the other blocks attend within the windows of
+    ``packed_seq_params.window_cu_seqlens`` instead. Returns [S, 1, heads/TP * dim].
     """
 
     def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
                  attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
-                 cp_comm_type: Optional[str] = None, pg_collection=None):
+                 cp_comm_type: Optional[str] = None, pg_collection=None, full_attention_layers=None):
         super().__init__()
         self.scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
+        self.windowed = full_attention_layers is not None and layer_number - 1 not in full_attention_layers
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
         if packed_seq_params is None or query.shape[1] != 1:
             raise ValueError("PackedImageAttention needs one packed sequence [S, 1, ...] and its cu_seqlens")
         q, k, v = (x.squeeze(1).transpose(0, 1) for x in (query, key, value))  # [heads, S, dim]
-        bounds = packed_seq_params.cu_seqlens_q.tolist()
+        segments = packed_seq_params.window_cu_seqlens if self.windowed else packed_seq_params.cu_seqlens_q
+        bounds = segments.tolist()
         outputs = [F.scaled_dot_product_attention(q[:, a:b], k[:, a:b], v[:, a:b], scale=self.scale)
                    for a, b in zip(bounds[:-1], bounds[1:])]
         out = torch.cat(outputs, dim=1).transpose(0, 1)  # [S, heads, dim]
@@ -81,8 +100,9 @@ def vision_transformer_config(vision, *, language_config):
     return TransformerConfig(
         num_layers=vision.depth, hidden_size=vision.embed_dim, ffn_hidden_size=vision.ffn_hidden_size,
         num_attention_heads=vision.num_heads, num_query_groups=vision.num_heads,
-        kv_channels=vision.embed_dim // vision.num_heads, layernorm_epsilon=1e-6, normalization="LayerNorm",
-        gated_linear_unit=False, activation_func=quick_gelu, add_bias_linear=True, add_qkv_bias=True,
+        kv_channels=vision.embed_dim // vision.num_heads, layernorm_epsilon=1e-6,
+        normalization="RMSNorm" if vision.is_qwen2_5 else "LayerNorm", gated_linear_unit=vision.is_qwen2_5,
+        activation_func=F.silu if vision.is_qwen2_5 else quick_gelu, add_bias_linear=True, add_qkv_bias=True,
         hidden_dropout=0.0, attention_dropout=0.0, attention_softmax_in_fp32=True,
         apply_query_key_layer_scaling=False, bias_activation_fusion=False, masked_softmax_fusion=False,
         persist_layer_norm=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
@@ -95,18 +115,48 @@ def merger_transformer_config(vision, *, vision_config):
     """The TransformerConfig of the merger MLP: merged patches (``merged_width``) -> GELU ->
     the language model's width."""
     return dataclasses.replace(vision_config, num_layers=1, hidden_size=vision.out_hidden_size,
-                               ffn_hidden_size=vision.merged_width, activation_func=F.gelu)
+                               ffn_hidden_size=vision.merged_width, activation_func=F.gelu, gated_linear_unit=False)
 
 
-def vision_layer_spec():
-    """Megatron's local layer spec with LayerNorm and :class:`PackedImageAttention` (no mask)."""
+def vision_layer_spec(vision):
+    """Megatron's local layer spec with the family's norm and :class:`PackedImageAttention` (no
+    mask; windowed outside ``fullatt_block_indexes`` for Qwen2.5-VL)."""
     from megatron.core.models.gpt import gpt_layer_specs
     from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.spec_utils import ModuleSpec
 
-    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="LayerNorm")
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm" if vision.is_qwen2_5 else "LayerNorm")
     spec.submodules.self_attention.params = {"attn_mask_type": AttnMaskType.no_mask}
-    spec.submodules.self_attention.submodules.core_attention = PackedImageAttention
+    full = vision.fullatt_block_indexes if vision.is_qwen2_5 else None
+    spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
+        module=PackedImageAttention, params={"full_attention_layers": full})
     return spec
+
+
+def window_order(grid_thw: torch.Tensor, *, window_size: int, patch_size: int,
+                 spatial_merge_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen2.5-VL's window regrouping of merged units: (order [U], window_cu_seqlens [W + 1]).
+
+    ``order[j]`` is the merged unit (index in the processor's order over all images) placed
+    at position j; each image's units are tiled into windows of ``window_size / patch_size /
+    spatial_merge_size`` units per side (the last row/column of windows may be smaller), taken
+    window by window, row-major inside. ``window_cu_seqlens`` are the windows' patch offsets.
+    Source: transformers' ``get_vision_window_index``.
+    """
+    side = window_size // spatial_merge_size // patch_size
+    unit = spatial_merge_size ** 2
+    order, bounds, first = [], [0], 0
+    for t, h, w in grid_thw.tolist():
+        gh, gw = h // spatial_merge_size, w // spatial_merge_size
+        index = torch.arange(t * gh * gw).reshape(t, gh, gw) + first
+        for frame in index:
+            for r in range(0, gh, side):
+                for c in range(0, gw, side):
+                    window = frame[r:r + side, c:c + side].flatten()
+                    order.append(window)
+                    bounds.append(bounds[-1] + window.numel() * unit)
+        first += t * gh * gw
+    return torch.cat(order), torch.tensor(bounds, dtype=torch.int32)
 
 
 def vision_rotary_angles(grid_thw: torch.Tensor, *, head_dim: int, spatial_merge_size: int,
@@ -151,30 +201,42 @@ class Qwen2VisionModel(MegatronModule):
         self.arch = vision
         dtype = self.config.params_dtype
         self.patch_embed = torch.nn.Linear(vision.patch_input_size, vision.embed_dim, bias=False, dtype=dtype)
-        self.decoder = TransformerBlock(config=self.config, spec=vision_layer_spec(), post_layer_norm=False,
+        self.decoder = TransformerBlock(config=self.config, spec=vision_layer_spec(vision), post_layer_norm=False,
                                         pre_process=True, post_process=True)
-        self.merger_norm = torch.nn.LayerNorm(vision.embed_dim, eps=1e-6, dtype=dtype)
+        norm = torch.nn.RMSNorm if vision.is_qwen2_5 else torch.nn.LayerNorm
+        self.merger_norm = norm(vision.embed_dim, eps=1e-6, dtype=dtype)
         mlp = gpt_layer_specs.get_mlp_module_spec(use_te=False).submodules
         self.merger = MultimodalProjector(merger_transformer_config(vision, vision_config=self.config), mlp,
                                           "mlp", vision.merged_width)
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        from megatron.core.packed_seq_params import PackedSeqParams
-
         counts = grid_thw.prod(dim=1)
         if int(counts.sum()) != pixel_values.shape[0]:
             raise ValueError(f"pixel_values has {pixel_values.shape[0]} patches, image_grid_thw "
                              f"{grid_thw.tolist()} describes {int(counts.sum())}")
         cu_seqlens = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
-        packed = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+        segments = ImageSegments(qkv_format="sbhd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
                                  max_seqlen_q=int(counts.max()), max_seqlen_kv=int(counts.max()))
         angles = vision_rotary_angles(grid_thw, head_dim=self.config.kv_channels,
                                       spatial_merge_size=self.arch.spatial_merge_size,
                                       theta=self.arch.rope_theta).to(pixel_values.device)
-        hidden = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype)).unsqueeze(1)  # [P, 1, E]
-        hidden = self.decoder(hidden, attention_mask=None, rotary_pos_emb=angles, packed_seq_params=packed)
-        merged = self.merger_norm(hidden.squeeze(1)).reshape(-1, self.arch.merged_width)
-        return self.merger(merged)
+        hidden = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))  # [P, E]
+        order = None
+        if self.arch.is_qwen2_5:
+            order, windows = window_order(grid_thw, window_size=self.arch.window_size, patch_size=self.arch.patch_size,
+                                          spatial_merge_size=self.arch.spatial_merge_size)
+            order = order.to(hidden.device)
+            segments.window_cu_seqlens = windows.to(hidden.device)
+            hidden, angles = self._by_unit(hidden, order), self._by_unit(angles, order)
+        hidden = self.decoder(hidden.unsqueeze(1), attention_mask=None, rotary_pos_emb=angles,
+                              packed_seq_params=segments)
+        merged = self.merger(self.merger_norm(hidden.squeeze(1)).reshape(-1, self.arch.merged_width))
+        return merged if order is None else merged[torch.argsort(order)]
+
+    def _by_unit(self, x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        """``x`` [P, ...] regrouped by merged unit in ``order`` (spatial_merge_size^2 patches each)."""
+        unit = self.arch.spatial_merge_size ** 2
+        return x.reshape(x.shape[0] // unit, unit, *x.shape[1:])[order].reshape(x.shape)
 
 
 class Qwen2VLModel(MegatronModule):

@@ -1,10 +1,12 @@
-"""Tiny random Qwen2-VL models (config, tokenizer, processor) for tests, built without the hub.
+"""Tiny random Qwen2-VL and Qwen2.5-VL models (config, tokenizer, processor) for tests, built
+without the hub.
 
-``save_tiny_qwen2_vl(out_dir)`` writes a folder that transformers (``Qwen2VLForConditionalGeneration``,
+``save_tiny_qwen2_vl(out_dir, family=...)`` writes a folder that transformers (``Qwen2VLForConditionalGeneration``,
 ``AutoProcessor``) and vLLM load unchanged: random float32 weights, the character tokenizer of
 :mod:`k15_megatron.models.tiny` plus Qwen2-VL's vision special tokens, and a
 ``Qwen2VLProcessor`` whose image processor turns a 56 x 56 image into a 4 x 4 grid of 14-pixel
-patches (4 image tokens after the 2 x 2 merge). Sizes respect vLLM's CPU attention (head_dim 32,
+patches (4 image tokens after the 2 x 2 merge). The tiny Qwen2.5-VL's windows are 56 pixels
+(2 x 2 merged units) and its first vision block is windowed, the second full. Sizes respect vLLM's CPU attention (head_dim 32,
 also in the vision tower) and Megatron's TP=2 (heads and query groups divisible by 2).
 """
 
@@ -36,7 +38,11 @@ TINY_VL_TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                                      "mrope_section": [4, 6, 6]})
 TINY_VL_VISION = dict(depth=2, embed_dim=64, num_heads=2, mlp_ratio=2, hidden_act="quick_gelu",
                       patch_size=14, temporal_patch_size=2, spatial_merge_size=2, in_channels=3)
+TINY_VL_2_5_VISION = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, hidden_act="silu",
+                          patch_size=14, temporal_patch_size=2, spatial_merge_size=2, in_channels=3,
+                          window_size=56, fullatt_block_indexes=[1])
 TINY_IMAGE_PIXELS = dict(min_pixels=56 * 56, max_pixels=112 * 112)
+FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 
 
 def build_vl_tokenizer():
@@ -57,30 +63,38 @@ def build_vl_processor(tokenizer=None):
                             video_processor=Qwen2VLVideoProcessor(**sizes), chat_template=CHAT_TEMPLATE)
 
 
-def tiny_qwen2_vl_config(tokenizer, **text_overrides):
-    """A transformers ``Qwen2VLConfig`` of the tiny sizes for ``tokenizer``."""
-    from transformers import Qwen2VLConfig
+def tiny_qwen2_vl_config(tokenizer, family: str = "qwen2_vl", **text_overrides):
+    """A transformers ``Qwen2VLConfig`` (or ``Qwen2_5_VLConfig``) of the tiny sizes for ``tokenizer``."""
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
 
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in
            zip(("vision_start_token_id", "vision_end_token_id", "image_token_id", "video_token_id"),
                VISION_TOKENS)}
     text = dict(TINY_VL_TEXT, vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2, pad_token_id=0,
                 **text_overrides)
+    if family == "qwen2_5_vl":
+        vision = dict(TINY_VL_2_5_VISION, out_hidden_size=text["hidden_size"])
+        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
+    if family != "qwen2_vl":
+        raise ValueError(f"tiny vision-language family {family!r}: use one of {FAMILIES}")
     vision = dict(TINY_VL_VISION, hidden_size=text["hidden_size"])
     return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
 
 
-def save_tiny_qwen2_vl(out_dir: str, *, seed: int = 0, init_std: float = 0.02, **text_overrides) -> str:
-    """Write a random tiny Qwen2-VL model, its tokenizer and processor to ``out_dir``; returns it."""
-    from transformers import Qwen2VLForConditionalGeneration
+def save_tiny_qwen2_vl(out_dir: str, *, family: str = "qwen2_vl", seed: int = 0, init_std: float = 0.02,
+                       **text_overrides) -> str:
+    """Write a random tiny ``family`` (qwen2_vl or qwen2_5_vl) model, its tokenizer and
+    processor to ``out_dir``; returns it."""
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
     processor = build_vl_processor()
-    config = tiny_qwen2_vl_config(processor.tokenizer, **text_overrides)
+    config = tiny_qwen2_vl_config(processor.tokenizer, family, **text_overrides)
     config.initializer_range = init_std
     config.text_config.initializer_range = init_std
     config.vision_config.initializer_range = init_std
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config).to(torch.float32)
+    model_class = Qwen2_5_VLForConditionalGeneration if family == "qwen2_5_vl" else Qwen2VLForConditionalGeneration
+    model = model_class(config).to(torch.float32)
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     processor.save_pretrained(out_dir)

@@ -46,6 +46,20 @@ def test_both_config_layouts_resolve_to_the_same_architecture(tmp_path):
     assert (vision.mrope_section, vision.ffn_hidden_size, vision.image_token_id) == ((4, 6, 6), 128, 104)
 
 
+def test_qwen2_5_vl_reads_its_own_vision_keys(tmp_path):
+    vision = {"depth": 4, "hidden_size": 64, "intermediate_size": 96, "num_heads": 2, "out_hidden_size": 128,
+              "hidden_act": "silu", "window_size": 112, "fullatt_block_indexes": [1, 3]}
+    config = {**_transformers5(), "model_type": "qwen2_5_vl", "vision_config": vision}
+    path = _write(tmp_path, config)
+    arch, got = resolve_model_arch(ModelConfig(hf_path=path)), resolve_vision_arch(ModelConfig(hf_path=path))
+    assert (arch.family, arch.add_qkv_bias) == ("qwen2_5_vl", True)
+    assert (got.family, got.embed_dim, got.ffn_hidden_size, got.out_hidden_size, got.window_size,
+            got.fullatt_block_indexes) == ("qwen2_5_vl", 64, 96, 128, 112, (1, 3))
+    config["vision_config"] = {**vision, "fullatt_block_indexes": [4]}
+    with pytest.raises(ValueError, match=r"vision_config.fullatt_block_indexes=\[4\]"):
+        resolve_vision_arch(ModelConfig(hf_path=_write(tmp_path, config)))
+
+
 @pytest.mark.parametrize("vision, key", [
     ({"hidden_act": "silu"}, "vision_config.hidden_act"),
     ({"num_heads": 3}, "vision_config.embed_dim"),

@@ -1,11 +1,13 @@
-"""Qwen2-VL built from its HF config as Megatron-Core modules (k15_megatron/models/qwen2_vl.py)
-gives transformers' logits with images, and its HF <-> Megatron mapping round-trips bit-exactly.
+"""Qwen2-VL and Qwen2.5-VL built from their HF configs as Megatron-Core modules
+(k15_megatron/models/qwen2_vl.py) give transformers' logits with images, and their HF <-> Megatron
+mapping round-trips bit-exactly.
 
 Inputs come from transformers' Qwen2VLProcessor (pixel values, image grids, expanded image
 tokens); the M-RoPE position ids are k15's own and are checked against transformers'
 ``get_rope_index``. Prompts: one 56x84 image; two images of different sizes (56x56, 84x112) in
-one prompt. One launch of 2 gloo processes runs the layouts TP=1 (DP=2), TP=2 and PP=2 (the
-vision tower on the first stage), loading the HF folder into each and streaming it back out,
+one prompt (for the tiny Qwen2.5-VL the larger one spans 2 x 2 attention windows, one of them
+partial). One launch of 2 gloo processes runs, for each family, the layouts TP=1 (DP=2), TP=2 and
+PP=2 (the vision tower on the first stage), loading the HF folder into each and streaming it back out,
 then the converters behind tools/convert_* and ``k15 export``: HF -> k15 checkpoint at TP=2,
 checkpoint -> HF at PP=2, whose files must hold the original tensors bit for bit.
 Tolerance: 1e-4 relative to the largest logit (float32).
@@ -100,11 +102,17 @@ def _read_folder(folder: str) -> dict:
     return tensors
 
 
+def _hf_model(hf_dir: str):
+    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+
+    family = AutoConfig.from_pretrained(hf_dir).model_type
+    model_class = Qwen2_5_VLForConditionalGeneration if family == "qwen2_5_vl" else Qwen2VLForConditionalGeneration
+    return model_class.from_pretrained(hf_dir, dtype=torch.float32).eval()
+
+
 def _hf_reference(hf_dir: str, inputs: dict) -> tuple[dict, dict]:
     """(prompt -> transformers' logits, prompt -> transformers' M-RoPE position ids)."""
-    from transformers import Qwen2VLForConditionalGeneration
-
-    model = Qwen2VLForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    model = _hf_model(hf_dir)
     logits, positions = {}, {}
     with torch.no_grad():
         for name, batch in inputs.items():
@@ -114,47 +122,51 @@ def _hf_reference(hf_dir: str, inputs: dict) -> tuple[dict, dict]:
     return logits, positions
 
 
-@pytest.mark.distributed
-def test_qwen2_vl_logits_and_round_trip_match_transformers(tiny_qwen2_vl_dir, tmp_path):
+def _check_positions(hf_dir: str, inputs: dict, ref_positions: dict) -> None:
     from k15_megatron.config import ModelConfig
     from k15_megatron.config.vision_arch import resolve_vision_arch
     from k15_megatron.models.qwen2_vl import mrope_position_ids
 
-    inputs = _processed(tiny_qwen2_vl_dir)
-    assert [g.tolist() for g in inputs["two images"]["image_grid_thw"]] == [[1, 4, 4], [1, 6, 8]]
-    ref_logits, ref_positions = _hf_reference(tiny_qwen2_vl_dir, inputs)
-    vision = resolve_vision_arch(ModelConfig(hf_path=tiny_qwen2_vl_dir))
+    vision = resolve_vision_arch(ModelConfig(hf_path=hf_dir))
     for name, batch in inputs.items():
         ours = mrope_position_ids(batch["input_ids"], batch["image_grid_thw"], image_token_id=vision.image_token_id,
                                   vision_start_token_id=vision.vision_start_token_id,
                                   spatial_merge_size=vision.spatial_merge_size)
-        assert torch.equal(ours, ref_positions[name]), name
+        assert torch.equal(ours, ref_positions[name]), (hf_dir, name)
 
-    cases = {layout: (_layout_case, (tiny_qwen2_vl_dir, inputs, tp, pp)) for layout, (tp, pp) in LAYOUTS.items()}
-    ckpt, back = str(tmp_path / "ckpt"), str(tmp_path / "hf")
-    cases["convert"] = (_convert_case, (tiny_qwen2_vl_dir, ckpt))
-    cases["export"] = (_export_case, (ckpt, back))
+
+@pytest.mark.distributed
+def test_vl_logits_and_round_trip_match_transformers(tiny_vl_dirs, tmp_path):
+    inputs = _processed(tiny_vl_dirs["qwen2_vl"])  # the same tokenizer and processor in both folders
+    assert [g.tolist() for g in inputs["two images"]["image_grid_thw"]] == [[1, 4, 4], [1, 6, 8]]
+    references, cases = {}, {}
+    for family, hf_dir in tiny_vl_dirs.items():
+        ref_logits, ref_positions = _hf_reference(hf_dir, inputs)
+        _check_positions(hf_dir, inputs, ref_positions)
+        references[family] = ref_logits
+        for layout, (tp, pp) in LAYOUTS.items():
+            cases[(family, layout)] = (_layout_case, (hf_dir, inputs, tp, pp))
+        ckpt = str(tmp_path / family / "ckpt")
+        cases[(family, "convert")] = (_convert_case, (hf_dir, ckpt))
+        cases[(family, "export")] = (_export_case, (ckpt, str(tmp_path / family / "hf")))
     results = run_cases(2, cases, timeout_s=900)
-    original = _read_folder(tiny_qwen2_vl_dir)
-    round_trip = _read_folder(back)
-    assert set(round_trip) == set(original)
-    assert all(torch.equal(round_trip[name], tensor) for name, tensor in original.items())
-    from transformers import Qwen2VLForConditionalGeneration
 
-    reloaded = Qwen2VLForConditionalGeneration.from_pretrained(back, dtype=torch.float32).eval()
-    with torch.no_grad():
-        assert torch.equal(reloaded(**inputs["two images"]).logits, ref_logits["two images"])
-    assert _processed(back)["two images"]["input_ids"].equal(inputs["two images"]["input_ids"])  # processor kept
-    for layout in LAYOUTS:
-        per_rank = results[layout]
-        exported = {}
-        for rank_result in per_rank:
-            exported.update(rank_result["exported"])
-        assert set(exported) == set(original), layout
-        for hf_name, tensor in original.items():
-            assert torch.equal(exported[hf_name], tensor), (layout, hf_name)
-        last = per_rank[-1]
-        for name, ref in ref_logits.items():
-            scale = ref.abs().max()
-            err = (last[name] - ref).abs().max() / scale
-            assert err <= TOLERANCE, (layout, name, float(err))
+    for family, hf_dir in tiny_vl_dirs.items():
+        back = str(tmp_path / family / "hf")
+        original, round_trip = _read_folder(hf_dir), _read_folder(back)
+        assert set(round_trip) == set(original), family
+        assert all(torch.equal(round_trip[name], tensor) for name, tensor in original.items()), family
+        with torch.no_grad():
+            assert torch.equal(_hf_model(back)(**inputs["two images"]).logits, references[family]["two images"])
+        assert _processed(back)["two images"]["input_ids"].equal(inputs["two images"]["input_ids"])  # processor kept
+        for layout in LAYOUTS:
+            per_rank = results[(family, layout)]
+            exported = {}
+            for rank_result in per_rank:
+                exported.update(rank_result["exported"])
+            assert set(exported) == set(original), (family, layout)
+            for hf_name, tensor in original.items():
+                assert torch.equal(exported[hf_name], tensor), (family, layout, hf_name)
+            for name, ref in references[family].items():
+                err = (per_rank[-1][name] - ref).abs().max() / ref.abs().max()
+                assert err <= TOLERANCE, (family, layout, name, float(err))
