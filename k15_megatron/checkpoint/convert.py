@@ -25,9 +25,9 @@ from k15_megatron.checkpoint import dist_ckpt, output_dir
 from k15_megatron.checkpoint.hf_export import export_hf
 from k15_megatron.checkpoint.model_weights import load_hf_weights
 from k15_megatron.checkpoint.vl_weights import load_vl_hf_weights
-from k15_megatron.config.model_arch import resolve_model_arch
+from k15_megatron.config.model_arch import resolve_model_arch, resolve_vision_arch
 from k15_megatron.config.schema import ModelConfig, ParallelConfig, PrecisionConfig
-from k15_megatron.config.vision_arch import VISION_FAMILIES, resolve_vision_arch
+from k15_megatron.config.vision_arch import VISION_FAMILIES
 from k15_megatron.models.gpt import build_gpt_model, padded_vocab_size
 from k15_megatron.parallel.initialize import initialize
 

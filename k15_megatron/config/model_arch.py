@@ -6,6 +6,10 @@ models: RMSNorm, SwiGLU, grouped-query attention, RoPE with optional llama3 or y
 QKV bias, Qwen3 QK-norm). Anything else is refused here with a ValueError naming the file and key, so
 unsupported checkpoints fail at config time rather than deep inside model construction.
 
+Vision-language models (Qwen2-VL, Qwen2.5-VL): the language model resolves here like a Qwen2
+model from the config's ``text_config`` (or top-level keys), its vision tower through
+:func:`resolve_vision_arch` (:mod:`k15_megatron.config.vision_arch`).
+
 Only ``model_type`` and the architecture keys decide; ``architectures`` and the model's name are
 never read, so fine-tunes that keep their base's config.json (DeepSeek-R1-Distill-Qwen is
 ``qwen2``, DeepSeek-R1-Distill-Llama is ``llama``) resolve as their base family.
@@ -30,7 +34,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 from k15_megatron.config.moe_arch import check_moe, moe_fields_from_hf
 from k15_megatron.config.schema import SUPPORTED_FAMILIES, ModelConfig
-from k15_megatron.config.vision_arch import VISION_FAMILIES, text_config_of
+from k15_megatron.config.vision_arch import VISION_FAMILIES, VisionArch, text_config_of, vision_arch_from_hf
 
 # HF config.json key -> ModelArch field, for the plain one-to-one keys.
 _HF_KEYS = {
@@ -317,6 +321,24 @@ def resolve_model_arch(model_cfg: ModelConfig) -> ModelArch:
     _fill_defaults(values)
     _check_yarn_context(values, context_source(model_cfg))
     return ModelArch(**{f.name: values[f.name] for f in fields(ModelArch) if f.name in values})
+
+
+def resolve_vision_arch(model_cfg: ModelConfig) -> Optional[VisionArch]:
+    """The VisionArch of ``model_cfg`` (a ModelConfig) when ``<model.hf_path>/config.json`` is a
+    vision-language model, else None. ValueError naming the file and key, as
+    :func:`vision_arch_from_hf`; a vision-language ``model.family`` without ``model.hf_path``
+    is refused (the vision tower is only read from config.json)."""
+    if model_cfg.hf_path is None:
+        if model_cfg.family in VISION_FAMILIES:
+            raise ValueError(f"model.family={model_cfg.family!r} needs model.hf_path (the vision tower's "
+                             "architecture is read from its config.json)")
+        return None
+    hf = read_hf_config(model_cfg.hf_path)
+    if hf.get("model_type") not in VISION_FAMILIES:
+        return None
+    arch = resolve_model_arch(model_cfg)
+    return vision_arch_from_hf(hf, where=os.path.join(model_cfg.hf_path, "config.json"),
+                               head_dim=arch.kv_channels)
 
 
 def _check_yarn_context(values: Mapping[str, Any], source: str) -> None:

@@ -27,7 +27,7 @@ from typing import Any, Callable, List, Mapping, Optional
 from k15_megatron.config.env import have_transformer_engine, resolve_world_size
 from k15_megatron.config.errors import ConfigError
 from k15_megatron.config.fp8 import Fp8Platform, fp8_errors, probe_fp8_platform
-from k15_megatron.config.model_arch import ModelArch, context_source, resolve_model_arch
+from k15_megatron.config.model_arch import ModelArch, context_source, resolve_model_arch, resolve_vision_arch
 from k15_megatron.config.rollout import derive_max_model_len
 from k15_megatron.config.fields import CHOICES, MINIMUM
 from k15_megatron.config.schema import (DataConfig, ExperimentConfig,
@@ -270,8 +270,6 @@ def _vision_errors(model_cfg) -> List[str]:
     transformers (k15_megatron.models.qwen2_vl, k15_megatron.checkpoint.vl_weights), but the
     jobs' data, rollout, weight sync and export paths carry text only: refused here, before any
     process starts, rather than failing inside the trainer."""
-    from k15_megatron.config.vision_arch import resolve_vision_arch
-
     try:
         vision = resolve_vision_arch(model_cfg)
     except ValueError as e:

@@ -175,24 +175,3 @@ def vision_arch_from_hf(hf: Mapping[str, Any], *, where: str, head_dim: int) -> 
         spatial_merge_size=vision.get("spatial_merge_size", 2), in_channels=vision.get("in_channels", 3),
         rope_theta=float(rope.get("rope_theta", 10000.0)), mrope_section=section, family=family, **sizes, **ids)
 
-
-def resolve_vision_arch(model_cfg) -> "VisionArch | None":
-    """The VisionArch of ``model_cfg`` (a ModelConfig) when ``<model.hf_path>/config.json`` is a
-    vision-language model, else None. ValueError naming the file and key, as
-    :func:`vision_arch_from_hf`; a vision-language ``model.family`` without ``model.hf_path``
-    is refused (the vision tower is only read from config.json)."""
-    import os
-
-    from k15_megatron.config.model_arch import read_hf_config, resolve_model_arch
-
-    if model_cfg.hf_path is None:
-        if model_cfg.family in VISION_FAMILIES:
-            raise ValueError(f"model.family={model_cfg.family!r} needs model.hf_path (the vision tower's "
-                             "architecture is read from its config.json)")
-        return None
-    hf = read_hf_config(model_cfg.hf_path)
-    if hf.get("model_type") not in VISION_FAMILIES:
-        return None
-    arch = resolve_model_arch(model_cfg)
-    return vision_arch_from_hf(hf, where=os.path.join(model_cfg.hf_path, "config.json"),
-                               head_dim=arch.kv_channels)

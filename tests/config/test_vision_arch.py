@@ -9,7 +9,7 @@ import json
 import pytest
 
 from k15_megatron.config import ModelConfig, resolve_model_arch
-from k15_megatron.config.vision_arch import resolve_vision_arch
+from k15_megatron.config.model_arch import resolve_vision_arch
 
 VISION = {"depth": 2, "embed_dim": 64, "num_heads": 2, "mlp_ratio": 2, "hidden_size": 128,
           "hidden_act": "quick_gelu", "patch_size": 14, "temporal_patch_size": 2, "spatial_merge_size": 2}

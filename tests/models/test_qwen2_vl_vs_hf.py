@@ -53,7 +53,7 @@ def _layout_case(rank, world_size, hf_dir, inputs, tp, pp):
 
     from k15_megatron.checkpoint.vl_weights import iter_vl_hf_tensors, load_vl_hf_weights
     from k15_megatron.config import ModelConfig, ParallelConfig, PrecisionConfig, resolve_model_arch
-    from k15_megatron.config.vision_arch import resolve_vision_arch
+    from k15_megatron.config.model_arch import resolve_vision_arch
     from k15_megatron.models.gpt import padded_vocab_size
     from k15_megatron.models.qwen2_vl import build_qwen2_vl_model, mrope_position_ids
     from k15_megatron.parallel.device import to_device
@@ -124,7 +124,7 @@ def _hf_reference(hf_dir: str, inputs: dict) -> tuple[dict, dict]:
 
 def _check_positions(hf_dir: str, inputs: dict, ref_positions: dict) -> None:
     from k15_megatron.config import ModelConfig
-    from k15_megatron.config.vision_arch import resolve_vision_arch
+    from k15_megatron.config.model_arch import resolve_vision_arch
     from k15_megatron.models.qwen2_vl import mrope_position_ids
 
     vision = resolve_vision_arch(ModelConfig(hf_path=hf_dir))
