@@ -25,8 +25,9 @@ feeding a GPTModel with M-RoPE (:mod:`k15_megatron.config.vision_arch` describes
   config's ``mrope_section``; position ids are [3, B, S] (:func:`mrope_position_ids`). The
   embeddings of ``<|image_pad|>`` tokens are replaced by the merged image embeddings, in order.
 
-Not covered: videos, sequence parallelism and context parallelism with images, Transformer Engine's layer spec for the vision
-blocks (the local spec is used on every machine).
+Not covered: videos; sequence and context parallelism (refused by :func:`build_qwen2_vl_model`);
+Transformer Engine's layer spec for the vision blocks (the local spec is used on every machine).
+Verified on the CPU (gloo) only: this code has not run on a GPU.
 """
 
 from __future__ import annotations
@@ -289,7 +290,7 @@ def build_qwen2_vl_model(arch, vision_arch, *, parallel_cfg, precision_cfg, padd
     """This rank's part of a Qwen2-VL model (random weights; load them with
     :mod:`k15_megatron.checkpoint.vl_weights`). ``arch``: the language model's ModelArch;
     ``vision_arch``: its VisionArch. Requires Megatron's parallel state; ValueError when the
-    vision heads do not divide by ``parallel.tensor``."""
+    vision heads do not divide by ``parallel.tensor`` or under sequence or context parallelism."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
@@ -299,6 +300,9 @@ def build_qwen2_vl_model(arch, vision_arch, *, parallel_cfg, precision_cfg, padd
     if vision_arch.num_heads % parallel_cfg.tensor:
         raise ValueError(f"parallel.tensor={parallel_cfg.tensor} does not divide the vision tower's "
                          f"{vision_arch.num_heads} attention heads")
+    if parallel_cfg.sequence_parallel or parallel_cfg.context > 1:
+        raise ValueError("parallel.sequence_parallel and parallel.context > 1 are not supported with a "
+                         "vision-language model (image embeddings replace whole-sequence token embeddings)")
     config = transformer_config(arch, parallel_cfg=parallel_cfg, precision_cfg=precision_cfg)
     config.mrope_section = list(vision_arch.mrope_section)
     pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False)
