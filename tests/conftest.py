@@ -60,6 +60,17 @@ def tiny_moe_hf_dirs(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_vl_dirs(tmp_path_factory):
+    """family -> folder of a tiny random vision-language model with its tokenizer and processor
+    (k15_megatron.models.tiny_vl): Qwen2-VL and Qwen2.5-VL (window attention in its first vision
+    block), 2 vision blocks, 2 language layers, M-RoPE sections [4, 6, 6]."""
+    from k15_megatron.models.tiny_vl import FAMILIES, save_tiny_qwen2_vl
+
+    root = tmp_path_factory.mktemp("tiny_vl")
+    return {family: save_tiny_qwen2_vl(str(root / family), family=family, init_std=0.1) for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
 def roundtrip_dirs(tiny_hf_dirs, tmp_path_factory):
     """family -> (k15 checkpoint, re-exported HF folder), made by the command-line tools with
     different layouts on each side: Llama TP=2 -> PP=2, Qwen2 PP=2 -> TP=2, Qwen3 TP=1 -> PP=2."""

@@ -7,6 +7,11 @@ safetensors folder. Both are collective: call them from every rank (the tools un
 the ranks themselves). The layout only decides how the work and memory are split; the files
 are the same for every layout. Neither replaces a user's files: an existing non-empty output
 folder is refused unless ``overwrite`` (:mod:`k15_megatron.checkpoint.output_dir`).
+
+Vision-language models (``model_type`` qwen2_vl) are built as
+:class:`k15_megatron.models.qwen2_vl.Qwen2VLModel` and mapped by
+:mod:`k15_megatron.checkpoint.vl_mapping`; their vision tower's architecture is read from the
+config.json kept with the checkpoint's HF assets.
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ import torch
 from k15_megatron.checkpoint import dist_ckpt, output_dir
 from k15_megatron.checkpoint.hf_export import export_hf
 from k15_megatron.checkpoint.model_weights import load_hf_weights
-from k15_megatron.config.model_arch import resolve_model_arch
+from k15_megatron.checkpoint.vl_weights import load_vl_hf_weights
+from k15_megatron.config.model_arch import resolve_model_arch, resolve_vision_arch
 from k15_megatron.config.schema import ModelConfig, ParallelConfig, PrecisionConfig
+from k15_megatron.config.vision_arch import VISION_FAMILIES
 from k15_megatron.models.gpt import build_gpt_model, padded_vocab_size
 from k15_megatron.parallel.initialize import initialize
 
@@ -41,12 +48,21 @@ _FLAG_NAMES = (("parallel.tensor", "--tp"), ("parallel.pipeline", "--pp"), ("par
                ("model.make_vocab_size_divisible_by", "--vocab-divisible-by"))
 
 
-def _layout_errors(arch, *, tp: int, pp: int, ep: int, divisible_by: int, source: str) -> None:
+def _vision(arch, config_dir: str):
+    """The VisionArch of a vision-language ``arch`` (from ``config_dir``/config.json), else None."""
+    if arch.family not in VISION_FAMILIES:
+        return None
+    return resolve_vision_arch(ModelConfig(hf_path=config_dir))
+
+
+def _layout_errors(arch, *, tp: int, pp: int, ep: int, divisible_by: int, source: str, vision=None) -> None:
     """ValueError unless ``arch`` (read from ``source``) splits over TP x PP x EP ranks; the
     message names the tools' flags (see :func:`k15_megatron.config.validate.model_split_errors`)."""
     from k15_megatron.config.validate import model_split_errors
 
     errors = model_split_errors(arch, ParallelConfig(tensor=tp, pipeline=pp, expert=ep), divisible_by)
+    if vision is not None and vision.num_heads % tp:
+        errors.append(f"parallel.tensor={tp} does not divide the vision tower's {vision.num_heads} attention heads")
     if errors:
         text = "; ".join(errors)
         for key, flag in _FLAG_NAMES:
@@ -70,7 +86,7 @@ def check_hf_to_megatron(hf_dir: str, *, tp: int, pp: int, make_vocab_size_divis
     if make_vocab_size_divisible_by < 1:
         raise ValueError(f"--vocab-divisible-by={make_vocab_size_divisible_by} must be >= 1")
     _layout_errors(arch, tp=tp, pp=pp, ep=ep, divisible_by=make_vocab_size_divisible_by,
-                   source=os.path.join(hf_dir, "config.json"))
+                   source=os.path.join(hf_dir, "config.json"), vision=_vision(arch, hf_dir))
 
 
 def check_megatron_to_hf(ckpt_dir: str, *, tp: int, pp: int, out_dir: str, overwrite: bool = False,
@@ -80,18 +96,23 @@ def check_megatron_to_hf(ckpt_dir: str, *, tp: int, pp: int, out_dir: str, overw
     (without ``overwrite``) or is the input). Raises ValueError."""
     meta = dist_ckpt.read_meta(ckpt_dir)
     output_dir.check_output_dir(out_dir, overwrite=overwrite, inputs=[ckpt_dir])
-    _layout_errors(dist_ckpt.arch_from_meta(meta), tp=tp, pp=pp, ep=ep, divisible_by=meta["padded_vocab"],
-                   source=ckpt_dir)
+    arch = dist_ckpt.arch_from_meta(meta)
+    _layout_errors(arch, tp=tp, pp=pp, ep=ep, divisible_by=meta["padded_vocab"], source=ckpt_dir,
+                   vision=_vision(arch, os.path.join(ckpt_dir, dist_ckpt.ASSETS_DIR)))
 
 
-def _build(arch, tp: int, pp: int, divisible_by: int, ep: int = 1):
+def _build(arch, tp: int, pp: int, divisible_by: int, ep: int = 1, vision=None):
     parallel = ParallelConfig(tensor=tp, pipeline=pp, expert=ep)
     initialize(parallel)
     padded = padded_vocab_size(arch.vocab_size, divisible_by, tp)
     # fp32 parameters hold fp32, bf16 and fp16 weights exactly, so conversion is lossless.
-    model = build_gpt_model(arch, parallel_cfg=parallel, precision_cfg=PrecisionConfig(dtype="fp32"),
-                            padded_vocab=padded)
-    return model, padded
+    precision = PrecisionConfig(dtype="fp32")
+    if vision is not None:
+        from k15_megatron.models.qwen2_vl import build_qwen2_vl_model
+
+        return build_qwen2_vl_model(arch, vision, parallel_cfg=parallel, precision_cfg=precision,
+                                    padded_vocab=padded), padded
+    return build_gpt_model(arch, parallel_cfg=parallel, precision_cfg=precision, padded_vocab=padded), padded
 
 
 def hf_to_megatron(hf_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1, ep: int = 1,
@@ -100,8 +121,12 @@ def hf_to_megatron(hf_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1, ep: i
     Returns the names written (on rank 0; ``[]`` elsewhere)."""
     output_dir.check_output_dir(out_dir, overwrite=overwrite, inputs=[hf_dir])
     arch = resolve_model_arch(ModelConfig(hf_path=hf_dir))
-    model, padded = _build(arch, tp, pp, make_vocab_size_divisible_by, ep)
-    load_hf_weights(model, hf_dir, arch, padded)
+    vision = _vision(arch, hf_dir)
+    model, padded = _build(arch, tp, pp, make_vocab_size_divisible_by, ep, vision)
+    if vision is not None:
+        load_vl_hf_weights(model, hf_dir, arch, vision, padded)
+    else:
+        load_hf_weights(model, hf_dir, arch, padded)
     return dist_ckpt.save_model(model, out_dir, arch=arch, padded_vocab=padded, hf_assets_from=hf_dir,
                                 overwrite=overwrite)
 
@@ -120,8 +145,9 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1, ep:
     arch = dist_ckpt.arch_from_meta(meta)
     assets = os.path.join(ckpt_dir, dist_ckpt.ASSETS_DIR)
     divisible_by = meta["padded_vocab"]  # the saved padding is kept whatever TP is used now
-    model, _ = _build(arch, tp, pp, divisible_by, ep)
+    vision = _vision(arch, assets)
+    model, _ = _build(arch, tp, pp, divisible_by, ep, vision)
     dist_ckpt.load_model(model, ckpt_dir)
     dtype = dtype or _hf_dtype(assets) or torch.float32
     return export_hf(model, arch, out_dir, assets_dir=assets, dtype=dtype, max_shard_bytes=max_shard_bytes,
-                     overwrite=overwrite)
+                     overwrite=overwrite, vision=vision)

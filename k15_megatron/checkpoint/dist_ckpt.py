@@ -35,7 +35,9 @@ FORMAT = "k15-megatron"
 VERSION = 1
 _ASSET_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", "vocab.json",
-                "merges.txt")
+                "merges.txt",
+                # a vision-language model's image/video processors (resizing, token expansion)
+                "processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json")
 
 
 

@@ -7,7 +7,9 @@ of tensors in memory; rank 0 then writes ``model.safetensors.index.json``, ``con
 staging folder and published by :mod:`k15_megatron.checkpoint.output_dir`: a new folder appears
 under its final name only when complete; an existing non-empty one is refused unless
 ``overwrite``, and then only the model files are replaced (a user's other files stay).
-transformers and vLLM load the result unchanged.
+transformers and vLLM load the result unchanged. A vision-language model (``vision`` given) is
+streamed by :func:`k15_megatron.checkpoint.vl_weights.iter_vl_hf_tensors` and keeps the
+original config.json as it is (its architecture cannot be overridden).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from k15_megatron.checkpoint.dist_ckpt import copy_hf_assets
 from k15_megatron.config.hf_config import hf_config_dict
 from k15_megatron.checkpoint.model_weights import iter_hf_tensors
 from k15_megatron.checkpoint.safetensors_io import INDEX_FILE, ShardedSafetensorsWriter, write_index
+from k15_megatron.checkpoint.vl_weights import iter_vl_hf_tensors
 
 
 def _read_json(path: str) -> dict | None:
@@ -32,8 +35,9 @@ def _read_json(path: str) -> dict | None:
 
 
 def export_hf(model, arch, out_dir: str, *, assets_dir: str | None, dtype: torch.dtype | None = None,
-              max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False) -> list[str]:
+              max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False, vision=None) -> list[str]:
     """Write ``model`` (this rank's part; collective over all ranks) as a HF folder ``out_dir``.
+    ``vision``: the VisionArch of a vision-language ``model`` (None for a text model).
 
     ``assets_dir`` holds the tokenizer files and original config.json to carry over (may be None).
     Returns the names of the files written on rank 0 (``[]`` on the other ranks).
@@ -55,7 +59,9 @@ def export_hf(model, arch, out_dir: str, *, assets_dir: str | None, dtype: torch
         and ps.get_context_parallel_rank() == 0
     writer = ShardedSafetensorsWriter(
         tmp, prefix=f"model-pp{ps.get_pipeline_model_parallel_rank():03d}", max_shard_bytes=max_shard_bytes)
-    for name, tensor in iter_hf_tensors(model, arch, dtype=dtype):
+    tensors = iter_vl_hf_tensors(model, arch, vision, dtype=dtype) if vision is not None \
+        else iter_hf_tensors(model, arch, dtype=dtype)
+    for name, tensor in tensors:
         if is_writer:
             writer.add(name, tensor)
     local = (writer.close(), writer.total_bytes) if is_writer else ({}, 0)
@@ -69,7 +75,7 @@ def export_hf(model, arch, out_dir: str, *, assets_dir: str | None, dtype: torch
         write_index(tmp, weight_map, total)
         copy_hf_assets(assets_dir, tmp)
         base = _read_json(os.path.join(assets_dir, "config.json")) if assets_dir else None
-        config = hf_config_dict(arch, base)
+        config = dict(base or {}) if vision is not None else hf_config_dict(arch, base)
         if dtype is not None:
             config["dtype"] = str(dtype).removeprefix("torch.")
         with open(os.path.join(tmp, "config.json"), "w") as f:

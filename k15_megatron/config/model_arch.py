@@ -6,6 +6,10 @@ models: RMSNorm, SwiGLU, grouped-query attention, RoPE with optional llama3 or y
 QKV bias, Qwen3 QK-norm). Anything else is refused here with a ValueError naming the file and key, so
 unsupported checkpoints fail at config time rather than deep inside model construction.
 
+Vision-language models (Qwen2-VL, Qwen2.5-VL): the language model resolves here like a Qwen2
+model from the config's ``text_config`` (or top-level keys), its vision tower through
+:func:`resolve_vision_arch` (:mod:`k15_megatron.config.vision_arch`).
+
 Only ``model_type`` and the architecture keys decide; ``architectures`` and the model's name are
 never read, so fine-tunes that keep their base's config.json (DeepSeek-R1-Distill-Qwen is
 ``qwen2``, DeepSeek-R1-Distill-Llama is ``llama``) resolve as their base family.
@@ -30,6 +34,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 from k15_megatron.config.moe_arch import check_moe, moe_fields_from_hf
 from k15_megatron.config.schema import SUPPORTED_FAMILIES, ModelConfig
+from k15_megatron.config.vision_arch import VISION_FAMILIES, VisionArch, text_config_of, vision_arch_from_hf
 
 # HF config.json key -> ModelArch field, for the plain one-to-one keys.
 _HF_KEYS = {
@@ -273,7 +278,7 @@ def _check_hf_features(hf: Mapping[str, Any], family: str, where: str) -> Dict[s
     if hf.get("llama_4_scaling") is not None:
         raise ValueError(f"{where}: llama_4_scaling is not supported (no position-dependent attention scaling)")
     flags: Dict[str, Any] = {"qk_layernorm": family in ("qwen3", "qwen3_moe")}
-    if family == "qwen2":
+    if family in ("qwen2", "qwen2_vl", "qwen2_5_vl"):
         flags["add_qkv_bias"] = True  # Qwen2 always biases q/k/v and never o_proj
     elif family == "qwen2_moe":
         flags["add_qkv_bias"] = bool(hf.get("qkv_bias", True))
@@ -294,6 +299,8 @@ def _from_hf(hf: Mapping[str, Any], where: str, family_override: Optional[str]) 
     if family_override is not None and family_override != model_type:
         raise ValueError(f"model.family={family_override!r} contradicts model_type {model_type!r} "
                          f"in {where}; remove model.family (it is read from config.json)")
+    if model_type in VISION_FAMILIES:  # the language model's keys (its vision: config.vision_arch)
+        hf = text_config_of(hf)
     out: Dict[str, Any] = {"family": model_type}
     out.update({arch: hf[key] for key, arch in _HF_KEYS.items() if hf.get(key) is not None})
     out.update(_rope_from_hf(hf, where))
@@ -330,6 +337,24 @@ def resolve_model_arch(model_cfg: ModelConfig) -> ModelArch:
     _fill_defaults(values)
     _check_yarn_context(values, context_source(model_cfg))
     return ModelArch(**{f.name: values[f.name] for f in fields(ModelArch) if f.name in values})
+
+
+def resolve_vision_arch(model_cfg: ModelConfig) -> Optional[VisionArch]:
+    """The VisionArch of ``model_cfg`` (a ModelConfig) when ``<model.hf_path>/config.json`` is a
+    vision-language model, else None. ValueError naming the file and key, as
+    :func:`vision_arch_from_hf`; a vision-language ``model.family`` without ``model.hf_path``
+    is refused (the vision tower is only read from config.json)."""
+    if model_cfg.hf_path is None:
+        if model_cfg.family in VISION_FAMILIES:
+            raise ValueError(f"model.family={model_cfg.family!r} needs model.hf_path (the vision tower's "
+                             "architecture is read from its config.json)")
+        return None
+    hf = read_hf_config(model_cfg.hf_path)
+    if hf.get("model_type") not in VISION_FAMILIES:
+        return None
+    arch = resolve_model_arch(model_cfg)
+    return vision_arch_from_hf(hf, where=os.path.join(model_cfg.hf_path, "config.json"),
+                               head_dim=arch.kv_channels)
 
 
 def _check_yarn_context(values: Mapping[str, Any], source: str) -> None:
@@ -378,7 +403,7 @@ def _fill_defaults(values: Dict[str, Any]) -> None:
     values.setdefault("rope_theta", 10000.0)
     values.setdefault("rope_scaling", None)
     values.setdefault("tie_word_embeddings", False)
-    values.setdefault("add_qkv_bias", values["family"] in ("qwen2", "qwen2_moe"))
+    values.setdefault("add_qkv_bias", values["family"] in ("qwen2", "qwen2_moe", "qwen2_vl", "qwen2_5_vl"))
     values.setdefault("qk_layernorm", values["family"] in ("qwen3", "qwen3_moe"))
     check_moe(values)
     values["rope_theta"] = float(values["rope_theta"])

@@ -35,7 +35,8 @@ TOO_LONG_CHOICES = ("filter", "error")
 RECOMPUTE_CHOICES = ("none", "selective", "full")
 """Values of ``parallel.recompute``."""
 
-SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
+SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "qwen2_vl",
+                      "qwen2_5_vl")
 """Model families the Megatron builders implement (HF ``model_type`` values)."""
 
 
@@ -49,7 +50,8 @@ class ModelConfig:
     """Hugging Face folder whose config.json defines the architecture; its weights are used
     when converting. ``None``: the architecture is given entirely by the fields below."""
     family: Optional[str] = one_of(None, SUPPORTED_FAMILIES)
-    """Model family (llama | qwen2 | qwen3 | mistral | qwen2_moe | qwen3_moe | deepseek_v3). ``None``: from config.json
+    """Model family (llama | qwen2 | qwen3 | mistral | qwen2_moe | qwen3_moe | deepseek_v3 | qwen2_vl |
+    qwen2_5_vl; the vision-language families only from a model.hf_path). ``None``: from config.json
     ``model_type``."""
     num_layers: Optional[int] = at_least(None, 1)
     """Number of transformer layers (HF ``num_hidden_layers``)."""

@@ -27,7 +27,7 @@ from typing import Any, Callable, List, Mapping, Optional
 from k15_megatron.config.env import have_transformer_engine, resolve_world_size
 from k15_megatron.config.errors import ConfigError
 from k15_megatron.config.fp8 import Fp8Platform, fp8_errors, probe_fp8_platform
-from k15_megatron.config.model_arch import ModelArch, context_source, resolve_model_arch
+from k15_megatron.config.model_arch import ModelArch, context_source, resolve_model_arch, resolve_vision_arch
 from k15_megatron.config.rollout import derive_max_model_len
 from k15_megatron.config.fields import CHOICES, MINIMUM
 from k15_megatron.config.schema import (DataConfig, ExperimentConfig,
@@ -67,6 +67,7 @@ def validate(
         except ValueError as e:
             errors.append(str(e))
     if arch is not None:
+        errors += _vision_errors(cfg.model)
         errors += derive_max_model_len(cfg.rollout, context=arch.max_position_embeddings,
                                        context_source=context_source(cfg.model))
         if cfg.data.seq_length is None:
@@ -275,6 +276,22 @@ def _cp_comm_errors(par: ParallelConfig, arch: Optional[ModelArch]) -> List[str]
                 f"parallel.context={par.context} ranks, which must divide them; use parallel.cp_comm_type=p2p or "
                 "a context size that divides the heads"]
     return []
+
+
+def _vision_errors(model_cfg) -> List[str]:
+    """A vision-language model (model_type qwen2_vl or qwen2_5_vl) is built, converted and checked against
+    transformers (k15_megatron.models.qwen2_vl, k15_megatron.checkpoint.vl_weights), but the
+    jobs' data, rollout, weight sync and export paths carry text only: refused here, before any
+    process starts, rather than failing inside the trainer."""
+    try:
+        vision = resolve_vision_arch(model_cfg)
+    except ValueError as e:
+        return [str(e)]
+    if vision is None:
+        return []
+    return [f"model.family={vision.family!r} (model_type in {model_cfg.hf_path}/config.json): vision-language models "
+            "are not yet supported by the k15 jobs (image data, rollouts, weight sync and export are "
+            "text-only); use a text model"]
 
 
 def _expert_errors(par: ParallelConfig, arch: Optional[ModelArch]) -> List[str]:

@@ -16,6 +16,9 @@ What differs is decided here, once:
   ``fp8_autocast`` itself when TransformerConfig.fp8 is set (:mod:`k15_megatron.config.fp8`).
 * ``empty_device_cache()`` / ``device_memory_stats()``: GPU memory hooks that are no-ops (or
   host-memory readings) on CPU.
+* torchvision (vision-language models): on a machine without CUDA the CUDA-only torchvision
+  build imports through the start-up hook of :mod:`k15_megatron.parallel.cpu_torchvision`,
+  installed by the CPU set-up script; with CUDA the hook does nothing.
 """
 
 from __future__ import annotations

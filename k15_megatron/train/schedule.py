@@ -170,6 +170,13 @@ def _check_expert_parallel_counts(model, count: int) -> None:
                          "(k15_megatron.train.packed.split_to_count)")
 
 
+def image_inputs(micro_batch: dict) -> dict:
+    """The image entries of a vision-language micro-batch, passed to the model by keyword:
+    ``pixel_values`` [P, patch values] and ``image_grid_thw`` [I, 3] (a padded micro-batch only;
+    ``position_ids`` are then M-RoPE's [3, B, S]). ``{}`` for a text micro-batch."""
+    return {key: micro_batch[key] for key in ("pixel_values", "image_grid_thw") if key in micro_batch}
+
+
 def forward_backward(model, micro_batches: Sequence[dict], loss_fn: Callable, *,
                      forward_only: bool = False) -> list[dict]:
     """Run all ``micro_batches`` forward (and backward unless ``forward_only``); see the module
@@ -205,7 +212,8 @@ def forward_backward(model, micro_batches: Sequence[dict], loss_fn: Callable, *,
                            packed_seq_params=_packed_seq_params(mb))
         else:
             mb = to_device(padded_cp_share(mb, cp_size=cp_size, cp_rank=cp_rank))
-            output = chunk(mb["input_ids"], mb["position_ids"], mb.get("attention_mask"), labels=mb.get("labels"))
+            output = chunk(mb["input_ids"], mb["position_ids"], mb.get("attention_mask"), labels=mb.get("labels"),
+                           **image_inputs(mb))
 
         def loss_func(output_tensor):
             loss, num_tokens, metrics = loss_fn(mb, output_tensor)
@@ -225,15 +233,17 @@ def forward_backward(model, micro_batches: Sequence[dict], loss_fn: Callable, *,
 
 
 @torch.no_grad()
-def forward_logits(model, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None):
+def forward_logits(model, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, *,
+                   images: dict | None = None):
     """Vocabulary-parallel logits [B, S, V_pad/TP] of one padded batch on the last stage, None
     elsewhere (under CP > 1: this rank's [B, S/CP] share of the positions, see
-    :func:`padded_cp_share`)."""
+    :func:`padded_cp_share`). ``images``: a vision-language model's ``pixel_values`` and
+    ``image_grid_thw`` (see :func:`image_inputs`)."""
     from megatron.core import parallel_state
 
     if position_ids is None:
         position_ids = torch.arange(input_ids.shape[1], device=compute_device()).unsqueeze(0).expand_as(input_ids)
-    batch = {"input_ids": input_ids, "position_ids": position_ids}
+    batch = {"input_ids": input_ids, "position_ids": position_ids, **(images or {})}
 
     def keep_logits(mb, logits):
         return logits.new_zeros(()), torch.tensor(1, dtype=torch.int, device=logits.device), {"logits": logits.detach()}
