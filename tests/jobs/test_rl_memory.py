@@ -24,7 +24,7 @@ from tooling import REPO_ROOT
 
 from test_rl_job import _write_task
 
-ITERATIONS, WARMUP = 100, 30
+ITERATIONS, WARMUP = 80, 30
 MAX_GROWTH_MIB = 24.0
 MAX_EXCESS_MIB = 64.0
 
