@@ -48,7 +48,7 @@ def _vllm_greedy(rank, world_size, hf_dirs: dict) -> dict:
         llm, _ = build_llm(RolloutConfig(max_model_len=512, max_response_tokens=64, cpu_kv_cache_gib=0.25),
                            model_path=hf_dir, seed=0)
         out = llm.generate([{"prompt": PROMPT, "multi_modal_data": {"image": _image()}}],
-                           SamplingParams(max_tokens=12, temperature=0.0))
+                           SamplingParams(max_tokens=12, temperature=0.0), use_tqdm=False)
         tokens[family] = list(out[0].outputs[0].token_ids)
         del llm
         gc.collect()
