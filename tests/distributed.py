@@ -68,8 +68,19 @@ def run_distributed(fn, world_size: int, *args, timeout_s: float = 600.0, strict
         ctx.Process(target=_entry, args=(r, world_size, port, fn, args, queue, strict_device), daemon=False)
         for r in range(world_size)
     ]
-    for p in procs:
-        p.start()
+    # One OpenMP thread per rank, as torchrun and `k15`'s launcher set it (the children read the
+    # parent's environment when they import torch; N ranks x all cores oversubscribe the CPU).
+    saved = os.environ.get("OMP_NUM_THREADS")
+    if world_size > 1:
+        os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        if saved is None:
+            os.environ.pop("OMP_NUM_THREADS")
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved
     results: dict[int, object] = {}
     failures: list[str] = []
     try:

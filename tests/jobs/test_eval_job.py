@@ -11,7 +11,7 @@ import sys
 import pytest
 from tooling import REPO_ROOT
 
-from test_rl_job import _write_task
+from rl_runs import write_task
 
 NUM_SAMPLES, MAX_TOKENS = 2, 24
 LIBRARY_MARKERS = ("non-default args", "Initializing a V1 LLM engine", "UserWarning", "FutureWarning",
@@ -30,7 +30,7 @@ def _eval(tmp_path, *extra):
 
 @pytest.mark.slow
 def test_eval_output_is_readable_and_keeps_the_generated_texts(tmp_path):
-    _write_task(str(tmp_path))
+    write_task(str(tmp_path))
     greedy_json = tmp_path / "greedy.json"
     lines = _eval(tmp_path, f"eval.greedy_output={greedy_json}")
     noise = [line for line in lines if any(m in line for m in LIBRARY_MARKERS)]

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from tooling import REPO_ROOT
 
-from test_rl_job import _write_task
+from rl_runs import write_task
 
 ITERATIONS, WARMUP = 80, 30
 MAX_GROWTH_MIB = 24.0
@@ -32,7 +32,7 @@ MAX_EXCESS_MIB = 64.0
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
 def test_long_rl_run_memory_stays_flat_after_warm_up(tmp_path):
-    _write_task(str(tmp_path))
+    write_task(str(tmp_path))
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "k15_megatron.cli", "rl", "examples/tiny.yaml", f"run_dir={run_dir}",
            f"data.train_path={tmp_path}/train.jsonl", "parallel.world_size=1",
