@@ -5,7 +5,7 @@
 # break transformers, so they are removed afterwards. torchvision (vLLM's and transformers'
 # vision-language models import it; the registry has only its CUDA build for torch 2.13) is then
 # reinstalled without dependencies, with a start-up hook (k15_torchvision_cpu.pth, see
-# k15_megatron/parallel/cpu_torchvision.py) that lets it import on the CPU. Re-running is a
+# k15_megatron/parallel/cpu/torchvision_hook.py) that lets it import on the CPU. Re-running is a
 # no-op unless pyproject.toml or this script changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,7 +34,7 @@ $PIP uninstall -y torchvision torchaudio torchcodec 2>&1 | quiet
 echo "[setup] installing torchvision 0.28.0 without dependencies, with its CPU import hook ..."
 $PIP install --no-deps "torchvision==0.28.0" 2>&1 | quiet
 SITE=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-.venv/bin/python -c 'from k15_megatron.parallel.cpu_torchvision import PTH_LINE; print(PTH_LINE, end="")' \
+.venv/bin/python -c 'from k15_megatron.parallel.cpu.torchvision_hook import PTH_LINE; print(PTH_LINE, end="")' \
     > "$SITE/k15_torchvision_cpu.pth"
 .venv/bin/python - <<'PY'
 import torch, vllm, megatron.core, transformers, k15_megatron

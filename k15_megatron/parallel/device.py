@@ -10,14 +10,14 @@ What differs is decided here, once:
 * ``collective_device(group)``: where a tensor given to a collective on ``group`` must live.
 * ``distributed_backend()``: NCCL on GPU, gloo on CPU.
 * ``prepare_megatron_for_device()``: on CPU, applies the redirections in
-  :mod:`k15_megatron.parallel.cpu_megatron` so that stock Megatron-Core runs; on GPU it does
+  :mod:`k15_megatron.parallel.cpu.megatron` so that stock Megatron-Core runs; on GPU it does
   nothing, so the GPU path is untouched Megatron-Core.
 * FP8 has no context here: Megatron-Core's TransformerBlock enters Transformer Engine's
   ``fp8_autocast`` itself when TransformerConfig.fp8 is set (:mod:`k15_megatron.config.fp8`).
 * ``empty_device_cache()`` / ``device_memory_stats()``: GPU memory hooks that are no-ops (or
   host-memory readings) on CPU.
 * torchvision (vision-language models): on a machine without CUDA the CUDA-only torchvision
-  build imports through the start-up hook of :mod:`k15_megatron.parallel.cpu_torchvision`,
+  build imports through the start-up hook of :mod:`k15_megatron.parallel.cpu.torchvision_hook`,
   installed by the CPU set-up script; with CUDA the hook does nothing.
 """
 
@@ -100,13 +100,13 @@ def prepare_megatron_for_device() -> None:
     """Make Megatron-Core usable on this machine. Idempotent; call before building any model.
 
     On GPU this binds the process to its local GPU and changes nothing in Megatron-Core. On CPU
-    it installs the redirections documented in :mod:`k15_megatron.parallel.cpu_megatron`, and
+    it installs the redirections documented in :mod:`k15_megatron.parallel.cpu.megatron`, and
     with ``K15_STRICT_DEVICE=1`` the checks of :mod:`k15_megatron.parallel.strict_device`.
     """
     if HAVE_CUDA:
         torch.cuda.set_device(compute_device())
         return
-    from k15_megatron.parallel import cpu_megatron
+    from k15_megatron.parallel.cpu import megatron as cpu_megatron
 
     cpu_megatron.apply()
     if os.environ.get(STRICT_DEVICE_ENV) == "1":

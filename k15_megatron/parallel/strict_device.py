@@ -7,7 +7,7 @@ placements and enforces CUDA's rules between them:
 
 * compute device: created with ``device=compute_device()`` (the one instance
   :func:`k15_megatron.parallel.device.compute_device` returns; Megatron's CUDA allocations are
-  redirected to it by :mod:`k15_megatron.parallel.cpu_megatron`), moved there with
+  redirected to it by :mod:`k15_megatron.parallel.cpu.megatron`), moved there with
   ``.to(compute_device())`` / ``.cuda()`` / :func:`~k15_megatron.parallel.device.to_device`,
   derived from such a tensor, or created where the mode cannot see it (parameters, gradients,
   tensors made by C++ code);

@@ -30,7 +30,7 @@ Decisions made here, once:
   filled (docs/memory.md). ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` defaults to
   ``ONEDNN_CACHE_CAPACITY`` here; a value already in the environment wins.
 * Multi-latent attention (DeepSeek-V3) on the CPU: the reference MLA backend for float32 and a
-  RoPE redirection (:mod:`k15_megatron.rollout.cpu_mla`).
+  RoPE redirection (:mod:`k15_megatron.parallel.cpu.vllm_mla`).
 * Repeat stop: the logits processor of :mod:`k15_megatron.rollout.repeat_stop` is registered,
   so looping responses are cut while they are generated.
 """
@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from k15_megatron.config.rollout import RolloutConfig
-from k15_megatron.rollout import cpu_mla
+from k15_megatron.parallel.cpu import vllm_mla
 from k15_megatron.rollout.repeat_stop import REPEAT_STOP_PROCESSOR
 
 _GIB = 1 << 30
@@ -250,9 +250,9 @@ def build_llm(cfg: RolloutConfig, *, model_path: str, seed: int,
 
     on_cpu = current_platform.is_cpu()
     kwargs = llm_kwargs(cfg, model_path=model_path, seed=seed, layout=layout, on_cpu=on_cpu)
-    if on_cpu and cpu_mla.is_mla_model(model_path):
-        kwargs.update(cpu_mla.engine_kwargs(dtype=kwargs["dtype"]))
-        cpu_mla.apply()
+    if on_cpu and vllm_mla.is_mla_model(model_path):
+        kwargs.update(vllm_mla.engine_kwargs(dtype=kwargs["dtype"]))
+        vllm_mla.apply()
     if not (layout.spmd and on_cpu):
         return LLM(**kwargs), layout
     with _cpu_shm_named_after(_job_token()):

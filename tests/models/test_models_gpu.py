@@ -19,7 +19,7 @@ def _gpu_worker(rank, world_size, hf_dir):
     from k15_megatron.checkpoint.model_weights import load_hf_weights
     from k15_megatron.config import ModelConfig, ParallelConfig, PrecisionConfig, resolve_model_arch
     from k15_megatron.models.gpt import build_gpt_model, padded_vocab_size
-    from k15_megatron.parallel import cpu_megatron
+    from k15_megatron.parallel.cpu import megatron as cpu_megatron
     from k15_megatron.parallel.initialize import initialize
     from k15_megatron.train.schedule import forward_logits
 

@@ -1,5 +1,5 @@
 """The CPU stack runs vision-language models: vLLM's Qwen2-VL and Qwen2.5-VL modules and
-transformers' models import (torchvision's CPU hook, k15_megatron/parallel/cpu_torchvision.py),
+transformers' models import (torchvision's CPU hook, k15_megatron/parallel/cpu/torchvision_hook.py),
 and vLLM (CPU) generates from an image prompt the tokens transformers does, for both families."""
 
 from __future__ import annotations

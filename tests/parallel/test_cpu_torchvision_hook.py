@@ -1,5 +1,5 @@
 """torchvision's CUDA-only build imports on this CPU machine through the start-up hook
-(k15_megatron/parallel/cpu_torchvision.py): a fresh interpreter runs the ``.pth`` line the set-up
+(k15_megatron/parallel/cpu/torchvision_hook.py): a fresh interpreter runs the ``.pth`` line the set-up
 script installs, then imports torchvision and the image transforms transformers' processors use."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from k15_megatron.parallel.cpu_torchvision import PTH_LINE
+from k15_megatron.parallel.cpu.torchvision_hook import PTH_LINE
 
 
 def test_torchvision_imports_on_cpu_after_the_start_up_hook():

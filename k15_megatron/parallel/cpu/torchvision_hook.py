@@ -53,7 +53,7 @@ def install() -> None:
         sys.meta_path.insert(0, _TorchvisionMetaStub())
 
 
-PTH_LINE = ("import sys; exec('try:\\n import k15_megatron.parallel.cpu_torchvision as m\\n'"
+PTH_LINE = ("import sys; exec('try:\\n import k15_megatron.parallel.cpu.torchvision_hook as m\\n'"
             " 'except ImportError:\\n m = None\\nif m:\\n m.install()')\n")
 """The line of ``k15_torchvision_cpu.pth`` (a ``.pth`` line starting with ``import`` is run by
 ``site`` at start-up; the try keeps the environment usable if the package is uninstalled)."""

@@ -266,7 +266,7 @@ def apply() -> None:
     if _APPLIED:
         return
     if torch.cuda.is_available():
-        raise RuntimeError("cpu_megatron.apply() must not run on a machine with CUDA")
+        raise RuntimeError("k15_megatron.parallel.cpu.megatron.apply() must not run on a machine with CUDA")
     _patch_cuda_namespace()
     _patch_literal_cuda_modules()
     _patch_rng_tracker()
