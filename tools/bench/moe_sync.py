@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
@@ -50,26 +49,16 @@ def _make_model_folder(out_dir: str, args) -> None:
                        moe_intermediate_size=args.moe_ffn, mlp_only_layers=[], max_position_embeddings=512)
 
 
-def _slowest(seconds: float) -> float:
-    import torch
-
-    value = torch.tensor([seconds], dtype=torch.float64)
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-    return float(value)
-
-
 def _rank_work(args) -> None:
     import torch
 
-    from k15_megatron.checkpoint.model_weights import load_hf_weights
-    from k15_megatron.config import ModelConfig, ParallelConfig, PrecisionConfig, resolve_model_arch
+    from k15_megatron.config import ParallelConfig
     from k15_megatron.config.rl import RepeatConfig
     from k15_megatron.config.rollout import RolloutConfig
-    from k15_megatron.engine.weight_stream import iter_model_hf_tensors
     from k15_megatron.engine.weight_sync import ColocatedWeightSync
-    from k15_megatron.models.gpt import build_gpt_model, padded_vocab_size
     from k15_megatron.parallel.initialize import barrier, global_rank, initialize
     from k15_megatron.rollout.engine import RolloutEngine
+    from sync_common import build_megatron_model, copy_seconds, slowest_rank, stream_seconds, sync_rounds
 
     hf_dir = os.path.join(args.work_dir, "model")
     parallel = ParallelConfig(expert=2, world_size=2)
@@ -77,41 +66,18 @@ def _rank_work(args) -> None:
     if global_rank() == 0:
         _make_model_folder(hf_dir, args)
     barrier()
-    arch = resolve_model_arch(ModelConfig(hf_path=hf_dir))
-    padded = padded_vocab_size(arch.vocab_size, 128, 1)
-    model = build_gpt_model(arch, parallel_cfg=parallel, precision_cfg=PrecisionConfig(dtype="fp32"),
-                            padded_vocab=padded)
-    load_hf_weights(model, hf_dir, arch, padded)
+    arch, model = build_megatron_model(hf_dir, parallel)
     local = sum(p.numel() for p in model.parameters())
     rollout_cfg = RolloutConfig(tensor_parallel_size=2, max_response_tokens=16, max_model_len=128,
                                 cpu_kv_cache_gib=0.25, max_num_seqs=4)
     rollout = RolloutEngine.create(rollout_cfg, model_path=hf_dir, repeat=RepeatConfig(enabled=False), seed=0)
     sync = ColocatedWeightSync(rollout.llm, dtype=torch.float32)
 
-    ours = []
-    for _ in range(args.repeats):
-        with torch.no_grad():
-            for param in model.parameters():  # new weights each round, as after a train step
-                param.add_(1e-3)
-        metrics = sync.sync(model, arch)
-        ours.append(_slowest(metrics["sync_s"]))
+    ours, _, metrics = sync_rounds(sync, model, arch, repeats=args.repeats, reduce=slowest_rank)
     # The part that is ours alone: producing the stream (experts gathered over EP, name mapping),
     # with vLLM's loader replaced by a consumer that only touches each tensor.
-    streams = []
-    for _ in range(args.repeats):
-        barrier()
-        start = time.perf_counter()
-        for _, tensor in iter_model_hf_tensors(model, arch, dtype=torch.float32):
-            tensor.view(-1)[:1].sum()
-        streams.append(_slowest(time.perf_counter() - start))
-    src = torch.empty(metrics["sync_bytes"] // 4, dtype=torch.float32).normal_()
-    dst = torch.empty_like(src)
-    copies = []
-    for _ in range(args.repeats):
-        barrier()
-        start = time.perf_counter()
-        dst.copy_(src)
-        copies.append(_slowest(time.perf_counter() - start))
+    streams = stream_seconds(model, arch, repeats=args.repeats, reduce=slowest_rank, barrier=barrier)
+    copies = copy_seconds(metrics["sync_bytes"], repeats=args.repeats, reduce=slowest_rank, barrier=barrier)
     if global_rank() == 0:
         synced = metrics["sync_bytes"] / MIB
         print(f"model: {arch.num_moe_experts} routed experts x {arch.num_layers} layers (top-{arch.moe_router_topk}); "

@@ -18,25 +18,11 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 MIB = 1024**2
-
-
-def _peak_rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("VmHWM not found in /proc/self/status")
-
-
-def _reset_peak_rss() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def _make_model_folder(out_dir: str, args) -> None:
@@ -60,57 +46,31 @@ def main() -> None:
     import torch
     from vllm import LLM
 
-    from k15_megatron.checkpoint.model_weights import load_hf_weights
-    from k15_megatron.config import ModelConfig, ParallelConfig, PrecisionConfig, resolve_model_arch
-    from k15_megatron.engine.weight_stream import iter_model_hf_tensors
+    from k15_megatron.config import ParallelConfig
     from k15_megatron.engine.weight_sync import ColocatedWeightSync
-    from k15_megatron.models.gpt import build_gpt_model, padded_vocab_size
+    from k15_megatron.parallel.device import host_peak_rss_extra
     from k15_megatron.parallel.initialize import initialize
+    from sync_common import build_megatron_model, copy_seconds, stream_seconds, sync_rounds
 
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = os.path.join(tmp, "model")
         _make_model_folder(hf_dir, args)
         parallel = ParallelConfig()
         initialize(parallel)
-        arch = resolve_model_arch(ModelConfig(hf_path=hf_dir))
-        padded = padded_vocab_size(arch.vocab_size, 128, 1)
-        model = build_gpt_model(arch, parallel_cfg=parallel, precision_cfg=PrecisionConfig(dtype="fp32"),
-                                padded_vocab=padded)
-        load_hf_weights(model, hf_dir, arch, padded)
+        arch, model = build_megatron_model(hf_dir, parallel)
         num_params = sum(p.numel() for p in model.parameters())
         llm = LLM(hf_dir, dtype="float32", enforce_eager=True, max_model_len=512, gpu_memory_utilization=0.2)
         sync = ColocatedWeightSync(llm, dtype=torch.float32, bucket_bytes=256 * MIB)
         model_mib = num_params * 4 / MIB
         print(f"model: {num_params / 1e6:.0f}M parameters, {model_mib:.0f} MiB float32")
 
-        ours_s, ours_extra = [], []
-        for _ in range(args.repeats):
-            with torch.no_grad():
-                for param in model.parameters():  # new weights each round, as after a train step
-                    param.add_(1e-3)
-            _reset_peak_rss()
-            base = _peak_rss_mib()
-            metrics = sync.sync(model, arch)
-            ours_s.append(metrics["sync_s"])
-            ours_extra.append(_peak_rss_mib() - base)
+        ours_s, ours_extra, metrics = sync_rounds(sync, model, arch, repeats=args.repeats, measure=host_peak_rss_extra)
+        ours_extra = [b / MIB for b in ours_extra]
         sync_mib = metrics["sync_bytes"] / MIB
-
         # The part that is ours alone: producing the stream (mapping, fused-layout splits), with
         # vLLM's loader replaced by a consumer that only touches each tensor.
-        _reset_peak_rss()
-        base = _peak_rss_mib()
-        checksum = 0.0
-        for _, tensor in iter_model_hf_tensors(model, arch, dtype=torch.float32):
-            checksum += float(tensor.view(-1)[0])
-        stream_extra = _peak_rss_mib() - base
-
-        src = torch.empty(metrics["sync_bytes"] // 4, dtype=torch.float32).normal_()
-        dst = torch.empty_like(src)
-        copy_s = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            dst.copy_(src)
-            copy_s.append(time.perf_counter() - start)
+        stream_extra = host_peak_rss_extra(lambda: stream_seconds(model, arch, repeats=1)) / MIB
+        copy_s = copy_seconds(metrics["sync_bytes"], repeats=args.repeats)
         del sync, llm  # vLLM tears down its own groups; the process group goes with the process
 
     ours, baseline = min(ours_s), min(copy_s)
