@@ -9,6 +9,10 @@ heavy (torch, Megatron, vLLM) is imported until a command that needs it runs, so
 Before a command's module is imported, :func:`k15_megatron.jobs.verbosity.configure` sets how
 much the libraries print (quiet unless ``--verbose`` is among the command's arguments), so the
 settings hold from the first import of torch, Megatron or vLLM, in every rank.
+
+The process entry (:func:`run`: ``k15`` and ``python -m k15_megatron.cli``, ranks included) ends
+the process as soon as the command has returned, without the interpreter's own teardown (module
+by module, then the native libraries'): see :func:`run`.
 """
 
 from __future__ import annotations
@@ -86,5 +90,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 2  # unreachable: argparse exits for anything not a registered command
 
 
+def run() -> None:
+    """The process entry: ``main()``, then the atexit handlers (logging, multiprocessing's
+    children, the libraries' own), stdout and stderr flushed, and ``os._exit`` with the command's
+    status. Skipped is only the interpreter's final teardown, which writes nothing of ours (the
+    jobs close their files; metrics are flushed per line) but took 2-3 s per process once vLLM
+    and torch were loaded (``k15 eval`` of one prompt: 18.7 s -> 16.0 s). An exception, including
+    argparse's exit for ``--help``, leaves through the normal path."""
+    import atexit
+    import os
+
+    status = main()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

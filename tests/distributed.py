@@ -77,9 +77,9 @@ def run_distributed(fn, world_size: int, *args, timeout_s: float = 600.0, strict
         for p in procs:
             p.start()
     finally:
-        if saved is None:
+        if world_size > 1 and saved is None:
             os.environ.pop("OMP_NUM_THREADS")
-        else:
+        elif world_size > 1:
             os.environ["OMP_NUM_THREADS"] = saved
     results: dict[int, object] = {}
     failures: list[str] = []
