@@ -53,7 +53,10 @@ class HybridEngine:
             reset_optimizer: rl.reset_optimizer: the optimizer state is dropped at ``to_rollout``
                 (the next update would discard it anyway), whatever ``cfg`` says about offloading.
             recompute_logprobs: ``f(model_chunks, input_ids [B, T]) -> [B, T-1]`` float32 token
-                log-probs of the trainer (collective; the log-prob check after each sync).
+                log-probs of the trainer (collective; the log-prob check after each sync). For a
+                vision-language model it is called with ``images=`` a list of B dicts
+                (``pixel_values``, ``image_grid_thw``; see
+                :func:`k15_megatron.train.logprobs.sequence_token_logprobs`).
         """
         self.model_chunks, self.optimizer, self.arch = model_chunks, optimizer, arch
         self.rollout, self.weight_sync, self.cfg = rollout, weight_sync, cfg
@@ -126,24 +129,28 @@ class HybridEngine:
     def check_logprobs(self) -> dict:
         """Sample a few sequences, recompute their log-probs with the trainer, compare.
 
-        Every rank samples the same prompts (fixed token ids from the tokenizer's range) with a
-        fixed seed; it runs before ``offload_params`` frees the parameters the trainer's
-        recomputation needs. Raises LogprobDriftError past the configured tolerance.
+        Every rank samples the same prompts (fixed token ids from the tokenizer's range; for a
+        vision-language model each prompt also holds one random image, see
+        ``RolloutEngine.sample_for_check``) with a fixed seed; it runs before ``offload_params``
+        frees the parameters the trainer's recomputation needs. Raises LogprobDriftError past
+        the configured tolerance.
         """
-        results = self.rollout.sample_for_check(num_sequences=self.cfg.check_num_sequences,
+        samples = self.rollout.sample_for_check(num_sequences=self.cfg.check_num_sequences,
                                                 max_tokens=self.cfg.check_max_tokens,
                                                 vocab_size=self.arch.vocab_size)
-        longest = max(len(p) + len(r.tokens) for p, r in results)
-        ids = torch.zeros(len(results), longest, dtype=torch.long)
-        mask = torch.zeros(len(results), longest - 1, dtype=torch.bool)
-        behaviour = torch.zeros(len(results), longest - 1)
-        for i, (prompt, result) in enumerate(results):
-            n_prompt, n_new = len(prompt), len(result.tokens)
-            ids[i, :n_prompt] = torch.as_tensor(prompt)
-            ids[i, n_prompt:n_prompt + n_new] = result.tokens
+        longest = max(len(s.prompt) + len(s.result.tokens) for s in samples)
+        ids = torch.zeros(len(samples), longest, dtype=torch.long)
+        mask = torch.zeros(len(samples), longest - 1, dtype=torch.bool)
+        behaviour = torch.zeros(len(samples), longest - 1)
+        for i, sample in enumerate(samples):
+            n_prompt, n_new = len(sample.prompt), len(sample.result.tokens)
+            ids[i, :n_prompt] = torch.as_tensor(sample.prompt)
+            ids[i, n_prompt:n_prompt + n_new] = sample.result.tokens
             mask[i, n_prompt - 1:n_prompt - 1 + n_new] = True
-            behaviour[i, n_prompt - 1:n_prompt - 1 + n_new] = result.logprobs
-        trainer = self.recompute_logprobs(self.model_chunks, ids).cpu()  # compared on the host
+            behaviour[i, n_prompt - 1:n_prompt - 1 + n_new] = sample.result.logprobs
+        images = [s.images for s in samples]
+        extra = {"images": images} if any(im is not None for im in images) else {}
+        trainer = self.recompute_logprobs(self.model_chunks, ids, **extra).cpu()  # compared on the host
         metrics = logprob_mismatch_metrics(behaviour, trainer, mask)
         metrics = {f"logprob_check/{k}": float(v) for k, v in metrics.items()}
         tolerance = self.cfg.check_max_abs_diff

@@ -6,7 +6,10 @@ itself from full tensors), while Megatron holds one pipeline stage and one TP sh
 
 1. on its own stage, each rank walks its parameters, merges TP shards with an all-gather and maps
    names/layouts to Hugging Face (:func:`k15_megatron.checkpoint.model_weights.iter_hf_tensors`:
-   the same mapping as the HF export);
+   the same mapping as the HF export; for a Qwen2-VL / Qwen2.5-VL model
+   :func:`k15_megatron.checkpoint.vl_weights.iter_vl_hf_tensors`: the language model under the
+   hub's ``model.*`` / ``lm_head.*`` names and the vision tower and merger, on the first stage,
+   under ``visual.*``, the names vLLM's Qwen2-VL ``load_weights`` maps itself);
 2. with PP > 1, stages take turns broadcasting their tensors over the pipeline group, packed into
    flat buckets of at most ``bucket_bytes`` (one collective per bucket, plus a small metadata
    message), so every rank sees every tensor;
@@ -23,6 +26,8 @@ from typing import Iterator
 import torch
 
 from k15_megatron.checkpoint.model_weights import iter_hf_tensors
+from k15_megatron.checkpoint.vl_weights import iter_vl_hf_tensors
+from k15_megatron.models.gpt import unwrap_model
 from k15_megatron.parallel.device import collective_device
 
 _END = "__end_of_stage__"
@@ -62,9 +67,18 @@ def _broadcast_bucket(meta, flats, *, src: int, group, device) -> tuple[list, di
     return meta, flats
 
 
+def _stage_tensors(model, arch, *, dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """This stage's (hf_name, full tensor) pairs: a vision-language model (it has a
+    ``vision_arch``) through the Qwen2-VL mapping, any other through the GPT one."""
+    vision = getattr(unwrap_model(model), "vision_arch", None)
+    if vision is not None:
+        return iter_vl_hf_tensors(model, arch, vision, dtype=dtype)
+    return iter_hf_tensors(model, arch, dtype=dtype)
+
+
 def _stage_buckets(model, arch, *, dtype, bucket_bytes) -> Iterator[list[tuple[str, torch.Tensor]]]:
     bucket, size = [], 0
-    for name, tensor in iter_hf_tensors(model, arch, dtype=dtype):
+    for name, tensor in _stage_tensors(model, arch, dtype=dtype):
         nbytes = tensor.numel() * tensor.element_size()
         if bucket and size + nbytes > bucket_bytes:
             yield bucket
@@ -87,7 +101,7 @@ def iter_model_hf_tensors(model, arch, *, dtype: torch.dtype | None = None,
 
     pp_size = ps.get_pipeline_model_parallel_world_size()
     if pp_size == 1:
-        yield from iter_hf_tensors(model, arch, dtype=dtype)
+        yield from _stage_tensors(model, arch, dtype=dtype)
         return
     group = ps.get_pipeline_model_parallel_group()
     ranks = torch.distributed.get_process_group_ranks(group)

@@ -10,7 +10,9 @@ current weights into the engine in place, and ``close()``. Today there is one:
   without disk, without a second copy of the model, and (on GPU) without leaving the device.
   Mixture-of-experts models stream every expert on every rank (gathered over the
   expert-parallel group, :mod:`k15_megatron.checkpoint.model_weights`), since vLLM shards each
-  expert over its own tensor-parallel ranks.
+  expert over its own tensor-parallel ranks. Vision-language models (Qwen2-VL, Qwen2.5-VL)
+  stream the vision tower and merger too (``visual.*``), and every sync drops the engine's
+  cached image embeddings (:func:`reset_encoder_cache`).
 
 A transport for disaggregated engines (NCCL broadcast to separate inference GPUs) or a disk
 fallback would implement the same two methods.
@@ -34,6 +36,8 @@ def _retie_output_embedding(vllm_model) -> None:
     that would stay stale: sampled log-probs then came from the pre-sync output layer (vLLM 0.32).
     Re-running the layer's post-load processing rebuilds it; on GPU that processing is a no-op.
     """
+    if hasattr(vllm_model, "get_language_model"):  # a vision-language model's text part
+        vllm_model = vllm_model.get_language_model()
     lm_head = vllm_model.get_submodule("lm_head")
     embedding = vllm_model.get_submodule("model.embed_tokens")
     if lm_head.weight is not embedding.weight:
@@ -58,6 +62,29 @@ def _repack_routed_experts(vllm_model) -> None:
         kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
         if hasattr(module, "w13_weight") and kernel is not None:
             kernel.fused_experts.process_weights_after_loading(module)
+
+
+def is_multimodal(llm) -> bool:
+    """True when the vLLM engine ``llm`` runs a multimodal (e.g. vision-language) model."""
+    return bool(llm.llm_engine.vllm_config.model_config.is_multimodal_model)
+
+
+def reset_encoder_cache(llm) -> None:
+    """Forget every image embedding the engine has cached (vLLM 0.32:
+    ``LLMEngine.reset_encoder_cache`` in vllm/v1/engine/llm_engine.py, which resets the
+    scheduler's encoder-cache records and each worker's cached embeddings; ``LLM`` itself has
+    no method for it).
+
+    Needed after every weight update: vLLM's scheduler keeps an image's embedding after its
+    request finished, and a later request with the same image (same content hash) skips the
+    vision tower. A worker's ``reload_weights`` clears the worker's embeddings but not the
+    scheduler's records, so without this call the next request with a cached image fails
+    with "Encoder cache miss" (measured on the CPU backend: tests/engine/test_vl_hybrid_engine.py);
+    were the worker's embeddings kept, the old weights' embedding would be reused silently.
+    ``LLM.reset_mm_cache`` is not needed: it drops processed pixel values, which do not depend
+    on the weights.
+    """
+    llm.llm_engine.reset_encoder_cache()
 
 
 class ColocatedWeightSync:
@@ -89,8 +116,10 @@ class ColocatedWeightSync:
                 _repack_routed_experts(worker.model_runner.get_model())
 
         self.llm.collective_rpc(reload)
-        # Cached KV blocks were computed with the old weights.
+        # Cached KV blocks and image embeddings were computed with the old weights.
         self.llm.reset_prefix_cache()
+        if is_multimodal(self.llm):
+            reset_encoder_cache(self.llm)
         return {"sync_s": time.perf_counter() - start, "sync_bytes": counters["bytes"],
                 "sync_tensors": counters["tensors"]}
 

@@ -11,6 +11,15 @@ ended:
   were first met, during generation (see :mod:`k15_megatron.rollout.repeat_stop`).
 * ``max_length``: the response reached ``rollout.max_response_tokens``.
 
+Image prompts (Qwen2-VL / Qwen2.5-VL): a request carries its prompt's decoded images
+(``SegmentRequest.images``) and its prompt tokens with each image's placeholder EXPANDED, as the
+family's processor writes them and the trainer reads them; every segment of the trajectory,
+continuations included, is generated with the same images (vLLM gets prompt + earlier segments
++ images). vLLM 0.32 expands image placeholders itself, so each run of image tokens is cut to
+one before the request is sent and vLLM's expansion is checked against the request's tokens
+(:mod:`k15_megatron.rollout.images` has the details and sources). Responses never contain the
+image / video pad tokens (a logit bias of -100 bans them; see ``VisionTokens.unsampled``).
+
 Behaviour log-probs come from vLLM (``logprobs=0`` returns the sampled token's log-prob);
 ``rollout.logprobs_mode`` chooses raw (the model at temperature 1) or processed (the
 distribution actually sampled from, after temperature/top-k/top-p) values.
@@ -32,6 +41,8 @@ from k15_megatron.config.rl import RepeatConfig
 from k15_megatron.config.rollout import RolloutConfig
 from k15_megatron.parallel.device import HAVE_CUDA
 from k15_megatron.rollout.build import EngineLayout, build_llm, engine_layout
+from k15_megatron.rollout.images import (check_expansion, image_placeholder, process_images, synthetic_image,
+                                         vision_tokens_of, vllm_image_prompt)
 from k15_megatron.rollout.repeat_stop import REPEAT_STOP_PROCESSOR, repeat_cut, repeat_stop_args
 
 log = logging.getLogger(__name__)
@@ -53,6 +64,10 @@ class SegmentRequest:
     """Most tokens this call may add (the per-iteration budget, rl.replay.segment_token_budget)."""
     max_response_tokens: int
     """Longest response over all segments (rollout.max_response_tokens)."""
+    images: tuple = ()
+    """The prompt's images as decoded PIL images, one per run of image tokens in
+    ``prompt_tokens`` (each placeholder expanded to the image's merged token count), in order;
+    () for a text prompt. Continuations of the trajectory carry the same images."""
 
     @property
     def max_new_tokens(self) -> int:
@@ -78,6 +93,18 @@ class SegmentResult:
     @property
     def finished(self) -> bool:
         return self.finish_reason != "budget"
+
+
+@dataclass
+class CheckSample:
+    """One sequence of the post-sync log-prob check (:meth:`RolloutEngine.sample_for_check`)."""
+
+    prompt: list[int]
+    """Prompt token ids (image placeholders expanded)."""
+    result: SegmentResult
+    images: Optional[dict]
+    """None for a text prompt, else the image inputs of the trainer's model:
+    ``{"pixel_values": [patches, values], "image_grid_thw": [images, 3]}``."""
 
 
 @dataclass(frozen=True)
@@ -125,6 +152,9 @@ class RolloutEngine:
         if model_config.logprobs_mode != cfg.logprobs_mode:
             raise ValueError(f"rollout.logprobs_mode={cfg.logprobs_mode!r} but the vLLM engine "
                              f"was built with {model_config.logprobs_mode!r}")
+        self.model_path: str = model_config.model
+        self.vision = vision_tokens_of(model_config.hf_config)
+        """The vision special tokens of a vision-language model, None for a text model."""
 
     @classmethod
     def create(cls, cfg: RolloutConfig, *, model_path: str, repeat: RepeatConfig,
@@ -135,7 +165,8 @@ class RolloutEngine:
 
     def mark_weights_updated(self, policy_version: int) -> None:
         """Call after every in-place weight update: records the version new segments are
-        tagged with and drops cached prefix KV, which was computed with the old weights."""
+        tagged with and drops cached prefix KV, which was computed with the old weights (the
+        weight sync itself also drops cached image embeddings, engine/weight_sync.py)."""
         self.policy_version = int(policy_version)
         self.llm.reset_prefix_cache()
 
@@ -177,18 +208,32 @@ class RolloutEngine:
             self._asleep = False
 
     def sample_for_check(self, *, num_sequences: int, max_tokens: int, vocab_size: int,
-                         seed: int = 1234) -> list[tuple[list[int], SegmentResult]]:
+                         seed: int = 1234) -> list[CheckSample]:
         """Sample ``num_sequences`` continuations of fixed pseudo-random prompts at temperature 1
-        (for the post-sync log-prob check). Returns (prompt token ids, result) pairs; every rank
-        of a replica gets the same ones."""
+        (for the post-sync log-prob check); every rank of a replica gets the same ones.
+
+        Text model: 4 random token ids per prompt. Vision-language model: 2 random text tokens,
+        one random image (:func:`k15_megatron.rollout.images.synthetic_image`, its placeholder
+        expanded by the model folder's processor), 2 more text tokens; the text tokens are drawn
+        below the smallest vision token id, so no stray placeholder appears."""
         generator = torch.Generator().manual_seed(seed)
-        prompts = [torch.randint(0, vocab_size, (4,), generator=generator) for _ in range(num_sequences)]
+        high = vocab_size if self.vision is None else min(vocab_size, self.vision.vision_start_token_id,
+                                                           self.vision.image_token_id)
+        prompts = [torch.randint(0, high, (4,), generator=generator) for _ in range(num_sequences)]
+        images: list[Optional[dict]] = [None] * num_sequences
+        pictures: list[tuple] = [()] * num_sequences
+        if self.vision is not None:
+            for i in range(num_sequences):
+                pictures[i] = (synthetic_image(seed + i),)
+                images[i] = process_images(self.model_path, pictures[i])
+                placeholder = torch.tensor(image_placeholder(self.vision, images[i]["image_grid_thw"][0]))
+                prompts[i] = torch.cat([prompts[i][:2], placeholder, prompts[i][2:]])
         requests = [SegmentRequest(trajectory_id=i, prompt_tokens=p, response_tokens=torch.zeros(0, dtype=torch.long),
-                                   token_budget=max_tokens, max_response_tokens=max_tokens)
+                                   token_budget=max_tokens, max_response_tokens=max_tokens, images=pictures[i])
                     for i, p in enumerate(prompts)]
         sampling = Sampling(temperature=1.0, top_p=1.0, top_k=0, seed=seed, ignore_eos=True)
         results = self.generate(requests, sampling=sampling)
-        return [(p.tolist(), r) for p, r in zip(prompts, results)]
+        return [CheckSample(prompt=p.tolist(), result=r, images=im) for p, r, im in zip(prompts, results, images)]
 
     def shutdown(self) -> None:
         """Release the engine (workers, KV cache) now instead of at interpreter exit.
@@ -211,11 +256,13 @@ class RolloutEngine:
             return []
         from vllm import SamplingParams
 
-        params, prompts = [], []
+        params, prompts, sizes = [], [], []
         for req in requests:
             self._check(req)
             prefix = req.response_tokens.tolist()
-            prompts.append({"prompt_token_ids": req.prompt_tokens.tolist() + prefix})
+            prompts.append(vllm_image_prompt(req.prompt_tokens.tolist(), prefix, req.images, vision=self.vision,
+                                             trajectory_id=req.trajectory_id))
+            sizes.append(req.prompt_tokens.numel() + len(prefix))  # what vLLM schedules (images expanded)
             extra = None
             if self.repeat.enabled and self.repeat_stop_installed and not sampling.ignore_eos:
                 extra = repeat_stop_args(self.repeat, prefix_len=len(prefix),
@@ -224,13 +271,26 @@ class RolloutEngine:
                 n=1, temperature=sampling.temperature, top_p=sampling.top_p,
                 top_k=sampling.top_k, max_tokens=req.max_new_tokens, ignore_eos=sampling.ignore_eos,
                 seed=_request_seed(sampling.seed, req), logprobs=0, flat_logprobs=True,
-                detokenize=False, extra_args=extra))
+                detokenize=False, extra_args=extra, logit_bias=self._banned_token_bias()))
         outputs = []
-        for wave in self._waves(prompts, seeded=sampling.seed is not None):
+        for wave in self._waves(sizes, seeded=sampling.seed is not None):
             outputs += self.llm.generate([prompts[i] for i in wave], [params[i] for i in wave], use_tqdm=False)
+        for req, out in zip(requests, outputs):
+            if req.images:
+                check_expansion(req.prompt_tokens.tolist() + req.response_tokens.tolist(), out.prompt_token_ids,
+                                trajectory_id=req.trajectory_id)
         return [self._result(req, out) for req, out in zip(requests, outputs)]
 
-    def _waves(self, prompts: list, *, seeded: bool) -> list[range]:
+    def _banned_token_bias(self) -> Optional[dict]:
+        """vLLM's ``logit_bias`` that keeps image / video pad tokens out of responses (None for a
+        text model). -100 is vLLM's smallest bias. The sampled tokens' raw log-probs
+        (``rollout.logprobs_mode=raw_logprobs``) are computed before any logits processing,
+        so the ban does not change them; processed log-probs include it."""
+        if self.vision is None:
+            return None
+        return {token: -100.0 for token in self.vision.unsampled}
+
+    def _waves(self, sizes: list[int], *, seeded: bool) -> list[range]:
         """Consecutive groups of requests to submit together: all at once, except seeded sampling
         on CPU. There vLLM (0.32) crashes ("CPU Generator does not use offset") when the scheduler
         splits a seeded request's prefill over steps (chunked prefill): it rewinds the request's
@@ -238,11 +298,10 @@ class RolloutEngine:
         scheduler step (``max_num_batched_tokens``); with per-request seeds the tokens drawn do
         not depend on which requests share a batch, so the results are the same."""
         if not seeded or HAVE_CUDA:
-            return [range(len(prompts))]
+            return [range(len(sizes))]
         budget = self.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
         waves, start, used = [], 0, 0
-        for i, prompt in enumerate(prompts):
-            size = len(prompt["prompt_token_ids"])
+        for i, size in enumerate(sizes):
             if size > budget:
                 raise ValueError(f"a {size}-token prompt (with its earlier segments) exceeds the engine's "
                                  f"max_num_batched_tokens={budget}: seeded sampling (deterministic=true) on "
@@ -251,7 +310,7 @@ class RolloutEngine:
                 waves.append(range(start, i))
                 start, used = i, 0
             used += size
-        waves.append(range(start, len(prompts)))
+        waves.append(range(start, len(sizes)))
         return waves
 
     def _check(self, req: SegmentRequest) -> None:

@@ -15,13 +15,18 @@ in the buffer and are continued from where they stopped in the next iteration, w
 policy of that iteration; each segment records its iteration and policy version.
 
 ``expand_prompts`` is the same request construction without a buffer (evaluation, benchmarks).
+
+Image prompts: the buffer stores token ids only; a prompt's images are looked up by its prompt
+id (``images_of(prompt_id)`` -> the decoded images, e.g. from the data set's record) every time a
+request is built, so a continued trajectory, also after a resume, is generated with the same
+images as its first segment.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -31,21 +36,26 @@ from k15_megatron.rollout.replicas import generate_everywhere
 
 Prompt = tuple[int, torch.Tensor]
 """(prompt id in the data set, [P] int64 prompt token ids)."""
+ImagesOf = Callable[[int], tuple]
+"""prompt id -> the prompt's decoded images in placeholder order (() for a text prompt)."""
 
 
 def expand_prompts(prompts: Sequence[torch.Tensor], *, k: int, token_budget: int,
-                   max_response_tokens: int, first_trajectory_id: int = 0) -> list[SegmentRequest]:
+                   max_response_tokens: int, first_trajectory_id: int = 0,
+                   images: Optional[Sequence[tuple]] = None) -> list[SegmentRequest]:
     """k fresh requests per prompt (the k samples of a group, contiguous), trajectory ids
-    ``first_trajectory_id`` upwards."""
+    ``first_trajectory_id`` upwards; ``images[p]``: prompt p's images (default none)."""
     if k < 1:
         raise ValueError(f"k (rl.group_size) must be >= 1, got {k}")
+    if images is not None and len(images) != len(prompts):
+        raise ValueError(f"images must hold one tuple per prompt: {len(images)} for {len(prompts)} prompts")
     requests = []
     for p, tokens in enumerate(prompts):
         for j in range(k):
             requests.append(SegmentRequest(
                 trajectory_id=first_trajectory_id + p * k + j, prompt_tokens=tokens.long(),
                 response_tokens=torch.zeros(0, dtype=torch.long), token_budget=token_budget,
-                max_response_tokens=max_response_tokens))
+                max_response_tokens=max_response_tokens, images=tuple(images[p]) if images is not None else ()))
     return requests
 
 
@@ -54,19 +64,22 @@ def open_groups(buffer: SegmentReplayBuffer, prompts: Sequence[Prompt]) -> list[
     return [buffer.add_group(prompt_id, tokens) for prompt_id, tokens in prompts]
 
 
-def request_for(traj: Trajectory, *, token_budget: int, max_response_tokens: int) -> SegmentRequest:
-    """The request continuing ``traj`` from its last segment (or starting it)."""
+def request_for(traj: Trajectory, *, token_budget: int, max_response_tokens: int,
+                images_of: Optional[ImagesOf] = None) -> SegmentRequest:
+    """The request continuing ``traj`` from its last segment (or starting it), with its prompt's
+    images (``images_of(traj.prompt_id)``; None: a text prompt)."""
+    images = tuple(images_of(traj.prompt_id)) if images_of is not None else ()
     return SegmentRequest(trajectory_id=traj.trajectory_id, prompt_tokens=traj.prompt_tokens,
                           response_tokens=traj.response_tokens(), token_budget=token_budget,
-                          max_response_tokens=max_response_tokens)
+                          max_response_tokens=max_response_tokens, images=images)
 
 
-def pending_requests(buffer: SegmentReplayBuffer, *,
-                     max_response_tokens: int) -> list[SegmentRequest]:
+def pending_requests(buffer: SegmentReplayBuffer, *, max_response_tokens: int,
+                     images_of: Optional[ImagesOf] = None) -> list[SegmentRequest]:
     """A request for every unfinished trajectory, oldest first, under the buffer's per-iteration
-    budget (rl.replay.segment_token_budget)."""
+    budget (rl.replay.segment_token_budget); image prompts get ``images_of(prompt_id)``."""
     budget = buffer.cfg.segment_token_budget
-    return [request_for(t, token_budget=budget, max_response_tokens=max_response_tokens)
+    return [request_for(t, token_budget=budget, max_response_tokens=max_response_tokens, images_of=images_of)
             for t in buffer.unfinished()]
 
 
@@ -115,14 +128,15 @@ class IterationStats:
 
 def rollout_iteration(engine: RolloutEngine, buffer: SegmentReplayBuffer,
                       prompts: Sequence[Prompt], *, iteration: int,
-                      sampling: Sampling) -> IterationStats:
+                      sampling: Sampling, images_of: Optional[ImagesOf] = None) -> IterationStats:
     """Open groups for ``prompts``, generate one segment for every unfinished trajectory
     (new and carried over) over all of ``engine``'s replicas, record them at ``iteration`` and
     the engine's policy version (collective when there are several replicas). Ready groups are
-    then available from ``buffer.pop_batch``."""
+    then available from ``buffer.pop_batch``. ``images_of``: prompt id -> its images (image
+    prompts; see the module docstring)."""
     start = time.perf_counter()
     open_groups(buffer, prompts)
-    requests = pending_requests(buffer, max_response_tokens=engine.cfg.max_response_tokens)
+    requests = pending_requests(buffer, max_response_tokens=engine.cfg.max_response_tokens, images_of=images_of)
     results = generate_everywhere(engine, requests, sampling=sampling)
     record_results(buffer, results, iteration=iteration, policy_version=engine.policy_version)
     return IterationStats(

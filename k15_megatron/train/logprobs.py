@@ -21,6 +21,12 @@ Megatron's pipeline schedule; each CP rank forms the log-probs of its own tokens
 states (never the full vocabulary or the full sequence), and the per-token float32 results are
 all-gathered over the CP group into the [B, T-1] result, kept on the compute device and returned
 on every rank. ``tools/bench/logprobs_memory.py`` measures this path.
+
+Rows given with ``images=`` (a Qwen2-VL / Qwen2.5-VL model) run as padded micro-batches instead
+(:func:`padded_image_micro_batches`): each row with its own M-RoPE positions ([3, B, S],
+:func:`k15_megatron.models.qwen2_vl.mrope_position_ids`), the micro-batch's images passed to the
+model with it. Right padding is causally masked out of every real token's attention, so the
+values equal the unpadded row's; the price is B x the longest row per micro-batch.
 """
 
 from __future__ import annotations
@@ -79,8 +85,9 @@ def _hidden_forward(layer, group):
 
 @contextlib.contextmanager
 def hidden_state_output(model_chunks):
-    """Within the block, the model chunk holding the output layer returns hidden states
-    [B, S, H] where it returned logits [B, S, V/TP]; yields this rank's :class:`OutputHead`
+    """Within the block, the model chunk holding the output layer (a GPTModel, or the language
+    model of a Qwen2-VL model) returns hidden states [B, S, H] where it returned logits
+    [B, S, V/TP]; yields this rank's :class:`OutputHead`
     (weight None on ranks without the output layer). Restores the output layer on exit."""
     from megatron.core import parallel_state as ps
 
@@ -89,6 +96,7 @@ def hidden_state_output(model_chunks):
     patched = []
     for chunk in (model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]):
         model = unwrap_model(chunk)
+        model = getattr(model, "language_model", model)  # a vision-language model's GPTModel
         if not getattr(model, "post_process", False):
             continue
         layer = model.output_layer
@@ -152,11 +160,69 @@ def packed_logprob_micro_batches(input_ids: torch.Tensor, lengths: list[int], *,
     return batches
 
 
+def padded_image_micro_batches(input_ids: torch.Tensor, lengths: list[int], images: list, *, vision,
+                               multiple: int, max_rows: int, max_tokens: int | None,
+                               count_for: Callable[[int], int] | None = None) -> list[dict]:
+    """Padded micro-batches of the rows of ``input_ids`` [B, T] cut to ``lengths`` for a
+    vision-language model: ``input_ids`` and ``targets`` (the next token; 0 on a row's last
+    token and on padding) [b, S] with S the longest row of the micro-batch rounded up to
+    ``multiple``, M-RoPE ``position_ids`` [3, b, S], ``rows``, and when any of its rows has
+    images the concatenated ``pixel_values`` [patches, values] and ``image_grid_thw`` [I, 3]
+    (rows in order). ``images[row]``: None or ``{"pixel_values", "image_grid_thw"}`` of that
+    row's images in prompt order; ``vision``: the model's VisionArch. Grouping as in
+    :func:`packed_logprob_micro_batches`.
+
+    Raises:
+        ValueError: ``images`` not one entry per row.
+    """
+    from k15_megatron.models.qwen2_vl import mrope_position_ids
+
+    if len(images) != input_ids.shape[0]:
+        raise ValueError(f"images must hold one entry (None or a dict) per row: {len(images)} for "
+                         f"{input_ids.shape[0]} rows")
+    padded = [padded_length(n, multiple) for n in lengths]
+    groups = token_budget_groups(padded, max_tokens=max_tokens or sum(padded), max_items=max_rows)
+    if count_for is not None:
+        groups = split_to_count(groups, padded, count_for(len(groups)))
+    batches = []
+    for rows in groups:
+        width = max(padded[row] for row in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        targets = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, :lengths[row]] = input_ids[row, :lengths[row]]
+            targets[i, :lengths[row]] = next_token(input_ids[row, :lengths[row]])
+        present = [images[row] for row in rows if images[row] is not None]
+        pixels = {key: torch.cat([im[key] for im in present]) for key in ("pixel_values", "image_grid_thw")} \
+            if present else {}
+        positions = mrope_position_ids(ids, pixels.get("image_grid_thw"), image_token_id=vision.image_token_id,
+                                       vision_start_token_id=vision.vision_start_token_id,
+                                       spatial_merge_size=vision.spatial_merge_size)
+        batches.append({"input_ids": ids, "targets": targets, "position_ids": positions, "rows": rows, **pixels})
+    return batches
+
+
+def _micro_batches(model_chunks, input_ids: torch.Tensor, row_lengths: list[int], images, *,
+                   max_rows: int, max_tokens: int | None) -> list[dict]:
+    """Packed micro-batches for text rows, padded ones with M-RoPE positions when ``images``."""
+    count_for = functools.partial(micro_batch_count, model_chunks)
+    multiple = packing_multiple(model_chunks)
+    if images is None:
+        return packed_logprob_micro_batches(input_ids, row_lengths, multiple=multiple, max_rows=max_rows,
+                                            max_tokens=max_tokens, count_for=count_for)
+    chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+    vision = getattr(unwrap_model(chunks[0]), "vision_arch", None)
+    if vision is None:
+        raise ValueError("sequence_token_logprobs got images for a model without a vision tower")
+    return padded_image_micro_batches(input_ids, row_lengths, list(images), vision=vision, multiple=multiple,
+                                      max_rows=max_rows, max_tokens=max_tokens, count_for=count_for)
+
+
 @torch.no_grad()
 def sequence_token_logprobs(model_chunks, input_ids: torch.Tensor, *, vocab_size: int,
                             temperature: float = 1.0, micro_batch_size: int | None = None,
                             micro_batch_tokens: int | None = None, lengths: torch.Tensor | None = None,
-                            chunk_size: int = 2048) -> torch.Tensor:
+                            chunk_size: int = 2048, images: list | None = None) -> torch.Tensor:
     """log p(input_ids[b, t] | input_ids[b, :t]) for 1 <= t < lengths[b], as a [B, T-1] float32
     tensor on :func:`compute_device`, equal on every rank (collective over the model-parallel
     groups); entries at t >= lengths[b] are 0.
@@ -169,11 +235,14 @@ def sequence_token_logprobs(model_chunks, input_ids: torch.Tensor, *, vocab_size
     sequence padded to the layout's multiple (:func:`k15_megatron.train.schedule.packing_multiple`);
     each CP rank's log-probs are formed from hidden states ``chunk_size`` tokens at a time, so the
     memory is set by those numbers, not by B x T. ``temperature`` divides the logits first
-    (match the sampler's processed log-probs).
+    (match the sampler's processed log-probs). ``images`` (a vision-language model): one entry
+    per row, None or ``{"pixel_values": [patches, values], "image_grid_thw": [I, 3]}`` of the
+    row's images, whose expanded placeholders ``input_ids`` hold; the rows then run as padded
+    micro-batches (:func:`padded_image_micro_batches`).
 
     Raises:
-        ValueError: ``micro_batch_size`` or ``micro_batch_tokens`` < 1, an empty batch, or a
-            length outside [1, T].
+        ValueError: ``micro_batch_size`` or ``micro_batch_tokens`` < 1, an empty batch, a
+            length outside [1, T], or ``images`` for a text model or not one per row.
     """
     batch_size, seq_len = input_ids.shape
     if batch_size < 1 or seq_len < 1:
@@ -181,16 +250,20 @@ def sequence_token_logprobs(model_chunks, input_ids: torch.Tensor, *, vocab_size
     row_lengths = [seq_len] * batch_size if lengths is None else [int(n) for n in lengths.tolist()]
     if len(row_lengths) != batch_size or not all(1 <= n <= seq_len for n in row_lengths):
         raise ValueError(f"lengths must be {batch_size} values in [1, {seq_len}], got {row_lengths}")
-    micro_batches = packed_logprob_micro_batches(input_ids.cpu(), row_lengths, multiple=packing_multiple(model_chunks),
-                                                 max_rows=micro_batch_size or batch_size,
-                                                 max_tokens=micro_batch_tokens,
-                                                 count_for=functools.partial(micro_batch_count, model_chunks))
+    micro_batches = _micro_batches(model_chunks, input_ids.cpu(), row_lengths, images,
+                                   max_rows=micro_batch_size or batch_size, max_tokens=micro_batch_tokens)
     device = compute_device()
     result = torch.zeros(batch_size, seq_len - 1, dtype=torch.float32, device=device)
     for chunk in (model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]):
         chunk.eval()
     with hidden_state_output(model_chunks) as head:
         def collect(mb, hidden):
+            if images is not None:  # padded rows [b, S]; CP = 1 for vision-language models
+                values = head.token_logprobs(hidden, mb["targets"], vocab_size=vocab_size, chunk_size=chunk_size,
+                                             temperature=temperature)
+                for i, row in enumerate(mb["rows"]):
+                    result[row, :row_lengths[row] - 1] = values[i, :row_lengths[row] - 1]
+                return hidden.new_zeros(()), torch.ones((), dtype=torch.int, device=device), {}
             local = head.token_logprobs(hidden, mb["targets"], vocab_size=vocab_size, chunk_size=chunk_size,
                                         temperature=temperature)[0]
             whole = _gather_context_parallel(local, padded_lengths(mb))

@@ -124,11 +124,11 @@ def test_seeded_sampling_whose_prefill_exceeds_one_scheduler_step_runs_in_waves(
     together = engine.generate(reqs, sampling=sampling)
     alone = [engine.generate([r], sampling=sampling)[0] for r in reqs]
     assert [r.tokens.tolist() for r in together] == [r.tokens.tolist() for r in alone]
-    waves = engine._waves([{"prompt_token_ids": r.prompt_tokens.tolist()} for r in reqs], seeded=True)
+    waves = engine._waves([r.prompt_tokens.numel() for r in reqs], seeded=True)
     assert [i for w in waves for i in w] == list(range(count)) and len(waves) > 1
-    assert engine._waves([{"prompt_token_ids": [1]}] * count, seeded=False) == [range(count)]
+    assert engine._waves([1] * count, seeded=False) == [range(count)]
     with pytest.raises(ValueError, match="rollout.max_num_batched_tokens"):
-        engine._waves([{"prompt_token_ids": [1] * (budget + 1)}], seeded=True)
+        engine._waves([budget + 1], seeded=True)
 
 
 def test_sampler_rng_state_is_the_stream_unseeded_sampling_draws_from(engine):
