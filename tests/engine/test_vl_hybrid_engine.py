@@ -1,5 +1,6 @@
-"""The colocated hybrid engine with a vision-language model: Qwen2-VL under Megatron TP=2 and one
-vLLM TP=2 engine in the same two CPU processes (gloo), generating from image prompts.
+"""The colocated hybrid engine with a vision-language model: Qwen2-VL and Qwen2.5-VL (window
+attention, SwiGLU vision blocks) under Megatron TP=2 and one vLLM TP=2 engine in the same two CPU
+processes (gloo), generating from image prompts.
 
 Each of two rounds trains the model on an image prompt (so the vision tower and merger change
 too), then ``to_rollout`` syncs the weights in place; after each sync:
@@ -194,8 +195,9 @@ def _vl_hybrid_worker(rank, world_size, hf_dir, probe, image, text_ids):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_vl_weight_sync_makes_vllm_image_logprobs_equal_megatron(tiny_vl_dirs):
-    hf_dir = tiny_vl_dirs["qwen2_vl"]
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_vl_weight_sync_makes_vllm_image_logprobs_equal_megatron(tiny_vl_dirs, family):
+    hf_dir = tiny_vl_dirs[family]
     probe = _probe_inputs(hf_dir)
     assert probe["image_grid_thw"].tolist() == [[1, 4, 6]]  # 6 image tokens in the expanded prompt
     text_ids = _text_prompt(hf_dir)
