@@ -51,3 +51,79 @@ def test_one_image_entry_per_row_is_required():
     with pytest.raises(ValueError, match="one entry .* per row: 1 for 2 rows"):
         padded_image_micro_batches(torch.zeros(2, 4, dtype=torch.long), [4, 4], [None], vision=VISION, multiple=1,
                                    max_rows=2, max_tokens=None)
+
+
+def _rows(hf_dir: str) -> list[dict]:
+    """Three rows as the family's processor writes them: an image prompt with an answer, a text
+    prompt, a prompt with a smaller image (input_ids [L], the image inputs, mm_token_type_ids)."""
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from k15_megatron.models.tiny_vl import IMAGE_PLACEHOLDER
+
+    processor = AutoProcessor.from_pretrained(hf_dir)
+    rng = np.random.default_rng(1)
+    texts = [(f"<|im_start|>user\n{IMAGE_PLACEHOLDER}What is it?<|im_end|>\nA cat.", (56, 84)),
+             ("<|im_start|>user\nHi there<|im_end|>\nHello!", None),
+             (f"Look {IMAGE_PLACEHOLDER} now", (56, 56))]
+    rows = []
+    for text, size in texts:
+        images = [Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8))] if size else None
+        out = processor(text=[text], images=images, return_tensors="pt")
+        rows.append({"input_ids": out["input_ids"][0], "mm_token_type_ids": out["mm_token_type_ids"],
+                     "images": {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+                     if size else None})
+    return rows
+
+
+def _recompute_case(rank, world_size, hf_dir, input_ids, lengths, images, tp, pp):
+    from k15_megatron.checkpoint.vl_weights import load_vl_hf_weights
+    from k15_megatron.config import ModelConfig, ParallelConfig, PrecisionConfig, resolve_model_arch
+    from k15_megatron.config.model_arch import resolve_vision_arch
+    from k15_megatron.models.gpt import padded_vocab_size
+    from k15_megatron.models.qwen2_vl import build_qwen2_vl_model
+    from k15_megatron.parallel.initialize import initialize
+    from k15_megatron.train.logprobs import sequence_token_logprobs
+
+    parallel = ParallelConfig(tensor=tp, pipeline=pp)
+    initialize(parallel, seed=3)
+    arch, vision = resolve_model_arch(ModelConfig(hf_path=hf_dir)), resolve_vision_arch(ModelConfig(hf_path=hf_dir))
+    padded = padded_vocab_size(arch.vocab_size, 128, tp)
+    model = build_qwen2_vl_model(arch, vision, parallel_cfg=parallel, precision_cfg=PrecisionConfig(dtype="fp32"),
+                                 padded_vocab=padded)
+    load_vl_hf_weights(model, hf_dir, arch, vision, padded)
+    return sequence_token_logprobs([model], input_ids, vocab_size=arch.vocab_size, lengths=lengths, images=images,
+                                   micro_batch_size=2).cpu()
+
+
+@pytest.mark.distributed
+def test_recompute_with_images_equals_transformers_under_tp2_and_pp2(tiny_vl_dirs):
+    """The trainer's log-probs of rows with and without images, right-padded into micro-batches
+    of two rows (two shapes, so PP=2 runs variable sequence lengths), equal transformers' on
+    each row alone within 1e-4 (float32)."""
+    from distributed import run_cases
+    from transformers import Qwen2VLForConditionalGeneration
+
+    hf_dir = tiny_vl_dirs["qwen2_vl"]
+    rows = _rows(hf_dir)
+    lengths = torch.tensor([r["input_ids"].numel() for r in rows])
+    input_ids = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, :lengths[i]] = r["input_ids"]
+    images = [r["images"] for r in rows]
+    cases = {layout: (_recompute_case, (hf_dir, input_ids, lengths, images, tp, pp))
+             for layout, (tp, pp) in {"TP2": (2, 1), "PP2": (1, 2)}.items()}
+    results = run_cases(2, cases, timeout_s=600)
+    model = Qwen2VLForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    for i, r in enumerate(rows):
+        with torch.no_grad():
+            logits = model(input_ids=r["input_ids"][None], mm_token_type_ids=r["mm_token_type_ids"],
+                           **(r["images"] or {})).logits[0, :-1]
+        reference = torch.log_softmax(logits.double(), -1).gather(-1, r["input_ids"][1:, None])[:, 0]
+        for layout, per_rank in results.items():
+            for rank, values in enumerate(per_rank):
+                n = int(lengths[i]) - 1
+                err = float((values[i, :n].double() - reference).abs().max())
+                assert err < 1e-4, (layout, rank, i, err)
+                assert not values[i, n:].any(), (layout, rank, i)
