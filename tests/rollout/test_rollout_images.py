@@ -61,3 +61,27 @@ def test_vision_tokens_are_read_from_the_model_config():
         assert vision.spatial_merge_size == 2 and vision.unsampled == (ids[2], ids[3])
     assert vision_tokens_of(Qwen2Config()) is None
     assert image_placeholder(VISION, torch.tensor([1, 4, 6])) == [101] + [103] * 6 + [102]
+
+
+def test_requests_carry_their_prompts_images_also_when_continuing():
+    import torch
+
+    from k15_megatron.config.rl import ReplayConfig
+    from k15_megatron.rl.replay import SegmentReplayBuffer
+    from k15_megatron.rollout.partial import expand_prompts, pending_requests
+
+    prompts = [torch.tensor(EXPANDED), torch.tensor([5, 6])]
+    fresh = expand_prompts(prompts, k=2, token_budget=4, max_response_tokens=8, images=[("a", "b"), ()])
+    assert [r.images for r in fresh] == [("a", "b"), ("a", "b"), (), ()]
+    with pytest.raises(ValueError, match="one tuple per prompt: 1 for 2"):
+        expand_prompts(prompts, k=1, token_budget=4, max_response_tokens=8, images=[()])
+
+    buffer = SegmentReplayBuffer(ReplayConfig(segment_token_budget=4), group_size=1)
+    (first,) = buffer.add_group(7, prompts[0])
+    buffer.add_group(8, prompts[1])
+    buffer.add_segment(first, torch.tensor([40, 41, 42, 43]), torch.zeros(4), iteration=0, policy_version=0)
+    images_of = {7: ("a", "b"), 8: ()}.__getitem__
+    continued, new = pending_requests(buffer, max_response_tokens=8, images_of=images_of)
+    assert continued.images == ("a", "b") and continued.response_tokens.tolist() == [40, 41, 42, 43]
+    assert new.images == () and new.response_tokens.numel() == 0
+    assert all(r.images == () for r in pending_requests(buffer, max_response_tokens=8))  # text-only callers
