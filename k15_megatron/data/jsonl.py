@@ -9,7 +9,10 @@ SFT records (`read_sft`)::
     {"prompt": "Compute: 47+8-5", "response": "47+8=55\\n55-5=50\\n\\boxed{50}"}
 
 ``prompt`` is the user turn as plain text (the job applies the tokenizer's chat template);
-``response`` is the assistant turn the loss is computed on. Extra keys are kept.
+``response`` is the assistant turn the loss is computed on. Extra keys are kept. SFT records may
+also carry images (an ``images`` list beside the prompt) or be chat ``messages`` whose parts
+include images; their forms and checks are those of :mod:`k15_megatron.data.images` (image
+paths are relative to the data file's folder, and every image is opened when the file is read).
 
 RL / eval records (`read_prompts`)::
 
@@ -25,6 +28,9 @@ extra keys (``data_source``, ``tests``) are kept for the rewards.
 ``prompt``, ``response`` and ``answer`` must hold text (not only whitespace), and a numeric
 ``answer`` must be finite: an empty response teaches nothing and an empty, NaN or infinite
 answer can never be matched.
+
+The same records may come as a Parquet file (``.parquet``, one record per row, binary values
+as inline image bytes; :mod:`k15_megatron.data.parquet`), named ``path:row`` in problems.
 
 A data file that is missing, empty (no records) or holds bad lines is refused with every
 problem listed, each naming ``path:line`` (:class:`~k15_megatron.config.errors.ConfigError`;
@@ -43,6 +49,7 @@ import os
 from typing import Any, Dict, Iterable, List, Mapping, Tuple
 
 from k15_megatron.config.errors import ConfigError
+from k15_megatron.data.parquet import is_parquet, scan_parquet
 
 SFT_KEYS = ("prompt", "response")
 PROMPT_KEYS = ("prompt", "answer")
@@ -66,7 +73,10 @@ def _scan(path: str, *, allow_torn_last_line: bool = False
           ) -> Tuple[List[Tuple[int, Dict[str, Any]]], List[Tuple[int, str]]]:
     """The one JSONL reader of the package: ``([(line number, record)], [(line number,
     problem)])``, blank lines skipped; a line that is not a JSON object is a problem naming
-    ``path:line`` (line 0: the file itself)."""
+    ``path:line`` (line 0: the file itself). A ``.parquet`` path is read by
+    :func:`k15_megatron.data.parquet.scan_parquet` (rows numbered like lines)."""
+    if is_parquet(path):  # the same records, one per row (k15_megatron.data.parquet)
+        return scan_parquet(path)
     records, problems = [], []
     try:
         f = open(path, encoding="utf-8")
@@ -196,8 +206,19 @@ def read_sft(path: str) -> List[Dict[str, Any]]:
 
 
 def read_sft_numbered(path: str) -> List[Tuple[int, Dict[str, Any]]]:
-    """``[(line number, record)]`` of :func:`read_sft` (1-based line numbers)."""
-    return _checked(path, sft_record_problems)
+    """``[(line number, record)]`` of :func:`read_sft` (1-based line numbers); records with
+    images or ``messages`` are checked by :func:`k15_megatron.data.images.image_record_problems`
+    (their images opened from the file's folder)."""
+    from k15_megatron.data.images import has_images, image_record_problems
+
+    base_dir = os.path.dirname(os.path.abspath(path))
+
+    def problems(record: Mapping[str, Any], where: str) -> List[str]:
+        if has_images(record) or "messages" in record:
+            return image_record_problems(record, where, base_dir=base_dir, needs_reply=True)
+        return sft_record_problems(record, where)
+
+    return _checked(path, problems)
 
 
 def read_prompts(path: str) -> List[Dict[str, Any]]:
