@@ -1,5 +1,5 @@
 """``k15 verify HF_DIR [KEY=VALUE ...] [--layout "KEY=VALUE ..."]... [--seq-len N] [--text STR]...
-[--packed] [--padded] [--tolerance X]``: does Megatron, under this layout, compute the same
+[--packed] [--padded] [--images N] [--tolerance X]``: does Megatron, under this layout, compute the same
 logits as transformers for this Hugging Face model?
 
 The model of HF_DIR is loaded into Megatron (``model.hf_path``, as every job loads it) under
@@ -15,6 +15,16 @@ the first ``--seq-len`` tokens long, the others of random lengths up to it) or t
 (``--packed``, the default: back to back, each padded only to what context parallelism needs)
 or padded (``--padded``: one row per sequence, padded to the longest); with both flags each
 layout is checked both ways, on the same model.
+
+A vision-language model (Qwen2-VL, Qwen2.5-VL) is checked with images: each random sequence
+becomes a prompt of ``--seq-len`` text tokens (the first; the others of random lengths) with
+random images of different sizes drawn from the seed at random places in it, the first prompt
+with ``--images`` images (default 2), the next with one fewer, down to one, then again
+(:mod:`k15_megatron.jobs.verify_vision`; ``--images 0``: text only). The vision tower and
+merger run on the first pipeline stage, sharded over the tensor-parallel ranks; the reference
+is transformers' model with the same images. One line before the layouts names each prompt's
+tokens and image grids. Such a model runs one padded micro-batch (``--packed`` and ``--text``
+are refused), without context or sequence parallelism (refused, naming the key).
 
 Nothing is gathered: each rank compares its own logits (its context-parallel share of the
 tokens, its tensor-parallel share of the vocabulary) with the matching slice of the reference,
@@ -66,6 +76,7 @@ class VerifyRequest:
     layouts: list  # [(label, ExperimentConfig)]
     num_processes: int
     sequences: list  # [1-D int64 tensor]
+    images: list | None  # a vision-language model's [{pixel_values, image_grid_thw} or {}] per sequence, else None
     batch_kinds: list  # ["packed"] and/or ["padded"]
     tolerance: float
 
@@ -73,6 +84,7 @@ class VerifyRequest:
 def build_request(args) -> VerifyRequest:
     """Validate the command line and build the request (ValueError naming the culprit)."""
     from k15_megatron.config import resolve_model_arch
+    from k15_megatron.config.model_arch import resolve_vision_arch
     from k15_megatron.parallel.launch import under_launcher
 
     if not os.path.isdir(args.hf_dir):
@@ -87,34 +99,47 @@ def build_request(args) -> VerifyRequest:
     layouts = [shlex.split(text) for text in args.layout] or [[]]
     drafts = [_load(base, extra, check=False) for extra in layouts]
     arch = resolve_model_arch(drafts[0].model)  # an unsupported family or a bad config.json, once
+    vision = resolve_vision_arch(drafts[0].model)
+    _check_vision_options(args, vision)
     if args.seq_len > arch.max_position_embeddings:
         raise ValueError(f"--seq-len={args.seq_len} is longer than the model's context "
                          f"(max_position_embeddings={arch.max_position_embeddings} in {args.hf_dir}/config.json)")
+    sequences, images = _inputs(args, arch, vision, seed=drafts[0].seed)
+    longest = max(args.seq_len, *(len(s) for s in sequences))
+    if longest > arch.max_position_embeddings:
+        raise ValueError(f"--seq-len={args.seq_len} with the images of --images: the longest prompt has {longest} "
+                         f"tokens, more than the model's context (max_position_embeddings="
+                         f"{arch.max_position_embeddings} in {args.hf_dir}/config.json)")
     wanted = {d.parallel.world_size or _fewest_processes(d.parallel) for d in drafts}
     world = int(os.environ["WORLD_SIZE"]) if under_launcher() and "WORLD_SIZE" in os.environ else max(wanted)
     configs = []
     for extra, draft in zip(layouts, drafts):
         # Only the layout's own rules matter here: one micro-batch of one global batch per replica.
         fixed = [f"parallel.world_size={draft.parallel.world_size or world}", f"data.global_batch_size={world}",
-                 "data.micro_batch_size=1", f"data.seq_length={_longest_row(draft.parallel, args.seq_len)}"]
-        cfg = _load(base, extra, fixed=fixed, world=world)
+                 "data.micro_batch_size=1", f"data.seq_length={_longest_row(draft.parallel, longest)}"]
+        cfg = _load(base, extra, fixed=fixed, world=world, vision=vision is not None)
         if cfg.parallel.world_size != world:
             raise ValueError(f"--layout {shlex.join(extra)!r}: parallel.world_size={cfg.parallel.world_size}, "
                              f"but the layouts of this start run {world} processes; give every layout the same "
                              "parallel.world_size (or none)")
         configs.append((_label(cfg), cfg))
-    return VerifyRequest(hf_dir=args.hf_dir, layouts=configs, num_processes=world,
-                         sequences=_sequences(args, arch, seed=drafts[0].seed), batch_kinds=_batch_kinds(args),
-                         tolerance=args.tolerance)
+    return VerifyRequest(hf_dir=args.hf_dir, layouts=configs, num_processes=world, sequences=sequences,
+                         images=images, batch_kinds=_batch_kinds(args, vision), tolerance=args.tolerance)
 
 
-def _load(base: list, layout: list, *, fixed: list = (), world: int | None = None, check: bool = True):
+def _load(base: list, layout: list, *, fixed: list = (), world: int | None = None, check: bool = True,
+          vision: bool = False):
     """The config of one layout; its errors name the layout (and the process count, which the
-    largest layout sets when parallel.world_size is not given)."""
+    largest layout sets when parallel.world_size is not given). ``vision``: checked by
+    :func:`k15_megatron.jobs.verify_vision.check_vision_config`."""
     from k15_megatron.config import load_config
+    from k15_megatron.jobs.verify_vision import check_vision_config
 
     try:
-        return load_config(None, base + layout + list(fixed), check=check)
+        cfg = load_config(None, base + layout + list(fixed), check=check and not vision)
+        if check and vision:
+            check_vision_config(cfg)
+        return cfg
     except ValueError as exc:
         where = f"--layout {shlex.join(layout)!r}: " if layout else ""
         count = f" (this start runs {world} processes: the largest layout's)" if world and layout else ""
@@ -128,7 +153,37 @@ def _fewest_processes(parallel) -> int:
     return parallel.tensor * parallel.pipeline * parallel.context * (expert // math.gcd(expert, parallel.context))
 
 
-def _batch_kinds(args) -> list:
+def _check_vision_options(args, vision) -> None:
+    """The options that need (or refuse) a vision-language model."""
+    if vision is None:
+        if args.images is not None:
+            raise ValueError(f"--images={args.images}: {args.hf_dir} is a text model; images need a Qwen2-VL or "
+                             "Qwen2.5-VL folder")
+        return
+    if args.images is not None and args.images < 0:
+        raise ValueError(f"--images={args.images}: must be >= 0")
+    if args.packed:
+        raise ValueError(f"--packed: a vision-language model ({vision.family}) is checked with one padded "
+                         "micro-batch (images reach Megatron with padded micro-batches only); drop --packed")
+    if args.text:
+        raise ValueError(f"--text: not supported for a vision-language model ({vision.family}); its prompts are "
+                         "random tokens with --images random images")
+
+
+def _inputs(args, arch, vision, *, seed: int) -> tuple[list, list | None]:
+    """(sequences, a vision-language model's images per sequence or None)."""
+    if vision is None:
+        return _sequences(args, arch, seed=seed), None
+    from k15_megatron.jobs.verify_vision import image_prompts
+
+    images = 2 if args.images is None else args.images
+    return image_prompts(args.hf_dir, num_prompts=args.num_sequences, text_len=args.seq_len, images=images,
+                         vocab_size=arch.vocab_size, vision=vision, seed=seed)
+
+
+def _batch_kinds(args, vision=None) -> list:
+    if vision is not None:
+        return ["padded"]
     return [kind for kind, given in (("packed", args.packed), ("padded", args.padded)) if given] or ["packed"]
 
 
@@ -172,21 +227,36 @@ def run_layouts(request: VerifyRequest) -> list:
     the same on every rank)."""
     import torch
 
-    from k15_megatron.jobs.verify_inputs import reference_logits
     from k15_megatron.jobs.verify_rank import verify_layout
     from k15_megatron.parallel.initialize import launch_env_from_environ
 
     arch_vocab = _vocab_size(request)
     reference = None
     if launch_env_from_environ().rank == 0:  # before the process group: the others wait at its start
-        reference = reference_logits(request.hf_dir, request.sequences, vocab_size=arch_vocab)
+        reference = _reference(request, vocab_size=arch_vocab)
     results = []
     for label, cfg in request.layouts:
-        for kind, stats in verify_layout(cfg, request.sequences, reference, batch_kinds=request.batch_kinds):
+        for kind, stats in verify_layout(cfg, request.sequences, reference, batch_kinds=request.batch_kinds,
+                                         images=request.images):
             results.append((f"{label} {kind}", stats))
             if torch.distributed.get_rank() == 0:
                 print(_layout_line(f"{label} {kind}", stats, request.tolerance), flush=True)
     return results
+
+
+def _reference(request: VerifyRequest, *, vocab_size: int) -> list:
+    """transformers' logits of every sequence (rank 0); a vision-language model's prompts are
+    named on stdout first."""
+    from k15_megatron.config.model_arch import resolve_vision_arch
+    from k15_megatron.jobs.verify_inputs import reference_logits
+    from k15_megatron.jobs.verify_vision import describe, vision_reference_logits
+
+    if request.images is None:
+        return reference_logits(request.hf_dir, request.sequences, vocab_size=vocab_size)
+    print(describe(request.sequences, request.images), flush=True)
+    vision = resolve_vision_arch(request.layouts[0][1].model)
+    return vision_reference_logits(request.hf_dir, request.sequences, request.images, vocab_size=vocab_size,
+                                   image_token_id=vision.image_token_id)
 
 
 def _vocab_size(request: VerifyRequest) -> int:
@@ -228,6 +298,9 @@ def _parser() -> argparse.ArgumentParser:
                         "(repeatable; replaces the random sequences; cut to --seq-len)")
     parser.add_argument("--packed", action="store_true", help="one packed (THD) micro-batch (the default)")
     parser.add_argument("--padded", action="store_true", help="one padded [B, S] micro-batch (with --packed: both)")
+    parser.add_argument("--images", type=int, default=None, metavar="N",
+                        help="vision-language models: random images in the first prompt, one fewer in each next "
+                        "prompt down to 1, then again (default 2; 0: text only)")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                         help=f"largest |logit difference| accepted (default {DEFAULT_TOLERANCE:g}, for fp32)")
     verbosity.add_flag(parser)

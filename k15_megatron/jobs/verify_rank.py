@@ -2,6 +2,9 @@
 Hugging Face weights, run the sequences forward, compare this rank's logits with the reference,
 reduce the statistics over all ranks, and tear the parallel state down for the next layout.
 
+A vision-language model (Qwen2-VL, Qwen2.5-VL) is built with its vision tower and gets its
+images with the padded micro-batch (:mod:`k15_megatron.jobs.verify_vision`).
+
 The reference rows reach the ranks one sequence at a time (a broadcast from rank 0, which
 computed them), so a rank holds at most its own logits and one sequence's reference rows.
 """
@@ -18,32 +21,34 @@ from k15_megatron.jobs.logit_compare import (LogitStats, compare_shard, real_voc
 
 
 def verify_layout(cfg, sequences: Sequence[torch.Tensor], reference: list | None, *,
-                  batch_kinds: Sequence[str]) -> list[tuple[str, LogitStats]]:
+                  batch_kinds: Sequence[str], images: Sequence[dict] | None = None) -> list[tuple[str, LogitStats]]:
     """[(batch kind, reduced statistics)] of layout ``cfg``, one per kind ("packed", "padded"),
     on one model (collective over every rank).
 
     ``reference``: on global rank 0 the transformers logits [L_i, V] of each sequence, None on
-    the other ranks. Raises RuntimeError when the ranks together did not compare every real
-    token exactly once per data-parallel replica (a layout that loses or repeats tokens).
+    the other ranks. ``images``: a vision-language model's images of each sequence
+    ({``pixel_values``, ``image_grid_thw``} or {}), None for a text model. Raises RuntimeError
+    when the ranks together did not compare every real token exactly once per data-parallel
+    replica (a layout that loses or repeats tokens).
     """
     from megatron.core import parallel_state
 
-    from k15_megatron.checkpoint.model_weights import load_hf_weights
     from k15_megatron.config import resolve_model_arch
-    from k15_megatron.models.gpt import build_gpt_model, padded_vocab_size
+    from k15_megatron.config.model_arch import resolve_vision_arch
+    from k15_megatron.jobs.verify_vision import vision_batch
     from k15_megatron.parallel.device import collective_device
     from k15_megatron.parallel.initialize import initialize
 
     layout = initialize(cfg.parallel, seed=cfg.seed)
     try:
-        arch = resolve_model_arch(cfg.model)
-        padded = padded_vocab_size(arch.vocab_size, cfg.model.make_vocab_size_divisible_by, layout.tp_size)
-        model = build_gpt_model(arch, parallel_cfg=cfg.parallel, precision_cfg=cfg.precision, padded_vocab=padded)
-        load_hf_weights(model, cfg.model.hf_path, arch, padded)
+        arch, vision = resolve_model_arch(cfg.model), resolve_vision_arch(cfg.model)
+        model = _load_model(cfg, arch, vision, tp_size=layout.tp_size)
         group = parallel_state.get_tensor_model_parallel_group() if layout.tp_size > 1 else None
         results = []
         for kind in batch_kinds:
-            shard = _megatron_shard(model, _batch(sequences, cfg.parallel, packed=kind == "packed"))
+            batch = (_batch(sequences, cfg.parallel, packed=kind == "packed") if vision is None
+                     else vision_batch(sequences, images, vision=vision))
+            shard = _megatron_shard(model, batch)
             stats = _compare(shard, sequences, reference, vocab_size=arch.vocab_size, tp_rank=layout.tp_rank,
                              group=group)
             results.append((kind, reduce_stats(stats, device=collective_device())))
@@ -57,6 +62,27 @@ def verify_layout(cfg, sequences: Sequence[torch.Tensor], reference: list | None
     return results
 
 
+def _load_model(cfg, arch, vision, *, tp_size: int):
+    """This rank's part of the model of ``cfg.model.hf_path`` with its Hugging Face weights."""
+    from k15_megatron.models.gpt import padded_vocab_size
+
+    padded = padded_vocab_size(arch.vocab_size, cfg.model.make_vocab_size_divisible_by, tp_size)
+    if vision is None:
+        from k15_megatron.checkpoint.model_weights import load_hf_weights
+        from k15_megatron.models.gpt import build_gpt_model
+
+        model = build_gpt_model(arch, parallel_cfg=cfg.parallel, precision_cfg=cfg.precision, padded_vocab=padded)
+        load_hf_weights(model, cfg.model.hf_path, arch, padded)
+        return model
+    from k15_megatron.checkpoint.vl_weights import load_vl_hf_weights
+    from k15_megatron.models.qwen2_vl import build_qwen2_vl_model
+
+    model = build_qwen2_vl_model(arch, vision, parallel_cfg=cfg.parallel, precision_cfg=cfg.precision,
+                                 padded_vocab=padded)
+    load_vl_hf_weights(model, cfg.model.hf_path, arch, vision, padded)
+    return model
+
+
 def _batch(sequences, parallel, *, packed: bool) -> dict:
     from k15_megatron.jobs.verify_inputs import packed_batch, padded_batch, sequence_multiple_of
 
@@ -64,12 +90,15 @@ def _batch(sequences, parallel, *, packed: bool) -> dict:
 
 
 def _megatron_shard(model, batch: dict):
-    """(logits [N, V_pad/TP], sequence_ids [N], position_ids [N]) of the N tokens this rank's
-    output holds, on the last pipeline stage; None on the others."""
+    """(logits [N, V_pad/TP], sequence_ids [N], token index [N]) of the N tokens this rank's
+    output holds, on the last pipeline stage; None on the others. The token index is the
+    batch's ``token_index`` (a vision-language batch, whose M-RoPE positions are not indices)
+    or its ``position_ids``."""
     from k15_megatron.train.schedule import forward_backward
 
     def keep(mb, logits):
-        kept = {"logits": logits.detach(), "sequence_ids": mb["sequence_ids"], "position_ids": mb["position_ids"]}
+        kept = {"logits": logits.detach(), "sequence_ids": mb["sequence_ids"],
+                "position_ids": mb.get("token_index", mb["position_ids"])}
         return logits.new_zeros(()), torch.tensor(1, dtype=torch.int, device=logits.device), kept
 
     model.eval()

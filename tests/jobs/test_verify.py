@@ -248,3 +248,94 @@ def test_padded_batch_marks_padding():
     assert batch["input_ids"].tolist() == [[5, 6, 7, 0], [8, 0, 0, 0]]
     assert batch["sequence_ids"].tolist() == [[0, 0, 0, -1], [1, -1, -1, -1]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3]] * 2
+
+
+# --- vision-language models: image prompts ------------------------------------------------------
+
+VL_LAYOUTS = {"parallel.tensor=2": "TP=2 PP=1 CP=1 DP=1 fp32 padded",
+              "parallel.pipeline=2": "TP=1 PP=2 CP=1 DP=1 fp32 padded"}
+PROMPTS_LINE = re.compile(r"^prompts: (.+)$")
+
+
+@pytest.mark.distributed
+def test_verify_vision_language_model_with_images(tiny_vl_dirs):
+    """Qwen2.5-VL (window attention in one vision block) under TP=2 and PP=2, one start of 2
+    processes: 3 prompts with 3, 2 and 1 random images of different sizes, against transformers
+    with the same images; within 1e-4 and the same greedy tokens."""
+    done, seconds = k15_verify(tiny_vl_dirs["qwen2_5_vl"], "--images", "3", "--num-sequences", "3", "--seq-len", "40",
+                               *[a for layout in VL_LAYOUTS for a in ("--layout", layout)])
+    print(f"vision-language: {seconds:.1f} s")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows, (max_abs, _, agree, _) = parse(done)
+    assert [row[0] for row in rows] == list(VL_LAYOUTS.values()), done.stdout
+    prompts = [m.group(1) for m in map(PROMPTS_LINE.match, done.stdout.splitlines()) if m]
+    assert len(prompts) == 1, done.stdout
+    grids = [re.findall(r"\[(\d+), (\d+), (\d+)\]", part) for part in prompts[0].split("; ")]
+    assert [len(g) for g in grids] == [3, 2, 1], prompts  # images per prompt
+    assert len({g for prompt in grids for g in prompt}) > 1, prompts  # images of different sizes
+    tokens = sum(int(part.split(" tokens")[0]) for part in prompts[0].split("; "))
+    for label, row_max, row_mean, row_agree, row_tokens, verdict in rows:
+        assert verdict == "within" and 0 < float(row_mean) <= float(row_max) < 1e-4, rows
+        assert row_agree == row_tokens and int(row_tokens) == tokens  # every token of every prompt compared
+    assert max_abs < 1e-4 and agree == 1.0
+
+
+def test_verify_refuses_vision_language_input_naming_it(tiny_vl_dirs, verify_models, capsys):
+    """Status 2 before any process starts: context or sequence parallelism, --packed and --text for a
+    vision-language model; --images for a text model."""
+    from k15_megatron.jobs.verify import main
+
+    vl = tiny_vl_dirs["qwen2_vl"]
+    cases = [
+        ([vl, "parallel.context=2"], "parallel.context=2: a vision-language model (qwen2_vl) runs without context"),
+        ([vl, "--layout", "parallel.tensor=2 parallel.sequence_parallel=true"],
+         "parallel.sequence_parallel=true: not supported with a vision-language model"),
+        ([vl, "--packed"], "--packed: a vision-language model (qwen2_vl) is checked with one padded"),
+        ([vl, "--text", "hello"], "--text: not supported for a vision-language model"),
+        ([vl, "--images", "-1"], "--images=-1: must be >= 0"),
+        ([verify_models["qwen2"], "--images", "1"], "is a text model; images need a Qwen2-VL"),
+    ]
+    for args, culprit in cases:
+        assert main(args) == 2, args
+        out, err = capsys.readouterr()
+        assert err.startswith("error: ") and culprit in err, (args, err)
+        assert "VERIFY" not in out
+
+
+def test_image_prompts_carry_images_of_different_sizes(tiny_vl_dirs):
+    """Prompt i holds images - (i mod images) images, each as vision_start, grid/merge^2 image
+    tokens, vision_end, with its patches in pixel_values; the text never holds a vision token;
+    the same seed gives the same prompts, another seed others."""
+    from k15_megatron.config import ModelConfig, resolve_model_arch
+    from k15_megatron.config.model_arch import resolve_vision_arch
+    from k15_megatron.jobs.verify_vision import image_prompts, vision_batch, vision_token_ids
+
+    hf_dir = tiny_vl_dirs["qwen2_vl"]
+    model = ModelConfig(hf_path=hf_dir)
+    vision, vocab = resolve_vision_arch(model), resolve_model_arch(model).vocab_size
+    ids = vision_token_ids(hf_dir)
+
+    def make(seed):
+        return image_prompts(hf_dir, num_prompts=4, text_len=30, images=2, vocab_size=vocab, vision=vision, seed=seed)
+
+    sequences, images = make(7)
+    assert [len(i["image_grid_thw"]) for i in images] == [2, 1, 2, 1]
+    sizes = set()
+    for seq, inputs in zip(sequences, images):
+        grids = inputs["image_grid_thw"]
+        sizes |= {tuple(g) for g in grids.tolist()}
+        assert inputs["pixel_values"].shape == (int(grids.prod(dim=1).sum()), vision.patch_input_size)
+        assert int((seq == ids["image_token_id"]).sum()) == int(grids.prod(dim=1).sum()) // 4
+        for key in ("vision_start_token_id", "vision_end_token_id"):
+            assert int((seq == ids[key]).sum()) == len(grids)
+        assert int((seq == ids["video_token_id"]).sum()) == 0 and int(seq.max()) < vocab
+    assert len(sequences[0]) == 30 + sum(1 + int(g.prod()) // 4 + 1 for g in images[0]["image_grid_thw"])
+    assert len(sizes) > 1
+    again, other = make(7), make(8)
+    assert all(torch.equal(a, b) for a, b in zip(sequences, again[0]))
+    assert all(torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(images, again[1]))
+    assert not all(torch.equal(a["pixel_values"][:5], b["pixel_values"][:5]) for a, b in zip(images, other[1]))
+    batch = vision_batch(sequences, images, vision=vision)
+    assert batch["position_ids"].shape == (3, 4, max(len(s) for s in sequences))
+    assert batch["pixel_values"].shape[0] == sum(i["pixel_values"].shape[0] for i in images)
+    assert batch["token_index"][1, :5].tolist() == [0, 1, 2, 3, 4]

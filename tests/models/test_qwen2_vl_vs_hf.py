@@ -11,6 +11,14 @@ PP=2 (the vision tower on the first stage), loading the HF folder into each and 
 then the converters behind tools/convert_* and ``k15 export``: HF -> k15 checkpoint at TP=2,
 checkpoint -> HF at PP=2, whose files must hold the original tensors bit for bit.
 Tolerance: 1e-4 relative to the largest logit (float32).
+
+Gradients: in the same launch each layout also runs one forward and backward of the two-image
+prompt through Megatron's schedule, loss = minus the sum of the log-probs of every next token
+(k15's vocabulary-parallel log-probs, vocabulary padding excluded); every parameter's gradient,
+TP shards gathered and mapped to Hugging Face names by vl_mapping (vision tower and merger
+included), must equal transformers' gradient of the same loss (float32) within GRAD_TOLERANCE
+of the largest entry of that tensor's gradient (measured: at most 1.8e-6; the smallest tensor's
+largest entry is 0.14, so no gradient here is too small for a relative bound).
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ from distributed import run_cases
 from k15_megatron.models.tiny_vl import IMAGE_PLACEHOLDER
 
 TOLERANCE = 1e-4
+GRAD_TOLERANCE = 1e-4
+GRAD_PROMPT = "two images"
 LAYOUTS = {"TP1": (1, 1), "TP2": (2, 1), "PP2": (1, 2)}
 # prompt name -> (text with one IMAGE_PLACEHOLDER per image, image sizes (height, width))
 PROMPTS = {
@@ -76,7 +86,41 @@ def _layout_case(rank, world_size, hf_dir, inputs, tp, pp):
         logits = forward_logits(model, to_device(batch["input_ids"]), to_device(positions), images=images)
         if logits is not None:
             out[name] = gather_from_tensor_model_parallel_region(logits)[..., : arch.vocab_size].cpu()
+        if name == GRAD_PROMPT:
+            out["grads"] = _megatron_gradients(model, batch, positions, arch, vision)
     return out
+
+
+def _megatron_gradients(model, batch, positions, arch, vision) -> dict:
+    """HF name -> this stage's gradient of minus the sum of next-token log-probs (TP shards merged)."""
+    from megatron.core import parallel_state as ps
+
+    from k15_megatron.checkpoint import vl_mapping
+    from k15_megatron.checkpoint.vl_weights import local_named_parameters
+    from k15_megatron.rl.logprobs import token_logprobs
+    from k15_megatron.train.schedule import forward_backward
+
+    group = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
+    input_ids = batch["input_ids"]
+    micro_batch = {"input_ids": input_ids, "position_ids": positions, "pixel_values": batch["pixel_values"],
+                   "image_grid_thw": batch["image_grid_thw"], "next_ids": torch.roll(input_ids, -1, dims=1)}
+
+    def loss_fn(mb, logits):
+        logprobs = token_logprobs(logits, mb["next_ids"], group=group, vocab_size=arch.vocab_size)
+        return -logprobs[:, :-1].sum(), torch.tensor(1, dtype=torch.int, device=logits.device), {}
+
+    model.zero_grad(set_to_none=True)
+    forward_backward(model, [micro_batch], loss_fn)
+    grads = {}
+    for name, param in local_named_parameters(model):
+        full = param.grad.detach()
+        if group is not None and vl_mapping.partition_dim(name) is not None:
+            shards = [torch.empty_like(full) for _ in range(ps.get_tensor_model_parallel_world_size())]
+            torch.distributed.all_gather(shards, full.contiguous(), group=group)
+            full = vl_mapping.tp_merge(name, shards, vision=vision)
+        for hf_name, tensor in vl_mapping.hf_from_megatron(name, full, arch, vision):
+            grads[hf_name] = tensor.cpu().clone()
+    return grads
 
 
 def _convert_case(rank, world_size, hf_dir, ckpt_dir):
@@ -110,6 +154,19 @@ def _hf_model(hf_dir: str):
     return model_class.from_pretrained(hf_dir, dtype=torch.float32).eval()
 
 
+def _hf_gradients(hf_dir: str, batch: dict, folder: str) -> dict:
+    """HF checkpoint name -> transformers' gradient of minus the sum of next-token log-probs;
+    saved through save_pretrained, so the checkpoint names are transformers' own."""
+    model = _hf_model(hf_dir)
+    logits = model(**batch).logits[0, :-1]
+    (-torch.log_softmax(logits, dim=-1).gather(1, batch["input_ids"][0, 1:, None]).sum()).backward()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(param.grad)
+    model.save_pretrained(folder)
+    return _read_folder(folder)
+
+
 def _hf_reference(hf_dir: str, inputs: dict) -> tuple[dict, dict]:
     """(prompt -> transformers' logits, prompt -> transformers' M-RoPE position ids)."""
     model = _hf_model(hf_dir)
@@ -139,11 +196,12 @@ def _check_positions(hf_dir: str, inputs: dict, ref_positions: dict) -> None:
 def test_vl_logits_and_round_trip_match_transformers(tiny_vl_dirs, tmp_path):
     inputs = _processed(tiny_vl_dirs["qwen2_vl"])  # the same tokenizer and processor in both folders
     assert [g.tolist() for g in inputs["two images"]["image_grid_thw"]] == [[1, 4, 4], [1, 6, 8]]
-    references, cases = {}, {}
+    references, ref_grads, cases = {}, {}, {}
     for family, hf_dir in tiny_vl_dirs.items():
         ref_logits, ref_positions = _hf_reference(hf_dir, inputs)
         _check_positions(hf_dir, inputs, ref_positions)
         references[family] = ref_logits
+        ref_grads[family] = _hf_gradients(hf_dir, inputs[GRAD_PROMPT], str(tmp_path / family / "grads"))
         for layout, (tp, pp) in LAYOUTS.items():
             cases[(family, layout)] = (_layout_case, (hf_dir, inputs, tp, pp))
         ckpt = str(tmp_path / family / "ckpt")
@@ -170,3 +228,19 @@ def test_vl_logits_and_round_trip_match_transformers(tiny_vl_dirs, tmp_path):
             for name, ref in references[family].items():
                 err = (per_rank[-1][name] - ref).abs().max() / ref.abs().max()
                 assert err <= TOLERANCE, (family, layout, name, float(err))
+            _check_gradients(per_rank, ref_grads[family], label=(family, layout))
+
+
+def _check_gradients(per_rank: list, reference: dict, *, label) -> None:
+    """Every parameter's gradient (the union of the pipeline stages; the same on each TP rank)
+    equals transformers' within GRAD_TOLERANCE of its largest entry."""
+    ours = {}
+    for rank_result in per_rank:
+        for name, grad in rank_result["grads"].items():
+            if name in ours:  # another TP rank (or a DP replica) of the same stage: the same gradient
+                assert torch.equal(ours[name], grad), (label, name)
+            ours[name] = grad
+    assert set(ours) == set(reference), label
+    for name, ref in reference.items():
+        err = float((ours[name] - ref).abs().max()) / float(ref.abs().max())
+        assert err <= GRAD_TOLERANCE, (label, name, err)
