@@ -25,6 +25,8 @@ feeding a GPTModel with M-RoPE (:mod:`k15_megatron.config.vision_arch` describes
   config's ``mrope_section``; position ids are [3, B, S] (:func:`mrope_position_ids`). The
   embeddings of ``<|image_pad|>`` tokens are replaced by the merged image embeddings, in order.
 
+Packed (THD) micro-batches run too: each sequence keeps its own M-RoPE positions and images.
+
 Not covered: videos; sequence and context parallelism (refused by :func:`build_qwen2_vl_model`);
 Transformer Engine's layer spec for the vision blocks (the local spec is used on every machine).
 Verified on the CPU (gloo) only: this code has not run on a GPU.
@@ -246,11 +248,15 @@ class Qwen2VLModel(MegatronModule):
     patch embedding and LayerNorms as replicated tensors).
 
     ``forward(input_ids [B, S], position_ids [3, B, S], attention_mask=None, labels=None,
-    pixel_values=None, image_grid_thw=None)`` (GPTModel's order, so Megatron's schedule runs it)
-    returns what the GPTModel returns: vocabulary-parallel
+    pixel_values=None, image_grid_thw=None, packed_seq_params=None)`` (GPTModel's order, so
+    Megatron's schedule runs it) returns what the GPTModel returns: vocabulary-parallel
     logits [B, S, V_pad/TP] (last stage), the loss per token when ``labels`` are given, or
     hidden states (other stages). ``input_ids`` must hold one ``image_token_id`` per merged
-    image token, images in order (row-major over the batch); ValueError otherwise.
+    image token, images in order (row-major over the batch); ValueError otherwise. Packed
+    sequences (THD, B = 1, ``packed_seq_params`` with ``qkv_format="thd"``): ``position_ids``
+    [3, 1, T] hold each sequence's own M-RoPE positions (:func:`sequence_mrope_positions`);
+    Megatron's THD RoPE then takes one rotary angle per token (its per-token mapping, used
+    when the angles cover all T tokens), and attention stays within each sequence.
     """
 
     def __init__(self, *, vision_arch, language_model, pre_process: bool):
@@ -264,6 +270,17 @@ class Qwen2VLModel(MegatronModule):
     def set_input_tensor(self, input_tensor) -> None:
         """Pipeline stages after the first receive hidden states (Megatron's schedule calls this)."""
         self.language_model.set_input_tensor(input_tensor)
+
+    @property
+    def share_embeddings_and_output_weights(self) -> bool:
+        """Whether the word embedding and output layer are tied; read by Megatron's
+        ``finalize_model_grads`` on the stage that has ``pre_process`` (this module)."""
+        return self.language_model.share_embeddings_and_output_weights
+
+    def shared_embedding_or_output_weight(self):
+        """The tied weight this stage holds (``finalize_model_grads`` all-reduces its gradient
+        between the first and last pipeline stages)."""
+        return self.language_model.shared_embedding_or_output_weight()
 
     def _embeddings(self, input_ids, pixel_values, image_grid_thw) -> torch.Tensor:
         embeds = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [S, B, H]
@@ -280,10 +297,13 @@ class Qwen2VLModel(MegatronModule):
         return by_batch.transpose(0, 1).contiguous()
 
     def forward(self, input_ids, position_ids, attention_mask=None, labels=None, pixel_values=None,
-                image_grid_thw=None):
+                image_grid_thw=None, packed_seq_params=None):
+        if position_ids.dim() != 3 or position_ids.shape[0] != 3:
+            raise ValueError("position_ids must be M-RoPE's [3, B, S] (mrope_position_ids), got "
+                             f"{list(position_ids.shape)}")
         decoder_input = self._embeddings(input_ids, pixel_values, image_grid_thw) if self.pre_process else None
         return self.language_model(input_ids, position_ids, attention_mask, decoder_input=decoder_input,
-                                   labels=labels)
+                                   labels=labels, packed_seq_params=packed_seq_params)
 
 
 def build_qwen2_vl_model(arch, vision_arch, *, parallel_cfg, precision_cfg, padded_vocab: int):
@@ -349,3 +369,13 @@ def mrope_position_ids(input_ids: torch.Tensor, image_grid_thw: Optional[torch.T
         pieces.append(torch.arange(start, start + seq - done).expand(3, seq - done))
         positions[:, b] = torch.cat(pieces, dim=1)
     return positions
+
+
+def sequence_mrope_positions(input_ids: torch.Tensor, image_grid_thw: Optional[torch.Tensor], *,
+                             vision_arch) -> torch.Tensor:
+    """M-RoPE position ids [3, L] of ONE sequence ``input_ids`` [L] with its images'
+    ``image_grid_thw`` [I, 3] (None: a text sequence), as :func:`mrope_position_ids` gives it
+    alone; what a packed micro-batch carries per sequence (``vision_arch``: the VisionArch)."""
+    return mrope_position_ids(input_ids.reshape(1, -1), image_grid_thw, image_token_id=vision_arch.image_token_id,
+                              vision_start_token_id=vision_arch.vision_start_token_id,
+                              spatial_merge_size=vision_arch.spatial_merge_size)[:, 0]

@@ -9,7 +9,11 @@ One packed micro-batch is a dict of host tensors (the schedule moves it to the d
   the caller packs (labels, loss masks, log-probs; padding takes each field's pad value);
 * ``cu_seqlens`` / ``cu_seqlens_padded`` [n+1] int32: cumulative real and padded lengths
   (Megatron's ``PackedSeqParams`` fields), ``max_seqlen`` (int, the longest padded sequence),
-  ``num_sequences`` (n).
+  ``num_sequences`` (n);
+* for a vision-language model: ``pixel_values`` [P, patch values] and ``image_grid_thw`` [I, 3],
+  the images of every sequence that has some, concatenated in sequence order (the order of the
+  image tokens in ``input_ids``), and ``position_ids`` [3, 1, T] (M-RoPE's temporal, height and
+  width positions, each sequence's own, given per sequence by the caller).
 
 Every [1, T] tensor is per-token: :func:`cp_rank_share` cuts exactly those (and only those) to
 this CP rank's tokens (:func:`k15_megatron.parallel.context.cp_rank_token_index`), so a field
@@ -32,49 +36,79 @@ import torch
 from k15_megatron.parallel.context import cp_rank_token_index, cu_seqlens, padded_length
 
 _META_KEYS = ("cu_seqlens", "cu_seqlens_padded", "max_seqlen", "num_sequences")
+IMAGE_KEYS = ("pixel_values", "image_grid_thw")
+"""Per-sequence image tensors, concatenated over the sequences instead of packed per token."""
 
 
 def pack_sequences(sequences: Sequence[Mapping[str, torch.Tensor]], *, multiple: int = 1,
                    pad_values: Mapping[str, float] | None = None) -> dict:
     """One packed micro-batch (module docstring) from ``sequences``: each a dict of 1-D tensors
-    of one length L_i >= 1 (the same keys in every sequence, ``input_ids`` among them).
+    of one length L_i >= 1 (the same keys in every sequence, ``input_ids`` among them), plus
+    optionally:
+
+    * ``position_ids`` in every sequence: [L_i] or [3, L_i] (M-RoPE), used instead of
+      0, 1, ..., L_i - 1; the packed ``position_ids`` are then [1, T] or [3, 1, T];
+    * ``pixel_values`` and ``image_grid_thw`` (:data:`IMAGE_KEYS`) in the sequences that have
+      images: concatenated in sequence order.
 
     Sequence i occupies ``padded_length(L_i, multiple)`` tokens: its L_i tokens, then padding
-    (``pad_values[key]``, default 0; ``position_ids`` keep counting, ``sequence_ids`` are -1).
+    (``pad_values[key]``, default 0; ``position_ids`` keep counting after the sequence's largest
+    position, ``sequence_ids`` are -1).
 
     Raises:
         ValueError: no sequences, a sequence without ``input_ids``, of length 0, with tensors
-            of different lengths, or with other keys than the first sequence.
+            of different lengths, with other per-token keys than the first sequence, or
+            ``position_ids`` in some sequences only.
     """
     if not sequences:
         raise ValueError("pack_sequences needs at least one sequence")
-    keys = list(sequences[0])
+    keys = [key for key in sequences[0] if key not in IMAGE_KEYS and key != "position_ids"]
     if "input_ids" not in keys:
         raise ValueError("every packed sequence needs input_ids")
+    given_positions = "position_ids" in sequences[0]
     pad_values = dict(pad_values or {})
     lengths, padded = [], []
     columns: dict[str, list[torch.Tensor]] = {key: [] for key in keys + ["position_ids", "sequence_ids"]}
+    images: dict[str, list[torch.Tensor]] = {key: [] for key in IMAGE_KEYS}
     for index, seq in enumerate(sequences):
-        if list(seq) != keys:
-            raise ValueError(f"sequence {index} has fields {sorted(seq)}, sequence 0 has {sorted(keys)}")
+        tokens = {key: value for key, value in seq.items() if key not in IMAGE_KEYS and key != "position_ids"}
+        if list(tokens) != keys or ("position_ids" in seq) != given_positions:
+            raise ValueError(f"sequence {index} has fields {sorted(seq)}, sequence 0 has {sorted(sequences[0])}")
         length = int(seq["input_ids"].numel())
-        if length < 1 or any(int(t.numel()) != length for t in seq.values()):
+        if length < 1 or any(int(t.numel()) != length for t in tokens.values()):
             raise ValueError(f"sequence {index}: every field needs the same length >= 1, got "
-                             f"{ {k: int(t.numel()) for k, t in seq.items()} }")
+                             f"{ {k: int(t.numel()) for k, t in tokens.items()} }")
         total = padded_length(length, multiple)
         for key in keys:
             tensor = seq[key].reshape(-1)
             pad = tensor.new_full((total - length,), pad_values.get(key, 0))
             columns[key].append(torch.cat([tensor, pad]))
-        columns["position_ids"].append(torch.arange(total, dtype=torch.int64))
+        columns["position_ids"].append(_positions(seq.get("position_ids"), length, total, index))
         columns["sequence_ids"].append(torch.cat([torch.full((length,), index, dtype=torch.int64),
                                                   torch.full((total - length,), -1, dtype=torch.int64)]))
+        for key in IMAGE_KEYS:
+            if key in seq:
+                images[key].append(seq[key])
         lengths.append(length)
         padded.append(total)
-    batch = {key: torch.cat(parts).unsqueeze(0) for key, parts in columns.items()}
+    batch = {key: torch.cat(parts, dim=-1).unsqueeze(-2) for key, parts in columns.items()}
+    batch.update({key: torch.cat(parts) for key, parts in images.items() if parts})
     batch.update(cu_seqlens=cu_seqlens(lengths), cu_seqlens_padded=cu_seqlens(padded), max_seqlen=max(padded),
                  num_sequences=len(sequences))
     return batch
+
+
+def _positions(given: torch.Tensor | None, length: int, total: int, index: int) -> torch.Tensor:
+    """Sequence ``index``'s positions padded to ``total``: ``given`` ([L] or [3, L]) then counting
+    on from its largest value, or 0 .. total - 1 when none are given."""
+    if given is None:
+        return torch.arange(total, dtype=torch.int64)
+    if given.dim() not in (1, 2) or given.shape[-1] != length:
+        raise ValueError(f"sequence {index}: position_ids must be [{length}] or [3, {length}], got "
+                         f"{list(given.shape)}")
+    after = int(given.max()) + 1
+    pad = torch.arange(after, after + total - length, dtype=torch.int64).expand(*given.shape[:-1], -1)
+    return torch.cat([given.to(torch.int64), pad], dim=-1)
 
 
 def next_token(values: torch.Tensor) -> torch.Tensor:

@@ -16,9 +16,10 @@ micro-batches.
 Two kinds of micro-batch, all of one kind in a call:
 
 * packed (THD, :mod:`k15_megatron.train.packed`): sequences back to back, per-token tensors
-  [1, T], ``cu_seqlens``/``cu_seqlens_padded``/``max_seqlen``. The model runs with Megatron's
-  ``PackedSeqParams(qkv_format="thd")`` (sequences never attend to each other, RoPE positions
-  restart per sequence) and no attention mask. Under CP > 1 every [1, T] tensor is cut to this
+  [1, T], ``cu_seqlens``/``cu_seqlens_padded``/``max_seqlen`` (a vision-language model's: also
+  its sequences' images and M-RoPE ``position_ids`` [3, 1, T], see :func:`image_inputs`).
+  The model runs with Megatron's ``PackedSeqParams(qkv_format="thd")`` (sequences never
+  attend to each other, RoPE positions restart per sequence) and no attention mask. Under CP > 1 every [1, T] tensor is cut to this
   rank's tokens (:func:`k15_megatron.train.packed.cp_rank_share`).
 * padded: ``input_ids`` and ``position_ids`` [B, S] (long), optionally an ``attention_mask``
   [B, 1, S, S] (bool, True = masked; default causal; CP = 1 only). Under CP > 1 each row is one
@@ -172,8 +173,11 @@ def _check_expert_parallel_counts(model, count: int) -> None:
 
 def image_inputs(micro_batch: dict) -> dict:
     """The image entries of a vision-language micro-batch, passed to the model by keyword:
-    ``pixel_values`` [P, patch values] and ``image_grid_thw`` [I, 3] (a padded micro-batch only;
-    ``position_ids`` are then M-RoPE's [3, B, S]). ``{}`` for a text micro-batch."""
+    ``pixel_values`` [P, patch values] and ``image_grid_thw`` [I, 3], the images in the order of
+    their tokens in ``input_ids`` (padded: row-major over the batch; packed: sequence by
+    sequence, :func:`k15_megatron.train.packed.pack_sequences`). A vision-language model's
+    ``position_ids`` are M-RoPE's [3, B, S] (packed: [3, 1, T]), also in a micro-batch without
+    images. ``{}`` for a text micro-batch."""
     return {key: micro_batch[key] for key in ("pixel_values", "image_grid_thw") if key in micro_batch}
 
 
@@ -209,7 +213,7 @@ def forward_backward(model, micro_batches: Sequence[dict], loss_fn: Callable, *,
         if is_packed(mb):
             mb = to_device(cp_rank_share(mb, cp_size=cp_size, cp_rank=cp_rank))
             output = chunk(mb["input_ids"], mb["position_ids"], None, labels=mb.get("labels"),
-                           packed_seq_params=_packed_seq_params(mb))
+                           packed_seq_params=_packed_seq_params(mb), **image_inputs(mb))
         else:
             mb = to_device(padded_cp_share(mb, cp_size=cp_size, cp_rank=cp_rank))
             output = chunk(mb["input_ids"], mb["position_ids"], mb.get("attention_mask"), labels=mb.get("labels"),
