@@ -34,8 +34,10 @@ def check_same_architecture(path: str, arch) -> None:
                          f"the configured one: {'; '.join(diffs)}")
 
 
-def load_initial_weights(model, model_cfg, arch, padded_vocab: int) -> str:
-    """Load this rank's initial weights into ``model``; returns a description of the source."""
+def load_initial_weights(model, model_cfg, arch, padded_vocab: int, *, vision=None) -> str:
+    """Load this rank's initial weights into ``model``; returns a description of the source.
+    ``vision``: a vision-language model's VisionArch (its HF weights are mapped by
+    :mod:`k15_megatron.checkpoint.vl_weights`)."""
     if model_cfg.init_from:
         path = run_ckpt.resolve_checkpoint_dir(model_cfg.init_from)
         check_same_architecture(path, arch)
@@ -44,7 +46,11 @@ def load_initial_weights(model, model_cfg, arch, padded_vocab: int) -> str:
             return f"converted checkpoint {path}"
         run_ckpt.load_model_weights(path, model)
         return f"run checkpoint {path}"
-    if model_cfg.hf_path:
+    if model_cfg.hf_path and vision is not None:
+        from k15_megatron.checkpoint.vl_weights import load_vl_hf_weights
+
+        load_vl_hf_weights(model, model_cfg.hf_path, arch, vision, padded_vocab)
+    elif model_cfg.hf_path:
         load_hf_weights(model, model_cfg.hf_path, arch, padded_vocab)
         return f"Hugging Face weights {model_cfg.hf_path}"
     return "random initialisation (model defined by the config)"

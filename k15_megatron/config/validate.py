@@ -67,7 +67,7 @@ def validate(
         except ValueError as e:
             errors.append(str(e))
     if arch is not None:
-        errors += _vision_errors(cfg.model)
+        errors += vision_job_errors(cfg.model, job=None)
         errors += derive_max_model_len(cfg.rollout, context=arch.max_position_embeddings,
                                        context_source=context_source(cfg.model))
         if cfg.data.seq_length is None:
@@ -278,20 +278,22 @@ def _cp_comm_errors(par: ParallelConfig, arch: Optional[ModelArch]) -> List[str]
     return []
 
 
-def _vision_errors(model_cfg) -> List[str]:
-    """A vision-language model (model_type qwen2_vl or qwen2_5_vl) is built, converted and checked against
-    transformers (k15_megatron.models.qwen2_vl, k15_megatron.checkpoint.vl_weights), but the
-    jobs' data, rollout, weight sync and export paths carry text only: refused here, before any
-    process starts, rather than failing inside the trainer."""
+def vision_job_errors(model_cfg, *, job: Optional[str]) -> List[str]:
+    """A vision-language model (model_type qwen2_vl or qwen2_5_vl) is built, converted, checked
+    against transformers and fine-tuned by ``k15 sft`` on image data; ``k15 rl`` and ``k15 eval``
+    generate with the rollout engine, whose image prompts, weight sync and rewards carry text
+    only: ``job`` (``"rl"``, ``"eval"``) is refused here, before any process starts (called by
+    the jobs' pre-start check for the jobs that do not run images). ``job=None``: only the
+    vision config's own errors (config validation, shared by every job)."""
     try:
         vision = resolve_vision_arch(model_cfg)
     except ValueError as e:
         return [str(e)]
-    if vision is None:
+    if vision is None or job is None:
         return []
-    return [f"model.family={vision.family!r} (model_type in {model_cfg.hf_path}/config.json): vision-language models "
-            "are not yet supported by the k15 jobs (image data, rollouts, weight sync and export are "
-            "text-only); use a text model"]
+    return [f"model.family={vision.family!r} (model_type in {model_cfg.hf_path}/config.json): k15 {job} does not "
+            "run vision-language models yet (its rollouts, weight sync and rewards are text-only; k15 sft, "
+            f"k15 export and the converters do); use a text model for k15 {job}"]
 
 
 def _expert_errors(par: ParallelConfig, arch: Optional[ModelArch]) -> List[str]:

@@ -25,6 +25,7 @@ def export_checkpoint(path: str, out_dir: str, *, tp: int, pp: int, ep: int = 1,
     from k15_megatron.checkpoint.convert import megatron_to_hf
     from k15_megatron.checkpoint.hf_export import export_hf
     from k15_megatron.config import ModelConfig, ParallelConfig, PrecisionConfig, resolve_model_arch
+    from k15_megatron.config.model_arch import resolve_vision_arch
     from k15_megatron.models.gpt import build_gpt_model
     from k15_megatron.parallel.initialize import initialize
 
@@ -35,12 +36,20 @@ def export_checkpoint(path: str, out_dir: str, *, tp: int, pp: int, ep: int = 1,
     if not os.path.exists(os.path.join(assets, "config.json")):
         raise ValueError(f"{path}: run checkpoint without hf_assets/config.json; cannot tell its architecture")
     arch = resolve_model_arch(ModelConfig(hf_path=assets))
+    vision = resolve_vision_arch(ModelConfig(hf_path=assets))  # a vision-language run keeps its config.json
     parallel = ParallelConfig(tensor=tp, pipeline=pp, expert=ep)
     initialize(parallel)
-    model = build_gpt_model(arch, parallel_cfg=parallel, precision_cfg=PrecisionConfig(dtype="fp32"),
-                            padded_vocab=_saved_padded_vocab(path, arch, tp))
+    build = dict(parallel_cfg=parallel, precision_cfg=PrecisionConfig(dtype="fp32"),
+                 padded_vocab=_saved_padded_vocab(path, arch, tp))
+    if vision is not None:
+        from k15_megatron.models.qwen2_vl import build_qwen2_vl_model
+
+        model = build_qwen2_vl_model(arch, vision, **build)
+    else:
+        model = build_gpt_model(arch, **build)
     run_ckpt.load_model_weights(path, model)
-    return export_hf(model, arch, out_dir, assets_dir=assets, dtype=dtype or torch.float32, overwrite=overwrite)
+    return export_hf(model, arch, out_dir, assets_dir=assets, dtype=dtype or torch.float32, overwrite=overwrite,
+                     vision=vision)
 
 
 def check_export(checkpoint: str, out_dir: str, *, overwrite: bool) -> None:

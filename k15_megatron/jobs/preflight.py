@@ -17,7 +17,10 @@ torch.distributed, Megatron or vLLM start. It checks, listing every problem at o
 * every data file the job reads: it exists, holds records, each line parses and carries the
   required fields in accepted types (:mod:`k15_megatron.data.jsonl`), and the examples or
   prompts fit the configured lengths, dropped with a count or refused by file:line
-  (``data.too_long``).
+  (``data.too_long``); SFT records with images are opened and run through the model's
+  processor (:mod:`k15_megatron.data.images`), so a missing or unreadable image, or an image
+  count its prompt does not match, is refused by file:line;
+* a vision-language model only for the jobs that run one (``k15 sft``; :data:`JOBS`).
 
 The data checks build the same :class:`~k15_megatron.data.sft_set.SftSet` /
 :class:`~k15_megatron.data.prompt_set.PromptSet` the jobs train on, so the ranks never meet a
@@ -40,7 +43,7 @@ from typing import Callable, List, Optional, Tuple
 
 from k15_megatron.config.model_arch import ModelArch, context_source, resolve_model_arch
 from k15_megatron.config.rollout import response_budget_errors
-from k15_megatron.config.validate import rl_job_errors
+from k15_megatron.config.validate import rl_job_errors, vision_job_errors
 
 SFT_RECORDS, PROMPT_RECORDS = "sft", "prompts"
 CHECKED_ENV = "K15_PRE_START_CHECKED"
@@ -69,10 +72,13 @@ class JobInputs:
     trains: bool
     """Trains the model (the optimizer's precision rules apply to it)."""
     config_errors: Optional[Callable[[object], List[str]]] = None
+    images: bool = False
+    """Runs vision-language models (else one is refused: :func:`~k15_megatron.config.validate.vision_job_errors`)."""
 
 
 JOBS = {
-    "sft": JobInputs(reads=(DataRead("train_path", SFT_RECORDS, required=True),), generates=False, trains=True),
+    "sft": JobInputs(reads=(DataRead("train_path", SFT_RECORDS, required=True),), generates=False, trains=True,
+                     images=True),
     "rl": JobInputs(reads=(DataRead("train_path", PROMPT_RECORDS, required=True),
                            DataRead("eval_path", PROMPT_RECORDS, required=False)),
                     generates=True, trains=True, config_errors=rl_job_errors),
@@ -87,6 +93,7 @@ def pre_start_errors(cfg, *, job: str) -> Tuple[List[str], List[str]]:
     one line each, naming the config key or the file and line."""
     inputs = JOBS[job]
     errors = list(inputs.config_errors(cfg)) if inputs.config_errors else []
+    errors += [] if inputs.images else vision_job_errors(cfg.model, job=job)
     arch = resolve_model_arch(cfg.model)  # cfg is validated: this succeeds
     length_errors = _length_errors(cfg, arch, generates=inputs.generates, sft=job == "sft")
     errors += length_errors
@@ -243,6 +250,24 @@ def _tokenizer(cfg, arch: ModelArch):
     return tokenizer, use_chat_template(tokenizer, cfg.data.chat_template)
 
 
+def sft_processor(cfg):
+    """The processor image records are read with: a vision-language model's (``AutoProcessor``
+    of the run's tokenizer folder, :func:`k15_megatron.data.images.load_processor`), None for a
+    text model. ValueError naming the folder when a vision-language model's has none."""
+    from k15_megatron.config.model_arch import resolve_vision_arch
+    from k15_megatron.data.images import load_processor
+    from k15_megatron.models.tokenizer import tokenizer_folder
+
+    if resolve_vision_arch(cfg.model) is None:
+        return None
+    init_checkpoint = None
+    if cfg.model.init_from:
+        from k15_megatron.checkpoint.run_ckpt import resolve_checkpoint_dir
+
+        init_checkpoint = resolve_checkpoint_dir(cfg.model.init_from)
+    return load_processor(tokenizer_folder(cfg.model, init_checkpoint=init_checkpoint))
+
+
 def _data_problems(cfg, read: DataRead, path: str, *, job: str, tokenizer) -> Tuple[List[str], str]:
     """``(problems, filter note)`` of one data file: records only when ``tokenizer`` is None,
     else the records and their lengths, through the loaders the jobs use."""
@@ -257,7 +282,7 @@ def _data_problems(cfg, read: DataRead, path: str, *, job: str, tokenizer) -> Tu
             return [], ""
         if read.records == SFT_RECORDS:
             examples = SftSet.from_jsonl(path, tokenizer, seq_length=cfg.data.seq_length,
-                                         too_long=cfg.data.too_long)
+                                         too_long=cfg.data.too_long, processor=sft_processor(cfg))
             return [], examples.filter_report(path)
         prompts = PromptSet.from_jsonl(path, tokenizer, max_prompt_tokens=prompt_token_limit(cfg.rollout),
                                        limit=cfg.eval.max_prompts if job == "eval" else 0,

@@ -1,4 +1,8 @@
-"""``k15 sft CONFIG [overrides]``: supervised fine-tuning on JSONL (prompt, response) records.
+"""``k15 sft CONFIG [overrides]``: supervised fine-tuning on (prompt, response) records (JSONL or Parquet).
+
+A vision-language model (Qwen2-VL, Qwen2.5-VL) trains on records with images and text records
+mixed (:mod:`k15_megatron.data.images`): each image example is one packed sequence holding its
+expanded image tokens, its pixels and its own M-RoPE positions (:func:`sft_micro_batches`).
 
 The long-CoT warm-up stage before RL (PAPER.md section 8). Examples are formatted as chat turns
 (:mod:`k15_megatron.data.formatting`), packed into rows of ``data.seq_length`` tokens with the
@@ -20,10 +24,12 @@ import random
 import time
 
 from k15_megatron.checkpoint import run_ckpt, run_dir
+from k15_megatron.config.model_arch import resolve_vision_arch
 from k15_megatron.data.packing import pack_examples, row_examples
 from k15_megatron.data.sft_set import SftSet
 from k15_megatron.jobs.metrics_log import MetricsLogger
 from k15_megatron.jobs.preemption import PreemptionFlag
+from k15_megatron.jobs.preflight import sft_processor
 from k15_megatron.train.moe_metrics import RoutingMetrics
 from k15_megatron.train.packed import pack_sequences
 from k15_megatron.train.schedule import packing_multiple
@@ -31,23 +37,36 @@ from k15_megatron.train.setup import build_trainer, write_run_assets
 from k15_megatron.train.step import train_step
 
 
-def packed_rows(cfg, tokenizer, path: str):
+def packed_rows(cfg, tokenizer, path: str, *, processor=None):
     """All SFT rows of ``path``, packed (same on every rank); examples longer than
     ``data.seq_length`` follow ``data.too_long`` (:class:`SftSet`; the pre-start check,
-    :mod:`k15_megatron.jobs.preflight`, printed any drop)."""
-    examples = SftSet.from_jsonl(path, tokenizer, seq_length=cfg.data.seq_length, too_long=cfg.data.too_long)
-    return pack_examples(examples.examples, seq_length=cfg.data.seq_length, pad_id=tokenizer.pad_token_id or 0)
+    :mod:`k15_megatron.jobs.preflight`, printed any drop). ``processor``: a vision-language
+    model's (:func:`k15_megatron.jobs.preflight.sft_processor`), for image records."""
+    examples = SftSet.from_jsonl(path, tokenizer, seq_length=cfg.data.seq_length, too_long=cfg.data.too_long,
+                                 processor=processor)
+    return pack_examples(examples.examples, seq_length=cfg.data.seq_length, pad_id=tokenizer.pad_token_id or 0,
+                         images=examples.images or None)
 
 
-def sft_micro_batches(rows, *, micro_batch_size: int, multiple: int) -> list[dict]:
+def sft_micro_batches(rows, *, micro_batch_size: int, multiple: int, vision=None) -> list[dict]:
     """One packed micro-batch (:func:`k15_megatron.train.packed.pack_sequences`) per
     ``micro_batch_size`` consecutive rows: the rows' examples back to back, each its own
     sequence padded to ``multiple`` tokens (:func:`k15_megatron.train.schedule.packing_multiple`),
     with per-token ``input_ids``, ``labels`` and ``loss_mask`` (0 on padding). Rows past the last
-    whole micro-batch are not used (the step's rows are a multiple of it)."""
+    whole micro-batch are not used (the step's rows are a multiple of it).
+
+    ``vision``: a vision-language model's VisionArch; then every example also carries its own
+    M-RoPE positions (:func:`k15_megatron.models.qwen2_vl.sequence_mrope_positions`, text
+    examples included) and an image example its ``pixel_values`` / ``image_grid_thw``, which the
+    micro-batch concatenates in example order."""
     batches = []
     for start in range(0, len(rows) - micro_batch_size + 1, micro_batch_size):
         examples = [example for row in rows[start:start + micro_batch_size] for example in row_examples(row)]
+        if vision is not None:
+            from k15_megatron.models.qwen2_vl import sequence_mrope_positions
+
+            examples = [{**ex, "position_ids": sequence_mrope_positions(ex["input_ids"], ex.get("image_grid_thw"),
+                                                                        vision_arch=vision)} for ex in examples]
         batches.append(pack_sequences(examples, multiple=multiple))
     return batches
 
@@ -73,7 +92,8 @@ def run(cfg) -> None:
     if not cfg.data.train_path:
         raise ValueError("k15 sft needs data.train_path (a JSONL of {prompt, response} records)")
     assets = write_run_assets(trainer)
-    rows = packed_rows(cfg, trainer.tokenizer, cfg.data.train_path)
+    vision = resolve_vision_arch(cfg.model)
+    rows = packed_rows(cfg, trainer.tokenizer, cfg.data.train_path, processor=sft_processor(cfg))
     trainer.log(f"sft: {len(rows)} packed rows of {cfg.data.seq_length} tokens from {cfg.data.train_path}; "
                 f"weights: {trainer.init_source}; layout {layout.describe()}")
     start = 0
@@ -102,7 +122,7 @@ def run(cfg) -> None:
         with RoutingMetrics(trainer.chunks) as routing:
             metrics = train_step(trainer.chunks, trainer.optimizer, trainer.scheduler,
                                  sft_micro_batches(mine, micro_batch_size=cfg.data.micro_batch_size,
-                                                   multiple=multiple))
+                                                   multiple=multiple, vision=vision))
         elapsed = time.perf_counter() - begin
         # The step's example tokens (all DP ranks): the rows' padding is never computed.
         tokens = sum(len(rows[i].document_ids) - rows[i].document_ids.count(-1) for i in indices)

@@ -15,6 +15,7 @@ from k15_megatron.checkpoint.model_init import load_initial_weights
 from k15_megatron.checkpoint.run_ckpt import resolve_checkpoint_dir
 from k15_megatron.checkpoint import run_dir
 from k15_megatron.config import resolve_model_arch
+from k15_megatron.config.model_arch import resolve_vision_arch
 from k15_megatron.data.formatting import use_chat_template
 from k15_megatron.models.gpt import build_gpt_model, padded_vocab_size
 from k15_megatron.models.tokenizer import load_tokenizer, tokenizer_folder
@@ -69,8 +70,15 @@ def build_trainer(cfg, *, with_optimizer: bool = True, num_optimizer_steps: int 
     padded = padded_vocab_size(arch.vocab_size, cfg.model.make_vocab_size_divisible_by, layout.tp_size)
     if layout.rank == 0 and run_dir.fresh_start(cfg):  # a resumed run's config.yaml is its checkpoint's
         run_dir.save_run_config(cfg)
-    model = build_gpt_model(arch, parallel_cfg=cfg.parallel, precision_cfg=cfg.precision, padded_vocab=padded)
-    source = load_initial_weights(model, cfg.model, arch, padded)
+    vision = resolve_vision_arch(cfg.model)
+    if vision is not None:
+        from k15_megatron.models.qwen2_vl import build_qwen2_vl_model
+
+        model = build_qwen2_vl_model(arch, vision, parallel_cfg=cfg.parallel, precision_cfg=cfg.precision,
+                                     padded_vocab=padded)
+    else:
+        model = build_gpt_model(arch, parallel_cfg=cfg.parallel, precision_cfg=cfg.precision, padded_vocab=padded)
+    source = load_initial_weights(model, cfg.model, arch, padded, vision=vision)
     chunks, optimizer, scheduler = [model], None, None
     if with_optimizer:
         steps = cfg.optim.train_iters if num_optimizer_steps is None else num_optimizer_steps
@@ -105,8 +113,11 @@ def write_run_assets(trainer: Trainer) -> str:
         tok = trainer.tokenizer
         base = base or {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
                         "pad_token_id": tok.pad_token_id}
+        # A vision-language model's config.json (vision tower, token ids) is kept as it is.
+        config = base if base and resolve_vision_arch(trainer.cfg.model) is not None else \
+            hf_config_dict(trainer.arch, base)
         with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(hf_config_dict(trainer.arch, base), f, indent=2)
+            json.dump(config, f, indent=2)
     import torch
 
     if torch.distributed.is_initialized():

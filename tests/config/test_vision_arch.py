@@ -77,9 +77,18 @@ def test_mrope_sections_must_fill_half_the_head(tmp_path):
         resolve_vision_arch(ModelConfig(hf_path=_write(tmp_path, config)))
 
 
-def test_jobs_refuse_a_vision_language_model_before_starting(tmp_path):
+def test_only_the_jobs_that_run_images_accept_a_vision_language_model(tmp_path):
     from k15_megatron.config.errors import ConfigError
     from k15_megatron.config.loader import load_config
+    from k15_megatron.config.validate import vision_job_errors
+    from k15_megatron.jobs.preflight import JOBS
 
-    with pytest.raises(ConfigError, match="model.family='qwen2_vl'.*not yet supported by the k15 jobs"):
-        load_config(None, [f"model.hf_path={_write(tmp_path, _transformers5())}"])
+    cfg = load_config(None, [f"model.hf_path={_write(tmp_path, _transformers5())}"])  # sft, export: accepted
+    assert [job for job, inputs in JOBS.items() if inputs.images] == ["sft"]
+    for job in ("rl", "eval"):
+        (error,) = vision_job_errors(cfg.model, job=job)
+        assert error.startswith("model.family='qwen2_vl'") and f"k15 {job} does not run vision-language" in error
+    broken = _transformers5(num_heads=3)
+    (tmp_path / "broken").mkdir()
+    with pytest.raises(ConfigError, match="vision_config.embed_dim"):  # the vision config is still validated
+        load_config(None, [f"model.hf_path={_write(tmp_path / 'broken', broken)}"])
