@@ -10,7 +10,8 @@ its own M-RoPE positions). Reference: transformers' Qwen2VLForConditionalGenerat
 each example alone, the loss the token mean of the response tokens' cross-entropy over all three,
 its logits padded with zeros to the Megatron model's padded vocabulary (128 rows, padding rows zero
 at import): Megatron's cross-entropy normalises over the padded vocabulary.
-One launch of 2 gloo processes runs TP=2 and PP=2 (vision tower on the first stage); in each,
+One launch of 2 gloo processes runs Qwen2-VL at TP=2 and PP=2 (vision tower on the first stage)
+and Qwen2.5-VL (window attention) at PP=2; in each,
 the packed micro-batch and a padded [3, S] batch (right padding, loss mask 0 there) run forward
 and backward through Megatron's schedule with the SFT loss; gradients are mapped to transformers'
 names with the checkpoint mapping (vl_weights.iter_vl_hf_tensors).
@@ -28,6 +29,7 @@ from distributed import run_cases
 LOSS_TOLERANCE = 1e-5
 GRAD_TOLERANCE = 1e-4  # relative to each tensor's largest reference gradient
 LAYOUTS = {"TP2": (2, 1), "PP2": (1, 2)}
+CASES = (("qwen2_vl", "TP2"), ("qwen2_vl", "PP2"), ("qwen2_5_vl", "PP2"))
 PADDED_VOCAB = 128  # padded_vocab_size(105 tokens, 128, TP <= 2)
 
 
@@ -121,9 +123,11 @@ def _step_case(rank, world_size, hf_dir, data, tp, pp):
 
 
 def _transformers_step(hf_dir: str, data) -> tuple[float, dict]:
-    from transformers import Qwen2VLForConditionalGeneration
+    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
-    model = Qwen2VLForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32)
+    family = AutoConfig.from_pretrained(hf_dir).model_type
+    model_class = Qwen2_5_VLForConditionalGeneration if family == "qwen2_5_vl" else Qwen2VLForConditionalGeneration
+    model = model_class.from_pretrained(hf_dir, dtype=torch.float32)
     count, losses = 0, []
     for (prompt, response), images in zip(data.examples, data.images):
         ids = torch.tensor([prompt + response])
@@ -150,22 +154,23 @@ def _file_name(module_name: str) -> str:
 
 @pytest.mark.distributed
 def test_vl_sft_step_packed_mixed_matches_transformers(tiny_vl_dirs, tmp_path):
-    hf_dir = tiny_vl_dirs["qwen2_vl"]
-    data = _sft_set(hf_dir, tmp_path)
+    data = _sft_set(tiny_vl_dirs["qwen2_vl"], tmp_path)  # both families share the tokenizer and processor
     assert [i is None for i in data.images] == [True, False, False]
-    ref_loss, ref_grads = _transformers_step(hf_dir, data)
-    results = run_cases(2, {layout: (_step_case, (hf_dir, data, tp, pp)) for layout, (tp, pp) in LAYOUTS.items()},
-                        timeout_s=600)
-    for layout, per_rank in results.items():
+    references = {family: _transformers_step(hf_dir, data) for family, hf_dir in tiny_vl_dirs.items()}
+    cases = {(family, layout): (_step_case, (tiny_vl_dirs[family], data, tp, pp))
+             for family, layout in CASES for tp, pp in [LAYOUTS[layout]]}
+    results = run_cases(2, cases, timeout_s=600)
+    for (family, layout), per_rank in results.items():
+        ref_loss, ref_grads = references[family]
         for kind in ("packed", "padded"):
             loss = per_rank[-1][kind][0]
-            assert abs(loss - ref_loss) <= LOSS_TOLERANCE * abs(ref_loss), (layout, kind, loss, ref_loss)
+            assert abs(loss - ref_loss) <= LOSS_TOLERANCE * abs(ref_loss), (family, layout, kind, loss, ref_loss)
             grads = {}
             for rank_result in per_rank:
                 grads.update(rank_result[kind][1])
-            assert set(grads) == set(ref_grads), (layout, kind, sorted(set(grads) ^ set(ref_grads))[:5])
+            assert set(grads) == set(ref_grads), (family, layout, kind, sorted(set(grads) ^ set(ref_grads))[:5])
             for name, ref in ref_grads.items():
                 err = float((grads[name] - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
-                assert err <= GRAD_TOLERANCE, (layout, kind, name, err)
+                assert err <= GRAD_TOLERANCE, (family, layout, kind, name, err)
             visual = [n for n in ref_grads if "visual" in n]
             assert visual and all(grads[n].abs().max() > 0 for n in visual)  # the images reached the loss
