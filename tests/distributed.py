@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import os
+import queue as queue_module
 import socket
 import traceback
 
@@ -59,6 +60,23 @@ def _entry(rank, world_size, port, fn, args, queue, strict_device):
             dist.destroy_process_group()
 
 
+def _start(procs, world_size: int) -> None:
+    """Start ``procs`` with one OpenMP thread per rank when there are several, as torchrun and
+    `k15`'s launcher set it (the children read the parent's environment when they import torch;
+    N ranks x all cores oversubscribe the CPU). The parent's environment is left as it was."""
+    saved = os.environ.get("OMP_NUM_THREADS")
+    if world_size > 1:
+        os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        if world_size > 1 and saved is None:
+            del os.environ["OMP_NUM_THREADS"]
+        elif world_size > 1:
+            os.environ["OMP_NUM_THREADS"] = saved
+
+
 def run_distributed(fn, world_size: int, *args, timeout_s: float = 600.0, strict_device: bool = True):
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` spawned processes; see module doc."""
     ctx = mp.get_context("spawn")
@@ -68,22 +86,10 @@ def run_distributed(fn, world_size: int, *args, timeout_s: float = 600.0, strict
         ctx.Process(target=_entry, args=(r, world_size, port, fn, args, queue, strict_device), daemon=False)
         for r in range(world_size)
     ]
-    # One OpenMP thread per rank, as torchrun and `k15`'s launcher set it (the children read the
-    # parent's environment when they import torch; N ranks x all cores oversubscribe the CPU).
-    saved = os.environ.get("OMP_NUM_THREADS")
-    if world_size > 1:
-        os.environ["OMP_NUM_THREADS"] = "1"
-    try:
-        for p in procs:
-            p.start()
-    finally:
-        if world_size > 1 and saved is None:
-            os.environ.pop("OMP_NUM_THREADS")
-        elif world_size > 1:
-            os.environ["OMP_NUM_THREADS"] = saved
     results: dict[int, object] = {}
     failures: list[str] = []
     try:
+        _start(procs, world_size)
         for _ in range(world_size):
             rank, ok, payload = queue.get(timeout=timeout_s)
             if ok:
@@ -91,11 +97,14 @@ def run_distributed(fn, world_size: int, *args, timeout_s: float = 600.0, strict
             else:
                 failures.append(f"--- rank {rank} failed ---\n{payload}")
                 break
-    except Exception as exc:  # queue.Empty on timeout
-        failures.append(f"distributed run timed out after {timeout_s}s ({exc!r}); "
-                        f"finished ranks: {sorted(results)}")
+    except queue_module.Empty:
+        failures.append(f"distributed run timed out after {timeout_s}s; finished ranks: {sorted(results)}")
+    except Exception:
+        failures.append(f"distributed run failed in the parent:\n{traceback.format_exc()}")
     finally:
         for p in procs:
+            if p.pid is None:  # never started
+                continue
             p.join(timeout=5 if failures else 60)
             if p.is_alive():
                 p.kill()
