@@ -11,7 +11,9 @@ loss on response tokens only (:mod:`k15_megatron.data.packing`), and trained wit
 ``data.micro_batch_size`` rows form one packed (THD) micro-batch (:func:`sft_micro_batches`):
 each example its own sequence, so examples never attend to each other, split per
 context-parallel rank by the schedule; the step's loss is the mean over all its response
-tokens (:func:`k15_megatron.train.step.masked_token_loss`). The data order is a pure function of
+tokens (:func:`k15_megatron.train.step.masked_token_loss`), its cross-entropy over the tokenizer's
+vocabulary (the output layer's padding rows masked out, :mod:`k15_megatron.train.vocab_padding`),
+so the logged loss is the exported model's. The data order is a pure function of
 (seed, step), so a resumed run (``checkpoint.resume=auto``) continues exactly. Checkpoints every
 ``checkpoint.save_interval`` steps and at the end; SIGTERM, SIGINT or SIGUSR1 (to the ``k15``
 process, its process group, torchrun or every rank) finish the step, save once and exit 0.
@@ -35,6 +37,7 @@ from k15_megatron.train.packed import pack_sequences
 from k15_megatron.train.schedule import packing_multiple
 from k15_megatron.train.setup import build_trainer, write_run_assets
 from k15_megatron.train.step import train_step
+from k15_megatron.train.vocab_padding import real_vocab_logits
 
 
 def packed_rows(cfg, tokenizer, path: str, *, processor=None):
@@ -119,7 +122,7 @@ def run(cfg) -> None:
         begin = time.perf_counter()
         indices = rows_for_step(rows, step, global_batch=cfg.data.global_batch_size, seed=cfg.seed)
         mine = [rows[i] for i in indices[layout.dp_rank * per_rank:(layout.dp_rank + 1) * per_rank]]
-        with RoutingMetrics(trainer.chunks) as routing:
+        with RoutingMetrics(trainer.chunks) as routing, real_vocab_logits(trainer.chunks, trainer.arch.vocab_size):
             metrics = train_step(trainer.chunks, trainer.optimizer, trainer.scheduler,
                                  sft_micro_batches(mine, micro_batch_size=cfg.data.micro_batch_size,
                                                    multiple=multiple, vision=vision))

@@ -7,9 +7,9 @@ one 56x84 image; two images of different sizes placed with ``<image>`` marks), p
 row by the SFT packing and cut into the micro-batch ``k15 sft`` trains on
 (:func:`k15_megatron.jobs.sft.sft_micro_batches`: each example its own sequence, its images and
 its own M-RoPE positions). Reference: transformers' Qwen2VLForConditionalGeneration (float32),
-each example alone, the loss the token mean of the response tokens' cross-entropy over all three,
-its logits padded with zeros to the Megatron model's padded vocabulary (128 rows, padding rows zero
-at import): Megatron's cross-entropy normalises over the padded vocabulary.
+each example alone, the loss the token mean of the response tokens' cross-entropy over all three
+(over the tokenizer's 105 tokens: the SFT step masks out the output layer's padding rows, which
+get exactly zero gradient, k15_megatron.train.vocab_padding).
 One launch of 2 gloo processes runs Qwen2-VL at TP=2 and PP=2 (vision tower on the first stage)
 and Qwen2.5-VL (window attention) at PP=2; in each,
 the packed micro-batch and a padded [3, S] batch (right padding, loss mask 0 there) run forward
@@ -97,6 +97,7 @@ def _step_case(rank, world_size, hf_dir, data, tp, pp):
     from k15_megatron.parallel.initialize import initialize
     from k15_megatron.train.schedule import forward_backward, packing_multiple
     from k15_megatron.train.step import masked_token_loss, with_step_counts
+    from k15_megatron.train.vocab_padding import real_vocab_logits
 
     parallel = ParallelConfig(tensor=tp, pipeline=pp)
     initialize(parallel, seed=3)
@@ -113,12 +114,18 @@ def _step_case(rank, world_size, hf_dir, data, tp, pp):
     out = {}
     for kind, batch in (("packed", packed[0]), ("padded", _padded_batch(row_examples(rows[0]), vision))):
         model.zero_grad()
-        metrics = forward_backward([model], with_step_counts([batch]), masked_token_loss)
+        with real_vocab_logits([model], arch.vocab_size):
+            metrics = forward_backward([model], with_step_counts([batch]), masked_token_loss)
         grads = _grads_as_hf(model, arch, vision)
-        loss = None
+        loss = padding_grad = None
         if ps.is_pipeline_last_stage():
             loss = float(sum(m["loss_sum"] for m in metrics) / sum(m["num_tokens"] for m in metrics))
-        out[kind] = (loss, grads)
+            # this rank's output-layer rows past the tokenizer's vocabulary (TP shard r holds rows
+            # [r * V_pad/TP, (r + 1) * V_pad/TP))
+            grad = model.language_model.output_layer.weight.grad
+            first = arch.vocab_size - ps.get_tensor_model_parallel_rank() * grad.shape[0]
+            padding_grad = float(grad[max(0, first):].abs().max()) if first < grad.shape[0] else 0.0
+        out[kind] = (loss, grads, padding_grad)
     return out
 
 
@@ -133,9 +140,6 @@ def _transformers_step(hf_dir: str, data) -> tuple[float, dict]:
         ids = torch.tensor([prompt + response])
         types = (ids == model.config.image_token_id).int()  # 1 = image token, as the processor marks them
         logits = model(input_ids=ids, mm_token_type_ids=types, **(images or {})).logits[0, :-1]
-        # The Megatron model's output layer has PADDED_VOCAB rows, the padding rows zero at import
-        # (checkpoint/hf_mapping.py), and Megatron's loss normalises over all of them.
-        logits = torch.nn.functional.pad(logits, (0, PADDED_VOCAB - logits.shape[-1]))
         token_loss = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
         losses.append(token_loss[len(prompt) - 1:].sum())  # the labels that are response tokens
         count += len(response)
@@ -165,6 +169,8 @@ def test_vl_sft_step_packed_mixed_matches_transformers(tiny_vl_dirs, tmp_path):
         for kind in ("packed", "padded"):
             loss = per_rank[-1][kind][0]
             assert abs(loss - ref_loss) <= LOSS_TOLERANCE * abs(ref_loss), (family, layout, kind, loss, ref_loss)
+            padding = [r[kind][2] for r in per_rank if r[kind][2] is not None]
+            assert padding and max(padding) == 0.0, (family, layout, kind, padding)
             grads = {}
             for rank_result in per_rank:
                 grads.update(rank_result[kind][1])
