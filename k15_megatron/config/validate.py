@@ -279,10 +279,9 @@ def _cp_comm_errors(par: ParallelConfig, arch: Optional[ModelArch]) -> List[str]
 
 
 def vision_job_errors(model_cfg, *, job: Optional[str]) -> List[str]:
-    """A vision-language model (model_type qwen2_vl or qwen2_5_vl) is built, converted, checked
-    against transformers and fine-tuned by ``k15 sft`` on image data; ``k15 rl`` and ``k15 eval``
-    generate with the rollout engine, whose image prompts, weight sync and rewards carry text
-    only: ``job`` (``"rl"``, ``"eval"``) is refused here, before any process starts (called by
+    """A vision-language model (model_type qwen2_vl or qwen2_5_vl) is run by the jobs whose
+    :data:`k15_megatron.jobs.preflight.JOBS` entry says ``images`` (``k15 sft``, ``k15 rl``,
+    ``k15 eval``); for any other ``job`` it is refused here, before any process starts (called by
     the jobs' pre-start check for the jobs that do not run images). ``job=None``: only the
     vision config's own errors (config validation, shared by every job)."""
     try:
@@ -292,8 +291,8 @@ def vision_job_errors(model_cfg, *, job: Optional[str]) -> List[str]:
     if vision is None or job is None:
         return []
     return [f"model.family={vision.family!r} (model_type in {model_cfg.hf_path}/config.json): k15 {job} does not "
-            "run vision-language models yet (its rollouts, weight sync and rewards are text-only; k15 sft, "
-            f"k15 export and the converters do); use a text model for k15 {job}"]
+            f"run vision-language models (k15 sft, k15 rl, k15 eval, k15 export and the converters do); use a text "
+            f"model for k15 {job}"]
 
 
 def _expert_errors(par: ParallelConfig, arch: Optional[ModelArch]) -> List[str]:

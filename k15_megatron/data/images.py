@@ -16,7 +16,10 @@ where each image goes with :data:`IMAGE_MARK` (``<image>``), one mark per image;
 mark the images come before the text (Qwen2-VL's own examples put them first). In the
 ``messages`` form the image parts are where they stand; for SFT the last message is the
 assistant's reply (a string, or text parts), the loss is computed on it only, and every
-earlier message is the prompt.
+earlier message is the prompt. RL / eval prompt records take the same two forms with an
+``answer`` (and no reply): ``{"prompt": ..., "images": [...], "answer": "59"}``, or
+``{"messages": [user turns with image parts], "answer": "59"}``;
+:func:`encode_image_prompt` gives their token ids, decoded images and pixels.
 
 :func:`encode_image_example` renders the prompt turns with the tokenizer's chat template (which
 must write an image part as the family's placeholder, e.g. Qwen2-VL's
@@ -210,21 +213,32 @@ def image_record_problems(record: Mapping[str, Any], where: str, *, base_dir: st
     return problems
 
 
-def encode_image_example(processor, tokenizer, record: Mapping[str, Any], *, base_dir: str) -> ImageExample:
-    """The token ids and pixels of an SFT image record (module docstring). ``tokenizer``: the
-    run's tokenizer (its chat template renders the turns, its EOS ends the reply);
-    ``processor``: the model folder's processor.
+@dataclass
+class ImagePrompt:
+    """One prompt with its images, as the rollout engine and the trainer read it."""
+
+    prompt_ids: List[int]
+    """The prompt turns' token ids, image placeholders expanded (one image token per merged patch)."""
+    images: List[Any]
+    """The decoded images (RGB ``PIL.Image``), in placeholder order: what vLLM is given."""
+    pixel_values: torch.Tensor
+    """[P, C * temporal_patch * patch^2] float32: the images' patches, images in order."""
+    image_grid_thw: torch.Tensor
+    """[I, 3] int64: each image's (frames, patch rows, patch columns)."""
+
+
+def encode_image_prompt(processor, tokenizer, turns: List[dict], sources: List[Any], *,
+                        base_dir: str) -> ImagePrompt:
+    """The token ids, decoded images and pixels of prompt ``turns`` (chat messages whose image
+    parts are ``{"type": "image"}``, :func:`chat_turns`) with the image ``sources`` in order:
+    the turns rendered with ``tokenizer``'s chat template and a generation prompt, then the
+    model folder's ``processor`` on the text and images (module docstring).
 
     Raises:
-        ValueError: a malformed record or image, a record without a reply, or a rendered prompt
-            whose image placeholders do not match its images (a chat template that does not
-            write image parts as the family's placeholder, or a placeholder typed into the text).
+        ValueError: an unreadable image, or a rendered prompt whose image placeholders do not
+            match its images (a chat template that does not write image parts as the family's
+            placeholder, or a placeholder typed into the text).
     """
-    from k15_megatron.data.formatting import response_token_ids
-
-    turns, sources, reply = chat_turns(record)
-    if reply is None or not reply.strip():
-        raise ValueError("no reply to learn")
     images = [load_image(source, base_dir=base_dir) for source in sources]
     text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
     placeholders = text.count(processor.image_token)
@@ -240,8 +254,27 @@ def encode_image_example(processor, tokenizer, record: Mapping[str, Any], *, bas
     if found != int(grid.prod(dim=1).sum()) // (merge * merge) or grid.shape[0] != len(images):
         raise ValueError(f"the processor expanded {len(images)} image(s) into {found} image tokens, not one per "
                          f"merged patch of the grids {grid.tolist()}; the tokenizer and processor disagree")
-    return ImageExample(prompt_ids=prompt_ids, response_ids=response_token_ids(tokenizer, reply),
-                        pixel_values=inputs["pixel_values"].to(torch.float32), image_grid_thw=grid)
+    return ImagePrompt(prompt_ids=prompt_ids, images=images, pixel_values=inputs["pixel_values"].to(torch.float32),
+                       image_grid_thw=grid)
+
+
+def encode_image_example(processor, tokenizer, record: Mapping[str, Any], *, base_dir: str) -> ImageExample:
+    """The token ids and pixels of an SFT image record (module docstring). ``tokenizer``: the
+    run's tokenizer (its chat template renders the turns, its EOS ends the reply);
+    ``processor``: the model folder's processor.
+
+    Raises:
+        ValueError: a malformed record or image, a record without a reply, or a rendered prompt
+            whose image placeholders do not match its images (:func:`encode_image_prompt`).
+    """
+    from k15_megatron.data.formatting import response_token_ids
+
+    turns, sources, reply = chat_turns(record)
+    if reply is None or not reply.strip():
+        raise ValueError("no reply to learn")
+    prompt = encode_image_prompt(processor, tokenizer, turns, sources, base_dir=base_dir)
+    return ImageExample(prompt_ids=prompt.prompt_ids, response_ids=response_token_ids(tokenizer, reply),
+                        pixel_values=prompt.pixel_values, image_grid_thw=prompt.image_grid_thw)
 
 
 def load_processor(folder: str):

@@ -23,7 +23,9 @@ accepted and turned into its string (``"50"``) when the file is read; ``difficul
 curriculum sampler (the arithmetic task uses the number of steps, 1 = easiest); ``reward`` a
 reward spec for `k15_megatron.rewards.registry` ("math", or
 "k15_megatron.rewards.arithmetic:arithmetic_reward"). ``difficulty`` and ``reward`` are optional;
-extra keys (``data_source``, ``tests``) are kept for the rewards.
+extra keys (``data_source``, ``tests``) are kept for the rewards. Prompts may carry images, in the
+SFT records' two forms without the reply (``images`` beside the ``prompt``, or chat ``messages``
+instead of the ``prompt``; :mod:`k15_megatron.data.images`).
 
 ``prompt``, ``response`` and ``answer`` must hold text (not only whitespace), and a numeric
 ``answer`` must be finite: an empty response teaches nothing and an empty, NaN or infinite
@@ -175,8 +177,14 @@ def sft_record_problems(record: Mapping[str, Any], where: str = "record") -> Lis
 
 
 def prompt_record_problems(record: Mapping[str, Any], where: str = "record") -> List[str]:
-    """One message per problem of an RL/eval record (module docstring)."""
-    problems = _key_problems(record, PROMPT_KEYS, where, numbers_ok=("answer",))
+    """One message per problem of an RL/eval record (module docstring). A record with images or
+    chat ``messages`` needs no ``prompt`` key: its turns and images are checked by
+    :func:`k15_megatron.data.images.image_record_problems`, which :func:`read_prompts_numbered`
+    runs as well."""
+    from k15_megatron.data.images import has_images
+
+    chat = has_images(record) or "messages" in record
+    problems = _key_problems(record, ("answer",) if chat else PROMPT_KEYS, where, numbers_ok=("answer",))
     difficulty = record.get("difficulty", 0)
     if not _is_number(difficulty):
         problems.append(f"{where}: 'difficulty' must be a number, got {difficulty!r:.40}")
@@ -228,8 +236,20 @@ def read_prompts(path: str) -> List[Dict[str, Any]]:
 
 
 def read_prompts_numbered(path: str) -> List[Tuple[int, Dict[str, Any]]]:
-    """``[(line number, record)]`` of :func:`read_prompts` (1-based line numbers)."""
-    numbered = _checked(path, prompt_record_problems)
+    """``[(line number, record)]`` of :func:`read_prompts` (1-based line numbers); records with
+    images or ``messages`` are also checked by :func:`k15_megatron.data.images.image_record_problems`
+    (their images opened from the file's folder)."""
+    from k15_megatron.data.images import has_images, image_record_problems
+
+    base_dir = os.path.dirname(os.path.abspath(path))
+
+    def problems(record: Mapping[str, Any], where: str) -> List[str]:
+        found = prompt_record_problems(record, where)
+        if has_images(record) or "messages" in record:
+            found += image_record_problems(record, where, base_dir=base_dir, needs_reply=False)
+        return found
+
+    numbered = _checked(path, problems)
     for _, record in numbered:
         if not isinstance(record["answer"], str):
             record["answer"] = str(record["answer"])  # what the rewards compare: a string

@@ -13,6 +13,10 @@ replaces only its own earlier results (:mod:`k15_megatron.jobs.eval_output`), an
 with the line ``eval: wrote <eval.json> and <samples file>``. With ``eval.greedy_output`` the
 same engine then also evaluates greedily (one response at temperature 0) and writes those
 results there, in the same format.
+
+A vision-language model (Qwen2-VL, Qwen2.5-VL) evaluates on prompts with images and text prompts
+mixed (:mod:`k15_megatron.data.prompt_set`): vLLM generates from each image prompt with its
+images, the samples file writes a chat prompt's turns as text (images as ``<image>``).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from k15_megatron.rewards.registry import RewardManager
 from k15_megatron.rollout.engine import RolloutEngine
 from k15_megatron.jobs.eval_output import samples_file, write_json
 from k15_megatron.jobs.evaluate import evaluate
+from k15_megatron.jobs.preflight import data_processor
 from k15_megatron.train.setup import build_trainer, engine_model_folder, write_run_assets
 
 
@@ -38,7 +43,8 @@ def run(cfg) -> dict:
     trainer = build_trainer(cfg, with_optimizer=False)
     assets = write_run_assets(trainer)
     prompts = PromptSet.from_jsonl(cfg.data.eval_path, trainer.tokenizer, limit=cfg.eval.max_prompts,
-                                   max_prompt_tokens=prompt_token_limit(cfg.rollout), too_long=cfg.data.too_long)
+                                   max_prompt_tokens=prompt_token_limit(cfg.rollout), too_long=cfg.data.too_long,
+                                   processor=data_processor(cfg))
     rollout = RolloutEngine.create(cfg.rollout, model_path=engine_model_folder(trainer, assets),
                                    repeat=cfg.rl.repeat, seed=cfg.seed)
     ColocatedWeightSync(rollout.llm, dtype=torch_dtype(cfg.precision.dtype)).sync(trainer.model, trainer.arch)

@@ -4,6 +4,9 @@
 responses per prompt with the rollout engine (temperature 0 gives greedy pass@1), scores them
 with the prompts' rewards and returns the per-prompt success counts, so two evaluations of the
 same prompts can be compared pairwise (:func:`k15_megatron.jobs.tiny_report.paired_stats`).
+Image prompts (a vision-language model) are generated with their decoded images
+(:meth:`k15_megatron.data.prompt_set.PromptSet.images_of`); their rewards read the text as for
+text prompts.
 With ``keep_texts`` it also returns every generated text with its reward (``samples``, one
 record per prompt; ``k15 eval`` writes them as a JSONL file beside its metrics).
 
@@ -41,13 +44,16 @@ def prompt_pass_at_k(n: int, c: int, k: int) -> float:
 
 def evaluate(engine, prompts, manager, tokenizer, *, num_samples: int, temperature: float,
              max_response_tokens: int, seed: int, ks=(1,), keep_texts: bool = False) -> dict:
-    """Sample, score and summarise (collective). Returns metrics plus ``per_prompt`` [P] rates
-    and, with ``keep_texts``, ``samples`` (:func:`sample_records`)."""
+    """Sample, score and summarise (collective). ``prompts``: a
+    :class:`~k15_megatron.data.prompt_set.PromptSet` (image prompts are generated with their
+    images). Returns metrics plus ``per_prompt`` [P] rates and, with ``keep_texts``,
+    ``samples`` (:func:`sample_records`)."""
     from k15_megatron.rollout.engine import Sampling
 
     start = time.perf_counter()
+    images = [prompts.images_of(i) for i in range(len(prompts))] if prompts.has_images else None
     requests = expand_prompts(prompts.token_ids, k=num_samples, token_budget=max_response_tokens,
-                              max_response_tokens=max_response_tokens)
+                              max_response_tokens=max_response_tokens, images=images)
     # No per-request seeds: vLLM's CPU sampler cannot rewind a seeded generator when chunked
     # prefill splits a prompt ("CPU Generator does not use offset"); the engine's own seeded
     # stream keeps runs reproducible.
@@ -76,7 +82,8 @@ def evaluate(engine, prompts, manager, tokenizer, *, num_samples: int, temperatu
 
 
 def sample_records(records, *, texts, scores, correct, results, num_samples: int) -> list:
-    """One dict per prompt: ``index`` (position in the evaluated set), ``prompt``, ``answer``
+    """One dict per prompt: ``index`` (position in the evaluated set), ``prompt``
+    (:func:`prompt_text`), ``answer``
     (None if the record has none), ``pass_rate`` (correct / num_samples) and ``samples``:
     ``num_samples`` dicts of ``text`` (decoded response), ``reward`` (the prompt's reward),
     ``correct`` (reward >= 1 - 1e-6, as pass@k counts it), ``length`` (response tokens) and
@@ -87,7 +94,22 @@ def sample_records(records, *, texts, scores, correct, results, num_samples: int
         samples = [{"text": texts[j], "reward": float(scores[j]), "correct": bool(correct[j]),
                     "length": int(results[j].tokens.numel()), "finish_reason": results[j].finish_reason}
                    for j in rows]
-        out.append({"index": i, "prompt": record["prompt"], "answer": record.get("answer"),
+        out.append({"index": i, "prompt": prompt_text(record), "answer": record.get("answer"),
                     "pass_rate": sum(s["correct"] for s in samples) / num_samples, "samples": samples})
     return out
 
+
+
+def prompt_text(record) -> str:
+    """The prompt of a record as text: its ``prompt``, or for chat ``messages`` each turn's text
+    (image parts as ``<image>``) on its own line."""
+    if "prompt" in record:
+        return record["prompt"]
+    lines = []
+    for message in record.get("messages", []):
+        content = message.get("content")
+        if isinstance(content, list):
+            content = "".join("<image>" if part.get("type") == "image" else str(part.get("text", ""))
+                              for part in content)
+        lines.append(str(content))
+    return "\n".join(lines)

@@ -17,10 +17,12 @@ torch.distributed, Megatron or vLLM start. It checks, listing every problem at o
 * every data file the job reads: it exists, holds records, each line parses and carries the
   required fields in accepted types (:mod:`k15_megatron.data.jsonl`), and the examples or
   prompts fit the configured lengths, dropped with a count or refused by file:line
-  (``data.too_long``); SFT records with images are opened and run through the model's
-  processor (:mod:`k15_megatron.data.images`), so a missing or unreadable image, or an image
-  count its prompt does not match, is refused by file:line;
-* a vision-language model only for the jobs that run one (``k15 sft``; :data:`JOBS`).
+  (``data.too_long``); SFT records and RL/eval prompts with images are opened and run through
+  the model's processor (:mod:`k15_megatron.data.images`), so a missing or unreadable image, or
+  an image count its prompt does not match, is refused by file:line;
+* a vision-language model only for the jobs that run one (``k15 sft``, ``k15 rl``, ``k15 eval``;
+  :data:`JOBS`), and only in the layouts it is built for (no context or sequence parallelism:
+  :func:`_vision_layout_errors`).
 
 The data checks build the same :class:`~k15_megatron.data.sft_set.SftSet` /
 :class:`~k15_megatron.data.prompt_set.PromptSet` the jobs train on, so the ranks never meet a
@@ -81,9 +83,9 @@ JOBS = {
                      images=True),
     "rl": JobInputs(reads=(DataRead("train_path", PROMPT_RECORDS, required=True),
                            DataRead("eval_path", PROMPT_RECORDS, required=False)),
-                    generates=True, trains=True, config_errors=rl_job_errors),
+                    generates=True, trains=True, config_errors=rl_job_errors, images=True),
     "eval": JobInputs(reads=(DataRead("eval_path", PROMPT_RECORDS, required=True),), generates=True,
-                      trains=False),
+                      trains=False, images=True),
 }
 """The jobs' inputs, by command name (``k15 <name>``)."""
 
@@ -93,7 +95,7 @@ def pre_start_errors(cfg, *, job: str) -> Tuple[List[str], List[str]]:
     one line each, naming the config key or the file and line."""
     inputs = JOBS[job]
     errors = list(inputs.config_errors(cfg)) if inputs.config_errors else []
-    errors += [] if inputs.images else vision_job_errors(cfg.model, job=job)
+    errors += _vision_layout_errors(cfg) if inputs.images else vision_job_errors(cfg.model, job=job)
     arch = resolve_model_arch(cfg.model)  # cfg is validated: this succeeds
     length_errors = _length_errors(cfg, arch, generates=inputs.generates, sft=job == "sft")
     errors += length_errors
@@ -250,10 +252,36 @@ def _tokenizer(cfg, arch: ModelArch):
     return tokenizer, use_chat_template(tokenizer, cfg.data.chat_template)
 
 
-def sft_processor(cfg):
-    """The processor image records are read with: a vision-language model's (``AutoProcessor``
-    of the run's tokenizer folder, :func:`k15_megatron.data.images.load_processor`), None for a
-    text model. ValueError naming the folder when a vision-language model's has none."""
+def _vision_layout_errors(cfg) -> List[str]:
+    """A vision-language model is built without context or sequence parallelism and with vision
+    heads divisible by the tensor-parallel size (:func:`k15_megatron.models.qwen2_vl.build_qwen2_vl_model`
+    refuses the rest after start-up); said here, naming the key, before any rank starts."""
+    from k15_megatron.config.model_arch import resolve_vision_arch
+
+    try:
+        vision = resolve_vision_arch(cfg.model)
+    except ValueError:
+        return []  # reported by the config's validation
+    if vision is None:
+        return []
+    errors = []
+    if vision.num_heads % cfg.parallel.tensor:
+        errors.append(f"parallel.tensor={cfg.parallel.tensor} does not divide the vision tower's {vision.num_heads} "
+                      f"attention heads ({cfg.model.hf_path}/config.json); choose a divisor of {vision.num_heads}")
+    if cfg.parallel.context > 1:
+        errors.append(f"parallel.context={cfg.parallel.context}: context parallelism is not supported with a "
+                      f"vision-language model ({vision.family}); set parallel.context=1")
+    if cfg.parallel.sequence_parallel:
+        errors.append(f"parallel.sequence_parallel=true is not supported with a vision-language model "
+                      f"({vision.family}); set parallel.sequence_parallel=false")
+    return errors
+
+
+def data_processor(cfg):
+    """The processor image records (SFT examples, RL/eval prompts) are read with: a
+    vision-language model's (``AutoProcessor`` of the run's tokenizer folder,
+    :func:`k15_megatron.data.images.load_processor`), None for a text model. ValueError naming
+    the folder when a vision-language model's has none."""
     from k15_megatron.config.model_arch import resolve_vision_arch
     from k15_megatron.data.images import load_processor
     from k15_megatron.models.tokenizer import tokenizer_folder
@@ -266,6 +294,10 @@ def sft_processor(cfg):
 
         init_checkpoint = resolve_checkpoint_dir(cfg.model.init_from)
     return load_processor(tokenizer_folder(cfg.model, init_checkpoint=init_checkpoint))
+
+
+sft_processor = data_processor
+"""The name ``k15 sft`` imports :func:`data_processor` by."""
 
 
 def _data_problems(cfg, read: DataRead, path: str, *, job: str, tokenizer) -> Tuple[List[str], str]:
@@ -282,11 +314,11 @@ def _data_problems(cfg, read: DataRead, path: str, *, job: str, tokenizer) -> Tu
             return [], ""
         if read.records == SFT_RECORDS:
             examples = SftSet.from_jsonl(path, tokenizer, seq_length=cfg.data.seq_length,
-                                         too_long=cfg.data.too_long, processor=sft_processor(cfg))
+                                         too_long=cfg.data.too_long, processor=data_processor(cfg))
             return [], examples.filter_report(path)
         prompts = PromptSet.from_jsonl(path, tokenizer, max_prompt_tokens=prompt_token_limit(cfg.rollout),
                                        limit=cfg.eval.max_prompts if job == "eval" else 0,
-                                       too_long=cfg.data.too_long)
+                                       too_long=cfg.data.too_long, processor=data_processor(cfg))
         return [], prompts.filter_report(path)
     except ConfigError as exc:
         return exc.errors, ""

@@ -9,6 +9,12 @@ and RNGs (iteration, sampler with success rates, replay buffer with unfinished s
 schedule, policy version); each rank's state adds the random stream of vLLM's sampler, so a
 resumed run draws the same samples as an uninterrupted one in either sampling mode (see
 ``start``).
+
+A vision-language model (Qwen2-VL, Qwen2.5-VL) trains on image prompts and text prompts mixed
+(:mod:`k15_megatron.data.prompt_set`): the engine generates each segment with its prompt's
+images, looked up by prompt id (``images_of``; so a trajectory continued in a later iteration,
+also after a resume, keeps its images), and the recompute and the update run every row with
+its prompt's image inputs (``pixels_of``; :func:`k15_megatron.train.policy_update.update_policy`).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from k15_megatron.engine.hybrid import HybridEngine
 from k15_megatron.engine.weight_sync import ColocatedWeightSync
 from k15_megatron.jobs.evaluate import evaluate
 from k15_megatron.jobs.metrics_log import MetricsLogger
+from k15_megatron.jobs.preflight import data_processor
 from k15_megatron.jobs.preemption import PreemptionFlag
 from k15_megatron.jobs.progress import PhaseProgress
 from k15_megatron.jobs.rl_rewards import score_rollouts
@@ -62,11 +69,10 @@ class RLJob:
         tok = self.trainer.tokenizer
         if not cfg.data.train_path:
             raise ValueError("k15 rl needs data.train_path (a JSONL of {prompt, answer} records)")
-        limit = prompt_token_limit(cfg.rollout)
-        too_long = cfg.data.too_long
-        self.prompts = PromptSet.from_jsonl(cfg.data.train_path, tok, max_prompt_tokens=limit, too_long=too_long)
-        self.eval_prompts = (PromptSet.from_jsonl(cfg.data.eval_path, tok, max_prompt_tokens=limit, too_long=too_long)
-                             if cfg.data.eval_path else None)
+        read = functools.partial(PromptSet.from_jsonl, tokenizer=tok, max_prompt_tokens=prompt_token_limit(cfg.rollout),
+                                 too_long=cfg.data.too_long, processor=data_processor(cfg))
+        self.prompts = read(cfg.data.train_path)
+        self.eval_prompts = read(cfg.data.eval_path) if cfg.data.eval_path else None
         self.data_metrics = self.report_filtered_prompts()  # logged with the first iteration
         self.sampler = PromptSampler(len(self.prompts), cfg.rl.sampling, difficulties=self.prompts.difficulties,
                                      seed=cfg.seed)
@@ -161,8 +167,8 @@ class RLJob:
         ids = self.sampler.sample(cfg.rl.prompts_per_iteration, self.iteration)
         prompts = [(int(i), self.prompts.token_ids[int(i)]) for i in ids]
         sampling = Sampling.from_config(cfg.rollout, seed=cfg.seed if cfg.deterministic else None)
-        return rollout_iteration(self.rollout, self.buffer, prompts, iteration=self.iteration,
-                                 sampling=sampling).metrics()
+        return rollout_iteration(self.rollout, self.buffer, prompts, iteration=self.iteration, sampling=sampling,
+                                 images_of=self.prompts.images_of).metrics()
 
     def reward_step(self, batch) -> dict:
         start = time.perf_counter()
@@ -175,7 +181,7 @@ class RLJob:
     def train_step(self, batch) -> dict:
         start = time.perf_counter()
         metrics = self.hybrid.to_train()
-        metrics.update(update_policy(self.trainer, batch, self.cfg.rl,
+        metrics.update(update_policy(self.trainer, batch, self.cfg.rl, images=self.prompts.pixels_of,
                                      micro_batch_tokens=self.cfg.data.micro_batch_tokens))
         elapsed = time.perf_counter() - start
         tokens = float(batch.attention_mask.sum())
@@ -187,12 +193,9 @@ class RLJob:
         if self.eval_prompts is None:
             return {}
         cfg = self.cfg
-        prompts = self.eval_prompts
-        if tag == "periodic" and cfg.rl.eval_max_prompts:
-            prompts = PromptSet(prompts.records[:cfg.rl.eval_max_prompts], prompts.token_ids[:cfg.rl.eval_max_prompts],
-                                None)
-        if cfg.eval.max_prompts:
-            prompts = PromptSet(prompts.records[:cfg.eval.max_prompts], prompts.token_ids[:cfg.eval.max_prompts], None)
+        prompts = self.eval_prompts.head(cfg.eval.max_prompts)
+        if tag == "periodic":
+            prompts = prompts.head(cfg.rl.eval_max_prompts)
         metrics = evaluate(self.rollout, prompts, self.rewards, self.trainer.tokenizer,
                            num_samples=cfg.eval.num_samples, temperature=cfg.eval.temperature,
                            max_response_tokens=cfg.rollout.max_response_tokens, seed=cfg.seed, ks=cfg.eval.ks)

@@ -18,6 +18,12 @@
    the output weight shard (:class:`k15_megatron.train.logprobs.OutputHead`:
    ``rl.logprob_chunk_tokens`` tokens of float32 logits at a time, never full logits).
 
+Vision-language models (Qwen2-VL / Qwen2.5-VL): every row is trained with its prompt's images
+(``images``: prompt id -> image inputs, the prompt set's ``pixels_of``), each packed sequence
+with its own M-RoPE positions [3, L] and its images, as ``k15 sft`` packs its examples; the
+recompute runs the same rows as padded image micro-batches. Context parallelism is not built
+for these models (refused before start-up).
+
 Context parallelism: each CP rank holds its load-balanced share of every sequence
 (:mod:`k15_megatron.parallel.context`); its token log-probs give partial sequence sums, which
 are all-reduced over the CP group (forward all-reduce, backward identity) BEFORE the loss
@@ -36,6 +42,7 @@ from typing import Callable
 
 import torch
 
+from k15_megatron.models.gpt import unwrap_model
 from k15_megatron.parallel.context import padded_length
 from k15_megatron.parallel.device import compute_device
 from k15_megatron.rl.batch import RolloutBatch
@@ -50,28 +57,43 @@ from k15_megatron.train.schedule import micro_batch_count, packing_multiple
 from k15_megatron.train.step import global_step_metrics, train_step
 
 
-def response_sequences(batch: RolloutBatch, reference: torch.Tensor) -> list[dict]:
+def response_sequences(batch: RolloutBatch, reference: torch.Tensor, *, images: list | None = None,
+                       vision=None) -> list[dict]:
     """One dict of 1-D host tensors per sample, of its real length L (prompt + response, the
     ``attention_mask`` count): ``input_ids`` [L] and, at each position, the next token's
     ``targets``, ``loss_mask``, ``behaviour`` and ``reference`` log-prob [L] (0 / False at the
     last position). ``reference`` [B, T-1] is aligned with label positions
-    (``reference[b, t]`` is the log-prob of ``input_ids[b, t + 1]``)."""
+    (``reference[b, t]`` is the log-prob of ``input_ids[b, t + 1]``).
+
+    ``vision`` (a vision-language model's VisionArch): every sample also gets its own M-RoPE
+    ``position_ids`` [3, L] (:func:`k15_megatron.models.qwen2_vl.sequence_mrope_positions`),
+    and sample b with ``images[b]`` (None or ``{"pixel_values", "image_grid_thw"}`` of its
+    prompt's images) carries those tensors, which packing concatenates in sequence order."""
     reference = reference.detach().to("cpu", torch.float32)
     out = []
     for b, length in enumerate(batch.attention_mask.sum(dim=1).tolist()):
-        out.append({
+        sequence = {
             "input_ids": batch.input_ids[b, :length],
             "targets": next_token(batch.input_ids[b][:length]),
             "loss_mask": next_token(batch.loss_mask[b][:length]),
             "behaviour": next_token(batch.behaviour_logprobs[b].float()[:length]),
             "reference": torch.cat([reference[b, :length - 1], reference.new_zeros(1)]),
-        })
+        }
+        if vision is not None:
+            from k15_megatron.models.qwen2_vl import sequence_mrope_positions
+
+            pixels = images[b] if images is not None else None
+            sequence["position_ids"] = sequence_mrope_positions(
+                sequence["input_ids"], pixels["image_grid_thw"] if pixels else None, vision_arch=vision)
+            sequence.update(pixels or {})
+        out.append(sequence)
     return out
 
 
 def packed_micro_batches(batch: RolloutBatch, reference: torch.Tensor, *, multiple: int,
                          max_tokens: int | None, max_groups: int,
-                         count_for: Callable[[int], int] | None = None) -> list[dict]:
+                         count_for: Callable[[int], int] | None = None, images: list | None = None,
+                         vision=None) -> list[dict]:
     """The packed micro-batches (:func:`k15_megatron.train.packed.pack_sequences`) of one
     optimizer step on this rank, on the host (the schedule moves each to the device and cuts it
     per CP rank).
@@ -89,9 +111,14 @@ def packed_micro_batches(batch: RolloutBatch, reference: torch.Tensor, *, multip
     [n], ``loss_tokens`` [n] (each response's loss-mask count: the WHOLE length that
     ``rl.normalize=length`` divides by on every CP rank), plus ``step_samples`` (the B samples
     of the step) and ``num_micro_batches`` (M) for the loss's normalisation.
+
+    A vision-language model (``vision``, its VisionArch; ``images``: one entry per sample, None
+    or the sample's image inputs): each sequence carries its M-RoPE positions and images
+    (:func:`response_sequences`), so the micro-batch also holds ``position_ids`` [3, 1, T] and,
+    when any of its samples has images, ``pixel_values`` / ``image_grid_thw`` in sequence order.
     """
     k = batch.group_size
-    sequences = response_sequences(batch, reference)
+    sequences = response_sequences(batch, reference, images=images, vision=vision)
     group_tokens = [sum(padded_length(int(s["input_ids"].numel()), multiple) for s in sequences[g * k:(g + 1) * k])
                     for g in range(batch.num_groups)]
     cuts = token_budget_groups(group_tokens, max_tokens=max_tokens or sum(group_tokens), max_items=max_groups)
@@ -240,9 +267,34 @@ def _context_parallel_group():
     return ps.get_context_parallel_group() if ps.get_context_parallel_world_size() > 1 else None
 
 
-def update_policy(trainer, batch: RolloutBatch, rl_cfg, *, micro_batch_tokens: int | None = None) -> dict:
+def _row_images(model_chunks, batch: RolloutBatch, images: Callable[[int], dict | None] | None):
+    """(VisionArch or None, one entry per row of ``batch``: ``images(prompt id)`` or None) for
+    the model of ``model_chunks``; (None, None) for a text model.
+
+    Raises:
+        ValueError: a row with images for a text model.
+    """
+    vision = getattr(unwrap_model(model_chunks[0]), "vision_arch", None)
+    rows = [images(int(p)) if images is not None else None for p in batch.prompt_ids.tolist()]
+    if vision is None:
+        if any(r is not None for r in rows):
+            raise ValueError("update_policy got image prompts for a model without a vision tower")
+        return None, None
+    return vision, rows
+
+
+def update_policy(trainer, batch: RolloutBatch, rl_cfg, *, micro_batch_tokens: int | None = None,
+                  images: Callable[[int], dict | None] | None = None) -> dict:
     """Train on ``batch`` (see the module docstring); returns metrics, global over data-parallel
     ranks and equal on all ranks (collective).
+
+    ``images``: prompt id -> the prompt's image inputs for the model (``{"pixel_values":
+    [patches, values], "image_grid_thw": [I, 3]}``, None for a text prompt; e.g.
+    :meth:`k15_megatron.data.prompt_set.PromptSet.pixels_of`). With a vision-language model
+    (Qwen2-VL / Qwen2.5-VL) every row runs with its prompt's images and its own M-RoPE
+    positions: the recompute as padded micro-batches
+    (:func:`k15_megatron.train.logprobs.padded_image_micro_batches`), the update as packed ones
+    (:func:`packed_micro_batches`), both from the same image inputs; the loss is unchanged.
 
     ``micro_batch_tokens``: the token budget of a packed micro-batch (padded tokens of the whole
     micro-batch, before the CP split; None: only ``rl.groups_per_micro_batch`` bounds it).
@@ -257,7 +309,8 @@ def update_policy(trainer, batch: RolloutBatch, rl_cfg, *, micro_batch_tokens: i
         ValueError: the batch has no rewards, a group size other than ``rl.group_size``, rows
             that are not prompt + response then padding, or its groups do not split evenly over
             the data-parallel ranks and ``rl.updates_per_iteration`` mini-batches (every rank
-            must run the same number of equal steps; ``k15 rl`` pops a multiple of DP x updates).
+            must run the same number of equal steps; ``k15 rl`` pops a multiple of DP x updates);
+            image inputs for a text model.
     """
     _check_batch(batch, rl_cfg)
     layout = trainer.layout
@@ -267,11 +320,13 @@ def update_policy(trainer, batch: RolloutBatch, rl_cfg, *, micro_batch_tokens: i
                          f"and rl.updates_per_iteration={updates} equal mini-batches")
     reset_bytes = reset_optimizer_state(trainer.optimizer) if rl_cfg.reset_optimizer else 0
     mine = batch.shard_groups(layout.dp_rank, layout.dp_size)
+    vision, row_images = _row_images(trainer.chunks, mine, images)
     device = compute_device()
     recomputed = sequence_token_logprobs(trainer.chunks, mine.input_ids, vocab_size=trainer.arch.vocab_size,
                                          lengths=mine.attention_mask.sum(dim=1),
                                          micro_batch_size=rl_cfg.groups_per_micro_batch * mine.group_size,
-                                         micro_batch_tokens=micro_batch_tokens, chunk_size=rl_cfg.logprob_chunk_tokens)
+                                         micro_batch_tokens=micro_batch_tokens, chunk_size=rl_cfg.logprob_chunk_tokens,
+                                         images=row_images)
     behaviour = mine.behaviour_logprobs[:, 1:].to(device)
     metrics = _mismatch_metrics(behaviour, recomputed, mine.loss_mask[:, 1:].to(device))
     reference = recomputed if rl_cfg.reference == "recompute" else behaviour
@@ -290,7 +345,8 @@ def update_policy(trainer, batch: RolloutBatch, rl_cfg, *, micro_batch_tokens: i
             rows = slice(u * per_update * mine.group_size, (u + 1) * per_update * mine.group_size)
             micro = packed_micro_batches(part, reference[rows], multiple=multiple, max_tokens=micro_batch_tokens,
                                          max_groups=rl_cfg.groups_per_micro_batch,
-                                         count_for=functools.partial(micro_batch_count, trainer.chunks))
+                                         count_for=functools.partial(micro_batch_count, trainer.chunks),
+                                         images=row_images[rows] if row_images is not None else None, vision=vision)
             counts += torch.tensor([len(micro), sum(int(mb["cu_seqlens_padded"][-1]) for mb in micro)],
                                    dtype=torch.float64, device=device)
             step = train_step(trainer.chunks, trainer.optimizer, trainer.scheduler, micro, loss_fn=loss_fn)
