@@ -7,7 +7,7 @@ file) with text arithmetic records, in data.train_path and data.eval_path. Run A
 processes, so the engine's requests can be watched) checks:
 
 * image prompts reach vLLM with their images, and trajectories of image prompts are continued
-  across iterations with the same images (a 16-token segment budget below the 40-token response
+  across iterations with the same images (a 20-token segment budget below the 40-token response
   cap), also in the iteration after the checkpoint the resume starts from;
 * every trained sample got a reward, trained samples span several segments, the update runs
   the batch's rows with their images (a row without them would fail in the model), and vLLM's
@@ -16,7 +16,7 @@ processes, so the engine's requests can be watched) checks:
   eval[after] on the mixed eval prompts (data.eval_path), per-prompt results written.
 
 Run B is `k15 rl` with the same overrides (``deterministic=true``), killed with SIGKILL inside
-iteration 3 and resumed (tests/jobs/rl_runs.py): its metrics and final weights, vision tower
+iteration 2 and resumed (tests/jobs/rl_runs.py): its metrics and final weights, vision tower
 included, equal run A's, so the image trajectories continued after the resume were generated with
 their images looked up by prompt id.
 """
@@ -32,7 +32,7 @@ import torch
 from distributed import run_distributed
 from rl_runs import kill_and_resume
 
-ITERATIONS, KILL_AFTER = 4, 2
+ITERATIONS, KILL_AFTER = 3, 1
 REWARD = "k15_megatron.rewards.arithmetic:arithmetic_reward"
 
 
@@ -57,7 +57,7 @@ def _overrides(hf_dir, run_dir, data_dir) -> list[str]:
             f"data.eval_path={data_dir}/eval.jsonl", "precision.dtype=fp32", "parallel.world_size=2",
             "parallel.pipeline=2", "rollout.tensor_parallel_size=2", "rollout.max_response_tokens=40",
             "rollout.max_model_len=128", "rollout.cpu_kv_cache_gib=0.25", "rl.group_size=4",
-            "rl.prompts_per_iteration=4", "rl.replay.segment_token_budget=16", "rl.updates_per_iteration=2",
+            "rl.prompts_per_iteration=4", "rl.replay.segment_token_budget=20", "rl.updates_per_iteration=2",
             "rl.repeat.enabled=false", f"rl.iterations={ITERATIONS}", f"checkpoint.save_interval={KILL_AFTER}",
             "checkpoint.keep_last=0", "optim.lr=1e-3", "deterministic=true", "engine.check_max_abs_diff=1e-4",
             "engine.check_num_sequences=2", "engine.check_max_tokens=8"]
