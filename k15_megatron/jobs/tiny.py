@@ -27,6 +27,17 @@ one (:data:`MODELS`: a tiny Qwen3-MoE, 8 experts per layer, top-2 routing, each 
 dense model's SwiGLU width so a token's active width is the same, the router's load-balancing
 loss at 0.01) under expert parallelism EP=2 on the two processes, with one vLLM engine over both
 (``rollout.tensor_parallel_size=2``), into ``runs/tiny-arith-moe``.
+
+``--task vision`` runs the visual tiny default (:data:`TASKS`), into ``runs/tiny-vision``: the
+same problems drawn into images (:mod:`k15_megatron.data.visual_arithmetic`: one 28-pixel cell
+per character, one vision token each; the prompt text no longer holds the expression), a
+``model`` stage after ``data`` that writes a random tiny Qwen2-VL with its processor
+(:data:`VISION_MODEL`: the language model of the text default's size and a 2-block vision
+tower) to ``OUT/model``, every later stage on that folder (``model.hf_path``) with the recipes
+``examples/tiny_vision_*.yaml``, and the same report. A ``--task`` value without ``=`` names the
+task (``arithmetic``, the default, or ``vision``); one with ``=`` overrides a field of the
+task's data (:class:`~k15_megatron.data.arithmetic.ArithmeticTaskConfig`, and for ``vision`` also
+``cell`` and ``font_size`` of :class:`~k15_megatron.data.visual_arithmetic.VisualArithmeticConfig`).
 """
 
 from __future__ import annotations
@@ -66,6 +77,28 @@ MODELS = {
 }
 
 
+# The tasks: the recipes' prefix (examples/<prefix>_{sft,rl,eval}.yaml), the run folder's name, the
+# report's title and the task-data overrides the task applies before the user's own. The visual
+# task keeps fewer distinct demonstrations (its images' pixels stay in memory in every training
+# process) and the SFT cycles over them.
+TASKS = {
+    "arithmetic": {"recipes": "tiny_arith", "folder": "tiny-arith", "title": "held-out arithmetic", "data": []},
+    "vision": {"recipes": "tiny_vision", "folder": "tiny-vision", "data": ["num_sft=8000"],
+               "title": "held-out arithmetic drawn into images"},
+}
+
+# The visual task's model (transformers config overrides of models/tiny_vl.py's Qwen2-VL): the
+# language model of the text default (4 layers, width 128, MLP 512, 4 heads with 4 key/value heads),
+# with its rotary frequencies split so that the language model can tell the image's columns apart.
+# M-RoPE gives the (temporal, height, width) positions the highest, middle and lowest frequencies in
+# mrope_section's proportions; an image token differs from its neighbours in the width position only.
+# With [4, 6, 6] at rope_theta 1e6 the width frequencies turn by at most 1.8e-4 rad per column, the
+# characters' order is lost and SFT stalled at loss 0.50 (docs/tiny_vision.md); [1, 1, 14] at 1e4
+# turns them by up to 0.32 rad per column.
+VISION_MODEL = {"num_hidden_layers": 4, "intermediate_size": 512, "num_key_value_heads": 4,
+                "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 14]}}
+
+
 def _parse_args(argv):
     from k15_megatron.jobs.help_text import description
 
@@ -74,20 +107,31 @@ def _parse_args(argv):
     parser.add_argument("--model", choices=sorted(MODELS), default="dense",
                         help="dense (default) or moe: a tiny Qwen3-MoE under expert parallelism EP=2")
     parser.add_argument("--out", default=None,
-                        help="run folder (default: $K15_RUNS/tiny-arith, or tiny-arith-moe with --model moe; "
-                             "K15_RUNS defaults to runs)")
+                        help="run folder (default: $K15_RUNS/tiny-arith, tiny-arith-moe with --model moe, "
+                             "tiny-vision with --task vision; K15_RUNS defaults to runs)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the task data and of every stage")
     parser.add_argument("--fresh", action="store_true", help="run every stage again")
     parser.add_argument("--min-z", type=float, default=3.0, help="required paired gain in standard errors")
     from k15_megatron.jobs.verbosity import add_flag
 
     add_flag(parser)
-    for stage in ("task", "sft", "rl", "eval"):
+    parser.add_argument("--task", action="append", default=[], metavar="NAME|KEY=VALUE",
+                        help=f"the task, one of {', '.join(TASKS)} (default arithmetic; vision: the problems "
+                             "drawn into images, a tiny Qwen2-VL), or an override of its data (repeatable)")
+    for stage in ("sft", "rl", "eval"):
         parser.add_argument(f"--{stage}", action="append", default=[], metavar="KEY=VALUE",
                             help=f"override for the {stage} stage (repeatable)")
     args = parser.parse_args(argv)
+    names = {value for value in args.task if "=" not in value}
+    if len(names) > 1 or not names <= set(TASKS):
+        parser.error(f"--task {' '.join(sorted(names))}: name one task of {', '.join(TASKS)} "
+                     "(a value with '=' overrides a field of its data)")
+    args.task_name = names.pop() if names else "arithmetic"
+    if args.task_name == "vision" and args.model != "dense":
+        parser.error(f"--task vision runs the dense vision-language model; drop --model {args.model}")
+    args.task = TASKS[args.task_name]["data"] + [value for value in args.task if "=" in value]
     if args.out is None:
-        name = "tiny-arith" if args.model == "dense" else f"tiny-arith-{args.model}"
+        name = TASKS[args.task_name]["folder"] + ("" if args.model == "dense" else f"-{args.model}")
         args.out = os.path.join(os.environ.get("K15_RUNS", "runs"), name)
     every, generating = MODELS[args.model]["every"], MODELS[args.model]["generating"]
     args.sft, args.rl, args.eval = every + args.sft, every + generating + args.rl, every + generating + args.eval
@@ -165,54 +209,86 @@ class Stages:
             print(f"== {name}: done in {self.seconds[name]:.0f} s", flush=True)
 
 
-def _task_config(seed: int, overrides: List[str]):
+def _task_config(name: str, seed: int, overrides: List[str]):
+    """The task data's config: ArithmeticTaskConfig, or for ``vision`` VisualArithmeticConfig
+    (its own fields ``cell`` and ``font_size``; every other key is one of its ``task``'s)."""
     from omegaconf import OmegaConf
 
     from k15_megatron.data.arithmetic import ArithmeticTaskConfig
+    from k15_megatron.data.visual_arithmetic import VisualArithmeticConfig
 
-    base = OmegaConf.structured(ArithmeticTaskConfig(seed=seed))
+    base = ArithmeticTaskConfig(seed=seed)
+    if name == "vision":
+        base = VisualArithmeticConfig(task=base)
+        own = {f for f in VisualArithmeticConfig.__dataclass_fields__ if f != "task"}
+        overrides = [o if o.split("=", 1)[0] in own else f"task.{o}" for o in overrides]
     try:
-        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(overrides))
+        merged = OmegaConf.merge(OmegaConf.structured(base), OmegaConf.from_dotlist(overrides))
     except Exception as exc:  # OmegaConf names the bad key
         raise SystemExit(f"k15 tiny: bad --task override {overrides}: {exc}") from exc
     return OmegaConf.to_object(merged)
 
 
+def _data_stage(stages: Stages, name: str, task, data_dir: str) -> None:
+    """The task's files in ``data_dir`` (and, for ``vision``, their images)."""
+    from dataclasses import asdict
+
+    from k15_megatron.data.arithmetic import write_task_files
+    from k15_megatron.data.visual_arithmetic import write_visual_task_files
+
+    write = write_visual_task_files if name == "vision" else write_task_files
+    stages.run("data", json.dumps(asdict(task), sort_keys=True), lambda: write(task, data_dir), outputs=[data_dir])
+
+
+def _model_stage(stages: Stages, seed: int, model_dir: str) -> None:
+    """The random tiny Qwen2-VL of the visual task (:data:`VISION_MODEL`) in ``model_dir``."""
+    from k15_megatron.models.tiny_vl import save_tiny_qwen2_vl
+
+    def work():
+        print(f"== model: a random tiny Qwen2-VL {VISION_MODEL} in {model_dir}", flush=True)
+        save_tiny_qwen2_vl(model_dir, seed=seed, **VISION_MODEL)
+
+    stages.run("model", json.dumps({"seed": seed, **VISION_MODEL}, sort_keys=True), work, outputs=[model_dir])
+
+
 def run_pipeline(args) -> dict:
     """All stages (see the module docstring); returns the report."""
-    from k15_megatron.data.arithmetic import write_task_files
-
     stages = Stages(args.out, fresh=args.fresh)
     out = stages.out
-    task = _task_config(args.seed, args.task)
+    task_name = args.task_name
+    recipes = TASKS[task_name]["recipes"]
     data_dir = os.path.join(out, "data")
-    stages.run("data", json.dumps(vars(task), sort_keys=True), lambda: write_task_files(task, data_dir),
-               outputs=[data_dir])
+    _data_stage(stages, task_name, _task_config(task_name, args.seed, args.task), data_dir)
+    model = []  # the overrides that point every later stage at the task's model
+    if task_name == "vision":
+        _model_stage(stages, args.seed, os.path.join(out, "model"))
+        model = [f"model.hf_path={out}/model"]
     seed = f"seed={args.seed}"
     sft_ckpt = os.path.join(out, "sft", "checkpoints")
     rl_ckpt = os.path.join(out, "rl", "checkpoints")
-    stages.run_command("sft", ["sft", str(EXAMPLES / "tiny_arith_sft.yaml"), seed, f"run_dir={out}/sft",
+    stages.run_command("sft", ["sft", str(EXAMPLES / f"{recipes}_sft.yaml"), seed, f"run_dir={out}/sft", *model,
                                f"data.train_path={data_dir}/sft.jsonl", *args.sft], outputs=[f"{out}/sft"])
     eval_files = {}
-    for model, ckpt in (("sft", sft_ckpt), ("rl", None)):
-        if model == "rl":
-            stages.run_command("rl", ["rl", str(EXAMPLES / "tiny_arith_rl.yaml"), seed, f"run_dir={out}/rl",
+    for stage_model, ckpt in (("sft", sft_ckpt), ("rl", None)):
+        if stage_model == "rl":
+            stages.run_command("rl", ["rl", str(EXAMPLES / f"{recipes}_rl.yaml"), seed, f"run_dir={out}/rl", *model,
                                       f"model.init_from={sft_ckpt}", f"data.train_path={data_dir}/train.jsonl",
                                       *args.rl], outputs=[f"{out}/rl"])
             ckpt = rl_ckpt
-        outputs = {mode: os.path.join(out, "eval", f"{model}_{mode}.json") for mode in EVALS}
-        stages.run_command(f"eval-{model}",
-                           ["eval", str(EXAMPLES / "tiny_arith_eval.yaml"), seed, f"run_dir={out}/eval/{model}",
-                            f"model.init_from={ckpt}", f"data.eval_path={data_dir}/eval.jsonl",
+        outputs = {mode: os.path.join(out, "eval", f"{stage_model}_{mode}.json") for mode in EVALS}
+        stages.run_command(f"eval-{stage_model}",
+                           ["eval", str(EXAMPLES / f"{recipes}_eval.yaml"), seed, f"run_dir={out}/eval/{stage_model}",
+                            *model, f"model.init_from={ckpt}", f"data.eval_path={data_dir}/eval.jsonl",
                             f"eval.output={outputs['sampled']}", f"eval.greedy_output={outputs['greedy']}",
                             *args.eval],
-                           outputs=[f"{out}/eval/{model}"] + [path for output in outputs.values()
-                                                              for path in (output, samples_file(output))])
-        eval_files.update({(model, mode): output for mode, output in outputs.items()})
+                           outputs=[f"{out}/eval/{stage_model}"] + [path for output in outputs.values()
+                                                                    for path in (output, samples_file(output))])
+        eval_files.update({(stage_model, mode): output for mode, output in outputs.items()})
     subprocess.call([sys.executable, "-m", "k15_megatron.cli", "plot", os.path.join(out, "rl")])
     report = build_report(eval_files, os.path.join(out, "rl", "metrics.jsonl"), stages.seconds, min_z=args.min_z)
     report["command"] = "k15 tiny " + shlex.join(args.argv)
     report["model"] = args.model
+    report["task"] = task_name
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
     text = render_report(report)
@@ -245,7 +321,8 @@ def build_report(eval_files: dict, metrics_path: str, seconds: dict, *, min_z: f
 
 def render_report(report: dict) -> str:
     model = "" if report.get("model", "dense") == "dense" else f" ({report['model']} model)"
-    lines = ["", f"# k15 tiny{model}: SFT -> RL on held-out arithmetic (paired, same prompts)", ""]
+    title = TASKS[report.get("task", "arithmetic")]["title"]
+    lines = ["", f"# k15 tiny{model}: SFT -> RL on {title} (paired, same prompts)", ""]
     lines.append("| pass@1 | SFT | RL | gain (points) | SE | z |")
     lines.append("|---|---|---|---|---|---|")
     for mode, c in report["comparisons"].items():

@@ -48,8 +48,10 @@ def test_there_are_examples():
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=os.path.basename)
-def test_example_loads_and_validates(path, qwen2_5_7b_models_dir):
+def test_example_loads_and_validates(path, qwen2_5_7b_models_dir, tiny_vl_dirs):
     extra = CLUSTER_OVERRIDES.get(os.path.basename(path), ["parallel.world_size=1"])
+    if os.path.basename(path).startswith("tiny_vision"):  # its model folder is written by `k15 tiny --task vision`
+        extra = extra + [f"model.hf_path={tiny_vl_dirs['qwen2_vl']}"]
     if os.path.basename(path).startswith("own_"):  # the values the user must give (???)
         with pytest.raises(ConfigError, match=r"model.hf_path: required, no value given"):
             load_config(path, extra, environ={})

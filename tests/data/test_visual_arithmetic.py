@@ -62,3 +62,27 @@ def test_the_image_holds_the_problem(tmp_path):
             assert _read(image, templates) == original["prompt"][len(PROMPT_PREFIX):]
             images.add(image_path)
     assert sorted(os.listdir(tmp_path / "images")) == sorted(os.path.basename(p) for p in images)
+
+
+def test_each_character_is_one_vision_token_of_the_tiny_qwen2_vl():
+    """The processor of the tiny Qwen2-VL (14-pixel patches, 2 x 2 merge) keeps the image's size
+    and expands it into one image token per character, for the shortest and longest problems."""
+    from k15_megatron.data.images import encode_image_example
+    from k15_megatron.models.tiny_vl import build_vl_processor
+
+    processor = build_vl_processor()
+    pad = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    for expression in ("10+1", "99-9+9-9+9-9"):
+        record = {"prompt": IMAGE_PROMPT, "images": [{"bytes": _png(render_expression(expression))}],
+                  "response": "x"}
+        example = encode_image_example(processor, processor.tokenizer, record, base_dir=".")
+        assert example.image_grid_thw.tolist() == [[1, 2, 2 * len(expression)]]
+        assert example.prompt_ids.count(pad) == len(expression)
+
+
+def _png(image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

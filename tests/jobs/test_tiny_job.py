@@ -72,3 +72,51 @@ def test_the_moe_variant_gives_every_training_and_evaluation_stage_its_model(mon
     assert (cfg.model.family, cfg.model.num_moe_experts, cfg.parallel.expert) == ("qwen3_moe", 8, 2)
     assert cfg.rollout.tensor_parallel_size == 2
     assert _parse_args([]).out == os.path.join("runs", "tiny-arith") and _parse_args([]).sft == []
+
+
+def test_the_vision_task_writes_image_data_and_a_vl_model_that_every_stage_accepts(tmp_path, monkeypatch):
+    """`k15 tiny --task vision`: the task's name and its data overrides are told apart (a second
+    name, an unknown one or --model moe are refused); its data and model stages write image
+    records and a tiny Qwen2-VL folder, and skip themselves on a re-run; each stage's recipe, with
+    the overrides `k15 tiny` gives it, passes that job's pre-start check on them (the records
+    read through the model's processor). The full-size run is measured by `k15 tiny --task vision`
+    (README), not here."""
+    from k15_megatron.config import load_config
+    from k15_megatron.data.jsonl import read_jsonl
+    from k15_megatron.jobs.preflight import pre_start_errors
+    from k15_megatron.jobs.tiny import EXAMPLES, Stages, _data_stage, _model_stage, _parse_args, _task_config
+
+    monkeypatch.delenv("K15_RUNS", raising=False)
+    args = _parse_args(["--task", "num_eval=6", "--task", "vision", "--task", "font_size=20"])
+    assert (args.task_name, args.out) == ("vision", os.path.join("runs", "tiny-vision"))
+    assert args.task[-2:] == ["num_eval=6", "font_size=20"] and args.sft == []
+    for bad in (["--task", "vision", "--task", "arithmetic"], ["--task", "pictures"], ["--task", "vision", "--model", "moe"]):
+        with pytest.raises(SystemExit):
+            _parse_args(bad)
+    task = _task_config("vision", 4, ["num_sft=12", "num_train=8", "num_eval=6", "font_size=20"])
+    assert (task.task.seed, task.task.num_sft, task.task.num_eval, task.font_size) == (4, 12, 6, 20)
+
+    out = tmp_path / "tiny"
+    stages = Stages(str(out), fresh=False)
+    data, model = str(out / "data"), str(out / "model")
+    _data_stage(stages, "vision", task, data)
+    _model_stage(stages, 4, model)
+    assert set(stages.seconds) == {"data", "model"}
+    records = read_jsonl(os.path.join(data, "eval.jsonl"))
+    assert len(records) == 6 and all(os.path.exists(os.path.join(data, r["images"][0])) for r in records)
+    assert json.load(open(os.path.join(model, "config.json")))["model_type"] == "qwen2_vl"
+    again = Stages(str(out), fresh=False)
+    _data_stage(again, "vision", task, data)
+    _model_stage(again, 4, model)
+    assert again.rerun is False  # both were complete with the same inputs
+
+    common = [f"model.hf_path={model}", "seed=4"]
+    stage_overrides = {
+        "sft": [f"data.train_path={data}/sft.jsonl"],
+        "rl": [f"data.train_path={data}/train.jsonl", "model.init_from=null"],
+        "eval": [f"data.eval_path={data}/eval.jsonl", "model.init_from=null",
+                 f"eval.output={tmp_path}/e.json", f"eval.greedy_output={tmp_path}/g.json"]}
+    for job, overrides in stage_overrides.items():
+        cfg = load_config(str(EXAMPLES / f"tiny_vision_{job}.yaml"), common + overrides, environ={})
+        errors, _ = pre_start_errors(cfg, job=job)
+        assert errors == [], (job, errors)
