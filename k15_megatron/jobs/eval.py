@@ -16,7 +16,8 @@ results there, in the same format.
 
 A vision-language model (Qwen2-VL, Qwen2.5-VL) evaluates on prompts with images and text prompts
 mixed (:mod:`k15_megatron.data.prompt_set`): vLLM generates from each image prompt with its
-images, the samples file writes a chat prompt's turns as text (images as ``<image>``).
+images; in the samples file a chat prompt's turns are written as text (image parts as ``<image>``)
+and an image prompt also lists its ``images`` (paths as the record gives them).
 """
 
 from __future__ import annotations

@@ -87,17 +87,31 @@ def sample_records(records, *, texts, scores, correct, results, num_samples: int
     (None if the record has none), ``pass_rate`` (correct / num_samples) and ``samples``:
     ``num_samples`` dicts of ``text`` (decoded response), ``reward`` (the prompt's reward),
     ``correct`` (reward >= 1 - 1e-6, as pass@k counts it), ``length`` (response tokens) and
-    ``finish_reason`` (stop | max_length | repeat). Inputs are flat, prompt-major."""
+    ``finish_reason`` (stop | max_length | repeat); for a prompt with images also ``images``
+    (each image's path as the record gives it, ``"<inline image>"`` for inline bytes). Inputs
+    are flat, prompt-major."""
     out = []
     for i, record in enumerate(records):
         rows = range(i * num_samples, (i + 1) * num_samples)
         samples = [{"text": texts[j], "reward": float(scores[j]), "correct": bool(correct[j]),
                     "length": int(results[j].tokens.numel()), "finish_reason": results[j].finish_reason}
                    for j in rows]
-        out.append({"index": i, "prompt": prompt_text(record), "answer": record.get("answer"),
-                    "pass_rate": sum(s["correct"] for s in samples) / num_samples, "samples": samples})
+        entry = {"index": i, "prompt": prompt_text(record), "answer": record.get("answer"),
+                 "pass_rate": sum(s["correct"] for s in samples) / num_samples, "samples": samples}
+        sources = image_sources(record)
+        if sources:
+            entry["images"] = [s if isinstance(s, str) else "<inline image>" for s in sources]
+        out.append(entry)
     return out
 
+
+
+def image_sources(record) -> list:
+    """The image sources of a prompt record (paths or inline bytes, in order; [] for a text
+    prompt), as :func:`k15_megatron.data.images.chat_turns` reads them."""
+    from k15_megatron.data.images import chat_turns, has_images
+
+    return list(chat_turns(record)[1]) if has_images(record) else []
 
 
 def prompt_text(record) -> str:

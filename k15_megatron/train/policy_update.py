@@ -275,7 +275,9 @@ def _row_images(model_chunks, batch: RolloutBatch, images: Callable[[int], dict 
         ValueError: a row with images for a text model.
     """
     vision = getattr(unwrap_model(model_chunks[0]), "vision_arch", None)
-    rows = [images(int(p)) if images is not None else None for p in batch.prompt_ids.tolist()]
+    ids = batch.prompt_ids.tolist()
+    by_prompt = {p: images(int(p)) for p in set(ids)} if images is not None else {}  # once per group
+    rows = [by_prompt.get(p) for p in ids]
     if vision is None:
         if any(r is not None for r in rows):
             raise ValueError("update_policy got image prompts for a model without a vision tower")

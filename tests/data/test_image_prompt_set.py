@@ -103,6 +103,24 @@ def test_image_and_text_prompts_give_token_ids_images_and_pixels(tmp_path, proce
     assert not text_only.has_images and text_only.images_of(0) == () and text_only.pixels_of(0) is None
 
 
+def test_eval_samples_name_the_prompt_and_its_images():
+    """k15 eval's samples file (sample_records): a chat prompt as text, image paths listed."""
+    from k15_megatron.jobs.evaluate import sample_records
+    from k15_megatron.rollout.engine import SegmentResult
+
+    records = [{"prompt": "What is <image> or <image>?", "images": ["a.png", {"bytes": "AAAA"}], "answer": "1"},
+               {"prompt": "1+1", "answer": "2"},
+               {"messages": [{"role": "user", "content": [{"type": "image", "image": "b.png"},
+                                                          {"type": "text", "text": "Size?"}]}], "answer": "3"}]
+    result = SegmentResult(trajectory_id=0, tokens=torch.tensor([5, 6]), logprobs=torch.zeros(2),
+                           finish_reason="stop", generated_tokens=2)
+    out = sample_records(records, texts=["x", "y", "z"], scores=[1.0, 0.0, 0.0], correct=[True, False, False],
+                         results=[result] * 3, num_samples=1)
+    assert [o["prompt"] for o in out] == ["What is <image> or <image>?", "1+1", "<image>Size?"]
+    assert out[0]["images"] == ["a.png", "<inline image>"] and "images" not in out[1]
+    assert out[2]["images"] == ["b.png"] and out[0]["pass_rate"] == 1.0
+
+
 def test_bad_image_prompts_name_file_and_line(tmp_path, processor):
     _image(tmp_path / "ok.png", 56, 56, 3)
     (tmp_path / "broken.png").write_bytes(b"not a png")
