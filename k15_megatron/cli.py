@@ -48,6 +48,8 @@ COMMANDS = (
             "k15_megatron.jobs.eval:main"),
     Command("export", "write a Hugging Face folder from a k15 checkpoint",
             "k15_megatron.jobs.export:main"),
+    Command("merge", "weighted average of two checkpoints of one architecture (long2short merging)",
+            "k15_megatron.jobs.merge:main"),
     Command("plot", "PNG of a run's main curves", "k15_megatron.jobs.plot:main"),
     Command("plan", "per-GPU memory of a config before it runs: fits or not, and what to change",
             "k15_megatron.jobs.plan:main"),

@@ -39,14 +39,21 @@ class HFTensorReader:
     def names(self) -> set[str]:
         return set(self.weight_map)
 
-    def get(self, name: str) -> torch.Tensor:
-        """The tensor ``name`` (a fresh CPU tensor)."""
+    def _handle(self, name: str):
         if name not in self.weight_map:
             raise KeyError(f"{self.hf_dir}: tensor {name!r} not found in the checkpoint")
         file = self.weight_map[name]
         if file not in self._handles:
             self._handles[file] = safe_open(os.path.join(self.hf_dir, file), framework="pt")
-        return self._handles[file].get_tensor(name)
+        return self._handles[file]
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor ``name`` (a fresh CPU tensor)."""
+        return self._handle(name).get_tensor(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The shape of tensor ``name``, read from the file header (no data read)."""
+        return tuple(self._handle(name).get_slice(name).get_shape())
 
     def close(self) -> None:
         self._handles.clear()
