@@ -50,7 +50,8 @@ def load_initial_weights(model, model_cfg, arch, padded_vocab: int, *, vision=No
         from k15_megatron.checkpoint.vl_weights import load_vl_hf_weights
 
         load_vl_hf_weights(model, model_cfg.hf_path, arch, vision, padded_vocab)
-    elif model_cfg.hf_path:
+        return f"Hugging Face weights {model_cfg.hf_path}"
+    if model_cfg.hf_path:
         load_hf_weights(model, model_cfg.hf_path, arch, padded_vocab)
         return f"Hugging Face weights {model_cfg.hf_path}"
     return "random initialisation (model defined by the config)"

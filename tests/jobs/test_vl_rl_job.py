@@ -6,6 +6,7 @@ The prompts mix the visual arithmetic task's image records (``images`` paths rel
 file) with text arithmetic records, in data.train_path and data.eval_path. Run A (in this test's
 processes, so the engine's requests can be watched) checks:
 
+* the run starts from the model folder's weights (and says so);
 * image prompts reach vLLM with their images, and trajectories of image prompts are continued
   across iterations with the same images (a 20-token segment budget below the 40-token response
   cap), also in the iteration after the checkpoint the resume starts from;
@@ -77,7 +78,7 @@ def _rl_worker(rank, world_size, recipe, overrides):
     job.rollout.generate = watched
     job.run()
     return {"requests": requests, "image_prompts": sum(bool(job.prompts.images_of(i)) for i in range(len(job.prompts))),
-            "prompts": len(job.prompts)}
+            "prompts": len(job.prompts), "weights": job.trainer.init_source}
 
 
 @pytest.mark.distributed
@@ -91,6 +92,7 @@ def test_vl_rl_job_trains_on_image_prompts_and_resumes_bit_identically(tiny_vl_d
     per_rank = run_distributed(_rl_worker, 2, str(recipe), _overrides(hf_dir, run_a, tmp_path), timeout_s=600)
 
     result = per_rank[0]
+    assert result["weights"] == f"Hugging Face weights {hf_dir}"  # what the run logs and eval.json record
     assert result["prompts"] == 24 and result["image_prompts"] == 12
     requests = result["requests"]
     assert all(images in (0, 1) for _, images, _ in requests)

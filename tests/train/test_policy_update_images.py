@@ -9,7 +9,7 @@ iteration, every packed micro-batch runs before the step, so the loss's log-rati
 log pi_theta (packed, images per sequence) - log pi_i (padded recompute, images per row) is 0 up
 to float32 rounding for every sample; a sequence without its images, or with another sequence's
 M-RoPE positions, moves it by far more. The step then changes the vision tower (the images reached
-the gradient).
+the gradient). The model folder's weights are loaded as the jobs load them, and reported as such.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def _batch(prompts):
 def _update_worker(rank, world_size, hf_dir, data_path):
     from megatron.core import parallel_state as ps
 
-    from k15_megatron.checkpoint.vl_weights import load_vl_hf_weights
+    from k15_megatron.checkpoint.model_init import load_initial_weights
     from k15_megatron.config import ModelConfig, OptimConfig, ParallelConfig, PrecisionConfig, resolve_model_arch
     from k15_megatron.config.model_arch import resolve_vision_arch
     from k15_megatron.config.rl import RLConfig
@@ -75,7 +75,7 @@ def _update_worker(rank, world_size, hf_dir, data_path):
     arch, vision = resolve_model_arch(ModelConfig(hf_path=hf_dir)), resolve_vision_arch(ModelConfig(hf_path=hf_dir))
     padded = padded_vocab_size(arch.vocab_size, 128, 1)
     model = build_qwen2_vl_model(arch, vision, parallel_cfg=parallel, precision_cfg=precision, padded_vocab=padded)
-    load_vl_hf_weights(model, hf_dir, arch, vision, padded)
+    source = load_initial_weights(model, ModelConfig(hf_path=hf_dir), arch, padded, vision=vision)
     chunks, optimizer, scheduler = build_training_objects(model, optim_cfg=OptimConfig(lr=1e-3, clip_grad=1.0),
                                                           precision_cfg=precision, num_steps=4)
     layout = types.SimpleNamespace(dp_rank=ps.get_data_parallel_rank(), dp_size=1, tp_size=1)
@@ -94,7 +94,7 @@ def _update_worker(rank, world_size, hf_dir, data_path):
     model.register_forward_pre_hook(watch, with_kwargs=True)
     patch = model.vision.patch_embed.weight.detach().clone()
     metrics = update_policy(trainer, batch, cfg, images=prompts.pixels_of)
-    return {"metrics": metrics, "forwards": forwards,
+    return {"metrics": metrics, "forwards": forwards, "source": source,
             "vision_moved": not torch.equal(patch, model.vision.patch_embed.weight),
             "image_tokens": [int((t == vision.image_token_id).sum()) for t in prompts.token_ids]}
 
@@ -102,6 +102,7 @@ def _update_worker(rank, world_size, hf_dir, data_path):
 @pytest.mark.distributed
 def test_packed_image_update_equals_the_padded_recompute(tiny_vl_dirs, tmp_path):
     (result,) = run_distributed(_update_worker, 1, tiny_vl_dirs["qwen2_vl"], _prompts(tmp_path), timeout_s=600)
+    assert result["source"] == f"Hugging Face weights {tiny_vl_dirs['qwen2_vl']}"  # as the jobs log it
     metrics = result["metrics"]
     assert result["image_tokens"][0] > 0 and result["image_tokens"][1] == 0 and result["image_tokens"][2] > 0
     assert metrics["train/num_samples"] == 3 * K and metrics["train/micro_batches_per_update"] == 3
