@@ -46,6 +46,8 @@ COMMANDS = (
             "k15_megatron.jobs.rl:main"),
     Command("eval", "pass@1 / pass@k and response length on a prompt set",
             "k15_megatron.jobs.eval:main"),
+    Command("sample", "shortest rejection sampling: n responses per prompt, the shortest correct one as SFT data",
+            "k15_megatron.jobs.sample:main"),
     Command("export", "write a Hugging Face folder from a k15 checkpoint",
             "k15_megatron.jobs.export:main"),
     Command("merge", "weighted average of two checkpoints of one architecture (long2short merging)",

@@ -28,6 +28,7 @@ from k15_megatron.config.evaluation import EvalConfig
 from k15_megatron.config.rewards import RewardsConfig
 from k15_megatron.config.rl import RLConfig
 from k15_megatron.config.rollout import RolloutConfig
+from k15_megatron.config.sample import SampleConfig
 
 TOO_LONG_CHOICES = ("filter", "error")
 """Values of ``data.too_long``."""
@@ -356,3 +357,5 @@ class ExperimentConfig:
     """The hybrid engine: switching between training and rollout, weight sync, log-prob check."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Held-out evaluation (k15 eval and the RL job's before/after evaluation)."""
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    """Shortest rejection sampling (k15 sample)."""

@@ -84,6 +84,8 @@ JOBS = {
     "rl": JobInputs(reads=(DataRead("train_path", PROMPT_RECORDS, required=True),
                            DataRead("eval_path", PROMPT_RECORDS, required=False)),
                     generates=True, trains=True, config_errors=rl_job_errors, images=True),
+    "sample": JobInputs(reads=(DataRead("train_path", PROMPT_RECORDS, required=True),), generates=True,
+                        trains=False, images=True),
     "eval": JobInputs(reads=(DataRead("eval_path", PROMPT_RECORDS, required=True),), generates=True,
                       trains=False, images=True),
 }
