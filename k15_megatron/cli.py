@@ -48,6 +48,8 @@ COMMANDS = (
             "k15_megatron.jobs.eval:main"),
     Command("sample", "shortest rejection sampling: n responses per prompt, the shortest correct one as SFT data",
             "k15_megatron.jobs.sample:main"),
+    Command("dpo", "DPO on preference pairs or grouped sampled responses (long2short)",
+            "k15_megatron.jobs.dpo:main"),
     Command("export", "write a Hugging Face folder from a k15 checkpoint",
             "k15_megatron.jobs.export:main"),
     Command("merge", "weighted average of two checkpoints of one architecture (long2short merging)",

@@ -48,7 +48,7 @@ CHECKPOINT_CONFIG_NAME = "config.yaml"
 RECORDED_ENV = "K15_START_RECORDED"
 """Set while a start's ranks run, so that ranks started by the recording process do not record it again."""
 
-RUN_LENGTH_KEYS = {"sft": "optim.train_iters", "rl": "rl.iterations"}
+RUN_LENGTH_KEYS = {"sft": "optim.train_iters", "dpo": "optim.train_iters", "rl": "rl.iterations"}
 """The key that sets how many iterations a training job runs."""
 
 RESTORED_KEYS = ("optim.optimizer", "optim.lr", "optim.min_lr", "optim.weight_decay", "optim.adam_beta1",
@@ -134,7 +134,7 @@ def _checkpoint_iteration(path: str) -> int:
 
 def _schedule_steps(cfg: Any, job: str) -> int:
     """Optimizer steps the learning-rate schedule decays over (as train/optimizer.build_scheduler)."""
-    steps = cfg.optim.train_iters if job == "sft" else cfg.rl.iterations * cfg.rl.updates_per_iteration
+    steps = cfg.optim.train_iters if job != "rl" else cfg.rl.iterations * cfg.rl.updates_per_iteration
     return max(cfg.optim.lr_decay_iters or steps, cfg.optim.lr_warmup_iters + 1)
 
 

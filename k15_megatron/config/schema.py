@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from k15_megatron.config.fields import at_least, one_of
+from k15_megatron.config.dpo import DPOConfig
 from k15_megatron.config.engine import EngineConfig
 from k15_megatron.config.evaluation import EvalConfig
 from k15_megatron.config.rewards import RewardsConfig
@@ -355,6 +356,8 @@ class ExperimentConfig:
     """Verifiable rewards (math, code, CoT reward model) and how prompts pick them."""
     engine: EngineConfig = field(default_factory=EngineConfig)
     """The hybrid engine: switching between training and rollout, weight sync, log-prob check."""
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    """Direct preference optimisation (k15 dpo): beta, the pair-building ratio."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Held-out evaluation (k15 eval and the RL job's before/after evaluation)."""
     sample: SampleConfig = field(default_factory=SampleConfig)

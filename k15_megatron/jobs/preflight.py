@@ -47,7 +47,7 @@ from k15_megatron.config.model_arch import ModelArch, context_source, resolve_mo
 from k15_megatron.config.rollout import response_budget_errors
 from k15_megatron.config.validate import rl_job_errors, vision_job_errors
 
-SFT_RECORDS, PROMPT_RECORDS = "sft", "prompts"
+SFT_RECORDS, PROMPT_RECORDS, PAIR_RECORDS = "sft", "prompts", "pairs"
 CHECKED_ENV = "K15_PRE_START_CHECKED"
 """Environment variable: ``<job>:<digest of the resolved config>`` of a check that passed."""
 
@@ -59,7 +59,8 @@ class DataRead:
     key: str
     """Field of the ``data`` section holding the path (``train_path``, ``eval_path``)."""
     records: str
-    """SFT_RECORDS ({prompt, response}) or PROMPT_RECORDS ({prompt, answer, ...})."""
+    """SFT_RECORDS ({prompt, response}), PROMPT_RECORDS ({prompt, answer, ...}) or PAIR_RECORDS
+    (DPO: {prompt, chosen, rejected} or {prompt, responses, correct})."""
     required: bool
     """The job cannot run without it (else it is read when set)."""
 
@@ -84,6 +85,7 @@ JOBS = {
     "rl": JobInputs(reads=(DataRead("train_path", PROMPT_RECORDS, required=True),
                            DataRead("eval_path", PROMPT_RECORDS, required=False)),
                     generates=True, trains=True, config_errors=rl_job_errors, images=True),
+    "dpo": JobInputs(reads=(DataRead("train_path", PAIR_RECORDS, required=True),), generates=False, trains=True),
     "sample": JobInputs(reads=(DataRead("train_path", PROMPT_RECORDS, required=True),), generates=True,
                         trains=False, images=True),
     "eval": JobInputs(reads=(DataRead("eval_path", PROMPT_RECORDS, required=True),), generates=True,
@@ -99,7 +101,7 @@ def pre_start_errors(cfg, *, job: str) -> Tuple[List[str], List[str]]:
     errors = list(inputs.config_errors(cfg)) if inputs.config_errors else []
     errors += _vision_layout_errors(cfg) if inputs.images else vision_job_errors(cfg.model, job=job)
     arch = resolve_model_arch(cfg.model)  # cfg is validated: this succeeds
-    length_errors = _length_errors(cfg, arch, generates=inputs.generates, sft=job == "sft")
+    length_errors = _length_errors(cfg, arch, generates=inputs.generates, sft=job in ("sft", "dpo"))
     errors += length_errors
     errors += _precision_errors(cfg) + _moe_training_errors(cfg, arch) if inputs.trains else []
     errors += _layer_spec_errors(cfg)
@@ -128,7 +130,7 @@ def pre_start_errors(cfg, *, job: str) -> Tuple[List[str], List[str]]:
         if not path:
             if read.required:
                 errors.append(f"k15 {job} needs data.{read.key}: a JSONL file of "
-                              f"{'{prompt, response}' if read.records == SFT_RECORDS else '{prompt, answer}'} "
+                              f"{_RECORD_FORMS[read.records]} "
                               "records (formats: README.md, Your own model and data)")
             continue
         problems, note = _data_problems(cfg, read, path, job=job,
@@ -311,6 +313,8 @@ def _data_problems(cfg, read: DataRead, path: str, *, job: str, tokenizer) -> Tu
     from k15_megatron.data.sft_set import SftSet
 
     try:
+        if read.records == PAIR_RECORDS:
+            return _pair_problems(cfg, path, tokenizer)
         if tokenizer is None:
             (read_sft_numbered if read.records == SFT_RECORDS else read_prompts_numbered)(path)
             return [], ""
@@ -326,3 +330,20 @@ def _data_problems(cfg, read: DataRead, path: str, *, job: str, tokenizer) -> Tu
         return exc.errors, ""
     except ValueError as exc:  # e.g. a tokenizer without an end-of-sequence token
         return [str(exc)], ""
+
+
+_RECORD_FORMS = {SFT_RECORDS: "{prompt, response}", PROMPT_RECORDS: "{prompt, answer}",
+                 PAIR_RECORDS: "{prompt, chosen, rejected} or {prompt, responses, correct}"}
+
+
+def _pair_problems(cfg, path: str, tokenizer) -> Tuple[List[str], str]:
+    """``k15 dpo``'s data check: the records only without a tokenizer, else the pairs the job
+    builds (:func:`k15_megatron.jobs.dpo.read_pairs`); ConfigError propagates to the caller."""
+    from k15_megatron.data.jsonl import _checked
+    from k15_megatron.data.pairs import record_problems
+    from k15_megatron.jobs.dpo import read_pairs
+
+    if tokenizer is None:
+        _checked(path, record_problems)
+        return [], ""
+    return [], read_pairs(cfg, tokenizer).report(path)

@@ -1,0 +1,135 @@
+"""``k15 dpo CONFIG [overrides]``: direct preference optimisation on preference pairs (JSONL or Parquet).
+
+One of the long2short methods (PAPER.md section 7). The pairs come from ``data.train_path``:
+``{prompt, chosen, rejected}`` records, or grouped sampled responses ``{prompt, responses,
+correct}`` (what ``k15 sample`` writes to ``sample.groups_output``) whose pairs are the paper's:
+chosen = the shortest correct response, rejected = every wrong response and every correct one
+longer than ``dpo.ratio`` (1.5) x the chosen one (:mod:`k15_megatron.data.pairs`,
+:func:`k15_megatron.rl.long2short.dpo_pairs`). Bad records are refused by file:line before any
+process starts.
+
+The reference log-probs are those of the starting weights (``model.hf_path`` or
+``model.init_from``), computed once before the first step (forward only, each data-parallel
+rank a share, :func:`k15_megatron.train.dpo_step.reference_logprobs`) and stored in every
+checkpoint, so a resumed run (``checkpoint.resume=auto``) trains against the same reference.
+Each step takes ``data.global_batch_size`` pairs (a seeded order, cycled by epochs, a pure
+function of (seed, step)), ``data.micro_batch_size`` pairs per packed micro-batch (a pair's two
+sequences side by side), and minimises the mean DPO loss (beta ``dpo.beta``) over them
+(:mod:`k15_megatron.train.dpo_step`). Logged per step: ``train/loss``, ``rewards/chosen``,
+``rewards/rejected``, ``rewards/margin``, ``rewards/accuracy``, ``train/grad_norm``,
+``train/lr``. Checkpoints, resume and stop signals as ``k15 sft``: every
+``checkpoint.save_interval`` steps and at the end; SIGTERM, SIGINT or SIGUSR1 finish the step,
+save once and exit 0.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+
+from k15_megatron.checkpoint import run_ckpt, run_dir
+from k15_megatron.data.pairs import PairSet
+from k15_megatron.jobs.metrics_log import MetricsLogger
+from k15_megatron.jobs.preemption import PreemptionFlag
+from k15_megatron.jobs.sft import rows_for_step
+
+
+def read_pairs(cfg, tokenizer) -> PairSet:
+    """The run's pairs from ``data.train_path`` (the job and its pre-start check read them so);
+    grouped records paired by :func:`k15_megatron.rl.long2short.dpo_pairs` at ``dpo.ratio``.
+    Raises ConfigError naming ``path:line``."""
+    from k15_megatron.rl.long2short import dpo_pairs
+
+    def group_pairs(lengths, correct):
+        return dpo_pairs(lengths, correct, len(lengths), ratio=cfg.dpo.ratio)
+
+    return PairSet.from_file(cfg.data.train_path, tokenizer, seq_length=cfg.data.seq_length, group_pairs=group_pairs,
+                             too_long=cfg.data.too_long)
+
+
+def _reference(trainer, pairs: PairSet, resume_state):
+    """[P, 2] reference log-probs: the checkpoint's on a resume, else the starting model's."""
+    from k15_megatron.train.dpo_step import reference_logprobs
+
+    cfg = trainer.cfg
+    if resume_state is not None:
+        reference = resume_state["reference_logprobs"]
+        if reference.shape != (len(pairs), 2):
+            raise ValueError(f"the resume checkpoint's reference log-probs cover {reference.shape[0]} pairs and "
+                             f"data.train_path={cfg.data.train_path} gives {len(pairs)}: resume with the run's data, "
+                             "or start a new run (checkpoint.save_dir) with model.init_from")
+        return reference
+    begin = time.perf_counter()
+    reference = reference_logprobs(trainer.chunks, pairs.pairs, vocab_size=trainer.arch.vocab_size,
+                                   chunk_size=cfg.dpo.logprob_chunk_tokens,
+                                   micro_batch_size=2 * cfg.data.micro_batch_size)
+    trainer.log(f"dpo: reference log-probs of {len(pairs)} pairs in {time.perf_counter() - begin:.1f} s")
+    return reference
+
+
+def run(cfg) -> None:
+    from k15_megatron.train.dpo_step import dpo_step
+    from k15_megatron.train.setup import build_trainer, write_run_assets
+
+    trainer = build_trainer(cfg)
+    layout = trainer.layout
+    assets = write_run_assets(trainer)
+    pairs = read_pairs(cfg, trainer.tokenizer)
+    trainer.log(f"dpo: {len(pairs)} pairs from {cfg.data.train_path}; weights: {trainer.init_source}; "
+                f"layout {layout.describe()}")
+    start, resume_state = 0, None
+    resume_from = run_ckpt.find_resume_checkpoint(cfg.checkpoint.save_dir) if cfg.checkpoint.resume == "auto" else None
+    if resume_from:
+        resume_state, _ = run_ckpt.load_run_checkpoint(resume_from, model_chunks=trainer.chunks,
+                                                       optimizer=trainer.optimizer)
+        trainer.scheduler.load_state_dict(resume_state["scheduler"])
+        start = resume_state["iteration"]
+        trainer.log(f"dpo: resumed from {resume_from} at step {start}")
+    reference = _reference(trainer, pairs, resume_state)
+    logger = MetricsLogger(cfg.logging, enabled=trainer.is_logging_rank, resume_from_iteration=start)
+    preemption = PreemptionFlag()
+    per_rank = cfg.data.global_batch_size // layout.dp_size
+    step_fn = functools.partial(dpo_step, trainer, beta=cfg.dpo.beta, chunk_size=cfg.dpo.logprob_chunk_tokens,
+                                pairs_per_micro_batch=cfg.data.micro_batch_size)
+
+    def save(step):
+        run_dir.save_checkpoint(cfg, step, is_logging_rank=trainer.is_logging_rank, model_chunks=trainer.chunks,
+                                optimizer=trainer.optimizer,
+                                run_state={"iteration": step, "scheduler": trainer.scheduler.state_dict(),
+                                           "reference_logprobs": reference},
+                                rank_state={}, hf_assets_dir=assets)
+
+    for step in range(start, cfg.optim.train_iters):
+        begin = time.perf_counter()
+        indices = rows_for_step(pairs.pairs, step, global_batch=cfg.data.global_batch_size, seed=cfg.seed)
+        mine = indices[layout.dp_rank * per_rank:(layout.dp_rank + 1) * per_rank]
+        metrics = step_fn([pairs.pairs[i] for i in mine], reference[mine])
+        logger.log(step + 1, {**metrics, "time/iteration_s": time.perf_counter() - begin}, prefix="dpo ")
+        done = step + 1
+        stop = preemption.requested()  # collective: every rank asks every step
+        if stop or (cfg.checkpoint.save_interval and done % cfg.checkpoint.save_interval == 0
+                    and done < cfg.optim.train_iters):
+            save(done)  # once, also when the signal comes at a periodic save
+        if stop:
+            trainer.log(f"dpo: signal received, saved step {done}, exiting")
+            logger.close()
+            return
+    save(cfg.optim.train_iters)
+    logger.close()
+    trainer.log(f"dpo: done; wrote checkpoint {run_ckpt.iteration_dir_name(cfg.optim.train_iters)} in "
+                f"{os.path.abspath(cfg.checkpoint.save_dir)}, metrics in {os.path.abspath(cfg.logging.dir)}")
+
+
+HELP_KEYS = ("data.train_path", "dpo.beta", "dpo.ratio", "data.seq_length", "data.micro_batch_size",
+             "data.global_batch_size", "optim.lr", "optim.train_iters", "checkpoint.save_dir",
+             "checkpoint.save_interval", "checkpoint.resume")
+"""The config keys ``k15 dpo --help`` lists (besides those of every job)."""
+
+
+def main(argv=None) -> int:
+    from k15_megatron.jobs.launch import job_main
+    from k15_megatron.jobs.preflight import job_checks
+
+    return job_main("k15 dpo", __doc__, run, argv, help_keys=HELP_KEYS, job_errors=job_checks("dpo"),
+                    run_record="dpo")
