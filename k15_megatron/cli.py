@@ -46,6 +46,8 @@ COMMANDS = (
             "k15_megatron.jobs.rl:main"),
     Command("eval", "pass@1 / pass@k and response length on a prompt set",
             "k15_megatron.jobs.eval:main"),
+    Command("curate", "curate an RL prompt set: drop format rules and easy-to-hack prompts, label difficulty",
+            "k15_megatron.jobs.curate:main"),
     Command("sample", "shortest rejection sampling: n responses per prompt, the shortest correct one as SFT data",
             "k15_megatron.jobs.sample:main"),
     Command("dpo", "DPO on preference pairs or grouped sampled responses (long2short)",

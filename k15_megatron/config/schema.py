@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Optional
 
 from k15_megatron.config.fields import at_least, one_of
 from k15_megatron.config.dpo import DPOConfig
+from k15_megatron.config.curate import CurateConfig
 from k15_megatron.config.engine import EngineConfig
 from k15_megatron.config.evaluation import EvalConfig
 from k15_megatron.config.rewards import RewardsConfig
@@ -362,3 +363,5 @@ class ExperimentConfig:
     """Held-out evaluation (k15 eval and the RL job's before/after evaluation)."""
     sample: SampleConfig = field(default_factory=SampleConfig)
     """Shortest rejection sampling (k15 sample)."""
+    curate: CurateConfig = field(default_factory=CurateConfig)
+    """Prompt-set curation (k15 curate): format rules, the easy-to-hack filter, difficulty labels."""

@@ -28,7 +28,9 @@ def _absolute(source: Any, base_dir: str) -> Any:
     return source
 
 
-def _with_absolute_images(record: Mapping[str, Any], base_dir: str) -> Dict[str, Any]:
+def with_absolute_images(record: Mapping[str, Any], base_dir: str) -> Dict[str, Any]:
+    """A deep copy of ``record`` whose relative image paths (``images`` list, chat image parts)
+    are made absolute against ``base_dir``."""
     out = copy.deepcopy(dict(record))
     if isinstance(out.get("images"), list):
         out["images"] = [_absolute(s, base_dir) for s in out["images"]]
@@ -42,7 +44,7 @@ def _with_absolute_images(record: Mapping[str, Any], base_dir: str) -> Dict[str,
 def sft_record(record: Mapping[str, Any], response: str, *, base_dir: str) -> Dict[str, Any]:
     """The SFT record of prompt ``record`` answered by ``response`` (module docstring);
     ``base_dir``: the folder of the file ``record`` was read from."""
-    out = _with_absolute_images(record, base_dir)
+    out = with_absolute_images(record, base_dir)
     if "messages" in out:
         out["messages"] = list(out["messages"]) + [{"role": "assistant", "content": response}]
     else:
@@ -57,5 +59,5 @@ def group_record(record: Mapping[str, Any], *, texts: Sequence[str], correct: Se
     if not len(texts) == len(correct) == len(lengths) == len(rewards):
         raise ValueError(f"group_record: {len(texts)} texts, {len(correct)} correct, {len(lengths)} lengths, "
                          f"{len(rewards)} rewards")
-    return {**_with_absolute_images(record, base_dir), "responses": list(texts), "correct": [bool(c) for c in correct],
+    return {**with_absolute_images(record, base_dir), "responses": list(texts), "correct": [bool(c) for c in correct],
             "lengths": [int(n) for n in lengths], "rewards": [float(r) for r in rewards]}

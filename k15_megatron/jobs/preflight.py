@@ -86,6 +86,8 @@ JOBS = {
                            DataRead("eval_path", PROMPT_RECORDS, required=False)),
                     generates=True, trains=True, config_errors=rl_job_errors, images=True),
     "dpo": JobInputs(reads=(DataRead("train_path", PAIR_RECORDS, required=True),), generates=False, trains=True),
+    "curate": JobInputs(reads=(DataRead("train_path", PROMPT_RECORDS, required=True),), generates=True,
+                        trains=False, images=True),
     "sample": JobInputs(reads=(DataRead("train_path", PROMPT_RECORDS, required=True),), generates=True,
                         trains=False, images=True),
     "eval": JobInputs(reads=(DataRead("eval_path", PROMPT_RECORDS, required=True),), generates=True,
