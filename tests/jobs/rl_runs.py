@@ -1,5 +1,5 @@
 """Helpers for the tests that run short `k15 rl` jobs: the task files, and the kill-and-resume
-check shared by the MoE loop test (test_rl_job) and the dense resume test (test_rl_resume).
+check shared by the MoE loop test (test_rl_job) and the vision-language RL test (test_vl_rl_job).
 
 ``kill_and_resume(command, run_a, run_b, n, ...)``: run B is ``command(run_b)`` (the `k15` CLI),
 killed with SIGKILL (its whole process tree) right after its checkpoint at iteration ``n``, i.e.

@@ -23,7 +23,7 @@ metrics and final weights, experts included, equal run A's (tests/jobs/rl_runs.p
 segments continued after the resume carry policy version 0, not the iteration number. Starting the
 finished run A again says it is complete and writes nothing.
 
-The dense path (TP=2, the default sampling mode) resumes in test_rl_resume.
+The default sampling mode resumes in test_vl_rl_job (a vision-language model under PP=2).
 """
 
 import json
