@@ -136,9 +136,12 @@ def rm_reward(responses: Sequence[str], samples: Sequence[Mapping[str, Any]],
         raise RewardConfigError("reward 'rm' needs a judge client: set rewards.rm.backend=openai "
                                 "with rewards.rm.base_url and rewards.rm.model, or pass "
                                 "RewardManager(config, judge=...)")
-    missing = _missing(samples, "prompt", "rm", ctx)
+    # a chat prompt record holds ``messages`` instead of ``prompt``
+    prompts = [{"prompt": s.get("prompt", s.get("messages"))} if "prompt" in s or "messages" in s else {}
+               for s in samples]
+    missing = _missing(prompts, "prompt", "rm", ctx)
     todo = [i for i, m in enumerate(missing) if not m]
-    verdicts = judge_batch(ctx.judge, [_prompt_text(samples[i]["prompt"]) for i in todo],
+    verdicts = judge_batch(ctx.judge, [_prompt_text(prompts[i]["prompt"]) for i in todo],
                            [responses[i] for i in todo],
                            [str(samples[i].get("answer", "")) for i in todo],
                            template=ctx.config.rm.prompt_template)
@@ -175,9 +178,20 @@ def resolve(name: str) -> RewardFn:
 
 
 def _prompt_text(prompt: Any) -> str:
+    """The judge's view of a prompt: the text, or a chat prompt's non-system turns one per line,
+    a turn's text parts joined and its image parts written ``<image>``."""
     if isinstance(prompt, str):
         return prompt
-    return "\n".join(str(m.get("content", "")) for m in prompt if m.get("role") != "system")
+    lines = []
+    for message in prompt:
+        if message.get("role") == "system":
+            continue
+        content = message.get("content", "")
+        if isinstance(content, list):
+            content = "".join("<image>" if isinstance(p, dict) and p.get("type") == "image"
+                              else str(p.get("text", "")) if isinstance(p, dict) else str(p) for p in content)
+        lines.append(str(content))
+    return "\n".join(lines)
 
 
 class RewardManager:

@@ -76,10 +76,13 @@ CONTRACT_CASES = {
     "code": ([SUM_OK, SUM_OK.replace("a + b", "a * b"), "no code block",
               "```python\nwhile 1: pass\n```"],
              [{"tests": SUM_TESTS}] * 4, [1.0, 0.0, 0.0, 0.0]),
-    "rm": (["The answer is 42.", "It is 41.", ""],
+    "rm": (["The answer is 42.", "It is 41.", "", "42, as drawn."],
            [{"prompt": "Life?", "answer": "42"}, {"prompt": "Life?", "answer": "42"},
-            {"prompt": [{"role": "user", "content": "Life?"}], "answer": "42"}],
-           [1.0, 0.0, 0.0]),
+            {"prompt": [{"role": "user", "content": "Life?"}], "answer": "42"},
+            # a chat prompt record with an image part (k15 rl's image prompts): judged, not skipped
+            {"messages": [{"role": "user", "content": [{"type": "image", "image": "a.png"},
+                                                       {"type": "text", "text": "Life?"}]}], "answer": "42"}],
+           [1.0, 0.0, 0.0, 1.0]),
 }
 
 
@@ -181,3 +184,12 @@ def test_rm_reward_through_the_manager_on_a_real_engine(judge_llm):
 def test_unknown_reward_in_a_sample_raises_naming_it(config):
     with pytest.raises(ValueError, match="unknown reward 'mathz'"):
         RewardManager(config).score(["x"], [{"reward": "mathz"}])
+
+
+def test_the_judge_sees_a_chat_prompt_as_text():
+    from k15_megatron.rewards.registry import _prompt_text
+
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "image", "image": "a.png"}, {"type": "text", "text": "Count."}]},
+                {"role": "assistant", "content": "3"}, {"role": "user", "content": "Sure?"}]
+    assert _prompt_text(messages) == "<image>Count.\n3\nSure?"
