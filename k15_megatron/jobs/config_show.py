@@ -20,7 +20,7 @@ from k15_megatron.config.errors import ConfigError
 from k15_megatron.config.loader import load_config, to_yaml
 
 EXIT_INVALID_CONFIG = 2
-JOB_NAMES = ("sft", "rl", "eval")
+JOB_NAMES = ("sft", "rl", "eval", "dpo")
 """Commands whose pre-start checks ``--job`` runs (k15_megatron.jobs.preflight.JOBS)."""
 
 
