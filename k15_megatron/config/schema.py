@@ -33,6 +33,9 @@ from k15_megatron.config.rollout import RolloutConfig
 from k15_megatron.config.sample import SampleConfig
 
 TOO_LONG_CHOICES = ("filter", "error")
+FIELD_KEYS = ("prompt", "response", "answer", "messages", "images", "difficulty", "reward", "data_source", "tests",
+              "chosen", "rejected", "responses", "correct")
+"""Record keys ``data.fields`` may map to columns of other names."""
 """Values of ``data.too_long``."""
 
 RECOMPUTE_CHOICES = ("none", "selective", "full")
@@ -267,11 +270,25 @@ class DataConfig:
     longer than rollout.max_model_len - rollout.max_response_tokens tokens (chat template
     included): filter = dropped at load, with one line counting them (and their first line
     numbers) | error = the job is refused before it starts, naming each such file:line."""
+    fields: Dict[str, str] = field(default_factory=dict)
+    """Record key -> the column of the data files that holds it, for files whose columns are
+    named otherwise (``data.fields.prompt=question``, ``data.fields.answer=solution``); applies to
+    every data file the job reads (JSONL, Parquet, datasets folders). Keys: prompt, response,
+    answer, messages, images, difficulty, reward, data_source, tests, chosen, rejected, responses,
+    correct."""
     chat_template: Optional[str] = None
     """How prompts become a chat turn (:mod:`k15_megatron.data.formatting`): null = the
     tokenizer's own template, or the built-in default (``User: <prompt>\n\nAssistant: ``) with a
     one-line warning when it has none | default = the built-in default | raw = the prompt text
     alone, no separator | a path to a Jinja chat-template file."""
+
+    def config_errors(self, prefix: str) -> List[str]:
+        errors = [f"{prefix}.fields.{key}: not a record key; use one of {list(FIELD_KEYS)}"
+                  for key in self.fields if key not in FIELD_KEYS]
+        columns = list(self.fields.values())
+        errors += [f"{prefix}.fields: column {c!r} is mapped to several keys" for c in sorted(set(columns))
+                   if columns.count(c) > 1]
+        return errors
 
 
 @dataclass

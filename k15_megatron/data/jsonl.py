@@ -32,7 +32,10 @@ instead of the ``prompt``; :mod:`k15_megatron.data.images`).
 answer can never be matched.
 
 The same records may come as a Parquet file (``.parquet``, one record per row, binary values
-as inline image bytes; :mod:`k15_megatron.data.parquet`), named ``path:row`` in problems.
+as inline image bytes; :mod:`k15_megatron.data.parquet`) or a folder saved by Hugging Face
+``datasets`` (``Dataset.save_to_disk``; :mod:`k15_megatron.data.hf_datasets`), named
+``path:row`` in problems. ``data.fields`` maps record keys to the columns that hold them
+(``data.fields.prompt=question``: a file's ``question`` is read as ``prompt``), for every format.
 
 A data file that is missing, empty (no records) or holds bad lines is refused with every
 problem listed, each naming ``path:line`` (:class:`~k15_megatron.config.errors.ConfigError`;
@@ -48,9 +51,10 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Dict, Iterable, List, Mapping, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from k15_megatron.config.errors import ConfigError
+from k15_megatron.data.hf_datasets import is_dataset_dir, scan_dataset
 from k15_megatron.data.parquet import is_parquet, scan_parquet
 
 SFT_KEYS = ("prompt", "response")
@@ -71,12 +75,44 @@ def read_jsonl(path: str, *, allow_torn_last_line: bool = False) -> List[Dict[st
     return [record for _, record in numbered]
 
 
-def _scan(path: str, *, allow_torn_last_line: bool = False
+def renamed(record: Dict[str, Any], fields: Mapping[str, str]) -> Tuple[Dict[str, Any], List[str]]:
+    """``record`` with each ``fields`` column renamed to its record key (``{"prompt":
+    "question"}``: the value of ``question`` becomes ``prompt``), and the problems: a record that
+    has both names."""
+    problems = []
+    for key, column in fields.items():
+        if column == key or column not in record:
+            continue
+        if key in record:
+            problems.append(f"has both {key!r} and {column!r} (data.fields.{key}={column}); keep one")
+            continue
+        record[key] = record.pop(column)
+    return record, problems
+
+
+def _scan(path: str, *, allow_torn_last_line: bool = False, fields: Optional[Mapping[str, str]] = None
           ) -> Tuple[List[Tuple[int, Dict[str, Any]]], List[Tuple[int, str]]]:
-    """The one JSONL reader of the package: ``([(line number, record)], [(line number,
+    """The one record reader of the package: ``([(line number, record)], [(line number,
     problem)])``, blank lines skipped; a line that is not a JSON object is a problem naming
     ``path:line`` (line 0: the file itself). A ``.parquet`` path is read by
-    :func:`k15_megatron.data.parquet.scan_parquet` (rows numbered like lines)."""
+    :func:`k15_megatron.data.parquet.scan_parquet` and a ``datasets`` folder by
+    :func:`k15_megatron.data.hf_datasets.scan_dataset` (rows numbered like lines). ``fields``
+    (``data.fields``) renames columns to record keys (:func:`renamed`)."""
+    numbered, problems = _scan_source(path, allow_torn_last_line=allow_torn_last_line)
+    if fields:
+        kept = []
+        for line_no, record in numbered:
+            record, found = renamed(record, fields)
+            problems += [(line_no, f"{path}:{line_no}: {p}") for p in found]
+            kept.append((line_no, record))
+        numbered = kept
+    return numbered, problems
+
+
+def _scan_source(path: str, *, allow_torn_last_line: bool
+                 ) -> Tuple[List[Tuple[int, Dict[str, Any]]], List[Tuple[int, str]]]:
+    if is_dataset_dir(path):  # the same records, one per row (k15_megatron.data.hf_datasets)
+        return scan_dataset(path)
     if is_parquet(path):  # the same records, one per row (k15_megatron.data.parquet)
         return scan_parquet(path)
     records, problems = [], []
@@ -85,7 +121,7 @@ def _scan(path: str, *, allow_torn_last_line: bool = False
     except FileNotFoundError:
         return [], [(0, f"{path}: no such file")]
     except IsADirectoryError:
-        return [], [(0, f"{path}: is a directory, not a JSONL file")]
+        return [], [(0, f"{path}: is a directory, not a JSONL file (nor a folder saved by datasets' save_to_disk)")]
     with f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
@@ -105,11 +141,11 @@ def _scan(path: str, *, allow_torn_last_line: bool = False
     return records, problems
 
 
-def _checked(path: str, validate) -> List[Tuple[int, Dict[str, Any]]]:
-    """``[(line, record)]`` of ``path`` after ``validate(record, where) -> [problem]``; raises
-    ConfigError listing every problem (at most MAX_LISTED, then a count) when there is any, or
-    when the file holds no record."""
-    numbered, by_line = _scan(path)
+def _checked(path: str, validate, fields: Optional[Mapping[str, str]] = None) -> List[Tuple[int, Dict[str, Any]]]:
+    """``[(line, record)]`` of ``path`` (columns renamed by ``fields``) after
+    ``validate(record, where) -> [problem]``; raises ConfigError listing every problem (at most
+    MAX_LISTED, then a count) when there is any, or when the file holds no record."""
+    numbered, by_line = _scan(path, fields=fields)
     for line_no, record in numbered:
         by_line += [(line_no, p) for p in validate(record, f"{path}:{line_no}")]
     problems = [p for _, p in sorted(by_line, key=lambda item: item[0])]
@@ -208,12 +244,12 @@ def validate_prompt_record(record: Mapping[str, Any], where: str = "record") -> 
         raise ValueError(problems[0])
 
 
-def read_sft(path: str) -> List[Dict[str, Any]]:
+def read_sft(path: str, *, fields: Optional[Mapping[str, str]] = None) -> List[Dict[str, Any]]:
     """SFT records of ``path`` (ConfigError listing every problem, each naming ``path:line``)."""
-    return [record for _, record in read_sft_numbered(path)]
+    return [record for _, record in read_sft_numbered(path, fields=fields)]
 
 
-def read_sft_numbered(path: str) -> List[Tuple[int, Dict[str, Any]]]:
+def read_sft_numbered(path: str, *, fields: Optional[Mapping[str, str]] = None) -> List[Tuple[int, Dict[str, Any]]]:
     """``[(line number, record)]`` of :func:`read_sft` (1-based line numbers); records with
     images or ``messages`` are checked by :func:`k15_megatron.data.images.image_record_problems`
     (their images opened from the file's folder)."""
@@ -226,16 +262,17 @@ def read_sft_numbered(path: str) -> List[Tuple[int, Dict[str, Any]]]:
             return image_record_problems(record, where, base_dir=base_dir, needs_reply=True)
         return sft_record_problems(record, where)
 
-    return _checked(path, problems)
+    return _checked(path, problems, fields)
 
 
-def read_prompts(path: str) -> List[Dict[str, Any]]:
+def read_prompts(path: str, *, fields: Optional[Mapping[str, str]] = None) -> List[Dict[str, Any]]:
     """RL/eval records of ``path`` (ConfigError listing every problem, each naming
     ``path:line``); a numeric ``answer`` becomes its string."""
-    return [record for _, record in read_prompts_numbered(path)]
+    return [record for _, record in read_prompts_numbered(path, fields=fields)]
 
 
-def read_prompts_numbered(path: str) -> List[Tuple[int, Dict[str, Any]]]:
+def read_prompts_numbered(path: str, *, fields: Optional[Mapping[str, str]] = None
+                          ) -> List[Tuple[int, Dict[str, Any]]]:
     """``[(line number, record)]`` of :func:`read_prompts` (1-based line numbers); records with
     images or ``messages`` are also checked by :func:`k15_megatron.data.images.image_record_problems`
     (their images opened from the file's folder)."""
@@ -249,7 +286,7 @@ def read_prompts_numbered(path: str) -> List[Tuple[int, Dict[str, Any]]]:
             found += image_record_problems(record, where, base_dir=base_dir, needs_reply=False)
         return found
 
-    numbered = _checked(path, problems)
+    numbered = _checked(path, problems, fields)
     for _, record in numbered:
         if not isinstance(record["answer"], str):
             record["answer"] = str(record["answer"])  # what the rewards compare: a string

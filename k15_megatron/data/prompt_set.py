@@ -100,11 +100,12 @@ class PromptSet:
 
     @classmethod
     def from_jsonl(cls, path: str, tokenizer, *, max_prompt_tokens: Optional[int] = None,
-                   limit: int = 0, too_long: str = "filter", processor=None) -> "PromptSet":
+                   limit: int = 0, too_long: str = "filter", processor=None, fields=None) -> "PromptSet":
         """Read ``path`` (its first ``limit`` records when > 0; the whole file is checked) and
         apply the length rule to prompts longer than ``max_prompt_tokens`` tokens (see the
         module docstring; ``too_long``: ``data.too_long``). ``processor``: the model folder's
-        processor (:func:`k15_megatron.data.images.load_processor`), needed by image prompts.
+        processor (:func:`k15_megatron.data.images.load_processor`), needed by image prompts;
+        ``fields``: ``data.fields`` (record key -> the column holding it).
 
         Raises:
             ConfigError listing every malformed record (``path:line``: a bad image, an image
@@ -112,7 +113,7 @@ class PromptSet:
             ``too_long="error"``, or naming ``path`` when none fits the limit.
         """
         assert too_long in TOO_LONG_CHOICES, too_long
-        numbered = read_prompts_numbered(path)
+        numbered = read_prompts_numbered(path, fields=fields)
         if limit:
             numbered = numbered[:limit]
         base_dir = os.path.dirname(os.path.abspath(path))

@@ -50,9 +50,10 @@ class SftSet:
 
     @classmethod
     def from_jsonl(cls, path: str, tokenizer, *, seq_length: int, too_long: str = "filter",
-                   processor=None) -> "SftSet":
+                   processor=None, fields=None) -> "SftSet":
         """Read, format and length-check the SFT records of ``path`` (module docstring).
-        ``processor``: the model folder's processor, needed by image records.
+        ``processor``: the model folder's processor, needed by image records; ``fields``:
+        ``data.fields`` (record key -> the column holding it).
 
         Raises:
             ConfigError listing every malformed record (``path:line``; an image record without
@@ -61,7 +62,7 @@ class SftSet:
         """
         assert too_long in TOO_LONG_CHOICES, too_long
         examples, images, filtered, problems = [], [], [], []
-        numbered = read_sft_numbered(path)
+        numbered = read_sft_numbered(path, fields=fields)
         base_dir = os.path.dirname(os.path.abspath(path))
         for line_no, record in numbered:
             try:

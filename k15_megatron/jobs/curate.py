@@ -93,7 +93,8 @@ class Curation:
     def _read(self, path: str, *, limit: int = 0, max_prompt_tokens=None, too_long=None) -> PromptSet:
         return PromptSet.from_jsonl(path, self.trainer.tokenizer, limit=limit,
                                     max_prompt_tokens=max_prompt_tokens or prompt_token_limit(self.cfg.rollout),
-                                    too_long=too_long or self.cfg.data.too_long, processor=self.processor)
+                                    too_long=too_long or self.cfg.data.too_long, processor=self.processor,
+                                    fields=self.cfg.data.fields)
 
     def _pass_rates(self, prompts: PromptSet, *, num_samples: int, temperature: float, max_tokens: int):
         return evaluate(self.rollout, prompts, self.rewards, self.trainer.tokenizer, num_samples=num_samples,

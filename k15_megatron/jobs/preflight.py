@@ -318,15 +318,17 @@ def _data_problems(cfg, read: DataRead, path: str, *, job: str, tokenizer) -> Tu
         if read.records == PAIR_RECORDS:
             return _pair_problems(cfg, path, tokenizer)
         if tokenizer is None:
-            (read_sft_numbered if read.records == SFT_RECORDS else read_prompts_numbered)(path)
+            (read_sft_numbered if read.records == SFT_RECORDS else read_prompts_numbered)(path, fields=cfg.data.fields)
             return [], ""
         if read.records == SFT_RECORDS:
             examples = SftSet.from_jsonl(path, tokenizer, seq_length=cfg.data.seq_length,
-                                         too_long=cfg.data.too_long, processor=data_processor(cfg))
+                                         too_long=cfg.data.too_long, processor=data_processor(cfg),
+                                         fields=cfg.data.fields)
             return [], examples.filter_report(path)
         prompts = PromptSet.from_jsonl(path, tokenizer, max_prompt_tokens=prompt_token_limit(cfg.rollout),
                                        limit=cfg.eval.max_prompts if job == "eval" else 0,
-                                       too_long=cfg.data.too_long, processor=data_processor(cfg))
+                                       too_long=cfg.data.too_long, processor=data_processor(cfg),
+                                       fields=cfg.data.fields)
         return [], prompts.filter_report(path)
     except ConfigError as exc:
         return exc.errors, ""

@@ -70,7 +70,7 @@ class RLJob:
         if not cfg.data.train_path:
             raise ValueError("k15 rl needs data.train_path (a JSONL of {prompt, answer} records)")
         read = functools.partial(PromptSet.from_jsonl, tokenizer=tok, max_prompt_tokens=prompt_token_limit(cfg.rollout),
-                                 too_long=cfg.data.too_long, processor=data_processor(cfg))
+                                 too_long=cfg.data.too_long, processor=data_processor(cfg), fields=cfg.data.fields)
         self.prompts = read(cfg.data.train_path)
         self.eval_prompts = read(cfg.data.eval_path) if cfg.data.eval_path else None
         self.data_metrics = self.report_filtered_prompts()  # logged with the first iteration

@@ -63,7 +63,7 @@ def run(cfg) -> dict:
     assets = write_run_assets(trainer)
     prompts = PromptSet.from_jsonl(cfg.data.train_path, trainer.tokenizer, limit=cfg.sample.max_prompts,
                                    max_prompt_tokens=prompt_token_limit(cfg.rollout), too_long=cfg.data.too_long,
-                                   processor=data_processor(cfg))
+                                   processor=data_processor(cfg), fields=cfg.data.fields)
     rollout = RolloutEngine.create(cfg.rollout, model_path=engine_model_folder(trainer, assets),
                                    repeat=cfg.rl.repeat, seed=cfg.seed)
     ColocatedWeightSync(rollout.llm, dtype=torch_dtype(cfg.precision.dtype)).sync(trainer.model, trainer.arch)

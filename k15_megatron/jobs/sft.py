@@ -46,7 +46,7 @@ def packed_rows(cfg, tokenizer, path: str, *, processor=None):
     :mod:`k15_megatron.jobs.preflight`, printed any drop). ``processor``: a vision-language
     model's (:func:`k15_megatron.jobs.preflight.sft_processor`), for image records."""
     examples = SftSet.from_jsonl(path, tokenizer, seq_length=cfg.data.seq_length, too_long=cfg.data.too_long,
-                                 processor=processor)
+                                 processor=processor, fields=cfg.data.fields)
     return pack_examples(examples.examples, seq_length=cfg.data.seq_length, pad_id=tokenizer.pad_token_id or 0,
                          images=examples.images or None)
 
