@@ -129,14 +129,12 @@ def record_problems(record: Mapping[str, Any], where: str) -> List[str]:
     problems = []
     if "messages" in record:
         messages = record["messages"]
-        if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in ("system", "user",
-                                                                                               "assistant")
-                for m in messages):
+        if not isinstance(messages, list) or not messages or not all(_is_text_turn(m) for m in messages):
             problems.append(f"{where}: 'messages' must be a non-empty list of {{'role': system|user|assistant, "
                             "'content': str}} (DPO prompts are text)")
     elif not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
-        problems.append(f"{where}: record needs a non-empty 'prompt' string or chat 'messages' (keys: {sorted(record)})")
+        problems.append(f"{where}: record needs a non-empty 'prompt' string or chat 'messages' "
+                        f"(keys: {sorted(record)})")
     if "images" in record:
         problems.append(f"{where}: 'images': k15 dpo trains text models; drop the images")
     if "chosen" in record or "rejected" in record:
@@ -153,6 +151,11 @@ def record_problems(record: Mapping[str, Any], where: str) -> List[str]:
         problems.append(f"{where}: 'correct' must be a list of {len(responses)} booleans, one per response, got "
                         f"{correct!r:.60}")
     return problems
+
+
+def _is_text_turn(message: Any) -> bool:
+    return (isinstance(message, dict) and message.get("role") in ("system", "user", "assistant")
+            and isinstance(message.get("content"), str))
 
 
 def _prompt_ids(record: Mapping[str, Any], tokenizer) -> List[int]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from k15_megatron.config.errors import ConfigError
 from k15_megatron.data.formatting import prompt_token_ids, response_token_ids

@@ -1,13 +1,13 @@
 """One DPO step on Megatron equals the DPO loss computed from transformers' logits in float64.
 
 Tiny random Llama (untied embedding), four hand-made pairs of different prompt and response
-lengths, one 2-process launch running three layouts (TP=2, PP=2, DP=2; Megatron's parallel
+lengths, one 2-process launch running four layouts (TP=2, PP=2, DP=2, CP=2; Megatron's parallel
 state re-initialised between them):
 
 * the reference pass (:func:`reference_logprobs`, chunked head, two sequences per micro-batch,
   each DP rank a share) gives transformers' summed response log-probs of the starting model;
 * one :func:`dpo_step` (one pair per packed micro-batch: two micro-batches per rank at TP/PP,
-  one per rank at DP=2) against a reference shifted by known offsets (so the margins are not
+  one per rank at DP=2; at CP=2 each rank holds half of every sequence) against a reference shifted by known offsets (so the margins are not
   zero) gives transformers' float64 DPO loss, every parameter's gradient (the all-reduced
   ``main_grad`` Megatron's optimizer stepped with, within 1e-4 of each tensor's largest entry)
   and the logged rewards of :func:`k15_megatron.rl.dpo.dpo_metrics`.
@@ -53,12 +53,12 @@ def _grads_as_hf(model, arch) -> dict:
             param.data = data
 
 
-def _step_worker(rank, world_size, hf_dir, tp, pp):
+def _step_worker(rank, world_size, hf_dir, tp, pp, cp):
     from megatron.core import parallel_state as ps
 
     from k15_megatron.train.dpo_step import dpo_step, reference_logprobs
 
-    arch, model, chunks, optimizer, scheduler = megatron_from_hf(hf_dir, tp=tp, pp=pp, lr=1e-3, clip_grad=0.0)
+    arch, model, chunks, optimizer, scheduler = megatron_from_hf(hf_dir, tp=tp, pp=pp, cp=cp, lr=1e-3, clip_grad=0.0)
     pairs = _pairs(arch.vocab_size)
     reference = reference_logprobs(chunks, pairs, vocab_size=arch.vocab_size, chunk_size=5, micro_batch_size=2)
     shifted = reference + OFFSETS
@@ -73,8 +73,8 @@ def _step_worker(rank, world_size, hf_dir, tp, pp):
 @pytest.fixture(scope="module")
 def runs(tiny_hf_dirs):
     hf_dir = tiny_hf_dirs["llama"]
-    return run_cases(2, {"TP2": (_step_worker, (hf_dir, 2, 1)), "PP2": (_step_worker, (hf_dir, 1, 2)),
-                         "DP2": (_step_worker, (hf_dir, 1, 1))})
+    return run_cases(2, {"TP2": (_step_worker, (hf_dir, 2, 1, 1)), "PP2": (_step_worker, (hf_dir, 1, 2, 1)),
+                         "DP2": (_step_worker, (hf_dir, 1, 1, 1)), "CP2": (_step_worker, (hf_dir, 1, 1, 2))})
 
 
 def _transformers_dpo(hf_dir: str):
