@@ -1,7 +1,8 @@
 """Preference pairs for DPO (``k15 dpo``): the records read and checked, pairs built, tokenized.
 
-Two record forms, mixed freely in one JSONL or Parquet file (:mod:`k15_megatron.data.jsonl`'s
-reader, problems named ``path:line``):
+Two record forms, mixed freely in one JSONL or Parquet file or ``datasets`` folder
+(:mod:`k15_megatron.data.jsonl`'s reader, problems named ``path:line``; ``data.fields`` renames
+columns to these keys):
 
 * a pair, the common DPO format (TRL, OpenRLHF)::
 
@@ -75,9 +76,10 @@ class PairSet:
 
     @classmethod
     def from_file(cls, path: str, tokenizer, *, seq_length: int, group_pairs: GroupPairs,
-                  too_long: str = "filter") -> "PairSet":
-        """Read ``path`` (JSONL or Parquet), build and tokenize its pairs (module docstring);
-        ``group_pairs`` picks the pairs of a grouped record.
+                  too_long: str = "filter", fields: Mapping[str, str] | None = None) -> "PairSet":
+        """Read ``path`` (JSONL, Parquet or a ``datasets`` folder; columns renamed by ``fields``,
+        ``data.fields``), build and tokenize its pairs (module docstring); ``group_pairs`` picks
+        the pairs of a grouped record.
 
         Raises:
             ConfigError listing every malformed record and, under ``too_long="error"``, every
@@ -86,7 +88,7 @@ class PairSet:
         """
         assert too_long in TOO_LONG_CHOICES, too_long
         pairs, filtered, no_pair, problems = [], [], [], []
-        for line, record in _checked(path, record_problems):
+        for line, record in _checked(path, record_problems, fields=fields):
             try:
                 prompt = _prompt_ids(record, tokenizer)
             except ValueError as err:

@@ -1,6 +1,7 @@
 """``k15 dpo CONFIG [overrides]``: direct preference optimisation on preference pairs (JSONL or Parquet).
 
-One of the long2short methods (PAPER.md section 7). The pairs come from ``data.train_path``:
+One of the long2short methods (PAPER.md section 7). The pairs come from ``data.train_path``
+(JSONL, Parquet or a ``datasets`` folder; ``data.fields`` renames columns):
 ``{prompt, chosen, rejected}`` records, or grouped sampled responses ``{prompt, responses,
 correct}`` (what ``k15 sample`` writes to ``sample.groups_output``) whose pairs are the paper's:
 chosen = the shortest correct response, rejected = every wrong response and every correct one
@@ -45,7 +46,7 @@ def read_pairs(cfg, tokenizer) -> PairSet:
         return dpo_pairs(lengths, correct, len(lengths), ratio=cfg.dpo.ratio)
 
     return PairSet.from_file(cfg.data.train_path, tokenizer, seq_length=cfg.data.seq_length, group_pairs=group_pairs,
-                             too_long=cfg.data.too_long)
+                             too_long=cfg.data.too_long, fields=cfg.data.fields)
 
 
 def _reference(trainer, pairs: PairSet, resume_state):

@@ -348,6 +348,6 @@ def _pair_problems(cfg, path: str, tokenizer) -> Tuple[List[str], str]:
     from k15_megatron.jobs.dpo import read_pairs
 
     if tokenizer is None:
-        _checked(path, record_problems)
+        _checked(path, record_problems, fields=cfg.data.fields)
         return [], ""
     return [], read_pairs(cfg, tokenizer).report(path)

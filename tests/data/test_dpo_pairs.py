@@ -1,8 +1,9 @@
 """DPO records (k15_megatron.data.pairs): pairs built from grouped sampled responses by the paper's
 rule on hand-made groups (shortest correct vs wrong and vs > ratio x longer correct responses,
-ties, no correct answer, nothing to reject), the pair form, the same pairs from Parquet, bad
-records and too-long pairs refused by file:line, and the same refusal from `k15 dpo`'s pre-start
-check (which `k15 dpo` runs before any process starts)."""
+ties, no correct answer, nothing to reject), the pair form, the same pairs from Parquet and a
+datasets folder with renamed columns (data.fields), bad records and too-long pairs refused by
+file:line, and the same refusal from `k15 dpo`'s pre-start check (which `k15 dpo` runs before any
+process starts)."""
 
 from __future__ import annotations
 
@@ -62,18 +63,22 @@ def test_pairs_follow_the_paper_rule_on_hand_made_groups(tmp_path):
     assert _as_text(wider, tokenizer)[:3] == [(1, "12", "1234"), (1, "12", "123"), (1, "12", "9")]
 
 
-def test_parquet_gives_the_same_pairs(tmp_path):
+def test_parquet_and_datasets_folder_with_renamed_columns_give_the_same_pairs(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
+    from datasets import Dataset
 
     tokenizer = build_char_tokenizer()
-    table = pa.Table.from_pylist([{k: r.get(k) for k in ("prompt", "responses", "correct", "chosen", "rejected")}
-                                  for r in RECORDS if "messages" not in r])
-    pq.write_table(table, tmp_path / "d.parquet")
-    jsonl = _write(tmp_path / "d.jsonl", [r for r in RECORDS if "messages" not in r])
-    from_parquet = PairSet.from_file(str(tmp_path / "d.parquet"), tokenizer, seq_length=64, group_pairs=_rule())
-    from_jsonl = PairSet.from_file(jsonl, tokenizer, seq_length=64, group_pairs=_rule())
-    assert from_parquet.pairs == from_jsonl.pairs and len(from_jsonl) == 4
+    flat = [r for r in RECORDS if "messages" not in r]
+    columns = {"prompt": "question", "chosen": "good", "rejected": "bad", "responses": "samples", "correct": "ok"}
+    rows = [{columns[k]: r.get(k) for k in columns} for r in flat]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "hf"))
+    expected = PairSet.from_file(_write(tmp_path / "d.jsonl", flat), tokenizer, seq_length=64, group_pairs=_rule())
+    assert len(expected) == 4
+    for path in (tmp_path / "d.parquet", tmp_path / "hf"):
+        got = PairSet.from_file(str(path), tokenizer, seq_length=64, group_pairs=_rule(), fields=columns)
+        assert got.pairs == expected.pairs, path
 
 
 def test_bad_records_and_too_long_pairs_are_refused_by_file_and_line(tmp_path):
