@@ -35,14 +35,11 @@ from k15_megatron.data.curation import compile_rules, matching_rule
 from k15_megatron.data.jsonl import write_jsonl
 from k15_megatron.data.prompt_set import PromptSet, prompt_token_limit
 from k15_megatron.data.sampled import with_absolute_images
-from k15_megatron.engine.weight_sync import ColocatedWeightSync
 from k15_megatron.jobs.eval_output import write_json
 from k15_megatron.jobs.evaluate import evaluate, prompt_text
+from k15_megatron.jobs.generation import start_generation
 from k15_megatron.jobs.preflight import data_processor
-from k15_megatron.models.gpt import torch_dtype
 from k15_megatron.rewards.registry import RewardManager
-from k15_megatron.rollout.engine import RolloutEngine
-from k15_megatron.train.setup import build_trainer, engine_model_folder, write_run_assets
 
 INDEX_KEY = "_curate_index"
 """Key the direct-answer variants carry back to their prompt (removed from written records)."""
@@ -77,16 +74,14 @@ class Curation:
         if not cfg.data.train_path:
             raise ValueError("k15 curate needs data.train_path (a JSONL of {prompt, answer} records)")
         self.cfg = cfg
-        self.trainer = build_trainer(cfg, with_optimizer=False)
-        assets = write_run_assets(self.trainer)
         self.processor = data_processor(cfg)
-        self.prompts = self._read(cfg.data.train_path, limit=cfg.curate.max_prompts)
         self.base_dir = os.path.dirname(os.path.abspath(cfg.data.train_path))
-        self.rollout = RolloutEngine.create(cfg.rollout, model_path=engine_model_folder(self.trainer, assets),
-                                            repeat=cfg.rl.repeat, seed=cfg.seed)
-        ColocatedWeightSync(self.rollout.llm, dtype=torch_dtype(cfg.precision.dtype)).sync(self.trainer.model,
-                                                                                           self.trainer.arch)
-        self.rollout.mark_weights_updated(0)
+
+        def read(trainer):
+            self.trainer = trainer
+            return self._read(cfg.data.train_path, limit=cfg.curate.max_prompts)
+
+        self.trainer, self.rollout, self.prompts = start_generation(cfg, before_engine=read)
         self.rewards = RewardManager(cfg.rewards)
         self.removed = {}  # rule -> [record]
 

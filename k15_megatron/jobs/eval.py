@@ -28,28 +28,20 @@ import torch
 
 from k15_megatron.data.jsonl import write_jsonl
 from k15_megatron.data.prompt_set import PromptSet, prompt_token_limit
-from k15_megatron.engine.weight_sync import ColocatedWeightSync
-from k15_megatron.models.gpt import torch_dtype
-from k15_megatron.rewards.registry import RewardManager
-from k15_megatron.rollout.engine import RolloutEngine
 from k15_megatron.jobs.eval_output import samples_file, write_json
 from k15_megatron.jobs.evaluate import evaluate
+from k15_megatron.jobs.generation import start_generation
 from k15_megatron.jobs.preflight import data_processor
-from k15_megatron.train.setup import build_trainer, engine_model_folder, write_run_assets
+from k15_megatron.rewards.registry import RewardManager
 
 
 def run(cfg) -> dict:
     if not cfg.data.eval_path:
         raise ValueError("k15 eval needs data.eval_path (a JSONL of {prompt, answer} records)")
-    trainer = build_trainer(cfg, with_optimizer=False)
-    assets = write_run_assets(trainer)
-    prompts = PromptSet.from_jsonl(cfg.data.eval_path, trainer.tokenizer, limit=cfg.eval.max_prompts,
-                                   max_prompt_tokens=prompt_token_limit(cfg.rollout), too_long=cfg.data.too_long,
-                                   processor=data_processor(cfg), fields=cfg.data.fields)
-    rollout = RolloutEngine.create(cfg.rollout, model_path=engine_model_folder(trainer, assets),
-                                   repeat=cfg.rl.repeat, seed=cfg.seed)
-    ColocatedWeightSync(rollout.llm, dtype=torch_dtype(cfg.precision.dtype)).sync(trainer.model, trainer.arch)
-    rollout.mark_weights_updated(0)
+    trainer, rollout, prompts = start_generation(cfg, before_engine=lambda trainer: PromptSet.from_jsonl(
+        cfg.data.eval_path, trainer.tokenizer, limit=cfg.eval.max_prompts,
+        max_prompt_tokens=prompt_token_limit(cfg.rollout), too_long=cfg.data.too_long,
+        processor=data_processor(cfg), fields=cfg.data.fields))
     manager = RewardManager(cfg.rewards)
     settings = [(cfg.eval.output, cfg.eval.num_samples, cfg.eval.temperature, cfg.eval.ks)]
     if cfg.eval.greedy_output:

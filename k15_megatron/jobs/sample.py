@@ -27,14 +27,11 @@ import torch
 from k15_megatron.data.jsonl import write_jsonl
 from k15_megatron.data.prompt_set import PromptSet, prompt_token_limit
 from k15_megatron.data.sampled import group_record, sft_record
-from k15_megatron.engine.weight_sync import ColocatedWeightSync
 from k15_megatron.jobs.evaluate import evaluate
+from k15_megatron.jobs.generation import start_generation
 from k15_megatron.jobs.preflight import data_processor
-from k15_megatron.models.gpt import torch_dtype
 from k15_megatron.rewards.registry import RewardManager
 from k15_megatron.rl.long2short import shortest_correct
-from k15_megatron.rollout.engine import RolloutEngine
-from k15_megatron.train.setup import build_trainer, engine_model_folder, write_run_assets
 
 
 def select_records(records, samples, *, num_samples: int, base_dir: str):
@@ -59,15 +56,10 @@ def select_records(records, samples, *, num_samples: int, base_dir: str):
 def run(cfg) -> dict:
     if not cfg.data.train_path:
         raise ValueError("k15 sample needs data.train_path (a JSONL of {prompt, answer} records)")
-    trainer = build_trainer(cfg, with_optimizer=False)
-    assets = write_run_assets(trainer)
-    prompts = PromptSet.from_jsonl(cfg.data.train_path, trainer.tokenizer, limit=cfg.sample.max_prompts,
-                                   max_prompt_tokens=prompt_token_limit(cfg.rollout), too_long=cfg.data.too_long,
-                                   processor=data_processor(cfg), fields=cfg.data.fields)
-    rollout = RolloutEngine.create(cfg.rollout, model_path=engine_model_folder(trainer, assets),
-                                   repeat=cfg.rl.repeat, seed=cfg.seed)
-    ColocatedWeightSync(rollout.llm, dtype=torch_dtype(cfg.precision.dtype)).sync(trainer.model, trainer.arch)
-    rollout.mark_weights_updated(0)
+    trainer, rollout, prompts = start_generation(cfg, before_engine=lambda trainer: PromptSet.from_jsonl(
+        cfg.data.train_path, trainer.tokenizer, limit=cfg.sample.max_prompts,
+        max_prompt_tokens=prompt_token_limit(cfg.rollout), too_long=cfg.data.too_long,
+        processor=data_processor(cfg), fields=cfg.data.fields))
     n = cfg.sample.num_samples
     metrics = evaluate(rollout, prompts, RewardManager(cfg.rewards), trainer.tokenizer, num_samples=n,
                        temperature=cfg.sample.temperature, max_response_tokens=cfg.rollout.max_response_tokens,
