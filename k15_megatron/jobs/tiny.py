@@ -33,8 +33,9 @@ same problems drawn into images (:mod:`k15_megatron.data.visual_arithmetic`: one
 per character, one vision token each; the prompt text no longer holds the expression), a
 ``model`` stage after ``data`` that writes a random tiny Qwen2-VL with its processor
 (:data:`VISION_MODEL`: the language model of the text default's size and a 2-block vision
-tower) to ``OUT/model``, every later stage on that folder (``model.hf_path``) with the recipes
-``examples/tiny_vision_*.yaml``, and the same report. A ``--task`` value without ``=`` names the
+tower; the processor maps the white background to 0) to ``OUT/model``, every later stage on
+that folder (``model.hf_path``) with the recipes ``examples/tiny_vision_*.yaml``, and the same
+report (docs/tiny_vision.md has the design and its calibration). A ``--task`` value without ``=`` names the
 task (``arithmetic``, the default, or ``vision``); one with ``=`` overrides a field of the
 task's data (:class:`~k15_megatron.data.arithmetic.ArithmeticTaskConfig`, and for ``vision`` also
 ``cell`` and ``font_size`` of :class:`~k15_megatron.data.visual_arithmetic.VisualArithmeticConfig`).
@@ -79,11 +80,12 @@ MODELS = {
 
 # The tasks: the recipes' prefix (examples/<prefix>_{sft,rl,eval}.yaml), the run folder's name, the
 # report's title and the task-data overrides the task applies before the user's own. The visual
-# task keeps fewer distinct demonstrations (its images' pixels stay in memory in every training
-# process) and the SFT cycles over them.
+# task keeps fewer distinct demonstrations (every training process holds their pixels and runs
+# the processor on each, ~5 ms apiece) and the SFT cycles over them; its problems have 2 to 4
+# operands (levels 1-3; with up to 6 the SFT model solved 4% of them, docs/tiny_vision.md).
 TASKS = {
     "arithmetic": {"recipes": "tiny_arith", "folder": "tiny-arith", "title": "held-out arithmetic", "data": []},
-    "vision": {"recipes": "tiny_vision", "folder": "tiny-vision", "data": ["num_sft=8000"],
+    "vision": {"recipes": "tiny_vision", "folder": "tiny-vision", "data": ["num_sft=8000", "max_operands=4"],
                "title": "held-out arithmetic drawn into images"},
 }
 
@@ -92,11 +94,15 @@ TASKS = {
 # with its rotary frequencies split so that the language model can tell the image's columns apart.
 # M-RoPE gives the (temporal, height, width) positions the highest, middle and lowest frequencies in
 # mrope_section's proportions; an image token differs from its neighbours in the width position only.
-# With [4, 6, 6] at rope_theta 1e6 the width frequencies turn by at most 1.8e-4 rad per column, the
-# characters' order is lost and SFT stalled at loss 0.50 (docs/tiny_vision.md); [1, 1, 14] at 1e4
-# turns them by up to 0.32 rad per column.
+# With models/tiny_vl.py's [4, 6, 6] at rope_theta 1e6 the width frequencies turn by at most 1.8e-4
+# rad per column, too little to tell neighbouring characters apart; [1, 1, 14] at 1e4 turns them by
+# up to 0.32 rad per column (computed, not compared in a run: docs/tiny_vision.md).
 VISION_MODEL = {"num_hidden_layers": 4, "intermediate_size": 512, "num_key_value_heads": 4,
                 "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 14]}}
+
+
+IMAGE_NORMALIZATION = (1.0, 1.0, 1.0)
+"""The visual task's image processor's ``image_mean`` and ``image_std`` (see :func:`_model_stage`)."""
 
 
 def _parse_args(argv):
@@ -245,10 +251,20 @@ def _model_stage(stages: Stages, seed: int, model_dir: str) -> None:
     from k15_megatron.models.tiny_vl import save_tiny_qwen2_vl
 
     def work():
+        from transformers import AutoProcessor
+
         print(f"== model: a random tiny Qwen2-VL {VISION_MODEL} in {model_dir}", flush=True)
         save_tiny_qwen2_vl(model_dir, seed=seed, **VISION_MODEL)
+        # Pixels normalised to (x - 1) / 1 after the 1/255 rescale: the white background is 0, so
+        # a vision token is a function of its glyph's ink alone. With the processor's default
+        # (CLIP) mean and std the background dominated every token (cosine 0.86-0.96 between
+        # different characters' tokens at initialisation) and SFT learned to ignore the images.
+        processor = AutoProcessor.from_pretrained(model_dir)
+        processor.image_processor.image_mean = processor.image_processor.image_std = list(IMAGE_NORMALIZATION)
+        processor.save_pretrained(model_dir)
 
-    stages.run("model", json.dumps({"seed": seed, **VISION_MODEL}, sort_keys=True), work, outputs=[model_dir])
+    signature = {"seed": seed, "normalization": IMAGE_NORMALIZATION, **VISION_MODEL}
+    stages.run("model", json.dumps(signature, sort_keys=True), work, outputs=[model_dir])
 
 
 def run_pipeline(args) -> dict:

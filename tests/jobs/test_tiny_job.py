@@ -79,8 +79,8 @@ def test_the_vision_task_writes_image_data_and_a_vl_model_that_every_stage_accep
     name, an unknown one or --model moe are refused); its data and model stages write image
     records and a tiny Qwen2-VL folder, and skip themselves on a re-run; each stage's recipe, with
     the overrides `k15 tiny` gives it, passes that job's pre-start check on them (the records
-    read through the model's processor). The full-size run is measured by `k15 tiny --task vision`
-    (README), not here."""
+    read through the model's processor, which maps the white background to 0). The full-size run
+    is measured by `k15 tiny --task vision` (docs/tiny_vision.md), not here."""
     from k15_megatron.config import load_config
     from k15_megatron.data.jsonl import read_jsonl
     from k15_megatron.jobs.preflight import pre_start_errors
@@ -105,6 +105,13 @@ def test_the_vision_task_writes_image_data_and_a_vl_model_that_every_stage_accep
     records = read_jsonl(os.path.join(data, "eval.jsonl"))
     assert len(records) == 6 and all(os.path.exists(os.path.join(data, r["images"][0])) for r in records)
     assert json.load(open(os.path.join(model, "config.json")))["model_type"] == "qwen2_vl"
+    from transformers import AutoProcessor
+
+    from k15_megatron.data.visual_arithmetic import render_expression
+
+    pixels = AutoProcessor.from_pretrained(model).image_processor(images=[render_expression("47+8")],
+                                                                   return_tensors="pt")["pixel_values"]
+    assert pixels.max() == 0 and pixels.min() < -0.9  # the white background is 0, black ink -1
     again = Stages(str(out), fresh=False)
     _data_stage(again, "vision", task, data)
     _model_stage(again, 4, model)
