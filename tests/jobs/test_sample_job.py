@@ -2,7 +2,9 @@
 engine, a random-weight model on arithmetic prompts whose rewards are properties of the text
 (tests/jobs/sample_rewards.py), so some prompts have correct responses and one has none. The SFT
 file holds, for each prompt with a correct response, the shortest one (ties: the first drawn),
-as recomputed here from the grouped file, and `k15 sft`'s reader accepts it."""
+as recomputed here from the grouped file, and `k15 sft`'s reader accepts it. The run is started
+with ``--verbose``: the library output a quiet job hides (vLLM's engine start-up, Megatron's
+import-time warnings) is back."""
 
 import json
 import subprocess
@@ -38,7 +40,8 @@ def test_sample_keeps_the_shortest_correct_response_of_each_prompt(tmp_path):
     cmd = [sys.executable, "-m", "k15_megatron.cli", "sample", "examples/tiny.yaml", f"run_dir={tmp_path / 'run'}",
            f"data.train_path={tmp_path / 'prompts.jsonl'}", "rollout.max_model_len=96",
            f"rollout.max_response_tokens={MAX_TOKENS}", "rollout.cpu_kv_cache_gib=0.25",
-           f"sample.num_samples={NUM_SAMPLES}", f"sample.output={output}", f"sample.groups_output={groups_output}"]
+           f"sample.num_samples={NUM_SAMPLES}", f"sample.output={output}", f"sample.groups_output={groups_output}",
+           "--verbose"]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -59,6 +62,8 @@ def test_sample_keeps_the_shortest_correct_response_of_each_prompt(tmp_path):
     assert any(line.startswith(f"sample: {len(expected)} of {len(records)} prompts have a correct response "
                                f"({skipped} without, skipped)") for line in lines), "\n".join(lines[-20:])
     assert f"sample: wrote {output} and {groups_output}" in lines
+    assert any("Initializing a V1 LLM engine" in line for line in lines), "\n".join(lines[-40:])
+    assert any("UserWarning" in line for line in lines)  # Megatron's import-time warnings
 
 
 def test_sft_and_group_records_keep_the_prompt_and_make_image_paths_absolute(tmp_path):
