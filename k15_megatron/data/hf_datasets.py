@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List, Tuple
 
+from k15_megatron.data.parquet import without_nulls
+
 DATASET_FILES = ("state.json", "dataset_info.json")
 DICT_FILE = "dataset_dict.json"
 
@@ -23,14 +25,6 @@ def is_dataset_dir(path: str) -> bool:
     """True for a folder written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``."""
     return os.path.isdir(path) and (all(os.path.isfile(os.path.join(path, f)) for f in DATASET_FILES)
                                     or os.path.isfile(os.path.join(path, DICT_FILE)))
-
-
-def _without_nulls(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_without_nulls(v) for v in value]
-    return value
 
 
 def scan_dataset(path: str) -> Tuple[List[Tuple[int, Dict[str, Any]]], List[Tuple[int, str]]]:
@@ -49,4 +43,4 @@ def scan_dataset(path: str) -> Tuple[List[Tuple[int, Dict[str, Any]]], List[Tupl
     except (OSError, ValueError, FileNotFoundError) as err:
         return [], [(0, f"{path}: not a readable datasets folder ({err})")]
     table = dataset.with_format("arrow")[0:len(dataset)]  # raw values: images stay undecoded bytes
-    return [(row, _without_nulls(record)) for row, record in enumerate(table.to_pylist(), start=1)], []
+    return [(row, without_nulls(record)) for row, record in enumerate(table.to_pylist(), start=1)], []

@@ -23,11 +23,13 @@ def is_parquet(path: str) -> bool:
     return path.lower().endswith(PARQUET_SUFFIXES)
 
 
-def _without_nulls(value: Any) -> Any:
+def without_nulls(value: Any) -> Any:
+    """``value`` (a row's dicts and lists) with every null entry of a dict dropped, recursively:
+    an optional key a row does not set is absent, as in a JSONL record."""
     if isinstance(value, dict):
-        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+        return {k: without_nulls(v) for k, v in value.items() if v is not None}
     if isinstance(value, list):
-        return [_without_nulls(v) for v in value]
+        return [without_nulls(v) for v in value]
     return value
 
 
@@ -44,4 +46,4 @@ def scan_parquet(path: str) -> Tuple[List[Tuple[int, Dict[str, Any]]], List[Tupl
         return [], [(0, f"{path}: no such file")]
     except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
         return [], [(0, f"{path}: not a readable Parquet file ({err})")]
-    return [(row, _without_nulls(record)) for row, record in enumerate(table.to_pylist(), start=1)], []
+    return [(row, without_nulls(record)) for row, record in enumerate(table.to_pylist(), start=1)], []
