@@ -136,6 +136,18 @@ def _gather_context_parallel(local: torch.Tensor, sequence_lengths: list[int]) -
     return torch.cat(parts).index_select(0, order)
 
 
+def _row_groups(lengths: list[int], *, multiple: int, max_rows: int, max_tokens: int | None,
+                count_for: Callable[[int], int] | None):
+    """(each row's length padded to ``multiple``, the micro-batches' row groups): consecutive rows
+    up to ``max_tokens`` padded tokens (None: no budget) and ``max_rows`` rows, split to
+    ``count_for(this rank's count)`` groups when given."""
+    padded = [padded_length(n, multiple) for n in lengths]
+    groups = token_budget_groups(padded, max_tokens=max_tokens or sum(padded), max_items=max_rows)
+    if count_for is not None:
+        groups = split_to_count(groups, padded, count_for(len(groups)))
+    return padded, groups
+
+
 def packed_logprob_micro_batches(input_ids: torch.Tensor, lengths: list[int], *, multiple: int,
                                  max_rows: int, max_tokens: int | None,
                                  count_for: Callable[[int], int] | None = None) -> list[dict]:
@@ -146,10 +158,8 @@ def packed_logprob_micro_batches(input_ids: torch.Tensor, lengths: list[int], *,
     padded tokens (None: no budget) and ``max_rows`` rows (:func:`token_budget_groups`);
     ``count_for`` (a collective such as :func:`k15_megatron.train.schedule.micro_batch_count`)
     turns this rank's count into the count to run (:func:`split_to_count`)."""
-    padded = [padded_length(n, multiple) for n in lengths]
-    groups = token_budget_groups(padded, max_tokens=max_tokens or sum(padded), max_items=max_rows)
-    if count_for is not None:
-        groups = split_to_count(groups, padded, count_for(len(groups)))
+    padded, groups = _row_groups(lengths, multiple=multiple, max_rows=max_rows, max_tokens=max_tokens,
+                                 count_for=count_for)
     batches = []
     for rows in groups:
         sequences = []
@@ -180,10 +190,8 @@ def padded_image_micro_batches(input_ids: torch.Tensor, lengths: list[int], imag
     if len(images) != input_ids.shape[0]:
         raise ValueError(f"images must hold one entry (None or a dict) per row: {len(images)} for "
                          f"{input_ids.shape[0]} rows")
-    padded = [padded_length(n, multiple) for n in lengths]
-    groups = token_budget_groups(padded, max_tokens=max_tokens or sum(padded), max_items=max_rows)
-    if count_for is not None:
-        groups = split_to_count(groups, padded, count_for(len(groups)))
+    padded, groups = _row_groups(lengths, multiple=multiple, max_rows=max_rows, max_tokens=max_tokens,
+                                 count_for=count_for)
     batches = []
     for rows in groups:
         width = max(padded[row] for row in rows)
