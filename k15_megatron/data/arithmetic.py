@@ -24,6 +24,23 @@ then samples the slips at about their data rate, pass@k stays far above pass@1, 
 rewards only right final answers, has a clear signal to learn from (measured: with 30% slips the
 paired pass@1 gain of the calibrated recipe is 2-3x that on clean demonstrations).
 
+Verification lines (``verify_share``, 0 by default): a "long" chain of thought for the
+long2short demonstration (docs/tiny_long2short.md). Each correct step line of a demonstration is
+followed, with probability ``verify_share``, by a redundant check that undoes it::
+
+    47+8=55
+    check 55-8=47
+    55-5=50
+    50+9=59
+    check 59-9=50
+    \\boxed{59}
+
+Every check is a true equation (a slipped step is never checked), the boxed answer is unchanged,
+and the checks come from their own random stream, so the prompts, the slips and the other
+splits are those of ``verify_share=0`` (which writes today's files byte for byte). The number of
+checks varies from demonstration to demonstration, so a model trained on them samples responses
+of varying length for one prompt: what shortest rejection sampling and long2short DPO select from.
+
 Splits: a prompt's split is a pure function of its text (a SHA-256 bucket, `split_of`), so the
 SFT, RL-train and held-out eval sets never share a prompt, for any seed or size. Eval and RL-train
 prompts are distinct within their split; SFT prompts may repeat (with independently drawn
@@ -47,6 +64,8 @@ TASK_NAME = "arithmetic"
 PROMPT_PREFIX = "Compute: "
 SPLITS = ("sft", "train", "eval")
 MISTAKE_KINDS = ("carry", "off_by_one")
+CHECK_PREFIX = "check "
+"""Start of a verification line (see the module docstring)."""
 REWARD_SPECS = ("math", "k15_megatron.rewards.arithmetic:arithmetic_reward")
 
 
@@ -70,6 +89,9 @@ class ArithmeticTaskConfig:
     """Every running total of a problem stays in 0 .. max_total (operations are redrawn)."""
     wrong_share: float = 0.3
     """Share of SFT demonstrations that contain one plausible mistake (ends in a wrong answer)."""
+    verify_share: float = 0.0
+    """Probability that a correct step line of an SFT demonstration is followed by a redundant
+    verification line (``check c-b=a`` after ``a+b=c``); 0 = none (the tiny default)."""
     num_sft: int = 40000
     """SFT demonstrations (prompts may repeat)."""
     num_train: int = 4000
@@ -99,6 +121,8 @@ class ArithmeticTaskConfig:
             errors.append(f"operand_max={self.operand_max} must be in 1 .. max_total")
         if not 0.0 <= self.wrong_share <= 1.0:
             errors.append(f"wrong_share={self.wrong_share} must be in [0, 1]")
+        if not 0.0 <= self.verify_share <= 1.0:
+            errors.append(f"verify_share={self.verify_share} must be in [0, 1]")
         if min(self.num_sft, self.num_train, self.num_eval) < 0:
             errors.append("num_sft, num_train and num_eval must be >= 0")
         if not (0 < self.eval_fraction and 0 < self.train_fraction
@@ -216,6 +240,29 @@ def wrong_response(problem: Problem, rng: random.Random) -> Tuple[str, int, str]
     raise AssertionError(f"no valid slip for {problem.prompt!r}")
 
 
+_STEP_LINE = re.compile(r"(\d+)([+-])(\d+)=(\d+)")
+
+
+def with_verification(response: str, rng: random.Random, share: float) -> str:
+    """``response`` with a ``check`` line after each correct step line, each with probability
+    ``share`` (one ``rng.random()`` draw per correct step line, in order).
+
+    The check of ``a+b=c`` is ``check c-b=a`` and that of ``a-b=c`` is ``check c+b=a``: a true
+    equation that undoes the step. Lines that are not a correct step (a slipped step, the boxed
+    answer) are left alone and never checked, so every check is true and the answer unchanged.
+    """
+    lines = []
+    for line in response.split("\n"):
+        lines.append(line)
+        step = _STEP_LINE.fullmatch(line)
+        if step is None:
+            continue
+        a, op, b, c = int(step.group(1)), step.group(2), int(step.group(3)), int(step.group(4))
+        if (a + b if op == "+" else a - b) == c and rng.random() < share:
+            lines.append(f"{CHECK_PREFIX}{c}{'-' if op == '+' else '+'}{b}={a}")
+    return "\n".join(lines)
+
+
 def split_of(prompt: str, cfg: ArithmeticTaskConfig) -> str:
     """"eval", "train" or "sft": a fixed function of the prompt text (SHA-256 bucket)."""
     digest = hashlib.sha256(prompt.encode("utf-8")).digest()
@@ -270,6 +317,7 @@ def generate_splits(cfg: ArithmeticTaskConfig) -> Dict[str, List[Dict[str, Any]]
         out[split] = [prompt_record(_draw_in_split(rng, split, cfg, seen), cfg)
                       for _ in range(count)]
     rng = random.Random(f"{cfg.seed}/sft")
+    verify_rng = random.Random(f"{cfg.seed}/verify")  # its own stream: the prompts and slips stay the same
     sft = []
     for _ in range(cfg.num_sft):
         problem = _draw_in_split(rng, "sft", cfg, None)
@@ -277,6 +325,8 @@ def generate_splits(cfg: ArithmeticTaskConfig) -> Dict[str, List[Dict[str, Any]]
             response = wrong_response(problem, rng)[0]
         else:
             response = correct_response(problem)
+        if cfg.verify_share > 0:
+            response = with_verification(response, verify_rng, cfg.verify_share)
         sft.append({"prompt": problem.prompt, "response": response})
     out["sft"] = sft
     return out

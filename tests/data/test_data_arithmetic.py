@@ -136,6 +136,59 @@ def test_slips_are_plausible_carry_or_off_by_one():
     assert kinds == {"carry", "off_by_one"}
 
 
+def test_verify_share_zero_keeps_the_tiny_defaults_data_byte_for_byte(splits):
+    """The tiny default's recorded numbers were measured on these files: the SHA-256 of the
+    splits as generated before verify_share existed (seed 0, and seed 3 on 2-4 operands)."""
+    import hashlib
+    import json
+
+    def digest(data):
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+    assert digest(splits) == "8e272b76569449ec4118a131a8becfcd09a6d51114f75ba9eb76c03f6848ada6"
+    other = generate_splits(ArithmeticTaskConfig(**SMALL, max_operands=4, seed=3, verify_share=0.0))
+    assert digest(other) == "e3dbce2a448c87aaeae42120a0ead952271a637cc5a672de14829fe6883ba8ee"
+
+
+def test_verification_lines_are_true_checks_that_keep_prompts_slips_and_rewards():
+    """verify_share=0.7: the same prompts and demonstrations as verify_share=0 once the check lines
+    are removed; each check follows a correct step and undoes it (checked by evaluating it
+    independently); the boxed answer and both checkers' verdicts are those of the plain one."""
+    from k15_megatron.rewards.math import score_batch
+
+    sizes = dict(num_sft=1500, num_train=50, num_eval=50, max_operands=4)
+    plain = generate_splits(ArithmeticTaskConfig(**sizes))
+    checked = generate_splits(ArithmeticTaskConfig(**sizes, verify_share=0.7))
+    assert checked["train"] == plain["train"] and checked["eval"] == plain["eval"]
+
+    def true(equation):  # "a+b=c" evaluated independently
+        left, right = equation.split("=")
+        return _eval_expression(": " + left) == int(right)
+
+    correct_steps = num_checks = 0
+    for p, c in zip(plain["sft"], checked["sft"]):
+        assert p["prompt"] == c["prompt"]
+        lines = c["response"].split("\n")
+        assert [line for line in lines if not line.startswith("check ")] == p["response"].split("\n")
+        for previous, line in zip(lines, lines[1:]):
+            if line.startswith("check "):
+                num_checks += 1
+                check = line[len("check "):]
+                assert true(check) and true(previous), "a true check, of a correct step"
+                undone = (re.match(r"\d+", check).group(), check.split("=")[1])
+                assert undone == (previous.split("=")[1], re.match(r"\d+", previous).group()), "it undoes that step"
+        correct_steps += sum(true(line) for line in p["response"].split("\n")[:-1])
+        truth = str(_eval_expression(p["prompt"]))
+        assert boxed_answer(c["response"]) == boxed_answer(p["response"])
+        assert check_answer(c["response"], truth) == check_answer(p["response"], truth)
+    # 0.7 of the correct steps (Bernoulli, ~3,000 of them: SE ~0.008)
+    assert abs(num_checks / correct_steps - 0.7) < 0.04
+    sample = list(zip(plain["sft"], checked["sft"]))[:60]
+    golds = [str(_eval_expression(p["prompt"])) for p, _ in sample]
+    assert (score_batch([c["response"] for _, c in sample], golds)
+            == score_batch([p["response"] for p, _ in sample], golds))
+
+
 def test_parse_prompt_round_trip_and_bad_prompts():
     cfg = ArithmeticTaskConfig()
     rng = random.Random(1)
@@ -193,9 +246,9 @@ def test_reward_contract():
 
 
 def test_config_validation_names_the_field():
-    bad = ArithmeticTaskConfig(wrong_share=1.5, max_operands=1, reward="nope")
+    bad = ArithmeticTaskConfig(wrong_share=1.5, max_operands=1, reward="nope", verify_share=-0.1)
     errors = " ".join(bad.validate())
-    assert "wrong_share" in errors and "max_operands" in errors and "reward" in errors
+    assert "wrong_share" in errors and "max_operands" in errors and "reward" in errors and "verify_share" in errors
     with pytest.raises(ValueError, match="wrong_share"):
         generate_splits(ArithmeticTaskConfig(wrong_share=-0.1))
 
