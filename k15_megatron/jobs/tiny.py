@@ -39,6 +39,13 @@ report (docs/tiny_vision.md has the design and its calibration). A ``--task`` va
 task (``arithmetic``, the default, or ``vision``); one with ``=`` overrides a field of the
 task's data (:class:`~k15_megatron.data.arithmetic.ArithmeticTaskConfig`, and for ``vision`` also
 ``cell`` and ``font_size`` of :class:`~k15_megatron.data.visual_arithmetic.VisualArithmeticConfig`).
+
+``--task long2short`` runs the long2short demonstration instead, into ``runs/tiny-long2short``
+(:mod:`k15_megatron.jobs.tiny_long2short`, docs/tiny_long2short.md): a "long" SFT model whose
+demonstrations carry redundant check lines, then model merging, shortest rejection sampling,
+DPO and long2short RL from it, each evaluated on the same held-out prompts; ``--sample`` and
+``--dpo`` override its ``k15 sample`` and ``k15 dpo`` stages (``--sft`` reaches its three SFT
+stages), and ``--min-z`` does not apply (its check is in that module).
 """
 
 from __future__ import annotations
@@ -87,7 +94,11 @@ TASKS = {
     "arithmetic": {"recipes": "tiny_arith", "folder": "tiny-arith", "title": "held-out arithmetic", "data": []},
     "vision": {"recipes": "tiny_vision", "folder": "tiny-vision", "data": ["num_sft=8000", "max_operands=4"],
                "title": "held-out arithmetic drawn into images"},
+    "long2short": {"recipes": "tiny_long2short", "folder": "tiny-long2short", "data": ["max_operands=4", "verify_share=0.7"],
+                   "title": "long2short on held-out arithmetic"},
 }
+# Stage overrides only the long2short pipeline has (its k15 sample and k15 dpo stages).
+LONG2SHORT_STAGES = ("sample", "dpo")
 
 # The visual task's model (transformers config overrides of models/tiny_vl.py's Qwen2-VL): the
 # language model of the text default (4 layers, width 128, MLP 512, 4 heads with 4 key/value heads),
@@ -114,7 +125,7 @@ def _parse_args(argv):
                         help="dense (default) or moe: a tiny Qwen3-MoE under expert parallelism EP=2")
     parser.add_argument("--out", default=None,
                         help="run folder (default: $K15_RUNS/tiny-arith, tiny-arith-moe with --model moe, "
-                             "tiny-vision with --task vision; K15_RUNS defaults to runs)")
+                             "tiny-vision or tiny-long2short with that --task; K15_RUNS defaults to runs)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the task data and of every stage")
     parser.add_argument("--fresh", action="store_true", help="run every stage again")
     parser.add_argument("--min-z", type=float, default=3.0, help="required paired gain in standard errors")
@@ -123,18 +134,23 @@ def _parse_args(argv):
     add_flag(parser)
     parser.add_argument("--task", action="append", default=[], metavar="NAME|KEY=VALUE",
                         help=f"the task, one of {', '.join(TASKS)} (default arithmetic; vision: the problems "
-                             "drawn into images, a tiny Qwen2-VL), or an override of its data (repeatable)")
-    for stage in ("sft", "rl", "eval"):
+                             "drawn into images, a tiny Qwen2-VL; long2short: the long2short methods), "
+                             "or an override of its data (repeatable)")
+    for stage in ("sft", "rl", "eval") + LONG2SHORT_STAGES:
         parser.add_argument(f"--{stage}", action="append", default=[], metavar="KEY=VALUE",
-                            help=f"override for the {stage} stage (repeatable)")
+                            help=f"override for the {stage} stage (repeatable)"
+                                 + (" (--task long2short)" if stage in LONG2SHORT_STAGES else ""))
     args = parser.parse_args(argv)
     names = {value for value in args.task if "=" not in value}
     if len(names) > 1 or not names <= set(TASKS):
         parser.error(f"--task {' '.join(sorted(names))}: name one task of {', '.join(TASKS)} "
                      "(a value with '=' overrides a field of its data)")
     args.task_name = names.pop() if names else "arithmetic"
-    if args.task_name == "vision" and args.model != "dense":
-        parser.error(f"--task vision runs the dense vision-language model; drop --model {args.model}")
+    if args.task_name != "arithmetic" and args.model != "dense":
+        parser.error(f"--task {args.task_name} runs the dense model only; drop --model {args.model}")
+    for stage in LONG2SHORT_STAGES:
+        if getattr(args, stage) and args.task_name != "long2short":
+            parser.error(f"--{stage} overrides a stage of --task long2short only")
     args.task = TASKS[args.task_name]["data"] + [value for value in args.task if "=" in value]
     if args.out is None:
         name = TASKS[args.task_name]["folder"] + ("" if args.model == "dense" else f"-{args.model}")
@@ -364,5 +380,9 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parse_args(argv)
     args.argv = argv
+    if args.task_name == "long2short":
+        from k15_megatron.jobs.tiny_long2short import run_pipeline as run_long2short
+
+        return 0 if run_long2short(args)["passed"] else 1
     report = run_pipeline(args)
     return 0 if report["passed"] else 1
