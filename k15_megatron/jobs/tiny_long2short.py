@@ -9,21 +9,21 @@ PAPER.md section 7's four methods, each run as the real ``k15`` command by
    lines (``verify_share``, :mod:`k15_megatron.data.arithmetic`) in ``data/sft.jsonl``, the same
    demonstrations without them in ``data/sft_plain.jsonl``, the RL-train and held-out prompts;
 2. ``sft-long``: the "long" model, ``k15 sft`` from random weights on the checked demonstrations;
-3. ``sft-short``: the "short" model, the long checkpoint briefly SFT-ed on the plain ones;
-4. ``merge``: ``k15 merge`` of long and short (equal weights);
-5. ``sample``: ``k15 sample`` of the long model, 8 responses per RL-train prompt;
-6. ``sft-rs``: shortest rejection sampling, the long checkpoint SFT-ed on the shortest correct ones;
-7. ``rl``: long2short RL, ``k15 rl`` from the long checkpoint with the length penalty from the
-   first iteration and half the response budget;
-8. ``dpo``: ``k15 dpo`` from the long checkpoint on the sampled groups (shortest correct vs
+3. ``rl``: long2short RL, ``k15 rl`` from the long checkpoint with the length penalty from the
+   first iteration and a much smaller response budget (40 tokens, the evaluation's 96);
+4. ``sample``: ``k15 sample`` of the long model, 8 responses per RL-train prompt (the first 2,000);
+5. ``sft-rs``: shortest rejection sampling, the long checkpoint SFT-ed on the shortest correct ones;
+6. ``dpo``: ``k15 dpo`` from the long checkpoint on the sampled groups (shortest correct vs
    wrong and vs correct > 1.5x longer);
+7. ``sft-short``: the "short" model, the long checkpoint briefly SFT-ed on the plain ones;
+8. ``merge``: ``k15 merge`` of long and short (equal weights);
 
 each model followed by ``eval-<model>``: ``k15 eval`` on the same 1,000 held-out prompts with
-the same settings (8 samples at temperature 1). The stages that are the likeliest to be
-re-tuned come last, since a stage that runs again re-runs every later one. The report
-(``report.json``, ``report.md``) gives per model the mean response tokens (from the eval
-samples files), the change against the long model, sampled pass@1 and its paired gain over
-the long model on the same prompts (:func:`k15_megatron.jobs.tiny_report.paired_comparison`:
+the same settings (8 samples at temperature 1). Stages 3, 4-6 and 7-8 are branches from the long
+model (:data:`BRANCHES`): a stage that runs again re-runs the later stages of its own branch, not
+the other branches. The report (``report.json``, ``report.md``) gives per model the mean
+response tokens (from the eval samples files), the change against the long model, sampled
+pass@1 and its paired gain over the long model on the same prompts (:func:`k15_megatron.jobs.tiny_report.paired_comparison`:
 SE and z). The check: at least one long2short method (merge, shortest-RS SFT, DPO, long2short
 RL; the short model is a reference) shortens responses by :data:`MIN_SHORTENING` or more with
 pass@1 lower by at most :data:`MAX_DROP_SE` standard errors; the exit status is 1 when it fails.
@@ -45,10 +45,14 @@ MIN_SHORTENING = 0.30
 MAX_DROP_SE = 2.0
 """Largest allowed drop of sampled pass@1 against the long model, in paired standard errors."""
 
-MODELS = {"long": "long (SFT on checked demonstrations)", "short": "short (long + SFT on plain; reference)",
-          "merge": "merge (long + short, equal weights)", "rs": "shortest-RS SFT",
-          "rl": "long2short RL", "dpo": "DPO"}
+MODELS = {"long": "long (SFT on checked demonstrations)", "rl": "long2short RL", "rs": "shortest-RS SFT",
+          "dpo": "DPO", "short": "short (long + SFT on plain; reference)", "merge": "merge (long + short, equal weights)"}
 """The evaluated models in stage order, with their report labels."""
+BRANCHES = (("rl",), ("sample", "rs", "dpo"), ("short", "merge"))
+"""The stages after the long model's, in order (a model is evaluated right after it): branches
+that start from the long model, each independent of the others, so that re-running one (a
+changed command) re-runs its own later stages only."""
+STAGE_NAMES = {"long": "sft-long", "rs": "sft-rs", "short": "sft-short"}
 METHODS = ("merge", "rs", "dpo", "rl")
 """The long2short methods the check is on."""
 
@@ -81,27 +85,34 @@ def run_pipeline(args) -> dict:
     def from_long(name, train_path):
         return [seed, f"run_dir={out}/{name}", f"model.init_from={out}/long/checkpoints", f"data.train_path={train_path}"]
 
-    training = {
-        "long": ("sft-long", ["sft", recipe("sft"), seed, f"run_dir={out}/long", f"data.train_path={data}/sft.jsonl",
-                              *args.sft]),
-        "short": ("sft-short", ["sft", recipe("short"), *from_long("short", f"{data}/sft_plain.jsonl"), *args.sft]),
-        "merge": ("merge", ["merge", f"{out}/long/checkpoints", f"{out}/short/checkpoints", "--out", f"{out}/merge"]),
-        "rs": ("sft-rs", ["sft", recipe("rs"), *from_long("rs", f"{out}/sample/shortest.jsonl"), *args.sft]),
-        "rl": ("rl", ["rl", recipe("rl"), *from_long("rl", f"{data}/train.jsonl"), *args.rl]),
-        "dpo": ("dpo", ["dpo", recipe("dpo"), *from_long("dpo", f"{out}/sample/sample_groups.jsonl"), *args.dpo]),
+    commands = {
+        "long": ["sft", recipe("sft"), seed, f"run_dir={out}/long", f"data.train_path={data}/sft.jsonl", *args.sft],
+        "rl": ["rl", recipe("rl"), *from_long("rl", f"{data}/train.jsonl"), *args.rl],
+        "sample": ["sample", recipe("sample"), *from_long("sample", f"{data}/train.jsonl"), *args.sample],
+        "rs": ["sft", recipe("rs"), *from_long("rs", f"{out}/sample/shortest.jsonl"), *args.sft],
+        "dpo": ["dpo", recipe("dpo"), *from_long("dpo", f"{out}/sample/sample_groups.jsonl"), *args.dpo],
+        "short": ["sft", recipe("short"), *from_long("short", f"{data}/sft_plain.jsonl"), *args.sft],
+        "merge": ["merge", f"{out}/long/checkpoints", f"{out}/short/checkpoints", "--out", f"{out}/merge"],
     }
     eval_files = {}
-    for model, (stage, command) in training.items():
-        if model == "rs":  # its data first: the long model's samples (DPO's groups too)
-            stages.run_command("sample", ["sample", recipe("sample"), *from_long("sample", f"{data}/train.jsonl"),
-                                          *args.sample], outputs=[f"{out}/sample"])
-        stages.run_command(stage, command, outputs=[f"{out}/{model}"])
-        weights = ([f"model.hf_path={out}/merge", "model.init_from=null"] if model == "merge"
-                   else [f"model.init_from={out}/{model}/checkpoints"])
-        output = eval_files[model] = os.path.join(out, "eval", f"{model}.json")
-        stages.run_command(f"eval-{model}", ["eval", recipe("eval"), seed, f"run_dir={out}/eval/{model}", *weights,
-                                             f"data.eval_path={data}/eval.jsonl", f"eval.output={output}", *args.eval],
-                           outputs=[f"{out}/eval/{model}", output, samples_file(output)])
+
+    def run_branch(branch):
+        for name in branch:
+            stages.run_command(STAGE_NAMES.get(name, name), commands[name], outputs=[f"{out}/{name}"])
+            if name not in MODELS:
+                continue
+            weights = ([f"model.hf_path={out}/merge", "model.init_from=null"] if name == "merge"
+                       else [f"model.init_from={out}/{name}/checkpoints"])
+            output = eval_files[name] = os.path.join(out, "eval", f"{name}.json")
+            stages.run_command(f"eval-{name}", ["eval", recipe("eval"), seed, f"run_dir={out}/eval/{name}", *weights,
+                                                f"data.eval_path={data}/eval.jsonl", f"eval.output={output}", *args.eval],
+                               outputs=[f"{out}/eval/{name}", output, samples_file(output)])
+
+    run_branch(("long",))
+    after_long = stages.rerun
+    for branch in BRANCHES:
+        stages.rerun = after_long  # a branch depends on the long model, not on the branches before it
+        run_branch(branch)
     report = build_report(eval_files, stages.seconds)
     report["command"] = "k15 tiny " + shlex.join(args.argv)
     with open(os.path.join(out, "report.json"), "w") as f:

@@ -96,3 +96,38 @@ def test_arguments_and_data_stage(tmp_path, monkeypatch):
     assert sum("check " in r["response"] for r in checked) > 10
     assert read_jsonl(str(tmp_path / "train.jsonl")) == reference["train"]
     assert read_jsonl(str(tmp_path / "eval.jsonl")) == reference["eval"]
+
+
+def test_a_changed_stage_re_runs_its_own_branch_only(tmp_path, monkeypatch):
+    """The stages after the long model are branches from it: a changed RL command re-runs rl and
+    eval-rl, not the sampling/RS/DPO or short/merge stages; a changed long-model command re-runs
+    everything. (Each stage's work is replaced by recording its name: the scheduling is pure logic;
+    the commands themselves are tested in their own modules.)"""
+    import shlex
+
+    from k15_megatron.jobs import tiny, tiny_long2short
+
+    ran = []
+    monkeypatch.setattr(tiny.Stages, "run_command", lambda self, name, args, outputs=(): self.run(
+        name, shlex.join(args), lambda: ran.append(name), outputs=outputs))
+    monkeypatch.setattr(tiny_long2short, "write_data", lambda task, data_dir: ran.append("data"))
+    monkeypatch.setattr(tiny_long2short, "build_report", lambda eval_files, seconds: {"passed": True})
+    monkeypatch.setattr(tiny_long2short, "render_report", lambda report: "")
+
+    def pipeline(*extra):
+        ran.clear()
+        argv = ["--task", "long2short", "--out", str(tmp_path / "run"), *extra]
+        args = tiny._parse_args(argv)
+        args.argv = argv
+        tiny_long2short.run_pipeline(args)
+        return list(ran)
+
+    everything = ["data", "sft-long", "eval-long", "rl", "eval-rl", "sample", "sft-rs", "eval-rs", "dpo", "eval-dpo",
+                  "sft-short", "eval-short", "merge", "eval-merge"]
+    assert pipeline() == everything
+    assert pipeline() == []
+    assert pipeline("--rl", "rl.iterations=3") == ["rl", "eval-rl"]
+    assert pipeline("--rl", "rl.iterations=3", "--dpo", "optim.lr=1e-5") == ["dpo", "eval-dpo"]
+    assert pipeline("--rl", "rl.iterations=3", "--dpo", "optim.lr=1e-5", "--sample", "sample.max_prompts=8") == \
+        ["sample", "sft-rs", "eval-rs", "dpo", "eval-dpo"]
+    assert pipeline("--sft", "optim.train_iters=5") == everything[1:]
