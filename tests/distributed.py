@@ -1,6 +1,6 @@
 """The one helper that starts multi-process tests: N CPU processes joined by gloo.
 
-``run_distributed(fn, world_size, *args)`` spawns ``world_size`` fresh processes, sets the
+``run_distributed(fn, world_size, *args)`` starts ``world_size`` fresh processes, sets the
 torchrun environment variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), calls
 ``fn(rank, world_size, *args)`` in each and returns the list of their return values
 (index = rank). ``fn`` must be a module-level function (it is pickled by reference).
@@ -10,6 +10,12 @@ An exception in any rank fails the call with that rank's traceback; a hang fails
 under torchrun. Ranks run in the strict device mode (``K15_STRICT_DEVICE=1``, see
 :mod:`k15_megatron.parallel.strict_device`) unless ``strict_device=False`` or the suite runs
 with ``K15_STRICT_DEVICE=0``.
+
+The processes are forked from a fork server that has imported torch and Megatron-Core once
+(:data:`PRELOAD`; importing them cost each spawned rank several seconds). A rank still starts
+from a clean interpreter state for everything else: it takes the parent's environment as it is
+at the call (``os.environ`` replaced, ``torch.set_num_threads`` from ``OMP_NUM_THREADS``), imports
+the test module afresh, and nothing of Megatron's state exists before ``fn`` builds it.
 
 ``run_cases(world_size, {name: (fn, args)})`` runs several such functions one after the other in
 ONE launch (starting processes costs more than most checks), destroying Megatron's parallel
@@ -34,7 +40,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, world_size, port, fn, args, queue, strict_device):
+# Imported once by the fork server the ranks are forked from (import only: no Megatron state,
+# no OpenMP region runs there, so forking from it is safe).
+PRELOAD = ["torch", "torch.distributed", "megatron.core", "megatron.core.parallel_state", "transformers"]
+
+
+def _threads(environ: dict) -> int:
+    """Intra-op threads a freshly started process would use under ``environ``."""
+    value = environ.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else len(os.sched_getaffinity(0))
+
+
+def _entry(rank, world_size, port, fn, args, queue, strict_device, environ):
+    os.environ.clear()
+    os.environ.update(environ)
+    torch.set_num_threads(_threads(environ))
     os.environ.update(
         K15_STRICT_DEVICE=os.environ.get("K15_STRICT_DEVICE", "1") if strict_device else "0",
         RANK=str(rank),
@@ -60,36 +80,36 @@ def _entry(rank, world_size, port, fn, args, queue, strict_device):
             dist.destroy_process_group()
 
 
-def _start(procs, world_size: int) -> None:
-    """Start ``procs`` with one OpenMP thread per rank when there are several, as torchrun and
-    `k15`'s launcher set it (the children read the parent's environment when they import torch;
-    N ranks x all cores oversubscribe the CPU). The parent's environment is left as it was."""
-    saved = os.environ.get("OMP_NUM_THREADS")
+def _rank_environment(world_size: int) -> dict:
+    """The parent's environment, with one OpenMP thread per rank when there are several, as
+    torchrun and `k15`'s launcher set it (N ranks x all cores oversubscribe the CPU)."""
+    environ = dict(os.environ)
     if world_size > 1:
-        os.environ["OMP_NUM_THREADS"] = "1"
-    try:
-        for p in procs:
-            p.start()
-    finally:
-        if world_size > 1 and saved is None:
-            del os.environ["OMP_NUM_THREADS"]
-        elif world_size > 1:
-            os.environ["OMP_NUM_THREADS"] = saved
+        environ["OMP_NUM_THREADS"] = "1"
+    return environ
+
+
+def _context():
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
 
 
 def run_distributed(fn, world_size: int, *args, timeout_s: float = 600.0, strict_device: bool = True):
-    """Run ``fn(rank, world_size, *args)`` in ``world_size`` spawned processes; see module doc."""
-    ctx = mp.get_context("spawn")
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` fresh processes; see module doc."""
+    ctx = _context()
     queue = ctx.Queue()
     port = free_port()
+    environ = _rank_environment(world_size)
     procs = [
-        ctx.Process(target=_entry, args=(r, world_size, port, fn, args, queue, strict_device), daemon=False)
+        ctx.Process(target=_entry, args=(r, world_size, port, fn, args, queue, strict_device, environ), daemon=False)
         for r in range(world_size)
     ]
     results: dict[int, object] = {}
     failures: list[str] = []
     try:
-        _start(procs, world_size)
+        for p in procs:
+            p.start()
         for _ in range(world_size):
             rank, ok, payload = queue.get(timeout=timeout_s)
             if ok:
