@@ -321,12 +321,9 @@ def run_pipeline(args) -> dict:
     report["command"] = "k15 tiny " + shlex.join(args.argv)
     report["model"] = args.model
     report["task"] = task_name
-    with open(os.path.join(out, "report.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    text = render_report(report)
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write(text)
-    print(text, flush=True)
+    from k15_megatron.jobs.tiny_report import save_report
+
+    save_report(out, report, render_report(report))
     print(f"tiny: wrote report.json, report.md, rl/curves.png, eval/*.json, eval/*_samples.jsonl and the "
           f"sft/ and rl/ runs in {out}", flush=True)
     return report

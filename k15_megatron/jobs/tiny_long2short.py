@@ -115,12 +115,9 @@ def run_pipeline(args) -> dict:
         run_branch(branch)
     report = build_report(eval_files, stages.seconds)
     report["command"] = "k15 tiny " + shlex.join(args.argv)
-    with open(os.path.join(out, "report.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    text = render_report(report)
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write(text)
-    print(text, flush=True)
+    from k15_megatron.jobs.tiny_report import save_report
+
+    save_report(out, report, render_report(report))
     print(f"tiny: wrote report.json, report.md, eval/*.json, eval/*_samples.jsonl and the runs in {out}", flush=True)
     return report
 

@@ -13,7 +13,9 @@ iterations with its standard error (residual variance / sum of squared centred i
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from typing import Dict, Sequence
 
 from k15_megatron.jobs.metrics_log import read_metrics
@@ -71,3 +73,13 @@ def reward_curve(metrics_path: str, key: str = "accuracy/mean") -> Dict[str, flo
     if len(points) < 5:
         raise ValueError(f"{metrics_path}: {len(points)} iterations with {key!r}; need at least 5 for a trend")
     return trend([float(x) for x, _ in points], [float(y) for _, y in points])
+
+
+def save_report(out: str, report: dict, text: str) -> None:
+    """Write ``report`` to ``out/report.json`` and its rendering ``text`` to ``out/report.md``,
+    and print ``text``."""
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(text)
+    print(text, flush=True)
