@@ -125,13 +125,10 @@ def run_pipeline(args) -> dict:
 # -- the report -------------------------------------------------------------------------------------
 def per_prompt_lengths(path: str) -> List[float]:
     """Mean response tokens of each prompt of a ``k15 eval`` samples file, in file order."""
-    lengths = []
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                samples = json.loads(line)["samples"]
-                lengths.append(math.fsum(s["length"] for s in samples) / len(samples))
-    return lengths
+    from k15_megatron.data.jsonl import read_jsonl
+
+    return [math.fsum(s["length"] for s in record["samples"]) / len(record["samples"])
+            for record in read_jsonl(path)]
 
 
 def build_report(eval_files: Dict[str, str], seconds: Dict[str, float], *, min_shortening: float = MIN_SHORTENING,
