@@ -26,14 +26,12 @@ save once and exit 0.
 from __future__ import annotations
 
 import functools
-import os
 import time
 
-from k15_megatron.checkpoint import run_ckpt, run_dir
 from k15_megatron.data.pairs import PairSet
 from k15_megatron.jobs.metrics_log import MetricsLogger
-from k15_megatron.jobs.preemption import PreemptionFlag
 from k15_megatron.jobs.sft import rows_for_step
+from k15_megatron.jobs.step_loop import resume_point, run_steps
 
 
 def read_pairs(cfg, tokenizer) -> PairSet:
@@ -79,47 +77,22 @@ def run(cfg) -> None:
     pairs = read_pairs(cfg, trainer.tokenizer)
     trainer.log(f"dpo: {len(pairs)} pairs from {cfg.data.train_path}; weights: {trainer.init_source}; "
                 f"layout {layout.describe()}")
-    start, resume_state = 0, None
-    resume_from = run_ckpt.find_resume_checkpoint(cfg.checkpoint.save_dir) if cfg.checkpoint.resume == "auto" else None
-    if resume_from:
-        resume_state, _ = run_ckpt.load_run_checkpoint(resume_from, model_chunks=trainer.chunks,
-                                                       optimizer=trainer.optimizer)
-        trainer.scheduler.load_state_dict(resume_state["scheduler"])
-        start = resume_state["iteration"]
-        trainer.log(f"dpo: resumed from {resume_from} at step {start}")
+    start, resume_state = resume_point(trainer, "dpo")
     reference = _reference(trainer, pairs, resume_state)
     logger = MetricsLogger(cfg.logging, enabled=trainer.is_logging_rank, resume_from_iteration=start)
-    preemption = PreemptionFlag()
     per_rank = cfg.data.global_batch_size // layout.dp_size
     step_fn = functools.partial(dpo_step, trainer, beta=cfg.dpo.beta, chunk_size=cfg.dpo.logprob_chunk_tokens,
                                 pairs_per_micro_batch=cfg.data.micro_batch_size)
 
-    def save(step):
-        run_dir.save_checkpoint(cfg, step, is_logging_rank=trainer.is_logging_rank, model_chunks=trainer.chunks,
-                                optimizer=trainer.optimizer,
-                                run_state={"iteration": step, "scheduler": trainer.scheduler.state_dict(),
-                                           "reference_logprobs": reference},
-                                rank_state={}, hf_assets_dir=assets)
-
-    for step in range(start, cfg.optim.train_iters):
+    def step(i: int) -> None:
         begin = time.perf_counter()
-        indices = rows_for_step(pairs.pairs, step, global_batch=cfg.data.global_batch_size, seed=cfg.seed)
+        indices = rows_for_step(pairs.pairs, i, global_batch=cfg.data.global_batch_size, seed=cfg.seed)
         mine = indices[layout.dp_rank * per_rank:(layout.dp_rank + 1) * per_rank]
-        metrics = step_fn([pairs.pairs[i] for i in mine], reference[mine])
-        logger.log(step + 1, {**metrics, "time/iteration_s": time.perf_counter() - begin}, prefix="dpo ")
-        done = step + 1
-        stop = preemption.requested()  # collective: every rank asks every step
-        if stop or (cfg.checkpoint.save_interval and done % cfg.checkpoint.save_interval == 0
-                    and done < cfg.optim.train_iters):
-            save(done)  # once, also when the signal comes at a periodic save
-        if stop:
-            trainer.log(f"dpo: signal received, saved step {done}, exiting")
-            logger.close()
-            return
-    save(cfg.optim.train_iters)
-    logger.close()
-    trainer.log(f"dpo: done; wrote checkpoint {run_ckpt.iteration_dir_name(cfg.optim.train_iters)} in "
-                f"{os.path.abspath(cfg.checkpoint.save_dir)}, metrics in {os.path.abspath(cfg.logging.dir)}")
+        metrics = step_fn([pairs.pairs[p] for p in mine], reference[mine])
+        logger.log(i + 1, {**metrics, "time/iteration_s": time.perf_counter() - begin}, prefix="dpo ")
+
+    run_steps(trainer, "dpo", start=start, step=step, logger=logger, assets_dir=assets,
+              extra_state={"reference_logprobs": reference})
 
 
 HELP_KEYS = ("data.train_path", "dpo.beta", "dpo.ratio", "data.seq_length", "data.micro_batch_size",

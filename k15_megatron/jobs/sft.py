@@ -21,17 +21,15 @@ process, its process group, torchrun or every rank) finish the step, save once a
 
 from __future__ import annotations
 
-import os
 import random
 import time
 
-from k15_megatron.checkpoint import run_ckpt, run_dir
 from k15_megatron.config.model_arch import resolve_vision_arch
 from k15_megatron.data.packing import pack_examples, row_examples
 from k15_megatron.data.sft_set import SftSet
 from k15_megatron.jobs.metrics_log import MetricsLogger
-from k15_megatron.jobs.preemption import PreemptionFlag
 from k15_megatron.jobs.preflight import sft_processor
+from k15_megatron.jobs.step_loop import resume_point, run_steps
 from k15_megatron.train.moe_metrics import RoutingMetrics
 from k15_megatron.train.packed import pack_sequences
 from k15_megatron.train.schedule import packing_multiple
@@ -99,53 +97,28 @@ def run(cfg) -> None:
     rows = packed_rows(cfg, trainer.tokenizer, cfg.data.train_path, processor=sft_processor(cfg))
     trainer.log(f"sft: {len(rows)} packed rows of {cfg.data.seq_length} tokens from {cfg.data.train_path}; "
                 f"weights: {trainer.init_source}; layout {layout.describe()}")
-    start = 0
-    resume_from = run_ckpt.find_resume_checkpoint(cfg.checkpoint.save_dir) if cfg.checkpoint.resume == "auto" else None
-    if resume_from:
-        run_state, _ = run_ckpt.load_run_checkpoint(resume_from, model_chunks=trainer.chunks, optimizer=trainer.optimizer)
-        trainer.scheduler.load_state_dict(run_state["scheduler"])
-        start = run_state["iteration"]
-        trainer.log(f"sft: resumed from {resume_from} at step {start}")
+    start, _ = resume_point(trainer, "sft")
     logger = MetricsLogger(cfg.logging, enabled=trainer.is_logging_rank, resume_from_iteration=start)
-    preemption = PreemptionFlag()
     per_rank = cfg.data.global_batch_size // layout.dp_size
     multiple = packing_multiple(trainer.chunks)
 
-    def save(step):
-        run_dir.save_checkpoint(cfg, step, is_logging_rank=trainer.is_logging_rank, model_chunks=trainer.chunks,
-                                optimizer=trainer.optimizer,
-                                run_state={"iteration": step, "scheduler": trainer.scheduler.state_dict()},
-                                rank_state={}, hf_assets_dir=assets)
-
-    step = start
-    for step in range(start, cfg.optim.train_iters):
+    def step(i: int) -> None:
         begin = time.perf_counter()
-        indices = rows_for_step(rows, step, global_batch=cfg.data.global_batch_size, seed=cfg.seed)
-        mine = [rows[i] for i in indices[layout.dp_rank * per_rank:(layout.dp_rank + 1) * per_rank]]
+        indices = rows_for_step(rows, i, global_batch=cfg.data.global_batch_size, seed=cfg.seed)
+        mine = [rows[r] for r in indices[layout.dp_rank * per_rank:(layout.dp_rank + 1) * per_rank]]
         with RoutingMetrics(trainer.chunks) as routing, real_vocab_logits(trainer.chunks, trainer.arch.vocab_size):
             metrics = train_step(trainer.chunks, trainer.optimizer, trainer.scheduler,
                                  sft_micro_batches(mine, micro_batch_size=cfg.data.micro_batch_size,
                                                    multiple=multiple, vision=vision))
         elapsed = time.perf_counter() - begin
         # The step's example tokens (all DP ranks): the rows' padding is never computed.
-        tokens = sum(len(rows[i].document_ids) - rows[i].document_ids.count(-1) for i in indices)
-        logger.log(step + 1, {"train/loss": metrics["loss"], "train/grad_norm": metrics["grad_norm"],
-                              "train/lr": metrics["lr"], "time/iteration_s": elapsed,
-                              "throughput/train_tokens_per_s": tokens / elapsed, **routing.global_metrics()},
+        tokens = sum(len(rows[r].document_ids) - rows[r].document_ids.count(-1) for r in indices)
+        logger.log(i + 1, {"train/loss": metrics["loss"], "train/grad_norm": metrics["grad_norm"],
+                           "train/lr": metrics["lr"], "time/iteration_s": elapsed,
+                           "throughput/train_tokens_per_s": tokens / elapsed, **routing.global_metrics()},
                    prefix="sft ")
-        done = step + 1
-        stop = preemption.requested()  # collective: every rank asks every step
-        if stop or (cfg.checkpoint.save_interval and done % cfg.checkpoint.save_interval == 0
-                    and done < cfg.optim.train_iters):
-            save(done)  # once, also when the signal comes at a periodic save
-        if stop:
-            trainer.log(f"sft: signal received, saved step {done}, exiting")
-            logger.close()
-            return
-    save(cfg.optim.train_iters)
-    logger.close()
-    trainer.log(f"sft: done; wrote checkpoint {run_ckpt.iteration_dir_name(cfg.optim.train_iters)} in "
-                f"{os.path.abspath(cfg.checkpoint.save_dir)}, metrics in {os.path.abspath(cfg.logging.dir)}")
+
+    run_steps(trainer, "sft", start=start, step=step, logger=logger, assets_dir=assets)
 
 
 HELP_KEYS = ("data.train_path", "data.seq_length", "data.micro_batch_size", "data.global_batch_size", "optim.lr",
