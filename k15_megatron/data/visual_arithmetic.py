@@ -22,8 +22,10 @@ the images depend only on the Pillow version, not on fonts installed on the mach
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
+import random
 from dataclasses import dataclass, field
 from typing import Any, Dict, List
 
@@ -42,6 +44,11 @@ class VisualArithmeticConfig:
     """Side of each character's square, in pixels (28 = 2 x 2 Qwen2-VL patches of 14)."""
     font_size: int = 22
     """Pillow's built-in font size in pixels; must fit in ``cell``."""
+    text_sft: int = 0
+    """Text-only demonstrations (the text task's prompt, the expression written in it) mixed into
+    ``sft.jsonl`` beside the ``task.num_sft`` image ones: the responses, and so the arithmetic,
+    are the same, at none of an image's cost. They are further draws of the same SFT stream, so
+    they never hold an RL-train or eval prompt."""
 
 
 def _font(size: int):
@@ -97,13 +104,22 @@ def visual_record(record: Dict[str, Any]) -> Dict[str, Any]:
 
 def write_visual_task_files(cfg: VisualArithmeticConfig, out_dir: str) -> Dict[str, str]:
     """Generate the arithmetic splits, draw each distinct expression once into
-    ``out_dir/images/``, and write ``out_dir/{sft,train,eval}.jsonl`` with visual records;
-    returns split -> path."""
+    ``out_dir/images/``, and write ``out_dir/{sft,train,eval}.jsonl`` with visual records (plus,
+    shuffled among the SFT ones, ``cfg.text_sft`` text records); returns split -> path.
+
+    Raises:
+        ValueError: a negative ``text_sft``, or an invalid ``cfg.task`` (naming the field)."""
     from k15_megatron.data.jsonl import write_jsonl
 
+    if cfg.text_sft < 0:
+        raise ValueError(f"text_sft={cfg.text_sft} must be >= 0")
     os.makedirs(os.path.join(out_dir, IMAGE_DIR), exist_ok=True)
     paths: Dict[str, str] = {}
-    for split, records in generate_splits(cfg.task).items():
+    splits = generate_splits(dataclasses.replace(cfg.task, num_sft=cfg.task.num_sft + cfg.text_sft))
+    for split, records in splits.items():
+        text: List[Dict[str, Any]] = []
+        if split == "sft":  # the first num_sft draws are those of text_sft=0; the rest stay text
+            records, text = records[: cfg.task.num_sft], records[cfg.task.num_sft:]
         visual: List[Dict[str, Any]] = []
         for record in records:
             expression = record["prompt"][len(PROMPT_PREFIX):]
@@ -112,6 +128,9 @@ def write_visual_task_files(cfg: VisualArithmeticConfig, out_dir: str) -> Dict[s
                 render_expression(expression, cell=cfg.cell, font_size=cfg.font_size).save(path + ".tmp", format="PNG")
                 os.replace(path + ".tmp", path)
             visual.append(visual_record(record))
+        if text:  # interleaved, so that a packed row mixes both kinds
+            visual += text
+            random.Random(f"{cfg.task.seed}/text_sft").shuffle(visual)
         paths[split] = os.path.join(out_dir, f"{split}.jsonl")
         write_jsonl(paths[split], visual)
     return paths

@@ -64,6 +64,27 @@ def test_the_image_holds_the_problem(tmp_path):
     assert sorted(os.listdir(tmp_path / "images")) == sorted(os.path.basename(p) for p in images)
 
 
+def test_text_demonstrations_join_the_image_ones(tmp_path):
+    """text_sft adds text-only SFT records: further draws of the SFT stream (never a train or eval
+    prompt), shuffled among the image records, which stay those of text_sft=0."""
+    task = ArithmeticTaskConfig(num_sft=30, num_train=20, num_eval=20, seed=3)
+    plain = read_jsonl(write_visual_task_files(VisualArithmeticConfig(task=task), str(tmp_path / "plain"))["sft"])
+    paths = write_visual_task_files(VisualArithmeticConfig(task=task, text_sft=50), str(tmp_path / "mixed"))
+    mixed = read_jsonl(paths["sft"])
+    images = [r for r in mixed if "images" in r]
+    text = [r for r in mixed if "images" not in r]
+    assert len(images) == 30 and len(text) == 50
+    assert sorted(map(str, images)) == sorted(map(str, plain))
+    assert mixed[:30] != images  # interleaved, not appended
+    longer = generate_splits(ArithmeticTaskConfig(num_sft=80, num_train=20, num_eval=20, seed=3))
+    assert sorted(map(str, text)) == sorted(map(str, longer["sft"][30:]))
+    assert all(r["prompt"].startswith(PROMPT_PREFIX) and r["response"] for r in text)
+    held = {r["prompt"] for split in ("train", "eval") for r in longer[split]}
+    assert not held & {r["prompt"] for r in text}
+    with pytest.raises(ValueError, match="text_sft=-1"):
+        write_visual_task_files(VisualArithmeticConfig(task=task, text_sft=-1), str(tmp_path / "bad"))
+
+
 def test_each_character_is_one_vision_token_of_the_tiny_qwen2_vl():
     """The processor of the tiny Qwen2-VL (14-pixel patches, 2 x 2 merge) keeps the image's size
     and expands it into one image token per character, for the shortest and longest problems."""
