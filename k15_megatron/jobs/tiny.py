@@ -87,12 +87,15 @@ MODELS = {
 
 # The tasks: the recipes' prefix (examples/<prefix>_{sft,rl,eval}.yaml), the run folder's name, the
 # report's title and the task-data overrides the task applies before the user's own. The visual
-# task keeps fewer distinct demonstrations (every training process holds their pixels and runs
-# the processor on each, ~5 ms apiece) and the SFT cycles over them; its problems have 2 to 4
-# operands (levels 1-3; with up to 6 the SFT model solved 4% of them, docs/tiny_vision.md).
+# task keeps fewer distinct image demonstrations (every training process holds their pixels and
+# runs the processor on each, ~5 ms apiece) and mixes text demonstrations of the same problems
+# into its SFT set, so that it sees as many distinct calculations as the text default; its
+# problems have 2 to 4 operands (levels 1-3; with up to 6 the SFT model solved 4% of them,
+# docs/tiny_vision.md).
 TASKS = {
     "arithmetic": {"recipes": "tiny_arith", "folder": "tiny-arith", "title": "held-out arithmetic", "data": []},
-    "vision": {"recipes": "tiny_vision", "folder": "tiny-vision", "data": ["num_sft=8000", "max_operands=4"],
+    "vision": {"recipes": "tiny_vision", "folder": "tiny-vision",
+               "data": ["num_sft=8000", "text_sft=32000", "max_operands=4"],
                "title": "held-out arithmetic drawn into images"},
     "long2short": {"recipes": "tiny_long2short", "folder": "tiny-long2short", "data": ["max_operands=4", "verify_share=0.7"],
                    "title": "long2short on held-out arithmetic"},
