@@ -7,7 +7,8 @@ the text prompt no longer holds it::
     {"prompt": "Compute the expression in the image.", "images": ["images/3f2a....png"],
      "answer": "59", "difficulty": 3, "reward": "math"}
 
-(SFT records also carry the ``response``.) Image paths are relative to the JSONL file's folder.
+(SFT records also carry the ``response``; ``text_sft`` adds text-only SFT records in the text
+task's form.) Image paths are relative to the JSONL file's folder.
 
 Layout, chosen so that reading the image is learnable by a tiny vision tower: every character
 of the expression is drawn centred in its own ``cell`` x ``cell`` square (28 pixels: one 2 x 2

@@ -30,7 +30,8 @@ loss at 0.01) under expert parallelism EP=2 on the two processes, with one vLLM 
 
 ``--task vision`` runs the visual tiny default (:data:`TASKS`), into ``runs/tiny-vision``: the
 same problems drawn into images (:mod:`k15_megatron.data.visual_arithmetic`: one 28-pixel cell
-per character, one vision token each; the prompt text no longer holds the expression), a
+per character, one vision token each; the prompt text no longer holds the expression; the SFT
+set also holds text demonstrations of the same task), a
 ``model`` stage after ``data`` that writes a random tiny Qwen2-VL with its processor
 (:data:`VISION_MODEL`: the language model of the text default's size and a 2-block vision
 tower; the processor maps the white background to 0) to ``OUT/model``, every later stage on
@@ -38,7 +39,7 @@ that folder (``model.hf_path``) with the recipes ``examples/tiny_vision_*.yaml``
 report (docs/tiny_vision.md has the design and its calibration). A ``--task`` value without ``=`` names the
 task (``arithmetic``, the default, or ``vision``); one with ``=`` overrides a field of the
 task's data (:class:`~k15_megatron.data.arithmetic.ArithmeticTaskConfig`, and for ``vision`` also
-``cell`` and ``font_size`` of :class:`~k15_megatron.data.visual_arithmetic.VisualArithmeticConfig`).
+``cell``, ``font_size`` and ``text_sft`` of :class:`~k15_megatron.data.visual_arithmetic.VisualArithmeticConfig`).
 
 ``--task long2short`` runs the long2short demonstration instead, into ``runs/tiny-long2short``
 (:mod:`k15_megatron.jobs.tiny_long2short`, docs/tiny_long2short.md): a "long" SFT model whose
