@@ -103,17 +103,28 @@ def visual_record(record: Dict[str, Any]) -> Dict[str, Any]:
     return {**record, "prompt": IMAGE_PROMPT, "images": [f"{IMAGE_DIR}/{image_name(expression)}"]}
 
 
+def visual_config_errors(cfg: VisualArithmeticConfig) -> List[str]:
+    """Error messages naming the offending field (those of ``cfg.task`` included); empty when usable."""
+    errors = list(cfg.task.validate())
+    if cfg.text_sft < 0:
+        errors.append(f"text_sft={cfg.text_sft} must be >= 0")
+    if cfg.cell < 1 or cfg.font_size < 1:
+        errors.append(f"cell={cfg.cell} and font_size={cfg.font_size} must be >= 1")
+    return errors
+
+
 def write_visual_task_files(cfg: VisualArithmeticConfig, out_dir: str) -> Dict[str, str]:
     """Generate the arithmetic splits, draw each distinct expression once into
     ``out_dir/images/``, and write ``out_dir/{sft,train,eval}.jsonl`` with visual records (plus,
     shuffled among the SFT ones, ``cfg.text_sft`` text records); returns split -> path.
 
     Raises:
-        ValueError: a negative ``text_sft``, or an invalid ``cfg.task`` (naming the field)."""
+        ValueError: :func:`visual_config_errors`' messages."""
     from k15_megatron.data.jsonl import write_jsonl
 
-    if cfg.text_sft < 0:
-        raise ValueError(f"text_sft={cfg.text_sft} must be >= 0")
+    errors = visual_config_errors(cfg)
+    if errors:
+        raise ValueError("visual arithmetic task config: " + "; ".join(errors))
     os.makedirs(os.path.join(out_dir, IMAGE_DIR), exist_ok=True)
     paths: Dict[str, str] = {}
     splits = generate_splits(dataclasses.replace(cfg.task, num_sft=cfg.task.num_sft + cfg.text_sft))

@@ -121,9 +121,9 @@ IMAGE_NORMALIZATION = (1.0, 1.0, 1.0)
 
 
 def _parse_args(argv):
-    from k15_megatron.jobs.help_text import description
+    from k15_megatron.jobs.help_text import description, details
 
-    parser = argparse.ArgumentParser(prog="k15 tiny", description=description(__doc__),
+    parser = argparse.ArgumentParser(prog="k15 tiny", description=description(__doc__), epilog=details(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(MODELS), default="dense",
                         help="dense (default) or moe: a tiny Qwen3-MoE under expert parallelism EP=2")
@@ -237,22 +237,41 @@ class Stages:
 
 def _task_config(name: str, seed: int, overrides: List[str]):
     """The task data's config: ArithmeticTaskConfig, or for ``vision`` VisualArithmeticConfig
-    (its own fields ``cell`` and ``font_size``; every other key is one of its ``task``'s)."""
+    (its own fields ``cell``, ``font_size`` and ``text_sft``; every other key is one of its
+    ``task``'s). SystemExit naming the key for an unknown key, a bad value or an invalid field."""
     from omegaconf import OmegaConf
 
     from k15_megatron.data.arithmetic import ArithmeticTaskConfig
-    from k15_megatron.data.visual_arithmetic import VisualArithmeticConfig
+    from k15_megatron.data.visual_arithmetic import VisualArithmeticConfig, visual_config_errors
 
     base = ArithmeticTaskConfig(seed=seed)
+    defaults = TASKS[name]["data"]
+    shown = [o for o in overrides if o not in defaults] or overrides
     if name == "vision":
         base = VisualArithmeticConfig(task=base)
         own = {f for f in VisualArithmeticConfig.__dataclass_fields__ if f != "task"}
         overrides = [o if o.split("=", 1)[0] in own else f"task.{o}" for o in overrides]
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(base), OmegaConf.from_dotlist(overrides))
+        merged = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(base), OmegaConf.from_dotlist(overrides)))
     except Exception as exc:  # OmegaConf names the bad key
-        raise SystemExit(f"k15 tiny: bad --task override {overrides}: {exc}") from exc
-    return OmegaConf.to_object(merged)
+        only = "" if name == "vision" else " (text_sft, cell and font_size apply to --task vision only)"
+        raise SystemExit(f"k15 tiny: bad --task override {' '.join(shown)}{only}: {exc}") from exc
+    errors = visual_config_errors(merged) if name == "vision" else merged.validate()
+    if errors:
+        raise SystemExit(f"k15 tiny: --task {' '.join(shown)}: " + "; ".join(errors))
+    return merged
+
+
+def _rl_iterations(recipe: str, overrides: List[str]) -> int:
+    """``rl.iterations`` of the RL stage: its recipe (with its defaults) and ``overrides``, loaded
+    without the cross-field checks the stage itself runs. SystemExit for a key or value the
+    loader refuses."""
+    from k15_megatron.config import load_config
+
+    try:
+        return load_config(recipe, overrides, check=False).rl.iterations
+    except ValueError as exc:
+        raise SystemExit(f"k15 tiny: --rl: {exc}") from exc
 
 
 def _data_stage(stages: Stages, name: str, task, data_dir: str) -> None:
@@ -263,7 +282,13 @@ def _data_stage(stages: Stages, name: str, task, data_dir: str) -> None:
     from k15_megatron.data.visual_arithmetic import write_visual_task_files
 
     write = write_visual_task_files if name == "vision" else write_task_files
-    stages.run("data", json.dumps(asdict(task), sort_keys=True), lambda: write(task, data_dir), outputs=[data_dir])
+
+    def work():
+        print(f"== data: the {name} task's files into {data_dir}", flush=True)
+        write(task, data_dir)
+
+    if stages.run("data", json.dumps(asdict(task), sort_keys=True), work, outputs=[data_dir]):
+        print(f"== data: done in {stages.seconds['data']:.0f} s", flush=True)
 
 
 def _model_stage(stages: Stages, seed: int, model_dir: str) -> None:
@@ -284,17 +309,25 @@ def _model_stage(stages: Stages, seed: int, model_dir: str) -> None:
         processor.save_pretrained(model_dir)
 
     signature = {"seed": seed, "normalization": IMAGE_NORMALIZATION, **VISION_MODEL}
-    stages.run("model", json.dumps(signature, sort_keys=True), work, outputs=[model_dir])
+    if stages.run("model", json.dumps(signature, sort_keys=True), work, outputs=[model_dir]):
+        print(f"== model: done in {stages.seconds['model']:.0f} s", flush=True)
 
 
 def run_pipeline(args) -> dict:
     """All stages (see the module docstring); returns the report."""
-    stages = Stages(args.out, fresh=args.fresh)
-    out = stages.out
+    from k15_megatron.jobs.tiny_report import MIN_TREND_POINTS
+
     task_name = args.task_name
     recipes = TASKS[task_name]["recipes"]
+    task = _task_config(task_name, args.seed, args.task)  # bad input stops here, before any stage
+    iterations = _rl_iterations(str(EXAMPLES / f"{recipes}_rl.yaml"), args.rl)
+    if iterations < MIN_TREND_POINTS:
+        raise SystemExit(f"k15 tiny: rl.iterations={iterations}: the report's training-reward trend needs at "
+                         f"least {MIN_TREND_POINTS} RL iterations")
+    stages = Stages(args.out, fresh=args.fresh)
+    out = stages.out
     data_dir = os.path.join(out, "data")
-    _data_stage(stages, task_name, _task_config(task_name, args.seed, args.task), data_dir)
+    _data_stage(stages, task_name, task, data_dir)
     model = []  # the overrides that point every later stage at the task's model
     if task_name == "vision":
         _model_stage(stages, args.seed, os.path.join(out, "model"))

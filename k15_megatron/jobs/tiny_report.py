@@ -20,6 +20,9 @@ from typing import Dict, Sequence
 
 from k15_megatron.jobs.metrics_log import read_metrics
 
+MIN_TREND_POINTS = 5
+"""Fewest points (RL iterations) :func:`trend` fits a slope and its standard error to."""
+
 
 def paired_stats(before: Sequence[float], after: Sequence[float]) -> Dict[str, float]:
     """Mean of the per-item differences after - before, its standard error (sample standard
@@ -53,7 +56,7 @@ def trend(xs: Sequence[float], ys: Sequence[float]) -> Dict[str, float]:
     """Means of the first and last fifths of ``ys`` and the least-squares slope of ``ys`` on
     ``xs`` with its standard error (residual variance / sum of squared centred xs) and z."""
     n = len(xs)
-    if n < 5 or len(ys) != n:
+    if n < MIN_TREND_POINTS or len(ys) != n:
         raise ValueError(f"a trend needs at least 5 points with one y each (got {n} xs, {len(ys)} ys)")
     fifth = max(1, n // 5)
     x_mean, y_mean = math.fsum(xs) / n, math.fsum(ys) / n
@@ -70,8 +73,9 @@ def trend(xs: Sequence[float], ys: Sequence[float]) -> Dict[str, float]:
 def reward_curve(metrics_path: str, key: str = "accuracy/mean") -> Dict[str, float]:
     """Trend of ``key`` over the RL iterations (see the module docstring)."""
     points = [(r["iteration"], r[key]) for r in read_metrics(metrics_path) if key in r]
-    if len(points) < 5:
-        raise ValueError(f"{metrics_path}: {len(points)} iterations with {key!r}; need at least 5 for a trend")
+    if len(points) < MIN_TREND_POINTS:
+        raise ValueError(f"{metrics_path}: {len(points)} iterations with {key!r}; need at least {MIN_TREND_POINTS} "
+                         "for a trend")
     return trend([float(x) for x, _ in points], [float(y) for _, y in points])
 
 

@@ -83,6 +83,9 @@ def test_text_demonstrations_join_the_image_ones(tmp_path):
     assert not held & {r["prompt"] for r in text}
     with pytest.raises(ValueError, match="text_sft=-1"):
         write_visual_task_files(VisualArithmeticConfig(task=task, text_sft=-1), str(tmp_path / "bad"))
+    bad_task = ArithmeticTaskConfig(num_sft=-5, num_train=20, num_eval=20, seed=3)  # -5 + 50 would pass alone
+    with pytest.raises(ValueError, match="num_sft"):
+        write_visual_task_files(VisualArithmeticConfig(task=bad_task, text_sft=50), str(tmp_path / "bad"))
 
 
 def test_each_character_is_one_vision_token_of_the_tiny_qwen2_vl():

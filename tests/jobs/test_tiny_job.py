@@ -127,3 +127,23 @@ def test_the_vision_task_writes_image_data_and_a_vl_model_that_every_stage_accep
         cfg = load_config(str(EXAMPLES / f"tiny_vision_{job}.yaml"), common + overrides, environ={})
         errors, _ = pre_start_errors(cfg, job=job)
         assert errors == [], (job, errors)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--task", "vision", "--task", "text_sft=-5"], "text_sft=-5 must be >= 0"),
+    (["--task", "vision", "--task", "num_sft=-5"], "num_sft, num_train and num_eval must be >= 0"),
+    (["--task", "text_sft=5"], "apply to --task vision only"),
+    (["--task", "vision", "--task", "text_sft=abc"], "bad --task override text_sft=abc"),
+    (["--task", "vision", "--rl", "rl.iterations=2"], "needs at least 5 RL iterations"),
+    (["--rl", "rl.iterationz=3"], "did you mean 'rl.iterations'"),
+])
+def test_bad_input_stops_before_any_stage(tmp_path, argv, message):
+    """A bad task override or an RL run too short for the report's trend is refused naming the key,
+    before any stage runs or the run folder is made."""
+    from k15_megatron.jobs.tiny import _parse_args, run_pipeline
+
+    out = tmp_path / "tiny"
+    args = _parse_args(argv + ["--out", str(out)])
+    with pytest.raises(SystemExit, match=message.replace("(", r"\(").replace(")", r"\)")):
+        run_pipeline(args)
+    assert not out.exists()
