@@ -1,28 +1,47 @@
-"""Weight sync Megatron -> colocated vLLM: time and peak extra memory, beside a plain tensor copy.
+"""Weight sync Megatron TP=2 -> colocated vLLM TP=2: time and peak extra memory, beside a plain copy.
 
-One process (Megatron TP=1 on gloo, an in-process vLLM CPU engine), a Qwen2-shaped model of a
-few hundred million parameters (default ~270M, float32, ~1 GiB) built from a config with random
-weights. Measured in the same run:
+Two processes on gloo (started like every k15 command), Megatron TP=2 and one vLLM TP=2 CPU
+engine spanning the same two processes, as ``k15 rl`` runs them, a Qwen2-shaped model of about
+250M parameters (float32, about 0.9 GiB; each rank holds half) built from a config with random
+weights. Measured in the same run, each the slower of the two ranks, best of ``--repeats``:
 
-* ours: ``ColocatedWeightSync.sync`` (name mapping, fused-layout splitting, vLLM's in-place
-  ``reload_weights`` including its CPU weight re-packing), wall time and the growth of the
-  process's peak resident memory (VmHWM, reset just before through /proc/self/clear_refs);
-* baseline: copying the same number of bytes with one ``dst.copy_(src)`` of a flat tensor, the
-  lower bound for moving the weights once.
+* ours: ``ColocatedWeightSync.sync`` (the tensor-parallel shards gathered into hub tensors,
+  name mapping, streaming in bounded buckets into vLLM's in-place ``reload_weights``, including
+  vLLM's own re-sharding and CPU weight re-packing), wall time, and the growth of each rank's
+  peak resident memory during it (VmHWM, reset just before through /proc/self/clear_refs), as a
+  share of the weights the rank holds;
+* baseline: one ``dst.copy_(src)`` of a flat float32 tensor of the bytes the sync streamed into
+  this rank's engine, the lower bound for moving the weights once.
 
     python tools/bench/weight_sync.py [--hidden 1024 --layers 16 --ffn 2816 --vocab 32000]
+
+The last line is ``RESULT weight_sync ours=<s> baseline=<s> unit=s ratio=<ours / baseline>``.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import tempfile
+import sys
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 MIB = 1024**2
+
+
+def _parse_args():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--ffn", type=int, default=2816)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--bucket-mb", type=int, default=256, help="engine.sync_bucket_mb")
+    p.add_argument("--work-dir", default="/tmp/k15_weight_sync_bench", help="where the model folder is written")
+    from k15_megatron.jobs.verbosity import add_flag
+
+    add_flag(p)
+    return p.parse_args()
 
 
 def _make_model_folder(out_dir: str, args) -> None:
@@ -30,57 +49,62 @@ def _make_model_folder(out_dir: str, args) -> None:
 
     save_tiny_hf_model(out_dir, "qwen2", hidden_size=args.hidden, intermediate_size=args.ffn,
                        num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
-                       num_key_value_heads=max(1, args.hidden // 256), vocab_size=args.vocab,
+                       num_key_value_heads=max(2, args.hidden // 256), vocab_size=args.vocab,
                        tie_word_embeddings=False, max_position_embeddings=512)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--layers", type=int, default=16)
-    p.add_argument("--ffn", type=int, default=2816)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--repeats", type=int, default=3)
-    args = p.parse_args()
-
+def _rank_work(args) -> None:
     import torch
-    from vllm import LLM
 
     from k15_megatron.config import ParallelConfig
+    from k15_megatron.config.rl import RepeatConfig
+    from k15_megatron.config.rollout import RolloutConfig
     from k15_megatron.engine.weight_sync import ColocatedWeightSync
     from k15_megatron.parallel.device import host_peak_rss_extra
-    from k15_megatron.parallel.initialize import initialize
-    from sync_common import build_megatron_model, copy_seconds, stream_seconds, sync_rounds
+    from k15_megatron.parallel.initialize import barrier, global_rank, initialize
+    from k15_megatron.rollout.engine import RolloutEngine
+    from sync_common import build_megatron_model, copy_seconds, slowest_rank, sync_rounds
 
-    with tempfile.TemporaryDirectory() as tmp:
-        hf_dir = os.path.join(tmp, "model")
+    hf_dir = os.path.join(args.work_dir, "model")
+    parallel = ParallelConfig(tensor=2, world_size=2)
+    initialize(parallel)
+    if global_rank() == 0:
         _make_model_folder(hf_dir, args)
-        parallel = ParallelConfig()
-        initialize(parallel)
-        arch, model = build_megatron_model(hf_dir, parallel)
-        num_params = sum(p.numel() for p in model.parameters())
-        llm = LLM(hf_dir, dtype="float32", enforce_eager=True, max_model_len=512, gpu_memory_utilization=0.2)
-        sync = ColocatedWeightSync(llm, dtype=torch.float32, bucket_bytes=256 * MIB)
-        model_mib = num_params * 4 / MIB
-        print(f"model: {num_params / 1e6:.0f}M parameters, {model_mib:.0f} MiB float32")
+    barrier()
+    arch, model = build_megatron_model(hf_dir, parallel)
+    local_mib = sum(p.numel() for p in model.parameters()) * 4 / MIB
+    rollout_cfg = RolloutConfig(tensor_parallel_size=2, max_response_tokens=16, max_model_len=128,
+                                cpu_kv_cache_gib=0.25, max_num_seqs=4)
+    rollout = RolloutEngine.create(rollout_cfg, model_path=hf_dir, repeat=RepeatConfig(enabled=False), seed=0)
+    sync = ColocatedWeightSync(rollout.llm, dtype=torch.float32, bucket_bytes=args.bucket_mb * MIB)
 
-        ours_s, ours_extra, metrics = sync_rounds(sync, model, arch, repeats=args.repeats, measure=host_peak_rss_extra)
-        ours_extra = [b / MIB for b in ours_extra]
-        sync_mib = metrics["sync_bytes"] / MIB
-        # The part that is ours alone: producing the stream (mapping, fused-layout splits), with
-        # vLLM's loader replaced by a consumer that only touches each tensor.
-        stream_extra = host_peak_rss_extra(lambda: stream_seconds(model, arch, repeats=1)) / MIB
-        copy_s = copy_seconds(metrics["sync_bytes"], repeats=args.repeats)
-        del sync, llm  # vLLM tears down its own groups; the process group goes with the process
+    ours, extra, metrics = sync_rounds(sync, model, arch, repeats=args.repeats, reduce=slowest_rank,
+                                       measure=host_peak_rss_extra)
+    worst_extra = slowest_rank(max(extra) / MIB)  # the larger of the two ranks' peaks
+    copies = copy_seconds(metrics["sync_bytes"], repeats=args.repeats, reduce=slowest_rank, barrier=barrier)
+    if global_rank() == 0:
+        synced = metrics["sync_bytes"] / MIB
+        print(f"model: {arch.num_layers} layers, hidden {arch.hidden_size}, vocabulary {arch.vocab_size}; this rank "
+              f"holds {local_mib:.0f} MiB of float32 weights (Megatron TP=2), vLLM TP=2", flush=True)
+        print(f"ours: sync of {synced:.0f} MiB into each rank's engine in {min(ours):.3f} s (best of "
+              f"{args.repeats}; buckets of {args.bucket_mb} MiB); peak extra memory {worst_extra:.0f} MiB per rank "
+              f"= {worst_extra / local_mib:.1%} of the rank's weights", flush=True)
+        print(f"baseline: one tensor copy of the same bytes in {min(copies):.3f} s", flush=True)
+        print(f"RESULT weight_sync ours={min(ours):.4f} baseline={min(copies):.4f} unit=s "
+              f"ratio={min(ours) / min(copies):.2f}", flush=True)
+    sync.close()
+    rollout.shutdown()  # destroys process-wide groups: after the last collective
 
-    ours, baseline = min(ours_s), min(copy_s)
-    print(f"ours: sync of {sync_mib:.0f} MiB in {ours:.3f} s (best of {args.repeats}), "
-          f"peak extra memory {max(ours_extra):.0f} MiB = {max(ours_extra) / model_mib:.1%} of the model")
-    print(f"  of which producing the stream (ours, without vLLM's reload): {stream_extra:.0f} MiB; "
-          f"the rest is vLLM's in-place reload (layer materialisation and CPU weight re-packing)")
-    print(f"baseline: one tensor copy of the same bytes in {baseline:.3f} s")
-    print(f"RESULT weight_sync ours={ours:.4f} baseline={baseline:.4f} unit=s ratio={ours / baseline:.2f}")
+
+def main() -> int:
+    from k15_megatron.parallel.launch import run_as_ranks
+
+    from k15_megatron.jobs.verbosity import configure
+
+    args = _parse_args()
+    configure(verbose=args.verbose)  # library chatter hidden, as in the k15 commands
+    return run_as_ranks(2, lambda: _rank_work(args))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
