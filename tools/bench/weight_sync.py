@@ -63,7 +63,7 @@ def _rank_work(args) -> None:
     from k15_megatron.parallel.device import host_peak_rss_extra
     from k15_megatron.parallel.initialize import barrier, global_rank, initialize
     from k15_megatron.rollout.engine import RolloutEngine
-    from sync_common import build_megatron_model, copy_seconds, slowest_rank, sync_rounds
+    from sync_common import build_megatron_model, copy_seconds, slowest_rank, stream_seconds, sync_rounds
 
     hf_dir = os.path.join(args.work_dir, "model")
     parallel = ParallelConfig(tensor=2, world_size=2)
@@ -81,6 +81,9 @@ def _rank_work(args) -> None:
     ours, extra, metrics = sync_rounds(sync, model, arch, repeats=args.repeats, reduce=slowest_rank,
                                        measure=host_peak_rss_extra)
     worst_extra = slowest_rank(max(extra) / MIB)  # the larger of the two ranks' peaks
+    # The part that is ours alone: producing the stream (shards gathered over TP, name mapping),
+    # with vLLM's loader replaced by a consumer that only touches each tensor.
+    streams = stream_seconds(model, arch, repeats=args.repeats, reduce=slowest_rank, barrier=barrier)
     copies = copy_seconds(metrics["sync_bytes"], repeats=args.repeats, reduce=slowest_rank, barrier=barrier)
     if global_rank() == 0:
         synced = metrics["sync_bytes"] / MIB
@@ -89,6 +92,9 @@ def _rank_work(args) -> None:
         print(f"ours: sync of {synced:.0f} MiB into each rank's engine in {min(ours):.3f} s (best of "
               f"{args.repeats}; buckets of {args.bucket_mb} MiB); peak extra memory {worst_extra:.0f} MiB per rank "
               f"= {worst_extra / local_mib:.1%} of the rank's weights", flush=True)
+        print(f"  of which producing the stream (ours, without vLLM's reload): {min(streams):.3f} s; the rest is "
+              "vLLM's in-place reload (its weight loaders' sharding, the CPU linear layers' weight re-packing)",
+              flush=True)
         print(f"baseline: one tensor copy of the same bytes in {min(copies):.3f} s", flush=True)
         print(f"RESULT weight_sync ours={min(ours):.4f} baseline={min(copies):.4f} unit=s "
               f"ratio={min(ours) / min(copies):.2f}", flush=True)
