@@ -158,6 +158,10 @@ def main() -> None:
         return
     if args.prompts % (2 * args.updates):
         parser.error("--prompts must be a multiple of 2 x --updates (2 data-parallel ranks x mini-batches)")
+    import importlib.util
+
+    if importlib.util.find_spec("trl") is None:  # before any side runs, not as a worker's traceback
+        parser.error('the baseline needs TRL: .venv/bin/pip install -e ".[bench]" (make bench installs it)')
     with tempfile.TemporaryDirectory(prefix="k15-bench-trl-") as work:
         model_dir, prompts = _prepare(work, args.prompts * args.iterations, args.seed)
         ours = run_ours(args, work, model_dir, prompts)
