@@ -43,7 +43,7 @@ from k15_megatron.jobs.tiny import STAGE_ENV as ENV  # the tiny default's proces
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _prepare(work: str, num_prompts: int, seed: int) -> tuple[str, str]:
+def prepare_work(work: str, num_prompts: int, seed: int) -> tuple[str, str]:
     """(HF model folder, prompts JSONL) shared by both sides."""
     from k15_megatron.config import load_config, resolve_model_arch
     from k15_megatron.data.arithmetic import ArithmeticTaskConfig, generate_splits
@@ -163,7 +163,7 @@ def main() -> None:
     if importlib.util.find_spec("trl") is None:  # before any side runs, not as a worker's traceback
         parser.error('the baseline needs TRL: .venv/bin/pip install -e ".[bench]" (make bench installs it)')
     with tempfile.TemporaryDirectory(prefix="k15-bench-trl-") as work:
-        model_dir, prompts = _prepare(work, args.prompts * args.iterations, args.seed)
+        model_dir, prompts = prepare_work(work, args.prompts * args.iterations, args.seed)
         ours = run_ours(args, work, model_dir, prompts)
         base = run_baseline(args, work, model_dir, prompts)
     print(f"work: {args.iterations} rounds x {args.prompts} prompts x k={args.group_size}, <= {args.max_tokens} "

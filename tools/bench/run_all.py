@@ -18,7 +18,7 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-BENCHMARKS = ["rl_vs_trl", "rollout_throughput", "partial_rollout", "packing", "logprobs_memory", "long_context",
+BENCHMARKS = ["rl_vs_trl", "rl_scaling", "rollout_throughput", "partial_rollout", "packing", "logprobs_memory", "long_context",
               "weight_sync", "moe_sync", "sandbox_throughput", "rl_memory"]
 """In the README table's order; rl_memory (about 11 minutes) last."""
 
