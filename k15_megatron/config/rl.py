@@ -148,7 +148,9 @@ class RLConfig:
     samples, so the update does not depend on the split."""
     reference: str = "recompute"
     """log pi_i of the loss: recompute (the trainer's log-probs at the start of the iteration,
-    exact) | behaviour (the rollout engine's, free but includes older policies' segments)."""
+    exact) | behaviour (the rollout engine's; includes older policies' segments). The trainer's
+    forward over the batch runs either way: it gives the behaviour-vs-trainer drift metrics
+    (``logprob/*``)."""
     eval_interval: int = 0
     """Evaluate on data.eval_path every this many iterations (0 = only before and after)."""
     eval_max_prompts: int = 0
