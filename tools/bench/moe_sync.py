@@ -53,24 +53,15 @@ def _rank_work(args) -> None:
     import torch
 
     from k15_megatron.config import ParallelConfig
-    from k15_megatron.config.rl import RepeatConfig
-    from k15_megatron.config.rollout import RolloutConfig
     from k15_megatron.engine.weight_sync import ColocatedWeightSync
-    from k15_megatron.parallel.initialize import barrier, global_rank, initialize
-    from k15_megatron.rollout.engine import RolloutEngine
-    from sync_common import build_megatron_model, copy_seconds, slowest_rank, stream_seconds, sync_rounds
+    from k15_megatron.parallel.initialize import barrier, global_rank
+    from sync_common import (colocated_model_and_engine, copy_seconds, slowest_rank, stream_seconds,
+                             sync_rounds)
 
-    hf_dir = os.path.join(args.work_dir, "model")
-    parallel = ParallelConfig(expert=2, world_size=2)
-    initialize(parallel)
-    if global_rank() == 0:
-        _make_model_folder(hf_dir, args)
-    barrier()
-    arch, model = build_megatron_model(hf_dir, parallel)
+    arch, model, rollout = colocated_model_and_engine(
+        os.path.join(args.work_dir, "model"), ParallelConfig(expert=2, world_size=2),
+        lambda folder: _make_model_folder(folder, args))
     local = sum(p.numel() for p in model.parameters())
-    rollout_cfg = RolloutConfig(tensor_parallel_size=2, max_response_tokens=16, max_model_len=128,
-                                cpu_kv_cache_gib=0.25, max_num_seqs=4)
-    rollout = RolloutEngine.create(rollout_cfg, model_path=hf_dir, repeat=RepeatConfig(enabled=False), seed=0)
     sync = ColocatedWeightSync(rollout.llm, dtype=torch.float32)
 
     ours, _, metrics = sync_rounds(sync, model, arch, repeats=args.repeats, reduce=slowest_rank)
@@ -94,13 +85,9 @@ def _rank_work(args) -> None:
 
 
 def main() -> int:
-    from k15_megatron.parallel.launch import run_as_ranks
+    from sync_common import run_on_two_ranks
 
-    from k15_megatron.jobs.verbosity import configure
-
-    args = _parse_args()
-    configure(verbose=args.verbose)  # library chatter hidden, as in the k15 commands
-    return run_as_ranks(2, lambda: _rank_work(args))
+    return run_on_two_ranks(_parse_args(), _rank_work)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,38 @@ def build_megatron_model(hf_dir: str, parallel):
     return arch, model
 
 
+def colocated_model_and_engine(hf_dir: str, parallel, make_folder):
+    """Inside one rank of a 2-process run: start the parallel state of ``parallel``, let rank 0
+    write the Hugging Face folder (``make_folder(hf_dir)``), build the Megatron model from it
+    (:func:`build_megatron_model`) and one vLLM TP=2 CPU engine over both processes, as ``k15 rl``
+    colocates them. Returns (arch, model, rollout engine); shut the engine down last (its
+    teardown destroys the process-wide groups)."""
+    from k15_megatron.config.rl import RepeatConfig
+    from k15_megatron.config.rollout import RolloutConfig
+    from k15_megatron.parallel.initialize import barrier, global_rank, initialize
+    from k15_megatron.rollout.engine import RolloutEngine
+
+    initialize(parallel)
+    if global_rank() == 0:
+        make_folder(hf_dir)
+    barrier()
+    arch, model = build_megatron_model(hf_dir, parallel)
+    rollout_cfg = RolloutConfig(tensor_parallel_size=2, max_response_tokens=16, max_model_len=128,
+                                cpu_kv_cache_gib=0.25, max_num_seqs=4)
+    rollout = RolloutEngine.create(rollout_cfg, model_path=hf_dir, repeat=RepeatConfig(enabled=False), seed=0)
+    return arch, model, rollout
+
+
+def run_on_two_ranks(args, rank_work) -> int:
+    """``rank_work(args)`` in 2 processes started like every k15 command, library chatter hidden
+    unless ``args.verbose``; returns the exit status."""
+    from k15_megatron.jobs.verbosity import configure
+    from k15_megatron.parallel.launch import run_as_ranks
+
+    configure(verbose=args.verbose)
+    return run_as_ranks(2, lambda: rank_work(args))
+
+
 def slowest_rank(seconds: float) -> float:
     """The largest of every rank's ``seconds`` (an all-reduce MAX over the default group)."""
     import torch
