@@ -22,14 +22,15 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
-import sys
 import tempfile
 
-from rl_vs_trl import REPO, prepare_work
+from rl_vs_trl import k15_rl_command, prepare_work
 
 from k15_megatron.jobs.tiny import STAGE_ENV
 
 PHASES = ("rollout", "reward", "train", "sync")
+LR = 3e-5
+"""examples/tiny_arith_rl.yaml's learning rate (the time does not depend on it)."""
 
 
 def run_point(work: str, model_dir: str, prompts_file: str, *, prompts: int, group_size: int, max_tokens: int,
@@ -39,12 +40,8 @@ def run_point(work: str, model_dir: str, prompts_file: str, *, prompts: int, gro
     from k15_megatron.jobs.metrics_log import read_metrics
 
     run_dir = os.path.join(work, name)
-    cmd = [sys.executable, "-m", "k15_megatron.cli", "rl", os.path.join(REPO, "examples", "tiny_arith_rl.yaml"),
-           f"run_dir={run_dir}", f"model.hf_path={model_dir}", "model.init_from=null",
-           f"data.train_path={prompts_file}", f"rl.iterations={iterations}", f"rl.prompts_per_iteration={prompts}",
-           f"rl.group_size={group_size}", "rl.updates_per_iteration=2", f"rl.groups_per_micro_batch={prompts // 4}",
-           f"rollout.max_response_tokens={max_tokens}", "seed=0", "checkpoint.save_interval=0",
-           "rl.length_penalty.enabled=false", "rl.repeat.enabled=false"]
+    cmd = k15_rl_command(run_dir, model_dir, prompts_file, iterations=iterations, prompts_per_iteration=prompts,
+                         group_size=group_size, updates=2, max_tokens=max_tokens, lr=LR, seed=0)
     subprocess.run(cmd, check=True, env={**os.environ, **STAGE_ENV}, stdout=subprocess.DEVNULL)
     rows = [r for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if "time/iteration_s" in r][1:]
 

@@ -60,15 +60,25 @@ def prepare_work(work: str, num_prompts: int, seed: int) -> tuple[str, str]:
     return model_dir, prompts
 
 
+def k15_rl_command(run_dir: str, model_dir: str, prompts: str, *, iterations: int, prompts_per_iteration: int,
+                   group_size: int, updates: int, max_tokens: int, lr: float, seed: int) -> list:
+    """The ``k15 rl`` command the benchmarks time: the tiny default's recipe from the random model
+    folder, each of the 2 data-parallel ranks' mini-batch one micro-batch, no checkpoints, no
+    length penalty or repeat stop (so the work is the same as the baseline's)."""
+    return [sys.executable, "-m", "k15_megatron.cli", "rl", os.path.join(REPO, "examples", "tiny_arith_rl.yaml"),
+            f"run_dir={run_dir}", f"model.hf_path={model_dir}", "model.init_from=null", f"data.train_path={prompts}",
+            f"rl.iterations={iterations}", f"rl.prompts_per_iteration={prompts_per_iteration}",
+            f"rl.group_size={group_size}", f"rl.updates_per_iteration={updates}",
+            f"rl.groups_per_micro_batch={prompts_per_iteration // (2 * updates)}",
+            f"rollout.max_response_tokens={max_tokens}", f"optim.lr={lr}", f"seed={seed}",
+            "checkpoint.save_interval=0", "rl.length_penalty.enabled=false", "rl.repeat.enabled=false"]
+
+
 def run_ours(args, work: str, model_dir: str, prompts: str) -> dict:
     run_dir = os.path.join(work, "k15")
-    cmd = [sys.executable, "-m", "k15_megatron.cli", "rl", os.path.join(REPO, "examples", "tiny_arith_rl.yaml"),
-           f"run_dir={run_dir}", f"model.hf_path={model_dir}", "model.init_from=null", f"data.train_path={prompts}",
-           f"rl.iterations={args.iterations}", f"rl.prompts_per_iteration={args.prompts}",
-           f"rl.group_size={args.group_size}", f"rl.updates_per_iteration={args.updates}",
-           f"rl.groups_per_micro_batch={args.prompts // (2 * args.updates)}",
-           f"rollout.max_response_tokens={args.max_tokens}", f"optim.lr={args.lr}", f"seed={args.seed}",
-           "checkpoint.save_interval=0", "rl.length_penalty.enabled=false", "rl.repeat.enabled=false"]
+    cmd = k15_rl_command(run_dir, model_dir, prompts, iterations=args.iterations, prompts_per_iteration=args.prompts,
+                         group_size=args.group_size, updates=args.updates, max_tokens=args.max_tokens, lr=args.lr,
+                         seed=args.seed)
     start = time.perf_counter()
     subprocess.run(cmd, check=True, env={**os.environ, **ENV}, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - start
