@@ -20,6 +20,7 @@ from typing import Dict, List
 BUILTIN_REWARDS = ("math", "code", "rm")
 JUDGE_BACKENDS = ("vllm", "openai")
 CODE_LANGUAGES = ("python", "cpp")
+SANDBOX_LIMITS_BACKENDS = ("auto", "cgroup", "rlimit")
 
 
 @dataclass
@@ -65,11 +66,13 @@ class CodeRewardConfig:
     """Wall-clock backstop per test case (a program that sleeps or blocks);
     0: ``3 * time_limit_s + 10``."""
     memory_mb: int = 1024
-    """Address-space limit (RLIMIT_AS) of every sandboxed process, in MiB."""
+    """Address-space limit (RLIMIT_AS) of every sandboxed process, in MiB; with the cgroup
+    limits backend also the resident memory of the program's whole process tree."""
     max_output_bytes: int = 1 << 20
     """stdout (and separately stderr) beyond this many bytes kills the run: verdict output_limit."""
     max_processes: int = 32
-    """RLIMIT_NPROC of the sandbox user: processes plus threads it may hold at once."""
+    """Processes plus threads a program's tree may hold at once (RLIMIT_NPROC of the leased
+    uid; with the cgroup limits backend also the group's pids.max)."""
     max_file_mb: int = 16
     """RLIMIT_FSIZE: the largest file a sandboxed program may write, in MiB."""
     max_open_files: int = 64
@@ -83,9 +86,31 @@ class CodeRewardConfig:
     """Reward 1.0 only when every test passes (False: the fraction of tests passed)."""
     num_workers: int = 2
     """Worker processes of `run_tests_batch` (one program's tests run sequentially in one)."""
+    max_tmp_mb: int = 16
+    """Size of the sandbox's private /tmp (a tmpfs like the working directory), in MiB."""
+    sandbox_readonly_paths: List[str] = field(default_factory=list)
+    """Host paths (absolute) the program may read besides the default allow-list (the system's
+    /usr, /bin, /lib*, the dynamic loader's files in /etc and, for Python, the interpreter's
+    sys.base_prefix and sys.prefix; see `k15_megatron.rewards.fsview`), e.g. a read-only
+    package folder. Nothing else of the host is visible in the sandbox."""
+    limits_backend: str = "auto"
+    """How process and memory limits hold for a program's whole process tree: cgroup (a cgroup
+    v2 group per run with pids.max = max_processes and memory.max = memory_mb, which needs a
+    cgroup v2 hierarchy with the pids and memory controllers delegated; see cgroup_parent) |
+    rlimit (RLIMIT_NPROC of the leased uid bounds the tree's processes, RLIMIT_AS each process's
+    memory, so a tree may hold up to max_processes * memory_mb) | auto (cgroup where the
+    machine allows it, else rlimit; the choice is logged once per process)."""
+    cgroup_parent: str = ""
+    """cgroup v2 directory under which per-run groups are created (it must offer the memory and
+    pids controllers and allow enabling them for sub-groups, e.g. a systemd unit with
+    Delegate=yes); empty: the calling process's own cgroup."""
     allow_no_namespaces: bool = False
-    """Run WITHOUT network/mount/pid namespaces and uid switch when the kernel or privileges do
-    not allow them. Off: the sandbox refuses to run instead (no network isolation otherwise)."""
+    """Run WITHOUT network/mount/pid namespaces, uid switch and file-system allow-list when the
+    kernel or privileges do not allow them. Off: the sandbox refuses to run instead (every
+    world-readable host file, such as a data set's gold answers, is readable otherwise)."""
+    allow_no_seccomp: bool = False
+    """Run WITHOUT the system-call filter (`k15_megatron.rewards.seccomp_filter`) when
+    libseccomp or the kernel's seccomp is unavailable. Off: the sandbox refuses to run instead."""
     sandbox_uid_base: int = 61000
     """First of the unprivileged uids sandboxes run as (each concurrent sandbox leases its own,
     so RLIMIT_NPROC is per sandbox). Needs root; unused uids need no /etc/passwd entry."""
@@ -213,6 +238,14 @@ class RewardsConfig:
                     "max_workdir_mb", "max_workdir_files", "num_workers", "num_sandbox_uids"):
             value = getattr(c, key)
             need(value >= 1, f"code.{key}", f"must be >= 1, got {value}")
+        need(c.max_tmp_mb >= 1, "code.max_tmp_mb", f"must be >= 1, got {c.max_tmp_mb}")
+        need(c.limits_backend in SANDBOX_LIMITS_BACKENDS, "code.limits_backend",
+             f"must be one of {list(SANDBOX_LIMITS_BACKENDS)}, got {c.limits_backend!r}")
+        for path in c.sandbox_readonly_paths:
+            need(path.startswith("/"), "code.sandbox_readonly_paths",
+                 f"must hold absolute paths, got {path!r}")
+        need(not c.cgroup_parent or c.cgroup_parent.startswith("/"), "code.cgroup_parent",
+             f"must be empty or an absolute path, got {c.cgroup_parent!r}")
         need(c.sandbox_uid_base >= 1000, "code.sandbox_uid_base",
              f"must be an unprivileged uid >= 1000, got {c.sandbox_uid_base}")
         need(c.num_sandbox_uids >= c.num_workers, "code.num_sandbox_uids",

@@ -35,7 +35,8 @@ from typing import Mapping, Optional, Sequence
 
 from k15_megatron.config.rewards import CODE_LANGUAGES, CodeRewardConfig, wall_time_limit
 from k15_megatron.rewards.pool import KillablePool
-from k15_megatron.rewards.sandbox import ExecResult, Limits, SandboxError, execute
+from k15_megatron.rewards.sandbox import (ExecResult, Limits, Protections, SandboxError, execute,
+                                          protections)
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +103,8 @@ def outputs_match(actual: str, expected: str) -> bool:
 def _verdict(res: ExecResult, expected: Optional[str]) -> Verdict:
     if res.output_overflow:
         return Verdict.OUTPUT_LIMIT
+    if res.oom_killed:
+        return Verdict.MEMORY_LIMIT
     if res.timed_out or res.signal == signal.SIGXCPU:
         return Verdict.TIME_LIMIT
     if res.exec_errno == errno.ENOEXEC:
@@ -137,7 +140,7 @@ def _compile_cpp(program: str, cfg: CodeRewardConfig) -> tuple[Optional[bytes], 
     compiler = _resolve(cfg.cpp_compiler)
     res = execute([compiler, *cfg.cpp_flags, "main.cpp", "-o", "prog"],
                   files={"main.cpp": program.encode()}, limits=limits, config=cfg,
-                  collect=["prog"])
+                  collect=["prog"], language="cpp")
     if res.exit_code != 0 or "prog" not in res.files:
         why = "compiler timed out" if res.timed_out else res.stderr.decode(errors="replace")
         return None, why[-_STDERR_KEEP:]
@@ -187,7 +190,7 @@ def run_tests(program: str, tests: Sequence[Mapping[str, str]], language: str = 
             files = dict(base_files) or {"main.py": program.encode()}
             stdin, expected = test["input"].encode(), test["output"]
         res = execute(argv, files=files, stdin=stdin, limits=limits, config=cfg,
-                      executables=executables)
+                      executables=executables, language=language)
         verdicts.append(_verdict(res, expected))
         stdouts.append(res.stdout.decode("utf-8", errors="replace"))
         stderrs.append(res.stderr[-_STDERR_KEEP:].decode("utf-8", errors="replace"))
@@ -267,6 +270,33 @@ def run_tests_batch(programs: Sequence[str], tests: Sequence[Sequence[Mapping[st
         results.append(CodeResult([Verdict.RUNTIME_ERROR] * len(program_tests), 0.0,
                                   error=f"batch worker: {outcome.reason}"))
     return results
+
+
+_ISOLATION: dict[str, dict[str, float]] = {}
+
+
+def isolation_metrics(config: Optional[CodeRewardConfig] = None) -> dict[str, float]:
+    """``rewards/code/isolation/<protection>`` (1.0 active, 0.0 not) as the batch workers see
+    them (`k15_megatron.rewards.sandbox.protections`), asked once per configuration and logged
+    then (a warning when the process and memory limits fall back to rlimits). Raises
+    SandboxError when a required protection is unavailable."""
+    cfg = config or CodeRewardConfig()
+    key = repr(sorted(asdict(cfg).items()))
+    if key not in _ISOLATION:
+        (outcome,) = _pool(cfg).map(_protections_task, [(cfg,)], timeout_s=120.0)
+        if not outcome.ok:
+            raise SandboxError(f"isolation probe: {outcome.reason}")
+        guard = outcome.value
+        _ISOLATION[key] = guard.metrics()
+        active = [name.rsplit("/", 1)[1] for name, on in _ISOLATION[key].items() if on]
+        (logger.info if guard.cgroup else logger.warning)(
+            "code sandbox protections: %s; process and memory limits: %s",
+            ", ".join(active) or "none", guard.limits_note)
+    return dict(_ISOLATION[key])
+
+
+def _protections_task(cfg: CodeRewardConfig) -> Protections:
+    return protections(cfg)
 
 
 def _run_tests_task(program: str, tests: list, language: str, time_limit_s: Optional[float],

@@ -1,4 +1,4 @@
-"""Linux isolation primitives for the code sandbox: namespaces, a read-only view, uid leases.
+"""Linux isolation primitives for the code sandbox: namespaces, mounts, uid leases.
 
 What was verified on the development machines (root in a VM, kernel 6.18, no cgroup delegation
 needed) and why each piece exists:
@@ -10,21 +10,17 @@ needed) and why each piece exists:
   concurrent sandbox *leases its own* uid (``flock`` on a lock file per uid) because the
   NPROC count is per user: with a shared uid one fork bomb would make every other sandbox's
   ``execve`` fail. Uids need no /etc/passwd entry.
-- An unprivileged uid alone cannot write the repository (root-owned, 0755) but can write
-  world-writable places (/tmp, /dev/shm, /var/tmp). So the sandbox gets a private mount
-  namespace in which every mount is read-only (``mount_setattr(AT_RECURSIVE,
-  MOUNT_ATTR_RDONLY)``) except its own working directory, a size-limited tmpfs (so the
-  total a program writes is bounded, not only each file by RLIMIT_FSIZE). Device nodes such as
-  /dev/null stay writable on a read-only mount.
+- An unprivileged uid alone cannot write the repository (root-owned, 0755) but can read every
+  world-readable file and write world-writable places (/tmp, /dev/shm). So the sandbox gets a
+  private mount namespace whose root holds only an allow-list of host paths, read-only
+  (`k15_megatron.rewards.fsview`), plus its own size-limited tmpfs working directory and /tmp.
+  Device nodes such as /dev/null stay writable on a read-only mount.
 - A new network namespace has only a downed loopback interface: ``connect`` fails with
   "Network is unreachable".
 - A new pid namespace makes the program pid 1 of its namespace: when it exits or is killed,
   the kernel kills and reaps every process it left behind, including ones that escaped the
   process group with ``setsid`` — nothing can outlive a run. A new IPC namespace keeps SysV
   shared memory private.
-- Interpreters installed under a directory the sandbox uid cannot traverse (pyenv in /root,
-  mode 0700) are made reachable by mounting a tmpfs over that directory *inside the namespace*
-  and bind-mounting only the needed child into it; the rest of it stays hidden.
 
 Everything here runs in forked children between ``fork`` and ``execve``; nothing is imported
 there (the import lock may be held by another thread of the parent at fork time).
@@ -36,20 +32,22 @@ import ctypes
 import errno
 import fcntl
 import os
-import stat
 import time
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 AT_FDCWD, AT_RECURSIVE = -100, 0x8000
-MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID = 0x1, 0x2
+MNT_DETACH = 2
 SYS_MOUNT_SETATTR = 442  # x86-64 and arm64 share this number (added in Linux 5.12)
+SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}.get(os.uname().machine, -1)
 PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
 LEASE_DIR = "/tmp/k15-sandbox-uids"
 
@@ -83,75 +81,29 @@ def mount(source: Optional[str], target: str, fstype: Optional[str], flags: int,
            f"mount({source!r} -> {target!r})")
 
 
-def set_readonly(path: str, *, recursive: bool, readonly: bool = True) -> None:
-    """Make the mount at ``path`` (and every mount below it if ``recursive``) read-only, or
-    read-write with ``readonly=False``, via ``mount_setattr(2)``."""
-    attr = (_MountAttr(MOUNT_ATTR_RDONLY, 0, 0, 0) if readonly
-            else _MountAttr(0, MOUNT_ATTR_RDONLY, 0, 0))
+def set_mount_attrs(path: str, attrs: int, *, recursive: bool) -> None:
+    """Set ``MOUNT_ATTR_*`` flags ``attrs`` on the mount at ``path`` (and every mount below it
+    if ``recursive``) via ``mount_setattr(2)``."""
+    attr = _MountAttr(attrs, 0, 0, 0)
     flags = AT_RECURSIVE if recursive else 0
     _check(_libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, path.encode(), flags, ctypes.byref(attr),
                          ctypes.sizeof(attr)), f"mount_setattr({path!r})")
 
 
+def pivot_root(new_root: str, put_old: str) -> None:
+    """``pivot_root(2)`` (no libc wrapper); raises OSError naming the call."""
+    _check(_libc.syscall(SYS_PIVOT_ROOT, new_root.encode(), put_old.encode()),
+           f"pivot_root({new_root!r}, {put_old!r})")
+
+
+def umount2(target: str, flags: int) -> None:
+    """``umount2(2)``; raises OSError naming the target."""
+    _check(_libc.umount2(target.encode(), flags), f"umount2({target!r})")
+
+
 def prctl(option: int, value: int) -> None:
     """``prctl(2)`` with one argument."""
     _check(_libc.prctl(option, ctypes.c_ulong(value), 0, 0, 0), f"prctl({option})")
-
-
-@dataclass(frozen=True)
-class Exposure:
-    """Inside the namespace, mount a tmpfs over ``hidden`` (a directory the sandbox uid cannot
-    traverse) and bind-mount ``hidden/<child>`` for each of ``children`` back into it."""
-
-    hidden: str
-    children: tuple[str, ...]
-
-
-def exposures_for(paths: Sequence[str]) -> list[Exposure]:
-    """Exposures that make every path in ``paths`` reachable by an unprivileged uid.
-
-    For each path, the first ancestor without world execute permission is hidden and the next
-    path component under it is exposed. Assumes the exposed subtree itself is world-readable
-    (true for interpreter installs); deeper hidden levels are not handled.
-    """
-    found: dict[str, set[str]] = {}
-    for path in paths:
-        parts = os.path.realpath(path).strip("/").split("/")
-        current = "/"
-        for i, part in enumerate(parts[:-1]):
-            current = os.path.join(current, part)
-            try:
-                mode = os.stat(current).st_mode
-            except OSError:
-                break
-            if stat.S_ISDIR(mode) and not mode & stat.S_IXOTH:
-                child = parts[i + 1]
-                found.setdefault(current, set()).add(child)
-                break
-    return [Exposure(h, tuple(sorted(c))) for h, c in sorted(found.items())]
-
-
-def setup_mount_namespace(workdir: str, exposures: Sequence[Exposure], *, uid: int,
-                          size_mb: int, max_files: int) -> None:
-    """In a fresh mount namespace: stop propagation to the host, apply ``exposures``, make
-    everything read-only, then mount a private tmpfs over ``workdir`` owned by ``uid`` and
-    bounded to ``size_mb`` MiB and ``max_files`` inodes (nosuid, nodev). RLIMIT_FSIZE bounds
-    one file only; the tmpfs bounds the total, so no program can fill the host's disk."""
-    mount(None, "/", None, MS_REC | MS_PRIVATE)
-    for exp in exposures:
-        fds = [os.open(os.path.join(exp.hidden, c), os.O_PATH) for c in exp.children]
-        mount("tmpfs", exp.hidden, "tmpfs", MS_NOSUID | MS_NODEV, "mode=755,size=64k")
-        for child, fd in zip(exp.children, fds):
-            target = os.path.join(exp.hidden, child)
-            if stat.S_ISDIR(os.fstat(fd).st_mode):
-                os.mkdir(target)
-            else:
-                os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o644))
-            mount(f"/proc/self/fd/{fd}", target, None, MS_BIND | MS_REC)
-            os.close(fd)
-    set_readonly("/", recursive=True)
-    mount("tmpfs", workdir, "tmpfs", MS_NOSUID | MS_NODEV,
-          f"size={size_mb}m,nr_inodes={max_files},mode=700,uid={uid},gid={uid}")
 
 
 def drop_privileges(uid: int) -> None:

@@ -26,8 +26,10 @@ rewards. A sandbox that cannot run at all (`SandboxError`) and a configuration e
 `RewardManager.metrics()` reports per reward name: calls, items, failures, total latency in
 seconds and mean latency per call, mean reward, plus event counters the rewards add
 (``math/timeouts``, ``math/missing_answer``, ``code/no_code_block``, ``rm/request_failures``,
-``rm/parse_failures``...). `k15 rl` logs them with every iteration's metrics (metrics.jsonl
-and TensorBoard), `k15 eval` with its results.
+``rm/parse_failures``...), and for ``code`` which sandbox protections were active
+(``code/isolation/{namespaces,filesystem_allowlist,seccomp,cgroup}``, 1 or 0). `k15 rl`
+logs them with every iteration's metrics (metrics.jsonl and TensorBoard), `k15 eval` with its
+results.
 
 The ``rm`` reward's judge: a client passed as ``RewardManager(config, judge=...)`` (e.g. a
 `VLLMJudge` on an engine the caller owns), else, with ``rewards.rm.backend=openai``, an
@@ -105,7 +107,7 @@ def math_reward(responses: Sequence[str], samples: Sequence[Mapping[str, Any]],
 def code_reward(responses: Sequence[str], samples: Sequence[Mapping[str, Any]],
                 ctx: RewardContext) -> list[float]:
     """Sandboxed tests ``sample["tests"]`` on the response's last fenced code block."""
-    from k15_megatron.rewards.code import extract_code, run_tests_batch
+    from k15_megatron.rewards.code import extract_code, isolation_metrics, run_tests_batch
 
     missing = _missing(samples, "tests", "code", ctx)
     scores = [math.nan if m else 0.0 for m in missing]
@@ -117,6 +119,7 @@ def code_reward(responses: Sequence[str], samples: Sequence[Mapping[str, Any]],
         elif program is not None:
             todo.append((i, program, list(sample["tests"]), sample.get("language", "python")))
     if todo:
+        ctx.events.update(isolation_metrics(ctx.config.code))
         results = run_tests_batch([t[1] for t in todo], [t[2] for t in todo],
                                   [t[3] for t in todo], config=ctx.config.code)
         for (i, *_), result in zip(todo, results):

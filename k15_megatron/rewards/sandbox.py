@@ -3,57 +3,80 @@
 Process layout of one execution (all started with ``os.fork``, no shell)::
 
     caller (worker process) ── reads stdout/stderr with caps, enforces the wall-clock limit
-      └─ supervisor: setsid, dies with the caller; unshares net/mount/pid/ipc namespaces,
-         │            builds the read-only view (see `isolation`), waits, reports the status
-         └─ program: pid 1 of the new pid namespace; mounts its /proc, applies rlimits
-                     (CPU, AS, NPROC, FSIZE, NOFILE, CORE), drops to the leased uid, execs.
+      └─ supervisor: setsid, dies with the caller; unshares net/mount/pid/ipc/uts namespaces,
+         │            builds the program's root from an allow-list (`fsview`) and enters it,
+         │            waits, reports the status
+         └─ program: pid 1 of the new pid namespace; mounts its /proc, joins its cgroup (if
+                     any, `limits`), applies rlimits (CPU, AS, NPROC, FSIZE, NOFILE, CORE),
+                     drops to the leased uid, installs the system-call filter
+                     (`seccomp_filter`), execs.
 
-The working directory is a private tmpfs (size- and inode-limited) mounted over a fresh
-temporary directory, owned by the leased uid; it is the only writable place, and it vanishes
-with the run (files to keep, like a compiled binary, are copied out by the supervisor). The environment is replaced by a minimal one (PATH, HOME, TMPDIR, LANG and
-thread-count caps), so nothing of the caller's environment (tokens, keys) reaches the program.
-stdout and stderr are each read up to ``max_output_bytes``; one byte more kills the run
-(``output_overflow``). On the wall-clock deadline (or overflow) the program is SIGKILLed
-through a pidfd (the supervisor reports its pid first); being pid 1 of its namespace it takes
-every descendant with it, and the supervisor's ``waitpid`` returns only once the kernel has
-reaped them all, so when `execute` returns nothing of the run is left — not even a zombie
-holding the uid's NPROC count. If the caller dies, the supervisor and program die with it
-(parent-death signals).
+Protections, each detected once per process and reported by `protections` (metrics
+``rewards/code/isolation/*``):
 
-Measured on the 2-core development VM (quiet moments): about 5 ms of isolation overhead per
-execution over a bare fork/exec (``/bin/true``: ~5.7 ms vs ~0.5 ms); a Python program is
-dominated by interpreter start-up (~20-25 ms). tools/bench/sandbox_throughput.py compares
-with ``subprocess.run``.
+- namespaces: network (no interface but a downed loopback), pid (nothing outlives a run),
+  ipc, uts and mount namespaces, and an unprivileged leased uid (`isolation`);
+- filesystem_allowlist: the program's ``/`` holds only the allow-listed host paths (read-only),
+  its working directory and a /tmp (`fsview`); no data set, checkpoint, source tree or other
+  run is visible, whatever its file mode;
+- seccomp: namespace creation, mount, ptrace, bpf, keyctl, perf_event_open, module and reboot
+  calls, raw and packet sockets fail with EPERM (`seccomp_filter`);
+- cgroup: a cgroup v2 group per run bounds the whole tree's processes and memory (`limits`);
+  without it RLIMIT_NPROC (per leased uid) and RLIMIT_AS (per process) do.
 
-Failures of the sandbox itself (namespaces refused, a missing interpreter) raise
-`SandboxError`: they are not the program's fault and must not silently become rewards of 0.
-Without root or namespaces the sandbox refuses to run unless
-``CodeRewardConfig.allow_no_namespaces`` is set, in which case it runs with rlimits, a
-scrubbed environment and a process group only (no network, filesystem or uid isolation).
+A missing protection makes `execute` raise `SandboxError` naming its opt-out key
+(``rewards.code.allow_no_namespaces``, ``allow_no_seccomp``, ``limits_backend=cgroup`` is
+the only way the cgroup is required), so untrusted code never runs with less than asked for
+without an explicit setting. With ``allow_no_namespaces`` the program runs with rlimits, the
+filter, a scrubbed environment and a process group only (no network, file-system or uid
+isolation).
+
+The working directory `fsview.WORKDIR` is a private tmpfs (size- and inode-limited) owned by
+the leased uid; with /tmp it is the only writable place, and it vanishes with the run (files
+to keep, like a compiled binary, are copied out by the supervisor). The environment is
+replaced by a minimal one (PATH, HOME, TMPDIR, LANG and thread-count caps), so nothing of the
+caller's environment (tokens, keys) reaches the program. stdout and stderr are each read up to
+``max_output_bytes``; one byte more kills the run (``output_overflow``). On the wall-clock
+deadline (or overflow) the program is SIGKILLed through a pidfd (the supervisor reports its
+pid first); being pid 1 of its namespace it takes every descendant with it, and the
+supervisor's ``waitpid`` returns only once the kernel has reaped them all, so when `execute`
+returns nothing of the run is left — not even a zombie holding the uid's NPROC count. If the
+caller dies, the supervisor and program die with it (parent-death signals).
+
+What a program is refused shows up as its own failure (an OSError in the program: runtime
+error or wrong answer), never as a sandbox failure. Failures of the sandbox itself (namespaces
+refused, a missing interpreter) raise `SandboxError`: they are not the program's fault and
+must not silently become rewards of 0.
+
+Cost (tools/bench/sandbox_throughput.py compares with ``subprocess.run``, and the full sandbox
+with one without the allow-listed root and the filter): a Python program is dominated by
+interpreter start-up (~20-25 ms on the 2-core development VM); the isolation adds a few ms.
 """
 
 from __future__ import annotations
 
 import errno
-import math
 import os
-import resource
 import selectors
 import shutil
 import signal
 import stat
 import struct
-import sys
+import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence
 
-from k15_megatron.config.rewards import CodeRewardConfig, wall_time_limit
+from k15_megatron.config.rewards import CodeRewardConfig
+from k15_megatron.rewards import fsview
 from k15_megatron.rewards import isolation as iso
+from k15_megatron.rewards.limits import Limits, RunGroup, cgroup_group, set_rlimits
 from k15_megatron.rewards.pool import process_cpu_seconds
+from k15_megatron.rewards.seccomp_filter import Filter, get_filter
 
-_NAMESPACES = iso.CLONE_NEWNS | iso.CLONE_NEWNET | iso.CLONE_NEWPID | iso.CLONE_NEWIPC
+_NAMESPACES = (iso.CLONE_NEWNS | iso.CLONE_NEWNET | iso.CLONE_NEWPID | iso.CLONE_NEWIPC
+               | iso.CLONE_NEWUTS)
 _DRAIN_AFTER_KILL_S = 5.0
 _CPU_POLL_S = 0.02
 _MAX_COLLECT_BYTES = 256 << 20
@@ -67,43 +90,11 @@ class SandboxError(RuntimeError):
 
 
 @dataclass
-class Limits:
-    """Resource limits of one execution (units in the names)."""
-
-    time_limit_s: float
-    """CPU seconds of the program (polled; RLIMIT_CPU = ceil(this) + 1 per process as well)."""
-    memory_mb: int
-    max_output_bytes: int
-    max_processes: int
-    max_file_mb: int
-    max_open_files: int
-    max_workdir_mb: int = 64
-    max_workdir_files: int = 4096
-    wall_time_limit_s: float = 0.0
-    """Wall-clock backstop; 0: `wall_time_limit` of ``time_limit_s``."""
-
-    @property
-    def wall_s(self) -> float:
-        """The wall-clock limit in effect."""
-        return wall_time_limit(self.time_limit_s, self.wall_time_limit_s)
-
-    @classmethod
-    def from_config(cls, cfg: CodeRewardConfig, **overrides: float) -> "Limits":
-        """Limits of ``cfg`` with keyword ``overrides`` (e.g. ``time_limit_s=2``)."""
-        values = dict(time_limit_s=cfg.time_limit_s, memory_mb=cfg.memory_mb,
-                      max_output_bytes=cfg.max_output_bytes, max_processes=cfg.max_processes,
-                      max_file_mb=cfg.max_file_mb, max_open_files=cfg.max_open_files,
-                      max_workdir_mb=cfg.max_workdir_mb, max_workdir_files=cfg.max_workdir_files,
-                      wall_time_limit_s=cfg.wall_time_limit_s)
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
-
-
-@dataclass
 class ExecResult:
     """What one execution did. ``exit_code`` is None when a signal (``signal``) ended it;
     ``exec_errno`` is set when ``execve`` itself failed for the program (ENOMEM from a huge
-    static array under the memory limit, ENOEXEC...)."""
+    static array under the memory limit, ENOEXEC...); ``oom_killed`` when the run's cgroup
+    killed a process for exceeding its memory (cgroup limits backend only)."""
 
     exit_code: Optional[int]
     signal: Optional[int]
@@ -114,49 +105,107 @@ class ExecResult:
     wall_s: float
     exec_errno: Optional[int] = None
     files: dict[str, bytes] = field(default_factory=dict)
+    oom_killed: bool = False
 
 
-_MODE_CACHE: dict[bool, str] = {}
+@dataclass(frozen=True)
+class Protections:
+    """Which protections sandboxed programs get in this process (see the module docstring)."""
+
+    namespaces: bool
+    filesystem_allowlist: bool
+    seccomp: bool
+    cgroup: bool
+    limits_note: str = ""
+    """How the process and memory limits hold (the cgroup, or why rlimits only)."""
+
+    def metrics(self) -> dict[str, float]:
+        """``rewards/code/isolation/<protection>``: 1.0 active, 0.0 not."""
+        return {f"rewards/code/isolation/{name}": float(getattr(self, name))
+                for name in ("namespaces", "filesystem_allowlist", "seccomp", "cgroup")}
+
+
+_PROBE: dict[str, str] = {}
+_PROTECTIONS: dict[tuple, tuple[Protections, Optional[str]]] = {}
+
+
+def protections(cfg: CodeRewardConfig) -> Protections:
+    """The protections `execute` applies under ``cfg``, probed once per process.
+
+    Raises SandboxError naming the opt-out key when one that ``cfg`` requires is unavailable:
+    namespaces with the file-system allow-list (``rewards.code.allow_no_namespaces``), the
+    system-call filter (``rewards.code.allow_no_seccomp``), the cgroup
+    (``rewards.code.limits_backend=cgroup``)."""
+    key = _protections_key(cfg)
+    if key not in _PROTECTIONS:
+        if not _PROBE:
+            _PROBE.update(_probe())
+        full = not (_PROBE["namespaces"] or _PROBE["filesystem"])
+        if not full and not cfg.allow_no_namespaces:
+            raise SandboxError(
+                f"code sandbox cannot isolate programs here "
+                f"({_PROBE['namespaces'] or _PROBE['filesystem']}); it needs root, Linux "
+                "network/mount/pid namespaces and pivot_root into an allow-listed root. Set "
+                "rewards.code.allow_no_namespaces=true to run untrusted code WITHOUT network, "
+                "file-system and uid isolation.")
+        if _PROBE["seccomp"] and not cfg.allow_no_seccomp:
+            raise SandboxError(
+                f"code sandbox cannot filter system calls here ({_PROBE['seccomp']}). Install "
+                "libseccomp (libseccomp2) and the pyseccomp package, or set "
+                "rewards.code.allow_no_seccomp=true to run untrusted code WITHOUT the filter.")
+        group, why = None, "no namespaces"
+        if full:
+            try:
+                group, why = cgroup_group(cfg)
+            except ValueError as err:
+                raise SandboxError(str(err)) from None
+        elif cfg.limits_backend == "cgroup":
+            raise SandboxError("rewards.code.limits_backend=cgroup needs full isolation "
+                               "(root and namespaces); set rewards.code.limits_backend=auto")
+        note = f"cgroup v2 group per run under {group}" if group else f"rlimits only ({why})"
+        _PROTECTIONS[key] = (Protections(full, full, not _PROBE["seccomp"], group is not None,
+                                         note), group)
+    return _PROTECTIONS[key][0]
+
+
+def _protections_key(cfg: CodeRewardConfig) -> tuple:
+    return (cfg.allow_no_namespaces, cfg.allow_no_seccomp, cfg.limits_backend, cfg.cgroup_parent)
 
 
 def isolation_mode(cfg: CodeRewardConfig) -> str:
-    """``"full"`` (namespaces + uid switch) or ``"none"`` (only when the config allows it).
-
-    Probed once per process by forking a child that tries the namespace set-up. Raises
-    SandboxError with the reason when full isolation is impossible and not explicitly waived.
-    """
-    allow = cfg.allow_no_namespaces
-    if allow not in _MODE_CACHE:
-        reason = _probe_full_isolation()
-        if reason and not allow:
-            raise SandboxError(
-                f"code sandbox cannot isolate programs here ({reason}); it needs root and "
-                "Linux network/mount/pid namespaces. Set rewards.code.allow_no_namespaces=true "
-                "to run untrusted code WITHOUT network and filesystem isolation.")
-        _MODE_CACHE[allow] = "none" if reason else "full"
-    return _MODE_CACHE[allow]
+    """``"full"`` (namespaces, uid switch, allow-listed root) or ``"none"`` (only when
+    ``cfg.allow_no_namespaces``); raises SandboxError as `protections` does."""
+    return "full" if protections(cfg).namespaces else "none"
 
 
-def _probe_full_isolation() -> str:
+def _probe() -> dict[str, str]:
+    """Try each protection in a forked child: ``{protection: ""}`` when it works, else the
+    reason. The filter is tried after the namespaces, as in a real run."""
     if os.geteuid() != 0:
-        return "not running as root, so programs cannot run as a separate unprivileged uid"
+        denied = "not running as root, so programs cannot run as a separate unprivileged uid"
+        result = {"namespaces": denied, "filesystem": denied}
+    else:
+        result = {"namespaces": "probe died", "filesystem": "probe died"}
+    seccomp, why = get_filter()
+    result["seccomp"] = why or "probe died"
+    root = tempfile.mkdtemp(prefix="k15-sandbox-probe-")
+    view = fsview.resolve(fsview.SYSTEM_PATHS)
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:
         try:
             os.close(read_fd)
-            iso.unshare(_NAMESPACES)
-            iso.mount(None, "/", None, iso.MS_REC | iso.MS_PRIVATE)
-            iso.set_readonly("/", recursive=True)
-            os.write(write_fd, b"ok")
-        except BaseException as err:
-            os.write(write_fd, str(err).encode()[:500])
+            _probe_child(write_fd, root, view, seccomp, os.geteuid() == 0)
         finally:
             os._exit(0)
     os.close(write_fd)
-    message = _read_all(read_fd)
+    for record in _read_all(read_fd).split(b"\0"):
+        name, _, message = record.decode(errors="replace").partition("=")
+        if name in result:
+            result[name] = message
     os.waitpid(pid, 0)
-    return "" if message == b"ok" else message.decode(errors="replace") or "probe died"
+    os.rmdir(root)
+    return result
 
 
 def _read_all(fd: int) -> bytes:
@@ -167,18 +216,37 @@ def _read_all(fd: int) -> bytes:
     return b"".join(chunks)
 
 
-_EXPOSURES: dict[str, list] = {}
+def _probe_child(fd: int, root: str, view: fsview.View, seccomp: Optional[Filter],
+                 root_user: bool) -> None:
+    def report(name: str, message: str) -> None:
+        os.write(fd, f"{name}={message[:500]}\0".encode())
 
-
-def _exposures(executable: str) -> list:
-    """Exposures making the interpreter (or compiler) and this Python reachable; cached, and
-    computed in the caller before forking so the child only mounts."""
-    if not os.path.isabs(executable):
-        executable = ""  # a program file inside the working directory
-    if executable not in _EXPOSURES:
-        paths = [executable, sys.executable, sys.prefix, sys.base_prefix, tempfile.gettempdir()]
-        _EXPOSURES[executable] = iso.exposures_for([p for p in paths if p])
-    return _EXPOSURES[executable]
+    if root_user:
+        try:
+            iso.unshare(_NAMESPACES)
+            iso.mount(None, "/", None, iso.MS_REC | iso.MS_PRIVATE)
+            report("namespaces", "")
+            try:
+                fsview.build_root(root, view, uid=65534, workdir_mb=1, workdir_files=16,
+                                  tmp_mb=1)
+                fsview.enter_root(root)
+                report("filesystem", "")
+            except OSError as err:
+                report("filesystem", f"allow-listed root: {err}")
+        except OSError as err:
+            report("namespaces", str(err))
+    if seccomp is not None:
+        try:
+            iso.prctl(iso.PR_SET_NO_NEW_PRIVS, 1)
+            seccomp.install()
+            try:
+                iso.unshare(iso.CLONE_NEWUSER)
+                report("seccomp", "the filter let unshare(CLONE_NEWUSER) through")
+            except OSError as err:
+                report("seccomp", "" if err.errno == errno.EPERM else
+                       f"unshare(CLONE_NEWUSER) failed with {err} instead of EPERM")
+        except OSError as err:
+            report("seccomp", str(err))
 
 
 def sandbox_env(workdir: str) -> dict[str, str]:
@@ -186,18 +254,6 @@ def sandbox_env(workdir: str) -> dict[str, str]:
     return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir,
             "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0",
             "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
-def _set_rlimits(limits: Limits) -> None:
-    cpu = math.ceil(limits.time_limit_s) + 1
-    memory = limits.memory_mb << 20
-    for which, value in ((resource.RLIMIT_CPU, (cpu, cpu + 1)),
-                         (resource.RLIMIT_AS, (memory, memory)),
-                         (resource.RLIMIT_NPROC, (limits.max_processes,) * 2),
-                         (resource.RLIMIT_FSIZE, ((limits.max_file_mb << 20),) * 2),
-                         (resource.RLIMIT_NOFILE, (limits.max_open_files,) * 2),
-                         (resource.RLIMIT_CORE, (0, 0))):
-        resource.setrlimit(which, value)
 
 
 def _report(fd: int, tag: bytes, value: int, message: str = "") -> None:
@@ -223,31 +279,44 @@ class _Job:
     """Everything the forked children need; built in the caller before ``fork``."""
 
     argv: Sequence[str]
-    workdir: str
+    host_dir: str  # a fresh root-only host directory: the new root's mount point (full mode)
     files: Mapping[str, bytes]
     executables: Sequence[str]
     collect: Sequence[str]
     limits: Limits
     uid: Optional[int]
-    full: bool
-    results_dir_fd: int  # the caller's (host) view of workdir, for collected files
+    view: Optional[fsview.View]  # None: no namespaces, the program works in host_dir itself
+    seccomp: Optional[Filter]
+    cgroup_fd: int  # the run group's cgroup.procs, or -1
+    results_dir_fd: int  # the caller's (host) view of host_dir, for collected files
+
+    @property
+    def workdir(self) -> str:
+        """The working directory as the program sees it."""
+        return fsview.WORKDIR if self.view is not None else self.host_dir
 
 
 def _program_child(job: _Job, stdin_fd: int, out_fd: int, err_fd: int, report_fd: int) -> None:
     """Runs in the forked program process; never returns."""
     stage = "setup"
     try:
-        if job.full:
-            iso.mount("proc", "/proc", "proc", iso.MS_NOSUID | iso.MS_NODEV | iso.MS_NOEXEC)
+        if job.view is not None:
+            fsview.mount_proc()
         for src, dst in ((stdin_fd, 0), (out_fd, 1), (err_fd, 2)):
             os.dup2(src, dst)
         os.chdir(job.workdir)
+        if job.cgroup_fd >= 0:
+            os.write(job.cgroup_fd, b"0")  # before anything can fork: the whole tree counts
         os.closerange(3, report_fd)
         os.closerange(report_fd + 1, 1 << 16)
-        _set_rlimits(job.limits)
+        set_rlimits(job.limits)
         if job.uid is not None:
             iso.drop_privileges(job.uid)
+        else:
+            iso.prctl(iso.PR_SET_NO_NEW_PRIVS, 1)
         iso.prctl(iso.PR_SET_PDEATHSIG, signal.SIGKILL)
+        if job.seccomp is not None:
+            job.seccomp.install()
         stage = "exec"
         os.execve(job.argv[0], list(job.argv), sandbox_env(job.workdir))
     except OSError as err:
@@ -306,12 +375,15 @@ def _supervisor_child(job: _Job, stdin_fd: int, out_fd: int, err_fd: int, report
         iso.prctl(iso.PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent:  # the caller died before the death signal was armed
             os._exit(1)
-        if job.full:
-            iso.unshare(_NAMESPACES)
+        if job.view is not None:
             assert job.uid is not None
-            iso.setup_mount_namespace(job.workdir, _exposures(job.argv[0]), uid=job.uid,
-                                      size_mb=job.limits.max_workdir_mb,
-                                      max_files=job.limits.max_workdir_files)
+            iso.unshare(_NAMESPACES)
+            iso.mount(None, "/", None, iso.MS_REC | iso.MS_PRIVATE)  # nothing reaches the host
+            fsview.build_root(job.host_dir, job.view, uid=job.uid,
+                              workdir_mb=job.limits.max_workdir_mb,
+                              workdir_files=job.limits.max_workdir_files,
+                              tmp_mb=job.limits.max_tmp_mb)
+            fsview.enter_root(job.host_dir)  # from here on only descriptors reach the host
             _write_files(job)
         pid = os.fork()
         if pid == 0:
@@ -322,7 +394,7 @@ def _supervisor_child(job: _Job, stdin_fd: int, out_fd: int, err_fd: int, report
         # Reaping the program also waits until the kernel has torn down its pid namespace
         # (every process left in it killed and reaped), so "supervisor exited" means "all gone".
         _, status = os.waitpid(pid, 0)
-        if job.full and job.collect:
+        if job.view is not None and job.collect:
             _copy_out(job)
         _report(report_fd, b"S", status)
     except BaseException as err:
@@ -331,32 +403,62 @@ def _supervisor_child(job: _Job, stdin_fd: int, out_fd: int, err_fd: int, report
         os._exit(0)
 
 
+_VIEWS: dict[tuple, fsview.View] = {}
+
+
+def _view(executable: str, language: Optional[str], cfg: CodeRewardConfig) -> fsview.View:
+    """The allow-listed root for ``executable`` (cached; resolved in the caller before fork)."""
+    python = (language == "python" if language is not None
+              else os.path.basename(executable).startswith("python"))
+    key = (executable, python, tuple(cfg.sandbox_readonly_paths))
+    if key not in _VIEWS:
+        try:
+            _VIEWS[key] = fsview.view_for(executable, python=python,
+                                          extra=cfg.sandbox_readonly_paths)
+        except (ValueError, OSError, subprocess.SubprocessError) as err:
+            raise SandboxError(f"rewards.code.sandbox_readonly_paths / {executable!r}: "
+                               f"{err}") from None
+    return _VIEWS[key]
+
+
 def execute(argv: Sequence[str], *, files: Mapping[str, bytes], stdin: bytes = b"",
             limits: Limits, config: CodeRewardConfig, executables: Sequence[str] = (),
-            collect: Sequence[str] = ()) -> ExecResult:
+            collect: Sequence[str] = (), language: Optional[str] = None) -> ExecResult:
     """Run ``argv`` (``argv[0]`` an absolute path, or relative to the working directory) in a
     fresh sandbox whose working directory holds ``files`` (name -> content; names in
     ``executables`` get mode 0755) and whose stdin is ``stdin``.
 
     ``collect``: names of regular files to read back from the working directory afterwards
-    (missing or non-regular ones are left out). Raises SandboxError when the sandbox itself
-    fails.
+    (missing or non-regular ones are left out). ``language`` chooses the file-system
+    allow-list (`fsview`): ``"python"`` adds the interpreter's prefixes, anything else only
+    the system paths; None: ``"python"`` when ``argv[0]``'s name starts with "python". Raises
+    SandboxError when the sandbox itself fails or a required protection is unavailable.
     """
-    full = isolation_mode(config) == "full"
-    if full:
-        _exposures(argv[0])  # fill the cache before fork: the children only read it
+    guard = protections(config)
+    full = guard.namespaces
+    view = _view(argv[0], language, config) if full else None
+    seccomp = get_filter()[0] if guard.seccomp else None
     try:
         lease = iso.UidLease(config.sandbox_uid_base, config.num_sandbox_uids) if full else None
     except RuntimeError as err:
         raise SandboxError(str(err)) from None
-    workdir = tempfile.mkdtemp(prefix="k15-sandbox-")  # root-only 0700: the host's view
-    dir_fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY)
+    group: Optional[RunGroup] = None
+    host_dir = tempfile.mkdtemp(prefix="k15-sandbox-")  # root-only 0700: the host's view
+    dir_fd = os.open(host_dir, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        job = _Job(list(argv), workdir, files, list(executables), list(collect), limits,
-                   lease.uid if lease else None, full, dir_fd)
+        if guard.cgroup:
+            try:
+                group = RunGroup(_PROTECTIONS[_protections_key(config)][1], limits)
+            except OSError as err:
+                raise SandboxError(f"cannot create the run's cgroup: {err}") from None
+        job = _Job(list(argv), host_dir, files, list(executables), list(collect), limits,
+                   lease.uid if lease else None, view, seccomp,
+                   group.join_fd if group else -1, dir_fd)
         if not full:
             _write_files(job)  # no namespace: the program works in the host directory itself
         result = _run(job, stdin)
+        if group is not None:
+            result.oom_killed = group.oom_killed()
         for name in collect:
             data = read_regular_file(dir_fd, name, _MAX_COLLECT_BYTES)
             if data is not None:
@@ -364,7 +466,9 @@ def execute(argv: Sequence[str], *, files: Mapping[str, bytes], stdin: bytes = b
         return result
     finally:
         os.close(dir_fd)
-        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(host_dir, ignore_errors=True)
+        if group is not None:
+            group.close()
         if lease is not None:
             lease.release()
 
@@ -386,7 +490,7 @@ def _run(job: _Job, stdin: bytes) -> ExecResult:
         for fd in (out_w, err_w, rep_w):
             os.close(fd)
         streams, timed_out, overflow = _pump(pid, out_r, err_r, rep_r, start, job.limits,
-                                             job.full)
+                                             job.view is not None)
         os.waitpid(pid, 0)
         wall = time.monotonic() - start
     reports = {tag: (value, message) for tag, value, message in _parse_reports(streams[rep_r])}
@@ -397,7 +501,9 @@ def _run(job: _Job, stdin: bytes) -> ExecResult:
         result.exec_errno, message = reports[b"X"]
         if result.exec_errno not in _PROGRAM_EXEC_ERRORS:  # a missing or unreachable interpreter
             raise SandboxError(f"cannot execute {job.argv[0]!r} in the sandbox: "
-                               f"{message.decode(errors='replace')}")
+                               f"{message.decode(errors='replace')} (is it, and everything it "
+                               f"loads, under the allow-list? add folders with "
+                               f"rewards.code.sandbox_readonly_paths)")
         result.stderr += b"\nexecve failed: " + message
     elif b"S" in reports:
         status = reports[b"S"][0]

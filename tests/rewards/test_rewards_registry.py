@@ -123,6 +123,9 @@ def test_weighted_combination_and_metrics(config):
     assert metrics["rewards/code/mean"] == pytest.approx(1.0 / 3)
     assert metrics["rewards/code/failures"] == 0 and metrics["rewards/code/no_code_block"] == 1
     assert metrics["rewards/code/latency_s"] > 0
+    for protection in ("namespaces", "filesystem_allowlist", "seccomp"):
+        assert metrics[f"rewards/code/isolation/{protection}"] == 1.0
+    assert metrics["rewards/code/isolation/cgroup"] in (0.0, 1.0)
     assert manager.metrics() == {}  # reset after reading
 
 
