@@ -4,7 +4,11 @@ Each transport has the same two methods: ``sync(model, arch) -> metrics`` pushes
 current weights into the engine in place, and ``close()``. Today there is one:
 
 * :class:`ColocatedWeightSync`: the vLLM worker lives in the same process as the Megatron rank
-  (SPMD colocation, ``external_launcher``). The full-model tensor stream of
+  (SPMD colocation, ``external_launcher``). When both shard the model over the same
+  tensor-parallel ranks with one pipeline stage (the colocated default for dense text models),
+  each rank writes its own Megatron shards straight into its vLLM parameters
+  (:mod:`k15_megatron.engine.aligned_sync`: no gather, no whole tensors, vLLM's CPU re-packing
+  run per layer). Otherwise the full-model tensor stream of
   :func:`k15_megatron.engine.weight_stream.iter_model_hf_tensors` is handed to vLLM's in-place
   ``reload_weights`` as its weights iterator, so tensors go from Megatron's parameters to vLLM's
   without disk, without a second copy of the model, and (on GPU) without leaving the device.
@@ -20,10 +24,12 @@ fallback would implement the same two methods.
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
 
+from k15_megatron.engine import aligned_sync
 from k15_megatron.engine.weight_stream import iter_model_hf_tensors
 
 
@@ -92,12 +98,25 @@ class ColocatedWeightSync:
 
     def __init__(self, llm, *, dtype: torch.dtype, bucket_bytes: int = 256 * 1024**2):
         self.llm, self.dtype, self.bucket_bytes = llm, dtype, bucket_bytes
+        self._plans: dict[int, tuple] = {}  # id(model) -> (model, aligned plan or None, reason)
+
+    def plan_for(self, model, arch, vllm_model) -> tuple:
+        """(aligned plan or None, why not): decided once per model (collective the first time)."""
+        if id(model) not in self._plans:
+            plan, reason = aligned_sync.build_plan(model, arch, vllm_model)
+            logging.getLogger(__name__).info("weight sync: %s", "each rank's shards written in place (TP-aligned)"
+                                             if plan is not None else f"gathered stream ({reason})")
+            self._plans[id(model)] = (model, plan, reason)
+        return self._plans[id(model)][1:]
 
     def sync(self, model, arch) -> dict:
         """Push ``model``'s weights into the engine (collective over all ranks); returns
-        {"sync_s": seconds, "sync_bytes": bytes loaded on this rank, "sync_tensors": count}."""
+        {"sync_s": seconds, "sync_bytes": bytes written into this rank's engine, "sync_tensors":
+        count, "sync_aligned": 1.0 for the TP-aligned shard-to-shard write, 0.0 for the gathered
+        stream; with the aligned write also "sync_pack_s": seconds of vLLM's post-load processing
+        (the CPU backend's weight re-packing) within sync_s}."""
         start = time.perf_counter()
-        counters = {"bytes": 0, "tensors": 0}
+        counters = {"bytes": 0, "tensors": 0, "aligned": 0.0}
 
         def counted():
             for name, tensor in iter_model_hf_tensors(model, arch, dtype=self.dtype,
@@ -109,6 +128,11 @@ class ColocatedWeightSync:
         stream = counted()
 
         def reload(worker):
+            vllm_model = worker.model_runner.get_model()
+            plan, _ = self.plan_for(model, arch, vllm_model)
+            if plan is not None:
+                counters.update(aligned_sync.sync_aligned(plan, model, vllm_model, dtype=self.dtype), aligned=1.0)
+                return
             worker.model_runner.reload_weights(weights_iterator=stream)
             if arch.tie_word_embeddings:
                 _retie_output_embedding(worker.model_runner.get_model())
@@ -120,8 +144,7 @@ class ColocatedWeightSync:
         self.llm.reset_prefix_cache()
         if is_multimodal(self.llm):
             reset_encoder_cache(self.llm)
-        return {"sync_s": time.perf_counter() - start, "sync_bytes": counters["bytes"],
-                "sync_tensors": counters["tensors"]}
+        return {"sync_s": time.perf_counter() - start, **{f"sync_{k}": v for k, v in counters.items()}}
 
     def close(self) -> None:
-        self.llm = None
+        self.llm, self._plans = None, {}

@@ -5,15 +5,19 @@ weights, ``to_rollout`` syncs them in place and the engine's own check compares 
 token log-probs with Megatron's recomputed ones: they must agree within 1e-4 (float32), in two
 different layouts on each side:
 
-* Megatron TP=2 with one vLLM TP=2 engine spanning both processes;
-* Megatron PP=2 with one vLLM TP=1 engine per process (two replicas);
+* Megatron TP=2 with one vLLM TP=2 engine spanning both processes (Qwen2: tied embeddings, QKV
+  bias; Qwen3: untied output layer, QK-norm): the layouts are aligned, so the sync writes each
+  rank's shards straight into its vLLM parameters (engine/aligned_sync.py), which the test
+  checks is the path taken;
+* Megatron PP=2 with one vLLM TP=1 engine per process (two replicas): not aligned, the gathered
+  stream through vLLM's ``reload_weights``;
 * a mixture-of-experts model, a tiny DeepSeek-V3 (multi-latent attention, sigmoid routing
   whose score-correction bias travels in the stream, ungated shared expert), under Megatron EP=2
   with one vLLM TP=2 engine on vLLM's CPU MLA backend: each rank holds half the experts, the
-  stream gathers all of them. (Qwen3-MoE's sync runs in tests/jobs/test_rl_job.py, whose
+  gathered stream carries all of them. (Qwen3-MoE's sync runs in tests/jobs/test_rl_job.py, whose
   every trained iteration checks vLLM's log-probs against Megatron's within 1e-4.)
 
-The dense model has tied embeddings (the harder case for vLLM's in-place reload). A second
+The Qwen2 model has tied embeddings (the harder case for vLLM's in-place reload). A second
 train/sync round checks that switching back and forth keeps working and that the policy version
 is carried to new segments. The memory steps run for real on CPU: the TP=2 case drops the
 optimizer state (``rl.reset_optimizer``), the PP=2 case offloads it and the parameters
@@ -90,6 +94,7 @@ def _hybrid_worker(rank, world_size, hf_dir, tp, pp, ep, engine_tp, reset_optimi
                        "check_max": metrics["logprob_check/max_abs_diff"],
                        "check_tokens": metrics["logprob_check/num_tokens"],
                        "policy_version": rollout.policy_version,
+                       "aligned": metrics["sync/sync_aligned"],
                        "probe_logprobs_changed": not torch.allclose(after.logprobs, before.logprobs, atol=1e-3),
                        "timings": sorted(k for k in metrics if k.startswith("time/"))})
     return rounds
@@ -98,9 +103,10 @@ def _hybrid_worker(rank, world_size, hf_dir, tp, pp, ep, engine_tp, reset_optimi
 @pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.parametrize("family,tp,pp,ep,engine_tp,reset_optimizer",
-                         [("qwen2", 2, 1, 1, 2, True), ("qwen2", 1, 2, 1, 1, False), ("deepseek_v3", 1, 1, 2, 2, True)],
-                         ids=["megatron-TP2_vllm-TP2_reset", "megatron-PP2_vllm-TP1x2_offload-params",
-                              "deepseek-v3_megatron-EP2_vllm-TP2_reset"])
+                         [("qwen2", 2, 1, 1, 2, True), ("qwen3", 2, 1, 1, 2, True), ("qwen2", 1, 2, 1, 1, False),
+                          ("deepseek_v3", 1, 1, 2, 2, True)],
+                         ids=["megatron-TP2_vllm-TP2_reset", "qwen3_megatron-TP2_vllm-TP2_reset",
+                              "megatron-PP2_vllm-TP1x2_offload-params", "deepseek-v3_megatron-EP2_vllm-TP2_reset"])
 def test_weight_sync_makes_vllm_logprobs_equal_megatron(tiny_hf_dirs, tiny_moe_hf_dirs, family, tp, pp, ep, engine_tp,
                                                         reset_optimizer):
     hf_dir = {**tiny_hf_dirs, **tiny_moe_hf_dirs}[family]
@@ -121,5 +127,7 @@ def test_weight_sync_makes_vllm_logprobs_equal_megatron(tiny_hf_dirs, tiny_moe_h
             assert r["check_tokens"] > 0
             assert r["check_max"] < 1e-4, f"rank {rank} round {version}: max |diff| {r['check_max']:.2e}"
             assert r["policy_version"] == version
+            # The shard-to-shard write exactly when Megatron's and vLLM's TP layouts coincide.
+            assert r["aligned"] == (1.0 if (tp, pp, ep) == (engine_tp, 1, 1) else 0.0)
             assert r["probe_logprobs_changed"], "training + sync did not change vLLM's outputs"
             assert {"time/sync_s", "time/offload_s", "time/wake_s", "time/logprob_check_s"} <= set(r["timings"])

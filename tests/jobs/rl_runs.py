@@ -22,7 +22,7 @@ import torch
 from tooling import REPO_ROOT
 
 # Wall-clock readings, and data/ counts taken when the data is loaded (a fresh run logs them once).
-VOLATILE = ("time", "time/", "throughput/", "eval/seconds", "sync/sync_s", "memory/", "data/")
+VOLATILE = ("time", "time/", "throughput/", "eval/seconds", "sync/sync_s", "sync/sync_pack_s", "memory/", "data/")
 VOLATILE_SUFFIXES = ("/latency_s", "/latency_per_call_s")  # reward latencies (rewards/<name>/...)
 
 # The arithmetic task shortened for jobs of a few iterations (rl_command's settings).
