@@ -3,7 +3,9 @@
 ``PhaseProgress`` (rank 0 only; silent elsewhere) shows the iteration's phases as they happen,
 for example::
 
-    rl 12/40 | rollout 1.3 s 14.4k tok/s | reward 0.01 s | train 4.8 s 1.9k tok/s | sync 0.02 s
+    rl 12/40 | rollout 1.3 s 14.4k tok/s | reward 0.01 s (+0.41 s during rollout) | train 4.8 s 1.9k tok/s | sync 0.02 s
+
+(the reward scored during generation, :mod:`k15_megatron.jobs.reward_overlap`, is in parentheses)
 
 On a terminal the line is rewritten in place when a phase starts (``rollout ...``) and when it
 ends, then cleared before the iteration's summary line is printed. Where output goes to a file
@@ -45,7 +47,8 @@ class PhaseProgress:
     @contextlib.contextmanager
     def phase(self, name: str):
         """Time the block as phase ``name``. The block may set ``tokens`` on the yielded dict
-        (tokens processed) to get a tokens/s figure on the line."""
+        (tokens processed) to get a tokens/s figure on the line, and ``note`` (a short text,
+        e.g. ``"+0.41 s during rollout"``) to show it in parentheses."""
         info: dict = {}
         self._show(self.parts + [f"{name} ..."])
         start = time.perf_counter()
@@ -56,6 +59,8 @@ class PhaseProgress:
             text = f"{name} {seconds:.2f} s" if seconds < 10 else f"{name} {seconds:.1f} s"
             if info.get("tokens"):
                 text += " " + format_rate(info["tokens"] / max(seconds, 1e-9))
+            if info.get("note"):
+                text += f" ({info['note']})"
             self.parts.append(text)
             self._show(self.parts)
 

@@ -35,6 +35,7 @@ from k15_megatron.jobs.metrics_log import MetricsLogger
 from k15_megatron.jobs.preflight import data_processor
 from k15_megatron.jobs.preemption import PreemptionFlag
 from k15_megatron.jobs.progress import PhaseProgress
+from k15_megatron.jobs.reward_overlap import OverlappedRewards
 from k15_megatron.jobs.rl_rewards import score_rollouts
 from k15_megatron.models.gpt import torch_dtype
 from k15_megatron.parallel.device import collective_device, device_memory_stats
@@ -78,6 +79,9 @@ class RLJob:
                                      seed=cfg.seed)
         self.buffer = SegmentReplayBuffer(cfg.rl.replay, group_size=cfg.rl.group_size)
         self.rewards = RewardManager(cfg.rewards)
+        scores_here = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0  # rl_rewards
+        self.overlap = (OverlappedRewards(self.rewards, self.prompts.records, tok)
+                        if cfg.rl.overlap_rewards and scores_here else None)
         self.rollout = RolloutEngine.create(cfg.rollout, model_path=engine_model_folder(self.trainer, self.assets),
                                             repeat=cfg.rl.repeat, seed=cfg.seed)
         dtype = torch_dtype(cfg.precision.dtype)
@@ -122,8 +126,10 @@ class RLJob:
             batch, groups = self.pop_ready_groups()
             metrics.update(groups)
             if batch is not None:
-                with progress.phase("reward"):
+                with progress.phase("reward") as phase:
                     metrics.update(self.reward_step(batch))
+                    if metrics.get("time/reward_overlapped_s"):
+                        phase["note"] = f"+{metrics['time/reward_overlapped_s']:.2f} s during rollout"
                 with progress.phase("train") as phase:
                     metrics.update(self.train_step(batch))
                     phase["tokens"] = metrics["train/tokens"]
@@ -157,6 +163,8 @@ class RLJob:
         """Flush logs, then release vLLM. Its teardown destroys the process-wide torch.distributed
         groups, so it must come after the last collective of the run."""
         self.logger.close()
+        if self.overlap is not None:
+            self.overlap.close()
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
         self.rollout.shutdown()
@@ -168,14 +176,22 @@ class RLJob:
         prompts = [(int(i), self.prompts.token_ids[int(i)]) for i in ids]
         sampling = Sampling.from_config(cfg.rollout, seed=cfg.seed if cfg.deterministic else None)
         return rollout_iteration(self.rollout, self.buffer, prompts, iteration=self.iteration, sampling=sampling,
-                                 images_of=self.prompts.images_of).metrics()
+                                 images_of=self.prompts.images_of,
+                                 on_finished=self.overlap.watch(self.buffer) if self.overlap else None).metrics()
 
     def reward_step(self, batch) -> dict:
+        """Rewards of ``batch`` (those scored during generation are taken, the rest scored now);
+        metrics include ``time/reward_overlapped_s`` (scoring done during generation, off this
+        phase's time) and ``reward/overlapped_share`` (the share of samples scored then)."""
         start = time.perf_counter()
+        precomputed, overlapped_s = self.overlap.take(batch.trajectory_ids) if self.overlap else ({}, 0.0)
         correct, metrics = score_rollouts(batch, self.prompts.records, self.rewards, self.trainer.tokenizer,
-                                          self.cfg.rl, self.iteration)
+                                          self.cfg.rl, self.iteration, precomputed=precomputed)
         self.sampler.update(batch.prompt_ids, correct.float())
         metrics["time/reward_s"] = time.perf_counter() - start
+        if self.overlap is not None:
+            metrics["time/reward_overlapped_s"] = overlapped_s
+            metrics["reward/overlapped_share"] = len(precomputed) / batch.num_samples
         return metrics
 
     def train_step(self, batch) -> dict:

@@ -12,28 +12,29 @@ once per rank.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
+from k15_megatron.jobs.reward_overlap import decode_response
 from k15_megatron.parallel.device import collective_device
 from k15_megatron.rl.batch import RolloutBatch
 from k15_megatron.rl.repeat import repeat_penalty
 from k15_megatron.rl.shaping import length_penalty_weight, shaped_rewards
 
 
-def _decode_responses(batch: RolloutBatch, tokenizer) -> list[str]:
-    texts = []
-    for row in range(batch.num_samples):
-        ids = batch.input_ids[row][batch.response_mask[row]].tolist()
-        texts.append(tokenizer.decode(ids, skip_special_tokens=True))
-    return texts
-
-
-def _score_on_rank0(batch, records, manager, tokenizer) -> torch.Tensor:
+def _score_on_rank0(batch, records, manager, tokenizer, precomputed: dict[int, float]) -> torch.Tensor:
+    """[B] float32 task rewards on every rank; rank 0 scores the rows ``precomputed``
+    ({trajectory id: task reward}, from :mod:`k15_megatron.jobs.reward_overlap`) lacks."""
     task = torch.zeros(batch.num_samples, dtype=torch.float32)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     if rank == 0:
-        samples = [records[int(p)] for p in batch.prompt_ids]
-        task = torch.tensor(manager.score(_decode_responses(batch, tokenizer), samples), dtype=torch.float32)
+        rows = [r for r in range(batch.num_samples) if int(batch.trajectory_ids[r]) not in precomputed]
+        texts = [decode_response(tokenizer, batch.input_ids[r][batch.response_mask[r]]) for r in rows]
+        scores = manager.score(texts, [records[int(batch.prompt_ids[r])] for r in rows]) if rows else []
+        fresh = dict(zip(rows, scores))
+        task = torch.tensor([fresh[r] if r in fresh else precomputed[int(batch.trajectory_ids[r])]
+                             for r in range(batch.num_samples)], dtype=torch.float32)
     if torch.distributed.is_initialized():
         task = task.to(collective_device())  # NCCL broadcasts device tensors only
         torch.distributed.broadcast(task, src=0)
@@ -41,9 +42,12 @@ def _score_on_rank0(batch, records, manager, tokenizer) -> torch.Tensor:
     return task
 
 
-def score_rollouts(batch: RolloutBatch, records, manager, tokenizer, rl_cfg, iteration: int):
-    """Fill ``batch.rewards``; returns (correct [B] bool, metrics)."""
-    task = _score_on_rank0(batch, records, manager, tokenizer)
+def score_rollouts(batch: RolloutBatch, records, manager, tokenizer, rl_cfg, iteration: int,
+                   precomputed: Optional[dict[int, float]] = None):
+    """Fill ``batch.rewards``; returns (correct [B] bool, metrics). ``precomputed``: task rewards
+    already computed on rank 0 by trajectory id (overlapped with generation); the rest are
+    scored here."""
+    task = _score_on_rank0(batch, records, manager, tokenizer, precomputed or {})
     correct = task >= 1.0 - 1e-6
     lengths = batch.response_lengths
     weight = length_penalty_weight(iteration, rl_cfg.length_penalty)

@@ -300,7 +300,8 @@ def _check_forward_inputs(forward):
 # ---------------------------------------------------------------------------------------------
 # vLLM runs outside the mode
 # ---------------------------------------------------------------------------------------------
-_VLLM_UNCHECKED = ("__init__", "generate", "chat", "encode", "sleep", "wake_up", "reset_prefix_cache")
+_VLLM_UNCHECKED = ("__init__", "generate", "enqueue", "chat", "encode", "sleep", "wake_up", "reset_prefix_cache")
+_VLLM_ENGINE_UNCHECKED = ("step",)  # LLMEngine.step: the rollout engine steps it to see requests finish
 
 
 def _outside_mode(method):
@@ -325,11 +326,13 @@ def _mode_on_top() -> bool:
 
 
 def _patch_vllm(module) -> None:
-    llm = module.LLM
-    for name in _VLLM_UNCHECKED:
-        method = llm.__dict__.get(name)
-        if callable(method):
-            setattr(llm, name, _outside_mode(method))
+    from vllm.v1.engine.llm_engine import LLMEngine  # imported by vllm.entrypoints.llm already
+
+    for cls, names in ((module.LLM, _VLLM_UNCHECKED), (LLMEngine, _VLLM_ENGINE_UNCHECKED)):
+        for name in names:
+            method = cls.__dict__.get(name)
+            if callable(method):
+                setattr(cls, name, _outside_mode(method))
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):

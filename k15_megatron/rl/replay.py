@@ -142,13 +142,31 @@ class SegmentReplayBuffer:
                              f"{self.cfg.segment_token_budget}")
         if finish_reason is None and tokens.numel() == 0:
             raise ValueError(f"trajectory {trajectory_id}: an empty segment must finish it")
+        closes = self.segment_closes(trajectory_id, finish_reason)
         traj.segments.append(Segment(tokens.detach().long().clone(),
                                      logprobs.detach().float().clone(),
                                      int(iteration), int(policy_version)))
-        if finish_reason is None and len(traj.segments) >= self.cfg.max_segments:
+        if finish_reason is None and closes:
             finish_reason = MAX_SEGMENTS_REASON
         traj.finish_reason = finish_reason
         return traj
+
+    def segment_closes(self, trajectory_id: int, finish_reason: Optional[str]) -> bool:
+        """Whether adding a segment with ``finish_reason`` (None: stopped at the budget) to the
+        unfinished trajectory would finish it: a finish reason, or its ``max_segments``-th segment."""
+        return finish_reason is not None or len(self._trajectories[trajectory_id].segments) + 1 >= \
+            self.cfg.max_segments
+
+    def trajectory(self, trajectory_id: int) -> Trajectory:
+        """The trajectory with this id (KeyError if popped or unknown). Do not mutate it."""
+        return self._trajectories[trajectory_id]
+
+    def group_of(self, trajectory_id: int) -> list[Trajectory]:
+        """The k trajectories of ``trajectory_id``'s group, by id. Do not mutate them."""
+        group = self._trajectories[trajectory_id].group_id
+        near = range(trajectory_id - self.group_size + 1, trajectory_id + self.group_size)  # add_group's ids
+        return [self._trajectories[i] for i in near
+                if i in self._trajectories and self._trajectories[i].group_id == group]
 
     def unfinished(self) -> list[Trajectory]:
         """Trajectories to (continue to) generate, oldest first. Do not mutate them."""

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -246,11 +246,15 @@ class RolloutEngine:
         collective."""
         self.llm.llm_engine.engine_core.shutdown()
 
-    def generate(self, requests: Sequence[SegmentRequest], *,
-                 sampling: Sampling) -> list[SegmentResult]:
+    def generate(self, requests: Sequence[SegmentRequest], *, sampling: Sampling,
+                 on_finished: Optional[Callable[[SegmentResult], None]] = None) -> list[SegmentResult]:
         """One segment per request, in request order (all requests in one vLLM batch).
 
-        Under a multi-rank engine every rank of one replica must pass the same requests.
+        ``on_finished(result)`` is called for each segment as soon as vLLM finishes it, in
+        finishing order, while the others are still generated (the RL loop scores finished
+        groups there, :mod:`k15_megatron.jobs.reward_overlap`); it runs on the calling thread
+        between engine steps, so it must return quickly. Under a multi-rank engine every rank
+        of one replica must pass the same requests.
         """
         if not requests:
             return []
@@ -272,14 +276,32 @@ class RolloutEngine:
                 top_k=sampling.top_k, max_tokens=req.max_new_tokens, ignore_eos=sampling.ignore_eos,
                 seed=_request_seed(sampling.seed, req), logprobs=0, flat_logprobs=True,
                 detokenize=False, extra_args=extra, logit_bias=self._banned_token_bias()))
-        outputs = []
+        results: list[Optional[SegmentResult]] = [None] * len(requests)
         for wave in self._waves(sizes, seeded=sampling.seed is not None):
-            outputs += self.llm.generate([prompts[i] for i in wave], [params[i] for i in wave], use_tqdm=False)
-        for req, out in zip(requests, outputs):
-            if req.images:
-                check_expansion(req.prompt_tokens.tolist() + req.response_tokens.tolist(), out.prompt_token_ids,
-                                trajectory_id=req.trajectory_id)
-        return [self._result(req, out) for req, out in zip(requests, outputs)]
+            ids = self.llm.enqueue([prompts[i] for i in wave], [params[i] for i in wave], use_tqdm=False)
+            index_of = {_external_request_id(rid): i for rid, i in zip(ids, wave)}
+            for out in self._finished_outputs():
+                i = index_of.get(out.request_id)
+                if i is None:
+                    raise RuntimeError(f"vLLM finished request {out.request_id!r}, which this call did not "
+                                       f"enqueue (ids {sorted(index_of)[:4]}...)")
+                req = requests[i]
+                if req.images:
+                    check_expansion(req.prompt_tokens.tolist() + req.response_tokens.tolist(),
+                                    out.prompt_token_ids, trajectory_id=req.trajectory_id)
+                results[i] = self._result(req, out)
+                if on_finished is not None:
+                    on_finished(results[i])
+        return results
+
+    def _finished_outputs(self):
+        """Step vLLM's engine until the enqueued requests are done, yielding each finished
+        ``RequestOutput`` as it comes (what ``LLM.generate`` does, without waiting for all)."""
+        engine = self.llm.llm_engine
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    yield out
 
     def _banned_token_bias(self) -> Optional[dict]:
         """vLLM's ``logit_bias`` that keeps image / video pad tokens out of responses (None for a
@@ -353,6 +375,13 @@ class RolloutEngine:
                              tokens=torch.tensor(tokens, dtype=torch.long),
                              logprobs=torch.tensor(logprobs, dtype=torch.float32),
                              finish_reason=reason, generated_tokens=generated)
+
+
+def _external_request_id(internal: str) -> str:
+    """The id a ``RequestOutput`` carries for a request ``LLM.enqueue`` returned as
+    ``internal``: vLLM 0.32 appends ``-`` and 8 random characters to the caller's id
+    (``InputProcessor.assign_request_id``) and reports the caller's id in outputs."""
+    return internal.rsplit("-", 1)[0]
 
 
 def _has_repeat_stop(llm) -> bool:

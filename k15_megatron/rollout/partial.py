@@ -128,16 +128,19 @@ class IterationStats:
 
 def rollout_iteration(engine: RolloutEngine, buffer: SegmentReplayBuffer,
                       prompts: Sequence[Prompt], *, iteration: int,
-                      sampling: Sampling, images_of: Optional[ImagesOf] = None) -> IterationStats:
+                      sampling: Sampling, images_of: Optional[ImagesOf] = None,
+                      on_finished: Optional[Callable[[SegmentResult], None]] = None) -> IterationStats:
     """Open groups for ``prompts``, generate one segment for every unfinished trajectory
     (new and carried over) over all of ``engine``'s replicas, record them at ``iteration`` and
     the engine's policy version (collective when there are several replicas). Ready groups are
     then available from ``buffer.pop_batch``. ``images_of``: prompt id -> its images (image
-    prompts; see the module docstring)."""
+    prompts; see the module docstring). ``on_finished``: called with each of this rank's
+    replica's segments as it finishes, before any is recorded in ``buffer`` (``k15 rl`` scores
+    finished groups there, :mod:`k15_megatron.jobs.reward_overlap`)."""
     start = time.perf_counter()
     open_groups(buffer, prompts)
     requests = pending_requests(buffer, max_response_tokens=engine.cfg.max_response_tokens, images_of=images_of)
-    results = generate_everywhere(engine, requests, sampling=sampling)
+    results = generate_everywhere(engine, requests, sampling=sampling, on_finished=on_finished)
     record_results(buffer, results, iteration=iteration, policy_version=engine.policy_version)
     return IterationStats(
         num_requests=len(requests),

@@ -14,16 +14,18 @@ from typing import Sequence
 import torch
 
 
-def generate_everywhere(engine, requests: Sequence, *, sampling) -> list:
+def generate_everywhere(engine, requests: Sequence, *, sampling, on_finished=None) -> list:
     """``engine.generate`` (a :class:`~k15_megatron.rollout.engine.RolloutEngine`) over all
     replicas: one ``SegmentResult`` per request, in request order, on every rank (collective
-    when there are several replicas; raises RuntimeError if a result went missing)."""
+    when there are several replicas; raises RuntimeError if a result went missing).
+    ``on_finished`` sees this rank's replica's results as they finish (``engine.generate``);
+    the other replicas' arrive with the return value only."""
     layout = engine.layout
     replicas = layout.data_parallel_size
     if replicas == 1:
-        return engine.generate(list(requests), sampling=sampling)
+        return engine.generate(list(requests), sampling=sampling, on_finished=on_finished)
     mine = list(requests)[layout.data_parallel_rank::replicas]
-    results = engine.generate(mine, sampling=sampling)
+    results = engine.generate(mine, sampling=sampling, on_finished=on_finished)
     # Ranks of one replica hold identical results; the replica's first rank contributes them.
     contribution = results if layout.rank % layout.tensor_parallel_size == 0 else None
     gathered = [None] * torch.distributed.get_world_size()

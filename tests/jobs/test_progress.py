@@ -49,3 +49,13 @@ def test_disabled_progress_prints_nothing():
 def test_format_rate():
     assert format_rate(14431.2) == "14.4k tok/s"
     assert format_rate(812.0) == "812 tok/s"
+
+
+def test_a_phase_note_is_shown_in_parentheses():
+    out = io.StringIO()
+    progress = PhaseProgress("rl", 2, enabled=True, stream=out, live=False)
+    progress.start_iteration(1)
+    with progress.phase("reward") as phase:
+        phase["note"] = "+0.41 s during rollout"
+    progress.end_iteration()
+    assert out.getvalue().strip().endswith(" s (+0.41 s during rollout)")
