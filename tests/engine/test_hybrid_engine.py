@@ -2,13 +2,16 @@
 
 Megatron and vLLM live in the same two processes. After Megatron training steps change the
 weights, ``to_rollout`` syncs them in place and the engine's own check compares vLLM's sampled
-token log-probs with Megatron's recomputed ones: they must agree within 1e-4 (float32), in two
-different layouts on each side:
+token log-probs with Megatron's recomputed ones: they must agree within 1e-4 (float32), in these
+layouts:
 
 * Megatron TP=2 with one vLLM TP=2 engine spanning both processes (Qwen2: tied embeddings, QKV
   bias; Qwen3: untied output layer, QK-norm): the layouts are aligned, so the sync writes each
   rank's shards straight into its vLLM parameters (engine/aligned_sync.py), which the test
   checks is the path taken;
+* Megatron DP=2 (TP=1) with one vLLM TP=1 engine per process: aligned too, every rank writes
+  whole tensors; the trainer's parameters are offloaded right after the sync, so vLLM must not
+  have kept any of them;
 * Megatron PP=2 with one vLLM TP=1 engine per process (two replicas): not aligned, the gathered
   stream through vLLM's ``reload_weights``;
 * a mixture-of-experts model, a tiny DeepSeek-V3 (multi-latent attention, sigmoid routing
@@ -103,10 +106,11 @@ def _hybrid_worker(rank, world_size, hf_dir, tp, pp, ep, engine_tp, reset_optimi
 @pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.parametrize("family,tp,pp,ep,engine_tp,reset_optimizer",
-                         [("qwen2", 2, 1, 1, 2, True), ("qwen3", 2, 1, 1, 2, True), ("qwen2", 1, 2, 1, 1, False),
-                          ("deepseek_v3", 1, 1, 2, 2, True)],
+                         [("qwen2", 2, 1, 1, 2, True), ("qwen3", 2, 1, 1, 2, True), ("qwen3", 1, 1, 1, 1, False),
+                          ("qwen2", 1, 2, 1, 1, False), ("deepseek_v3", 1, 1, 2, 2, True)],
                          ids=["megatron-TP2_vllm-TP2_reset", "qwen3_megatron-TP2_vllm-TP2_reset",
-                              "megatron-PP2_vllm-TP1x2_offload-params", "deepseek-v3_megatron-EP2_vllm-TP2_reset"])
+                              "qwen3_megatron-DP2_vllm-TP1x2_offload-params", "megatron-PP2_vllm-TP1x2_offload-params",
+                              "deepseek-v3_megatron-EP2_vllm-TP2_reset"])
 def test_weight_sync_makes_vllm_logprobs_equal_megatron(tiny_hf_dirs, tiny_moe_hf_dirs, family, tp, pp, ep, engine_tp,
                                                         reset_optimizer):
     hf_dir = {**tiny_hf_dirs, **tiny_moe_hf_dirs}[family]
