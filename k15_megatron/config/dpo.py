@@ -23,6 +23,11 @@ class DPOConfig:
     ratio: float = at_least(1.5, 1.0)
     """Grouped records (``responses`` + ``correct``): a correct response longer than this many
     times the shortest correct one (tokens) is a negative (PAPER.md section 7: 1.5)."""
+    sft_loss_weight: float = at_least(0.0, 0.0)
+    """Weight of the chosen responses' negative log-likelihood per token added to the DPO loss
+    (:func:`k15_megatron.rl.dpo.chosen_nll`; NeMo-RL's ``sft_loss_weight``, TRL's ``rpo_alpha``).
+    0: plain DPO. It keeps DPO from lowering the chosen responses' likelihood with the rejected
+    ones'."""
     logprob_chunk_tokens: int = at_least(2048, 1)
     """Tokens per chunk of float32 logits in the loss and the reference pass: at most one
     [chunk, vocab/TP] block (and its gradient) is alive, never a micro-batch's full logits."""

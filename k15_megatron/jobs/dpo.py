@@ -15,10 +15,11 @@ rank a share, :func:`k15_megatron.train.dpo_step.reference_logprobs`) and stored
 checkpoint, so a resumed run (``checkpoint.resume=auto``) trains against the same reference.
 Each step takes ``data.global_batch_size`` pairs (a seeded order, cycled by epochs, a pure
 function of (seed, step)), ``data.micro_batch_size`` pairs per packed micro-batch (a pair's two
-sequences side by side), and minimises the mean DPO loss (beta ``dpo.beta``) over them
-(:mod:`k15_megatron.train.dpo_step`). Logged per step: ``train/loss``, ``rewards/chosen``,
-``rewards/rejected``, ``rewards/margin``, ``rewards/accuracy``, ``train/grad_norm``,
-``train/lr``. Checkpoints, resume and stop signals as ``k15 sft``: every
+sequences side by side), and minimises the mean DPO loss (beta ``dpo.beta``) over them, plus
+``dpo.sft_loss_weight`` x the chosen responses' negative log-likelihood per token (0 by default)
+(:mod:`k15_megatron.train.dpo_step`). Logged per step: ``train/loss``, ``train/chosen_nll``,
+``rewards/chosen``, ``rewards/rejected``, ``rewards/margin``, ``rewards/accuracy``,
+``train/grad_norm``, ``train/lr``. Checkpoints, resume and stop signals as ``k15 sft``: every
 ``checkpoint.save_interval`` steps and at the end; SIGTERM, SIGINT or SIGUSR1 finish the step,
 save once and exit 0.
 """
@@ -81,7 +82,8 @@ def run(cfg) -> None:
     reference = _reference(trainer, pairs, resume_state)
     logger = MetricsLogger(cfg.logging, enabled=trainer.is_logging_rank, resume_from_iteration=start)
     per_rank = cfg.data.global_batch_size // layout.dp_size
-    step_fn = functools.partial(dpo_step, trainer, beta=cfg.dpo.beta, chunk_size=cfg.dpo.logprob_chunk_tokens,
+    step_fn = functools.partial(dpo_step, trainer, beta=cfg.dpo.beta, sft_loss_weight=cfg.dpo.sft_loss_weight,
+                                chunk_size=cfg.dpo.logprob_chunk_tokens,
                                 pairs_per_micro_batch=cfg.data.micro_batch_size)
 
     def step(i: int) -> None:
@@ -95,7 +97,7 @@ def run(cfg) -> None:
               extra_state={"reference_logprobs": reference})
 
 
-HELP_KEYS = ("data.train_path", "dpo.beta", "dpo.ratio", "data.seq_length", "data.micro_batch_size",
+HELP_KEYS = ("data.train_path", "dpo.beta", "dpo.sft_loss_weight", "dpo.ratio", "data.seq_length", "data.micro_batch_size",
              "data.global_batch_size", "optim.lr", "optim.train_iters", "checkpoint.save_dir",
              "checkpoint.save_interval", "checkpoint.resume")
 """The config keys ``k15 dpo --help`` lists (besides those of every job)."""

@@ -7,6 +7,12 @@ the frozen reference (ref), the implicit rewards are
     r_w = beta * (log pi(y_w) - log ref(y_w)),   r_l = beta * (log pi(y_l) - log ref(y_l))
 
 and the loss is -log sigmoid(r_w - r_l), averaged over pairs.
+
+``k15 dpo`` can add the chosen responses' negative log-likelihood per token
+(:func:`chosen_nll`, weight ``dpo.sft_loss_weight``): DPO alone may lower the likelihood of the
+chosen responses too, as long as the rejected ones fall faster; the SFT term keeps the chosen
+ones likely (Pang et al. 2024, "Iterative Reasoning Preference Optimization", eq. 3; NeMo-RL's
+``sft_loss_weight``, TRL's ``rpo_alpha``).
 """
 
 from __future__ import annotations
@@ -60,3 +66,22 @@ def dpo_metrics(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_
         return {"rewards/chosen": float(chosen.mean()), "rewards/rejected": float(rejected.mean()),
                 "rewards/margin": float((chosen - rejected).mean()),
                 "rewards/accuracy": float((chosen > rejected).double().mean())}
+
+
+def chosen_nll(policy_chosen: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:
+    """Mean over pairs of the chosen response's negative log-likelihood per token.
+
+    Args:
+        policy_chosen: [P] summed log-probs of each pair's chosen response under the policy.
+        chosen_tokens: [P] its response tokens (> 0).
+
+    Returns:
+        Scalar: mean over pairs of -policy_chosen / chosen_tokens.
+
+    Raises:
+        ValueError: shapes differ, are not 1-D or empty, or a token count is not positive.
+    """
+    _check(policy_chosen, chosen_tokens)
+    if bool((chosen_tokens <= 0).any()):
+        raise ValueError("chosen_nll needs every chosen response to have at least one token")
+    return (-policy_chosen / chosen_tokens.to(policy_chosen.dtype)).mean()

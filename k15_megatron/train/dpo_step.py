@@ -31,7 +31,7 @@ import torch
 
 from k15_megatron.data.pairs import Pair
 from k15_megatron.parallel.device import compute_device
-from k15_megatron.rl.dpo import dpo_loss, dpo_metrics
+from k15_megatron.rl.dpo import chosen_nll, dpo_loss, dpo_metrics
 from k15_megatron.rl.loss import packed_sequence_logprobs
 from k15_megatron.train.logprobs import hidden_state_output, sequence_token_logprobs
 from k15_megatron.train.packed import next_token, pack_sequences
@@ -101,22 +101,25 @@ def dpo_micro_batches(pairs: Sequence[Pair], reference: torch.Tensor, *, pairs_p
     ``pairs_per_micro_batch`` consecutive pairs each (the last may hold fewer): the fields of
     :func:`pair_sequences`, each sequence padded to ``multiple`` tokens, plus ``reference``
     [2n] float64 (the pairs' rows of ``reference`` [len(pairs), 2], chosen and rejected
-    alternating, as the sequences) and ``step_pairs`` (len(pairs): this rank's pairs in the step)."""
+    alternating, as the sequences), ``chosen_tokens`` [n] float64 (each pair's chosen response
+    tokens) and ``step_pairs`` (len(pairs): this rank's pairs in the step)."""
     assert reference.shape == (len(pairs), 2), (tuple(reference.shape), len(pairs))
     batches = []
     for start in range(0, len(pairs), pairs_per_micro_batch):
         part = pairs[start:start + pairs_per_micro_batch]
         sequences = [seq for pair in part for seq in pair_sequences(pair)]
         batch = pack_sequences(sequences, multiple=multiple)
-        batch.update(reference=reference[start:start + len(part)].reshape(-1).double(), step_pairs=len(pairs))
+        batch.update(reference=reference[start:start + len(part)].reshape(-1).double(), step_pairs=len(pairs),
+                     chosen_tokens=torch.tensor([len(pair.chosen) for pair in part], dtype=torch.float64))
         batches.append(batch)
     return batches
 
 
 class _RewardSums:
-    """[pairs, sum r_w, sum r_l, sum (r_w - r_l), pairs with r_w > r_l] of this rank's micro-batches."""
+    """[pairs, sum r_w, sum r_l, sum (r_w - r_l), pairs with r_w > r_l, sum of the chosen NLL per
+    token] of this rank's micro-batches."""
 
-    KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy")
+    KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "train/chosen_nll")
 
     def __init__(self):
         self.sums = torch.zeros(1 + len(self.KEYS), dtype=torch.float64, device=compute_device())
@@ -141,12 +144,13 @@ def _sum_over_context_parallel(partial: torch.Tensor) -> torch.Tensor:
     return reduce_from_tensor_model_parallel_region(partial.contiguous(), group=ps.get_context_parallel_group())
 
 
-def dpo_loss_fn(*, beta: float, token_logprobs, rewards: _RewardSums | None = None):
+def dpo_loss_fn(*, beta: float, token_logprobs, rewards: _RewardSums | None = None, sft_loss_weight: float = 0.0):
     """The loss function (:func:`k15_megatron.train.schedule.forward_backward`) of one micro-batch
     of :func:`dpo_micro_batches` as this CP rank holds it: ``token_logprobs(output, targets)`` ->
-    [1, T_local] -> per-sequence response sums -> summed over the CP group -> ``dpo_loss`` x n
-    pairs, returned as the module docstring's normalisation needs. ``rewards`` collects the
-    logged implicit rewards."""
+    [1, T_local] -> per-sequence response sums -> summed over the CP group -> (``dpo_loss`` +
+    ``sft_loss_weight`` x :func:`~k15_megatron.rl.dpo.chosen_nll`) x n pairs, returned as the
+    module docstring's normalisation needs. ``rewards`` collects the logged implicit rewards and
+    the chosen NLL."""
     from megatron.core import parallel_state as ps
 
     def loss(mb: dict, output: torch.Tensor):
@@ -157,9 +161,10 @@ def dpo_loss_fn(*, beta: float, token_logprobs, rewards: _RewardSums | None = No
         reference = mb["reference"].to(sequence_lp.dtype)
         args = (sequence_lp[0::2], sequence_lp[1::2], reference[0::2], reference[1::2])
         pairs = n // 2
-        loss_sum = dpo_loss(*args, beta=beta) * pairs
+        nll = chosen_nll(args[0], mb["chosen_tokens"].to(sequence_lp.device))
+        loss_sum = (dpo_loss(*args, beta=beta) + sft_loss_weight * nll) * pairs
         if rewards is not None:
-            rewards.add(dpo_metrics(*args, beta=beta), pairs)
+            rewards.add({**dpo_metrics(*args, beta=beta), "train/chosen_nll": float(nll.detach())}, pairs)
         scale = ps.get_context_parallel_world_size() * mb[STEP_MICRO_BATCHES_KEY]
         step_pairs = torch.tensor(mb["step_pairs"], dtype=torch.int, device=loss_sum.device)
         # Megatron divides the returned loss in place: the metric is a separate tensor.
@@ -170,10 +175,11 @@ def dpo_loss_fn(*, beta: float, token_logprobs, rewards: _RewardSums | None = No
 
 
 def dpo_step(trainer, pairs: Sequence[Pair], reference: torch.Tensor, *, beta: float, chunk_size: int,
-             pairs_per_micro_batch: int) -> dict:
+             pairs_per_micro_batch: int, sft_loss_weight: float = 0.0) -> dict:
     """One optimizer step on this data-parallel rank's ``pairs`` (every rank the same number)
-    with their ``reference`` [len(pairs), 2]; returns ``train/loss`` (the mean DPO loss over the
-    step's pairs, all ranks), ``train/grad_norm``, ``train/lr`` and the ``rewards/*`` means of
+    with their ``reference`` [len(pairs), 2]; returns ``train/loss`` (the mean loss over the
+    step's pairs, all ranks: DPO + ``sft_loss_weight`` x chosen NLL per token),
+    ``train/grad_norm``, ``train/lr``, ``train/chosen_nll`` and the ``rewards/*`` means of
     :func:`k15_megatron.rl.dpo.dpo_metrics` over all the step's pairs, equal on every rank."""
     from k15_megatron.train.schedule import packing_multiple
 
@@ -183,6 +189,7 @@ def dpo_step(trainer, pairs: Sequence[Pair], reference: torch.Tensor, *, beta: f
     with hidden_state_output(trainer.chunks) as head:
         token_lp = functools.partial(head.token_logprobs, vocab_size=trainer.arch.vocab_size, chunk_size=chunk_size)
         step = train_step(trainer.chunks, trainer.optimizer, trainer.scheduler, micro,
-                          loss_fn=dpo_loss_fn(beta=beta, token_logprobs=token_lp, rewards=rewards))
+                          loss_fn=dpo_loss_fn(beta=beta, token_logprobs=token_lp, rewards=rewards,
+                                              sft_loss_weight=sft_loss_weight))
     return {"train/loss": step["loss"], "train/grad_norm": step["grad_norm"], "train/lr": step["lr"],
             **rewards.global_metrics()}

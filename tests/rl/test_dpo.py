@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from k15_megatron.rl.dpo import dpo_loss, dpo_metrics
+from k15_megatron.rl.dpo import chosen_nll, dpo_loss, dpo_metrics
 
 BETA = 0.1
 
@@ -59,3 +59,16 @@ def test_bad_inputs_are_refused():
         dpo_loss(torch.zeros(0), torch.zeros(0), torch.zeros(0), torch.zeros(0), BETA)
     with pytest.raises(ValueError, match="beta"):
         dpo_loss(x, x, x, x, 0.0)
+
+
+def test_chosen_nll_and_its_gradient_match_the_formula():
+    policy = torch.tensor([-6.0, -2.5, -9.0], dtype=torch.float64, requires_grad=True)
+    tokens = torch.tensor([3, 5, 2])
+    nll = chosen_nll(policy, tokens)
+    nll.backward()
+    assert nll.item() == pytest.approx((6.0 / 3 + 2.5 / 5 + 9.0 / 2) / 3, rel=1e-15)
+    assert policy.grad.tolist() == pytest.approx([-1 / (3 * 3), -1 / (3 * 5), -1 / (3 * 2)], rel=1e-15)
+    with pytest.raises(ValueError, match="at least one token"):
+        chosen_nll(policy.detach(), torch.tensor([3, 0, 2]))
+    with pytest.raises(ValueError, match="one length"):
+        chosen_nll(policy.detach(), torch.tensor([3, 2]))

@@ -8,7 +8,8 @@ state re-initialised between them):
   each DP rank a share) gives transformers' summed response log-probs of the starting model;
 * one :func:`dpo_step` (one pair per packed micro-batch: two micro-batches per rank at TP/PP,
   one per rank at DP=2; at CP=2 each rank holds half of every sequence) against a reference shifted by known offsets (so the margins are not
-  zero) gives transformers' float64 DPO loss, every parameter's gradient (the all-reduced
+  zero) gives transformers' float64 DPO loss plus 0.3 x the chosen NLL per token
+  (``dpo.sft_loss_weight``), every parameter's gradient (the all-reduced
   ``main_grad`` Megatron's optimizer stepped with, within 1e-4 of each tensor's largest entry)
   and the logged rewards of :func:`k15_megatron.rl.dpo.dpo_metrics`.
 """
@@ -23,6 +24,7 @@ from distributed import run_cases
 from tooling import megatron_from_hf
 
 BETA = 0.5
+SFT_WEIGHT = 0.3  # dpo.sft_loss_weight: the chosen NLL per token is in the loss and its gradient
 OFFSETS = torch.tensor([[0.3, -0.2], [-0.5, 0.4], [0.1, 0.9], [-0.7, -0.1]], dtype=torch.float64)
 
 
@@ -66,7 +68,8 @@ def _step_worker(rank, world_size, hf_dir, tp, pp, cp):
     share = len(pairs) // dp_size
     mine = slice(dp_rank * share, (dp_rank + 1) * share)
     trainer = types.SimpleNamespace(chunks=chunks, optimizer=optimizer, scheduler=scheduler, arch=arch)
-    metrics = dpo_step(trainer, pairs[mine], shifted[mine], beta=BETA, chunk_size=5, pairs_per_micro_batch=1)
+    metrics = dpo_step(trainer, pairs[mine], shifted[mine], beta=BETA, chunk_size=5, pairs_per_micro_batch=1,
+                       sft_loss_weight=SFT_WEIGHT)
     return {"reference": reference, "metrics": metrics, "grads": _grads_as_hf(model, arch)}
 
 
@@ -85,7 +88,8 @@ def _transformers_dpo(hf_dir: str):
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float64)
     sums = []
-    for pair in _pairs(model.config.vocab_size):
+    pairs = _pairs(model.config.vocab_size)
+    for pair in pairs:
         for response in (pair.chosen, pair.rejected):
             ids = torch.tensor([pair.prompt + response])
             logprobs = torch.log_softmax(model(ids).logits[0, :-1], dim=-1)
@@ -94,10 +98,12 @@ def _transformers_dpo(hf_dir: str):
     policy = torch.stack(sums).view(-1, 2)
     reference = policy.detach() + OFFSETS
     args = (policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1])
-    loss = dpo_loss(*args, beta=BETA)
+    nll = (-policy[:, 0] / torch.tensor([len(pair.chosen) for pair in pairs], dtype=torch.float64)).mean()
+    loss = dpo_loss(*args, beta=BETA) + SFT_WEIGHT * nll
     loss.backward()
     grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
-    return policy.detach(), float(loss.detach()), dpo_metrics(*args, beta=BETA), grads
+    return (policy.detach(), float(loss.detach()), {**dpo_metrics(*args, beta=BETA), "train/chosen_nll": float(nll)},
+            grads)
 
 
 @pytest.mark.distributed
