@@ -129,10 +129,16 @@ def _plan_locally(model, arch, vllm_model) -> tuple[AlignedPlan | None, str, boo
     for name, param in local_named_parameters(model):
         if name == "output_layer.weight" and arch.tie_word_embeddings:
             continue
-        for hf_name in hf_mapping.hf_names(name, arch):
+        try:
+            hf_names = hf_mapping.hf_names(name, arch)
+        except hf_mapping.UnsupportedParameterError as exc:
+            return None, str(exc), True
+        for hf_name in hf_names:
             vname = _vllm_name(hf_name)
             if vname in entries and entries[vname].megatron_name == name:
                 continue  # q/k/v (gate/up) of one Megatron tensor: one vLLM parameter
+            if vname in entries:
+                return None, f"Megatron {entries[vname].megatron_name} and {name} both map to {vname}", True
             if vname not in specs:
                 return None, f"Megatron {name} has no vLLM parameter {vname}", True
             entry = entries[vname] = _Entry(name, vname, specs[vname])

@@ -33,7 +33,7 @@ def _aligned_vs_gathered_worker(rank, world_size, hf_dir):
     rollout_cfg = RolloutConfig(tensor_parallel_size=2, max_response_tokens=8, max_model_len=64,
                                 cpu_kv_cache_gib=0.25, max_num_seqs=2)
     rollout = RolloutEngine.create(rollout_cfg, model_path=hf_dir, repeat=RepeatConfig(enabled=False), seed=0)
-    generator = torch.Generator().manual_seed(11 + rank)
+    generator = torch.Generator().manual_seed(11)  # the same on both ranks: replicated norms stay equal
     with torch.no_grad():
         for param in model.parameters():
             param.add_(torch.randn(param.shape, generator=generator) * 0.01)
