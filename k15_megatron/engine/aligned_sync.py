@@ -207,9 +207,9 @@ def local_tensor(entry: _Entry, shard: torch.Tensor, *, gather_vocab: bool) -> t
 
 
 def iter_local_tensors(plan: AlignedPlan, model, *, dtype: torch.dtype | None = None):
-    """Yield ``(group, [(entry, tensor, rows, source)])`` per vLLM layer in ``plan``: each
-    entry's rank-local tensor (:func:`local_tensor`, cast to ``dtype``) and the Megatron
-    parameter it came from. Collective only when ``plan.gather_vocab``."""
+    """Yield ``(finishing modules, [(entry, tensor, rows, source)])`` per vLLM layer in
+    ``plan``: each entry's rank-local tensor (:func:`local_tensor`, cast to ``dtype``) and the
+    Megatron parameter it came from. Collective only when ``plan.gather_vocab``."""
     params = dict(local_named_parameters(model))
     for group, finishing in plan.groups:
         written = []
@@ -217,7 +217,7 @@ def iter_local_tensors(plan: AlignedPlan, model, *, dtype: torch.dtype | None = 
             source = params[entry.megatron_name].detach()
             tensor, rows = local_tensor(entry, source, gather_vocab=plan.gather_vocab)
             written.append((entry, tensor if dtype is None else tensor.to(dtype), rows, source))
-        yield (group, finishing), written
+        yield finishing, written
 
 
 @torch.no_grad()
@@ -230,7 +230,7 @@ def sync_aligned(plan: AlignedPlan, model, vllm_model, *, dtype: torch.dtype) ->
     modules = dict(vllm_model.named_modules())
     num_bytes = num_tensors = 0
     pack_s = 0.0
-    for (_, finishing), written in iter_local_tensors(plan, model, dtype=dtype):
+    for finishing, written in iter_local_tensors(plan, model, dtype=dtype):
         for entry, tensor, rows, _ in written:
             module_name, _, pname = entry.vllm_name.rpartition(".")
             inplace_weights.write_local(modules[module_name], pname, tensor, num_rows=rows)
