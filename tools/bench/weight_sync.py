@@ -63,7 +63,8 @@ def _model_bytes(model) -> int:
     from k15_megatron.checkpoint.model_weights import local_named_parameters
     from k15_megatron.parallel.initialize import global_rank
 
-    mine = sum(p.numel() * 4 for n, p in local_named_parameters(model) if partition_dim(n) is not None or global_rank() == 0)
+    mine = sum(p.numel() * 4 for n, p in local_named_parameters(model)
+               if partition_dim(n) is not None or global_rank() == 0)
     total = torch.tensor([mine], dtype=torch.float64)
     torch.distributed.all_reduce(total)
     return int(total)
