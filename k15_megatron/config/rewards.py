@@ -66,8 +66,8 @@ class CodeRewardConfig:
     """Wall-clock backstop per test case (a program that sleeps or blocks);
     0: ``3 * time_limit_s + 10``."""
     memory_mb: int = 1024
-    """Address-space limit (RLIMIT_AS) of every sandboxed process, in MiB; with the cgroup
-    limits backend also the resident memory of the program's whole process tree."""
+    """Address-space limit (RLIMIT_AS) of every sandboxed process, in MiB, and the limit on the
+    resident memory of the program's whole process tree (see limits_backend)."""
     max_output_bytes: int = 1 << 20
     """stdout (and separately stderr) beyond this many bytes kills the run: verdict output_limit."""
     max_processes: int = 32
@@ -98,8 +98,8 @@ class CodeRewardConfig:
     v2 group per run with pids.max = max_processes and memory.max = memory_mb, which needs a
     cgroup v2 hierarchy with the pids and memory controllers delegated; see cgroup_parent) |
     rlimit (RLIMIT_NPROC of the leased uid bounds the tree's processes, RLIMIT_AS each process's
-    memory, so a tree may hold up to max_processes * memory_mb) | auto (cgroup where the
-    machine allows it, else rlimit; the choice is logged once per process)."""
+    memory, and the tree's resident memory is polled every ~20 ms against memory_mb) | auto
+    (cgroup where the machine allows it, else rlimit; the choice is logged once)."""
     cgroup_parent: str = ""
     """cgroup v2 directory under which per-run groups are created (it must offer the memory and
     pids controllers and allow enabling them for sub-groups, e.g. a systemd unit with

@@ -22,7 +22,8 @@ Protections, each detected once per process and reported by `protections` (metri
 - seccomp: namespace creation, mount, ptrace, bpf, keyctl, perf_event_open, module and reboot
   calls, raw and packet sockets fail with EPERM (`seccomp_filter`);
 - cgroup: a cgroup v2 group per run bounds the whole tree's processes and memory (`limits`);
-  without it RLIMIT_NPROC (per leased uid) and RLIMIT_AS (per process) do.
+  without it RLIMIT_NPROC (per leased uid), RLIMIT_AS (per process) and a poll of the tree's
+  resident memory do.
 
 A missing protection makes `execute` raise `SandboxError` naming its opt-out key
 (``rewards.code.allow_no_namespaces``, ``allow_no_seccomp``, ``limits_backend=cgroup`` is
@@ -71,7 +72,8 @@ from typing import Mapping, Optional, Sequence
 from k15_megatron.config.rewards import CodeRewardConfig
 from k15_megatron.rewards import fsview
 from k15_megatron.rewards import isolation as iso
-from k15_megatron.rewards.limits import Limits, RunGroup, cgroup_group, set_rlimits
+from k15_megatron.rewards.limits import (Limits, RunGroup, cgroup_group, set_rlimits,
+                                         tree_resident_bytes)
 from k15_megatron.rewards.pool import process_cpu_seconds
 from k15_megatron.rewards.seccomp_filter import Filter, get_filter
 
@@ -93,8 +95,9 @@ class SandboxError(RuntimeError):
 class ExecResult:
     """What one execution did. ``exit_code`` is None when a signal (``signal``) ended it;
     ``exec_errno`` is set when ``execve`` itself failed for the program (ENOMEM from a huge
-    static array under the memory limit, ENOEXEC...); ``oom_killed`` when the run's cgroup
-    killed a process for exceeding its memory (cgroup limits backend only)."""
+    static array under the memory limit, ENOEXEC...); ``oom_killed`` when the run was killed
+    for the memory of its whole process tree (the cgroup's OOM kill, or the rlimit backend's
+    resident-memory watch)."""
 
     exit_code: Optional[int]
     signal: Optional[int]
@@ -489,14 +492,16 @@ def _run(job: _Job, stdin: bytes) -> ExecResult:
             _supervisor_child(job, stdin_file.fileno(), out_w, err_w, rep_w, os.getppid())
         for fd in (out_w, err_w, rep_w):
             os.close(fd)
-        streams, timed_out, overflow = _pump(pid, out_r, err_r, rep_r, start, job.limits,
-                                             job.view is not None)
+        streams, timed_out, overflow, over_memory = _pump(
+            pid, out_r, err_r, rep_r, start, job.limits, full=job.view is not None,
+            watch_memory=job.view is not None and job.cgroup_fd < 0)
         os.waitpid(pid, 0)
         wall = time.monotonic() - start
     reports = {tag: (value, message) for tag, value, message in _parse_reports(streams[rep_r])}
     if b"E" in reports:
         raise SandboxError("sandbox set-up failed: " + reports[b"E"][1].decode(errors="replace"))
-    result = ExecResult(None, None, streams[out_r], streams[err_r], timed_out, overflow, wall)
+    result = ExecResult(None, None, streams[out_r], streams[err_r], timed_out, overflow, wall,
+                        oom_killed=over_memory)
     if b"X" in reports:
         result.exec_errno, message = reports[b"X"]
         if result.exec_errno not in _PROGRAM_EXEC_ERRORS:  # a missing or unreachable interpreter
@@ -511,7 +516,7 @@ def _run(job: _Job, stdin: bytes) -> ExecResult:
             result.signal = os.WTERMSIG(status)
         else:
             result.exit_code = os.WEXITSTATUS(status)
-    elif not (timed_out or overflow):
+    elif not (timed_out or overflow or over_memory):
         raise SandboxError("sandbox supervisor ended without a report")
     else:
         result.signal = signal.SIGKILL
@@ -561,12 +566,14 @@ class _Killer:
             self.pidfd = -1
 
 
-def _pump(pid: int, out_r: int, err_r: int, rep_r: int, start: float, limits: Limits,
-          full: bool) -> tuple[dict[int, bytes], bool, bool]:
+def _pump(pid: int, out_r: int, err_r: int, rep_r: int, start: float, limits: Limits, *,
+          full: bool, watch_memory: bool) -> tuple[dict[int, bytes], bool, bool, bool]:
     """Read the three pipes to EOF under the output cap, the CPU-time limit (the program's own
-    CPU plus that of the children it reaped, polled every ``_CPU_POLL_S``) and the wall-clock
-    backstop. Past any, the program is killed and the supervisor (which then reaps everything
-    and reports) gets ``_DRAIN_AFTER_KILL_S`` to finish before its whole group is killed too."""
+    CPU plus that of the children it reaped, polled every ``_CPU_POLL_S``), with
+    ``watch_memory`` the tree's resident memory (polled likewise) and the wall-clock backstop.
+    Past any, the program is killed and the supervisor (which then reaps everything and
+    reports) gets ``_DRAIN_AFTER_KILL_S`` to finish before its whole group is killed too.
+    Returns the streams and whether time, output or memory ran over."""
     buffers: dict[int, bytearray] = {out_r: bytearray(), err_r: bytearray(), rep_r: bytearray()}
     selector = selectors.DefaultSelector()
     for fd in buffers:
@@ -574,7 +581,8 @@ def _pump(pid: int, out_r: int, err_r: int, rep_r: int, start: float, limits: Li
     killer = _Killer(pid, full)
     deadline = start + limits.wall_s
     killed_at: Optional[float] = None
-    timed_out = overflow = False
+    timed_out = overflow = over_memory = False
+    memory_bytes = limits.memory_mb << 20
     try:
         while selector.get_map():
             now = time.monotonic()
@@ -582,6 +590,10 @@ def _pump(pid: int, out_r: int, err_r: int, rep_r: int, start: float, limits: Li
                     killer.program > 0 and process_cpu_seconds(
                         killer.program, include_children=True) > limits.time_limit_s)):
                 timed_out, killed_at = True, now
+                killer.kill_program()
+            elif (killed_at is None and watch_memory and killer.program > 0
+                  and tree_resident_bytes(killer.program) > memory_bytes):
+                over_memory, killed_at = True, now
                 killer.kill_program()
             if killed_at is not None and now - killed_at > _DRAIN_AFTER_KILL_S:
                 killer.kill_supervisor()  # something still holds a pipe (no-namespace mode)
@@ -609,4 +621,4 @@ def _pump(pid: int, out_r: int, err_r: int, rep_r: int, start: float, limits: Li
             os.close(fd)
     cap = limits.max_output_bytes
     return ({fd: bytes(buf[:cap]) if fd != rep_r else bytes(buf) for fd, buf in buffers.items()},
-            timed_out, overflow)
+            timed_out, overflow, over_memory)

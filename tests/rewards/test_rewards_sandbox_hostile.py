@@ -22,7 +22,8 @@ from k15_megatron.rewards.limits import detect_cgroup
 from k15_megatron.rewards.sandbox import Limits, SandboxError, execute
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CFG = CodeRewardConfig(memory_mb=512)
+# uids of their own, so that sandboxes of other processes on the machine never count as leftovers
+CFG = CodeRewardConfig(memory_mb=512, sandbox_uid_base=63000)
 SYSCALLS = {"x86_64": {"bpf": 321, "keyctl": 250, "perf_event_open": 298},
             "aarch64": {"bpf": 280, "keyctl": 219, "perf_event_open": 241}}[os.uname().machine]
 
@@ -46,6 +47,22 @@ def _syscall_attack(name: str, args: str = "0, 0, 0, 0") -> str:
             f"print('42')\n")
 
 
+def leftover_processes() -> list[int]:
+    """Live processes whose real uid is one of CFG's sandbox uids."""
+    uids = range(CFG.sandbox_uid_base, CFG.sandbox_uid_base + CFG.num_sandbox_uids)
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/status") as handle:
+                real_uid = next(int(line.split()[1]) for line in handle
+                                if line.startswith("Uid:"))
+        except (OSError, StopIteration):
+            continue  # exited while we looked
+        if real_uid in uids:
+            found.append(int(entry))
+    return found
+
+
 @pytest.fixture
 def planted_data():
     """A world-readable data set with gold answers in a world-traversable host folder."""
@@ -60,7 +77,7 @@ def planted_data():
     shutil.rmtree(folder)
 
 
-def test_hostile_programs_are_contained_and_benign_ones_pass(planted_data, sandbox_processes):
+def test_hostile_programs_are_contained_and_benign_ones_pass(planted_data):
     data_path, gold = planted_data
     escape = f"k15_escape_{uuid.uuid4().hex}"
     outside = [os.path.join("/usr", escape), os.path.join(REPO, escape),
@@ -107,6 +124,12 @@ def test_hostile_programs_are_contained_and_benign_ones_pass(planted_data, sandb
                              "if any(os.waitpid(p, 0)[1] for p in pids):\n"
                              "    raise MemoryError('a child ran out of memory')\nprint('42')",
                              [{"input": "", "output": "42"}]),
+        # every process stays under the per-process limit; together they exceed memory_mb
+        "memory_bomb_tree_total": ("import os, time\nfor _ in range(5):\n"
+                                   "    if os.fork() == 0:\n"
+                                   "        x = b'x' * (200 << 20)\n        time.sleep(30)\n"
+                                   "        os._exit(0)\nwhile True:\n    os.wait()",
+                                   [{"input": "", "output": "42"}]),
     }
     programs = {**hostile, **BENIGN}
     names = list(programs)
@@ -131,7 +154,8 @@ def test_hostile_programs_are_contained_and_benign_ones_pass(planted_data, sandb
         assert not os.path.exists(path)
     assert verdicts["fork_bomb"] in ("runtime_error", "time_limit"), by_name["fork_bomb"]
     assert verdicts["memory_bomb_tree"] == "memory_limit", by_name["memory_bomb_tree"]
-    assert sandbox_processes() == []
+    assert verdicts["memory_bomb_tree_total"] == "memory_limit", by_name["memory_bomb_tree_total"]
+    assert leftover_processes() == []
 
 
 def test_isolation_metrics_report_every_protection():
