@@ -1,8 +1,8 @@
 """RL throughput: ``k15 rl`` vs TRL's GRPOTrainer, the same RL work on this machine, one run.
 
 Same on both sides:
-- the model: one random tiny Qwen2 Hugging Face folder built from examples/tiny_arith.yaml's
-  architecture (1.08M parameters, character tokenizer, float32);
+- the model: one random Qwen2 Hugging Face folder built from examples/tiny_arith.yaml's
+  architecture (1.08M parameters, character tokenizer, float32; or the larger size below);
 - the prompts: --prompts arithmetic prompts per generation round from the same JSONL, in the
   chat template, k = --group-size samples each at temperature 1, at most --max-tokens new tokens;
 - the updates: --iterations generation rounds, each followed by --updates optimizer steps over
@@ -22,16 +22,23 @@ sync; TRL: ``train_runtime``); start-up (imports, model load, vLLM engine build)
 separately as whole-process wall time. Samples/s = trained samples / loop seconds; tokens/s =
 generated tokens / loop seconds.
 
+Two model sizes (``--sizes``, both by default): ``tiny``, the model above at the flags' work
+(the tiny default's RL sizes), and ``25m``, the same family at 25.6M parameters (8 layers,
+hidden 512; ``SIZES``) on less work (3 rounds x 16 prompts x k=4), where matrix products
+rather than per-step overheads take the time on both sides.
+
 Needs the bench extra: .venv/bin/pip install -e ".[bench]" (TRL 1.16.0).
 Run: python tools/bench/rl_vs_trl.py [--iterations 5 --prompts 64 --group-size 8 --max-tokens 64]
 (the defaults are the tiny default's RL sizes, examples/tiny_arith_rl.yaml).
-The last line is the RESULT line (unit samples/s, ratio = ours / baseline).
+Each size ends with a RESULT line (unit samples/s, ratio = ours / baseline), ``rl_vs_trl_25m``
+first; the last line is the tiny size's ``rl_vs_trl``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -43,14 +50,26 @@ from k15_megatron.jobs.tiny import STAGE_ENV as ENV  # the tiny default's proces
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def prepare_work(work: str, num_prompts: int, seed: int) -> tuple[str, str]:
-    """(HF model folder, prompts JSONL) shared by both sides."""
+# The model sizes compared: "tiny" is the tiny default's model at its RL sizes; "25m" a 25.6M-parameter
+# model of the same family (8 layers, hidden 512) with the work cut so a run takes minutes, where
+# the matrix products, not per-step overheads, take the time on both sides.
+SIZES = {
+    "tiny": {"model": [], "work": {}},
+    "25m": {"model": ["model.num_layers=8", "model.hidden_size=512", "model.ffn_hidden_size=1408",
+                      "model.num_attention_heads=8", "model.num_query_groups=8"],
+            "work": {"iterations": 3, "prompts": 16, "group_size": 4}},
+}
+
+
+def prepare_work(work: str, num_prompts: int, seed: int, model_overrides: tuple = ()) -> tuple[str, str]:
+    """(HF model folder, prompts JSONL) shared by both sides; ``model_overrides``: dotted
+    ``model.*`` overrides of examples/tiny_arith.yaml's architecture."""
     from k15_megatron.config import load_config, resolve_model_arch
     from k15_megatron.data.arithmetic import ArithmeticTaskConfig, generate_splits
     from k15_megatron.data.jsonl import write_jsonl
     from k15_megatron.models.tiny import build_char_tokenizer, save_hf_model_from_arch
 
-    cfg = load_config(os.path.join(REPO, "examples", "tiny_arith.yaml"), [])
+    cfg = load_config(os.path.join(REPO, "examples", "tiny_arith.yaml"), list(model_overrides))
     model_dir = os.path.join(work, "model")
     save_hf_model_from_arch(resolve_model_arch(cfg.model), model_dir, seed=seed, tokenizer=build_char_tokenizer())
     splits = generate_splits(ArithmeticTaskConfig(seed=seed, num_sft=0, num_eval=0, num_train=num_prompts,
@@ -61,24 +80,27 @@ def prepare_work(work: str, num_prompts: int, seed: int) -> tuple[str, str]:
 
 
 def k15_rl_command(run_dir: str, model_dir: str, prompts: str, *, iterations: int, prompts_per_iteration: int,
-                   group_size: int, updates: int, max_tokens: int, lr: float, seed: int) -> list:
+                   group_size: int, updates: int, max_tokens: int, lr: float, seed: int,
+                   model_overrides: tuple = ()) -> list:
     """The ``k15 rl`` command the benchmarks time: the tiny default's recipe from the random model
-    folder, each of the 2 data-parallel ranks' mini-batch one micro-batch, no checkpoints, no
-    length penalty or repeat stop (so the work is the same as the baseline's)."""
+    folder (its architecture changed by ``model_overrides``, as the folder was made), each of the 2
+    data-parallel ranks' mini-batch one micro-batch, no checkpoints, no length penalty or repeat
+    stop (so the work is the same as the baseline's)."""
     return [sys.executable, "-m", "k15_megatron.cli", "rl", os.path.join(REPO, "examples", "tiny_arith_rl.yaml"),
             f"run_dir={run_dir}", f"model.hf_path={model_dir}", "model.init_from=null", f"data.train_path={prompts}",
             f"rl.iterations={iterations}", f"rl.prompts_per_iteration={prompts_per_iteration}",
             f"rl.group_size={group_size}", f"rl.updates_per_iteration={updates}",
             f"rl.groups_per_micro_batch={prompts_per_iteration // (2 * updates)}",
             f"rollout.max_response_tokens={max_tokens}", f"optim.lr={lr}", f"seed={seed}",
-            "checkpoint.save_interval=0", "rl.length_penalty.enabled=false", "rl.repeat.enabled=false"]
+            "checkpoint.save_interval=0", "rl.length_penalty.enabled=false", "rl.repeat.enabled=false",
+            *model_overrides]
 
 
-def run_ours(args, work: str, model_dir: str, prompts: str) -> dict:
+def run_ours(args, work: str, model_dir: str, prompts: str, model_overrides: tuple = ()) -> dict:
     run_dir = os.path.join(work, "k15")
     cmd = k15_rl_command(run_dir, model_dir, prompts, iterations=args.iterations, prompts_per_iteration=args.prompts,
                          group_size=args.group_size, updates=args.updates, max_tokens=args.max_tokens, lr=args.lr,
-                         seed=args.seed)
+                         seed=args.seed, model_overrides=model_overrides)
     start = time.perf_counter()
     subprocess.run(cmd, check=True, env={**os.environ, **ENV}, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - start
@@ -158,6 +180,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64, help="new tokens per sample at most")
     parser.add_argument("--lr", type=float, default=3e-5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sizes", default="tiny,25m",
+                        help="model sizes, comma-separated (tiny: the flags' work; 25m: its own smaller work)")
     parser.add_argument("--trl-worker", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -172,19 +196,46 @@ def main() -> None:
 
     if importlib.util.find_spec("trl") is None:  # before any side runs, not as a worker's traceback
         parser.error('the baseline needs TRL: .venv/bin/pip install -e ".[bench]" (make bench installs it)')
-    with tempfile.TemporaryDirectory(prefix="k15-bench-trl-") as work:
-        model_dir, prompts = prepare_work(work, args.prompts * args.iterations, args.seed)
-        ours = run_ours(args, work, model_dir, prompts)
-        base = run_baseline(args, work, model_dir, prompts)
-    print(f"work: {args.iterations} rounds x {args.prompts} prompts x k={args.group_size}, <= {args.max_tokens} "
-          f"new tokens, {args.updates} updates per round")
+    sizes = args.sizes.split(",")
+    unknown = [size for size in sizes if size not in SIZES]
+    if unknown:
+        parser.error(f"--sizes: unknown {unknown}; choose from {sorted(SIZES)}")
+    results = {}
+    for size in sorted(sizes, key=lambda size: size != "25m"):  # the tiny point last: the RESULT line
+        point = argparse.Namespace(**{**vars(args), **SIZES[size]["work"]})
+        model = tuple(SIZES[size]["model"])
+        with tempfile.TemporaryDirectory(prefix="k15-bench-trl-") as work:
+            model_dir, prompts = prepare_work(work, point.prompts * point.iterations, point.seed, model)
+            params = _parameter_count(model_dir)
+            ours = run_ours(point, work, model_dir, prompts, model)
+            base = run_baseline(point, work, model_dir, prompts)
+        results[size] = _report(size, point, params, ours, base)
+    for size, (ours_rate, base_rate) in results.items():
+        name = "rl_vs_trl" if size == "tiny" else f"rl_vs_trl_{size}"
+        print(f"RESULT {name} ours={ours_rate:.2f} baseline={base_rate:.2f} unit=samples/s "
+              f"ratio={ours_rate / base_rate:.3f}")
+
+
+def _parameter_count(model_dir: str) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for name in os.listdir(model_dir):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(model_dir, name), "pt") as f:
+                total += sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
+    return total
+
+
+def _report(size: str, point, params: int, ours: dict, base: dict) -> tuple[float, float]:
+    """Print one model size's comparison; (ours, baseline) samples/s."""
+    print(f"[{size}: {params / 1e6:.2f}M parameters] work: {point.iterations} rounds x {point.prompts} prompts x "
+          f"k={point.group_size}, <= {point.max_tokens} new tokens, {point.updates} updates per round")
     for name, r in (("k15 rl (Megatron + vLLM, 2 procs)", ours), ("TRL GRPOTrainer (transformers)", base)):
-        print(f"{name:36s} samples {r['samples']:6.0f} | loop {r['loop_s']:7.1f} s | "
+        print(f"  {name:36s} samples {r['samples']:6.0f} | loop {r['loop_s']:7.1f} s | "
               f"{r['samples'] / r['loop_s']:7.1f} samples/s | {r['generated_tokens'] / r['loop_s']:8.0f} gen tok/s | "
               f"process wall {r['wall_s']:6.1f} s | mean reward {r['mean_reward']:.3f}")
-    ours_rate, base_rate = ours["samples"] / ours["loop_s"], base["samples"] / base["loop_s"]
-    print(f"RESULT rl_vs_trl ours={ours_rate:.2f} baseline={base_rate:.2f} unit=samples/s "
-          f"ratio={ours_rate / base_rate:.3f}")
+    return ours["samples"] / ours["loop_s"], base["samples"] / base["loop_s"]
 
 
 if __name__ == "__main__":
