@@ -18,10 +18,12 @@ def test_every_benchmark_is_listed():
     assert set(run_all.BENCHMARKS) == scripts - {"run_all", "sync_common"}
 
 
-def test_result_line_is_the_last_one():
+def test_result_line_is_the_last_one_of_each_name():
     out = "warm-up\nRESULT x ours=1 baseline=2 unit=s ratio=0.5\nmore\nRESULT x ours=3 baseline=2 unit=s ratio=1.5\n"
     assert run_all.result_line(out) == "RESULT x ours=3 baseline=2 unit=s ratio=1.5"
     assert run_all.result_line("no result\n") is None
+    two = "RESULT x_25m ours=2 baseline=1 unit=samples/s ratio=2\nRESULT x ours=1 baseline=1 unit=samples/s ratio=1\n"
+    assert run_all.result_line(two) == two.strip()
 
 
 def test_unknown_benchmark_is_refused_by_name(tmp_path):

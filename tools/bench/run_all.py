@@ -24,14 +24,21 @@ BENCHMARKS = ["rl_vs_trl", "rl_scaling", "rollout_throughput", "partial_rollout"
 
 
 def result_line(output: str) -> str | None:
-    """The last ``RESULT ...`` line of a benchmark's output, or None."""
-    lines = [line for line in output.splitlines() if line.startswith("RESULT ")]
-    return lines[-1] if lines else None
+    """The benchmark's ``RESULT ...`` lines, the last one of each name (``RESULT <name> ...``),
+    in the order the names first appear, joined by newlines; None if there is none. One
+    benchmark may print several (``rl_vs_trl``: one per model size)."""
+    last: dict[str, str] = {}
+    for line in output.splitlines():
+        if line.startswith("RESULT "):
+            name = line.split()[1] if len(line.split()) > 1 else ""
+            last[name] = line
+    return "\n".join(last.values()) if last else None
 
 
 def run_benchmark(script: str, log: str) -> tuple[int, str | None, str, float]:
     """Run ``python script`` at its defaults; its whole output (stdout, then stderr) goes to
-    ``log``. Returns (exit status, its RESULT line or None, the output, seconds taken)."""
+    ``log``. Returns (exit status, its RESULT lines (:func:`result_line`) or None, the output,
+    seconds taken)."""
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, script], capture_output=True, text=True)
     output = proc.stdout + proc.stderr
@@ -61,10 +68,11 @@ def main(argv=None) -> int:
                   flush=True)
         else:
             results[name] = line
-            print(f"{name}: {took:.0f} s: {line}", flush=True)
+            print(f"{name}: {took:.0f} s:\n" + "\n".join("  " + t for t in line.splitlines()), flush=True)
     print("\nsummary:")
     for name in names:
-        print(f"  {results.get(name, f'{name}: FAILED')}")
+        for text in results.get(name, f"{name}: FAILED").splitlines():
+            print(f"  {text}")
     return 1 if failed else 0
 
 
