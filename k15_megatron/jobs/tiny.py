@@ -14,10 +14,10 @@ process group with the recipes ``examples/tiny_arith_*.yaml`` (docs/tiny_task.md
    the training-reward curve, written to ``OUT/report.json`` and ``OUT/report.md``, plus
    ``k15 plot`` of the RL run.
 
-A stage whose output is complete and whose command is unchanged is not run again, so an
-interrupted ``k15 tiny`` continues where it stopped; a stage whose command changed, and every
-stage after one that ran, starts over in fresh folders (``--fresh`` starts every stage over). The exit status is
-0 only when the report's checks hold: the paired gain in sampled pass@1 (the mean success of 8
+A stage whose output is complete and whose command and resolved recipe are unchanged is not
+run again, so an interrupted ``k15 tiny`` continues where it stopped; a stage whose command or
+recipe changed, and every stage after one that ran, starts over in fresh folders (``--fresh``
+starts every stage over). The exit status is 0 only when the report's checks hold: the paired gain in sampled pass@1 (the mean success of 8
 samples at temperature 1, the expected reward RL maximises) exceeds ``--min-z`` standard errors
 and the training reward rises by more than ``--min-z`` standard errors of its slope. The greedy
 pass@1 gain is reported beside it, with its own z, but not required.
@@ -218,21 +218,37 @@ class Stages:
                 os.unlink(target)
 
     def run_command(self, name: str, args: Sequence[str], *, outputs: Sequence[str] = ()) -> None:
-        """Run ``k15 <args>`` as stage ``name`` (skipped when done with the same arguments;
-        ``outputs`` as in :meth:`run`)."""
-        signature = shlex.join(args)
+        """Run ``k15 <args>`` as stage ``name`` (skipped when done with the same
+        :func:`command_signature`; ``outputs`` as in :meth:`run`)."""
+        signature = command_signature(args)
+
+        line = shlex.join(args)
 
         def work():
-            print(f"== {name}: k15 {signature}", flush=True)
+            print(f"== {name}: k15 {line}", flush=True)
             env = dict(os.environ)
             for key, value in STAGE_ENV.items():
                 env.setdefault(key, value)
             status = subprocess.call([sys.executable, "-m", "k15_megatron.cli", *args], env=env)
             if status != 0:
-                raise SystemExit(f"k15 tiny: stage {name!r} failed with exit status {status}: k15 {signature}")
+                raise SystemExit(f"k15 tiny: stage {name!r} failed with exit status {status}: k15 {line}")
 
         if self.run(name, signature, work, outputs=outputs):
             print(f"== {name}: done in {self.seconds[name]:.0f} s", flush=True)
+
+
+def command_signature(args: Sequence[str]) -> str:
+    """What decides whether a finished ``k15 <args>`` stage still stands: the command line and,
+    when an argument is a YAML recipe, the configuration it resolves to with the command's
+    ``key=value`` overrides (:func:`~k15_megatron.config.loader.load_config`), so that an edited
+    recipe, or a file in its ``defaults``, runs the stage again."""
+    signature = shlex.join(args)
+    recipes = [a for a in args if a.endswith((".yaml", ".yml"))]
+    if recipes:
+        from k15_megatron.config.loader import load_config, to_yaml
+
+        signature += "\n" + to_yaml(load_config(recipes[0], [a for a in args if "=" in a and not a.startswith("-")]))
+    return signature
 
 
 def _task_config(name: str, seed: int, overrides: List[str]):

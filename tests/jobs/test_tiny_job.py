@@ -147,3 +147,25 @@ def test_bad_input_stops_before_any_stage(tmp_path, argv, message):
     with pytest.raises(SystemExit, match=message.replace("(", r"\(").replace(")", r"\)")):
         run_pipeline(args)
     assert not out.exists()
+
+
+def test_a_finished_command_stage_runs_again_when_its_recipe_or_a_default_changes(tmp_path, capsys):
+    from k15_megatron.jobs.tiny import Stages
+
+    base, recipe = tmp_path / "base.yaml", tmp_path / "recipe.yaml"
+    tiny = os.path.join(REPO_ROOT, "examples", "tiny_arith.yaml")
+    base.write_text(f"defaults: [{tiny}]\noptim:\n  lr: 1.0e-3\n")
+    recipe.write_text("defaults: [base.yaml]\nseed: 3\n")
+    args = ["config", "show", str(recipe), "optim.train_iters=7"]
+
+    def ran(stages_out):
+        stages = Stages(str(stages_out), fresh=False)
+        stages.run_command("show", args)
+        return "already complete" not in capsys.readouterr().out
+
+    out = tmp_path / "tiny"
+    assert ran(out) and not ran(out)  # the real `k15 config show`, then skipped
+    base.write_text(f"defaults: [{tiny}]\noptim:\n  lr: 2.0e-3\n")  # a default changed, the command did not
+    assert ran(out) and not ran(out)
+    recipe.write_text("defaults: [base.yaml]\nseed: 4\n")
+    assert ran(out)
