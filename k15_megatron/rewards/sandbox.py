@@ -11,8 +11,8 @@ Process layout of one execution (all started with ``os.fork``, no shell)::
                      drops to the leased uid, installs the system-call filter
                      (`seccomp_filter`), execs.
 
-Protections, each detected once per process and reported by `protections` (metrics
-``rewards/code/isolation/*``):
+Protections, each detected once per process and reported by `protections` (module
+`protections`; metrics ``rewards/code/isolation/*``):
 
 - namespaces: network (no interface but a downed loopback), pid (nothing outlives a run),
   ipc, uts and mount namespaces, and an unprivileged leased uid (`isolation`);
@@ -49,9 +49,11 @@ error or wrong answer), never as a sandbox failure. Failures of the sandbox itse
 refused, a missing interpreter) raise `SandboxError`: they are not the program's fault and
 must not silently become rewards of 0.
 
-Cost (tools/bench/sandbox_throughput.py compares with ``subprocess.run``, and the full sandbox
-with one without the allow-listed root and the filter): a Python program is dominated by
-interpreter start-up (~20-25 ms on the 2-core development VM); the isolation adds a few ms.
+Cost (tools/bench/sandbox_throughput.py, which compares with ``subprocess.run`` and, with
+``--baseline-ref``, with an earlier revision's sandbox in the same run): a Python program is
+dominated by interpreter start-up (~25-35 ms on the 2-core development VM), and the sandbox
+about breaks even with a bare subprocess there — the isolation's few ms are paid back by the
+interpreter not finding this project's packages (its editable-install hooks fail fast).
 """
 
 from __future__ import annotations
@@ -72,23 +74,21 @@ from typing import Mapping, Optional, Sequence
 from k15_megatron.config.rewards import CodeRewardConfig
 from k15_megatron.rewards import fsview
 from k15_megatron.rewards import isolation as iso
-from k15_megatron.rewards.limits import (Limits, RunGroup, cgroup_group, set_rlimits,
-                                         tree_resident_bytes)
+from k15_megatron.rewards.limits import Limits, RunGroup, set_rlimits, tree_resident_bytes
 from k15_megatron.rewards.pool import process_cpu_seconds
+from k15_megatron.rewards.protections import (NAMESPACES, Protections, SandboxError,
+                                              cgroup_parent, isolation_mode, protections)
 from k15_megatron.rewards.seccomp_filter import Filter, get_filter
 
-_NAMESPACES = (iso.CLONE_NEWNS | iso.CLONE_NEWNET | iso.CLONE_NEWPID | iso.CLONE_NEWIPC
-               | iso.CLONE_NEWUTS)
+__all__ = ["ExecResult", "Limits", "Protections", "SandboxError", "execute", "isolation_mode",
+           "protections", "read_regular_file", "sandbox_env"]
+
 _DRAIN_AFTER_KILL_S = 5.0
 _CPU_POLL_S = 0.02
 _MAX_COLLECT_BYTES = 256 << 20
 # execve errors that are the program's own doing (a binary too big for the memory limit, or
 # not an executable); any other exec failure means the sandbox is misconfigured.
 _PROGRAM_EXEC_ERRORS = (errno.ENOMEM, errno.E2BIG, errno.ENOEXEC)
-
-
-class SandboxError(RuntimeError):
-    """The sandbox could not run the program (setup failed); not a verdict on the program."""
 
 
 @dataclass
@@ -109,147 +109,6 @@ class ExecResult:
     exec_errno: Optional[int] = None
     files: dict[str, bytes] = field(default_factory=dict)
     oom_killed: bool = False
-
-
-@dataclass(frozen=True)
-class Protections:
-    """Which protections sandboxed programs get in this process (see the module docstring)."""
-
-    namespaces: bool
-    filesystem_allowlist: bool
-    seccomp: bool
-    cgroup: bool
-    limits_note: str = ""
-    """How the process and memory limits hold (the cgroup, or why rlimits only)."""
-
-    def metrics(self) -> dict[str, float]:
-        """``rewards/code/isolation/<protection>``: 1.0 active, 0.0 not."""
-        return {f"rewards/code/isolation/{name}": float(getattr(self, name))
-                for name in ("namespaces", "filesystem_allowlist", "seccomp", "cgroup")}
-
-
-_PROBE: dict[str, str] = {}
-_PROTECTIONS: dict[tuple, tuple[Protections, Optional[str]]] = {}
-
-
-def protections(cfg: CodeRewardConfig) -> Protections:
-    """The protections `execute` applies under ``cfg``, probed once per process.
-
-    Raises SandboxError naming the opt-out key when one that ``cfg`` requires is unavailable:
-    namespaces with the file-system allow-list (``rewards.code.allow_no_namespaces``), the
-    system-call filter (``rewards.code.allow_no_seccomp``), the cgroup
-    (``rewards.code.limits_backend=cgroup``)."""
-    key = _protections_key(cfg)
-    if key not in _PROTECTIONS:
-        if not _PROBE:
-            _PROBE.update(_probe())
-        full = not (_PROBE["namespaces"] or _PROBE["filesystem"])
-        if not full and not cfg.allow_no_namespaces:
-            raise SandboxError(
-                f"code sandbox cannot isolate programs here "
-                f"({_PROBE['namespaces'] or _PROBE['filesystem']}); it needs root, Linux "
-                "network/mount/pid namespaces and pivot_root into an allow-listed root. Set "
-                "rewards.code.allow_no_namespaces=true to run untrusted code WITHOUT network, "
-                "file-system and uid isolation.")
-        if _PROBE["seccomp"] and not cfg.allow_no_seccomp:
-            raise SandboxError(
-                f"code sandbox cannot filter system calls here ({_PROBE['seccomp']}). Install "
-                "libseccomp (libseccomp2) and the pyseccomp package, or set "
-                "rewards.code.allow_no_seccomp=true to run untrusted code WITHOUT the filter.")
-        group, why = None, "no namespaces"
-        if full:
-            try:
-                group, why = cgroup_group(cfg)
-            except ValueError as err:
-                raise SandboxError(str(err)) from None
-        elif cfg.limits_backend == "cgroup":
-            raise SandboxError("rewards.code.limits_backend=cgroup needs full isolation "
-                               "(root and namespaces); set rewards.code.limits_backend=auto")
-        note = f"cgroup v2 group per run under {group}" if group else f"rlimits only ({why})"
-        _PROTECTIONS[key] = (Protections(full, full, not _PROBE["seccomp"], group is not None,
-                                         note), group)
-    return _PROTECTIONS[key][0]
-
-
-def _protections_key(cfg: CodeRewardConfig) -> tuple:
-    return (cfg.allow_no_namespaces, cfg.allow_no_seccomp, cfg.limits_backend, cfg.cgroup_parent)
-
-
-def isolation_mode(cfg: CodeRewardConfig) -> str:
-    """``"full"`` (namespaces, uid switch, allow-listed root) or ``"none"`` (only when
-    ``cfg.allow_no_namespaces``); raises SandboxError as `protections` does."""
-    return "full" if protections(cfg).namespaces else "none"
-
-
-def _probe() -> dict[str, str]:
-    """Try each protection in a forked child: ``{protection: ""}`` when it works, else the
-    reason. The filter is tried after the namespaces, as in a real run."""
-    if os.geteuid() != 0:
-        denied = "not running as root, so programs cannot run as a separate unprivileged uid"
-        result = {"namespaces": denied, "filesystem": denied}
-    else:
-        result = {"namespaces": "probe died", "filesystem": "probe died"}
-    seccomp, why = get_filter()
-    result["seccomp"] = why or "probe died"
-    root = tempfile.mkdtemp(prefix="k15-sandbox-probe-")
-    view = fsview.resolve(fsview.SYSTEM_PATHS)
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(read_fd)
-            _probe_child(write_fd, root, view, seccomp, os.geteuid() == 0)
-        finally:
-            os._exit(0)
-    os.close(write_fd)
-    for record in _read_all(read_fd).split(b"\0"):
-        name, _, message = record.decode(errors="replace").partition("=")
-        if name in result:
-            result[name] = message
-    os.waitpid(pid, 0)
-    os.rmdir(root)
-    return result
-
-
-def _read_all(fd: int) -> bytes:
-    chunks = []
-    while chunk := os.read(fd, 65536):
-        chunks.append(chunk)
-    os.close(fd)
-    return b"".join(chunks)
-
-
-def _probe_child(fd: int, root: str, view: fsview.View, seccomp: Optional[Filter],
-                 root_user: bool) -> None:
-    def report(name: str, message: str) -> None:
-        os.write(fd, f"{name}={message[:500]}\0".encode())
-
-    if root_user:
-        try:
-            iso.unshare(_NAMESPACES)
-            iso.mount(None, "/", None, iso.MS_REC | iso.MS_PRIVATE)
-            report("namespaces", "")
-            try:
-                fsview.build_root(root, view, uid=65534, workdir_mb=1, workdir_files=16,
-                                  tmp_mb=1)
-                fsview.enter_root(root)
-                report("filesystem", "")
-            except OSError as err:
-                report("filesystem", f"allow-listed root: {err}")
-        except OSError as err:
-            report("namespaces", str(err))
-    if seccomp is not None:
-        try:
-            iso.prctl(iso.PR_SET_NO_NEW_PRIVS, 1)
-            seccomp.install()
-            try:
-                iso.unshare(iso.CLONE_NEWUSER)
-                report("seccomp", "the filter let unshare(CLONE_NEWUSER) through")
-            except OSError as err:
-                report("seccomp", "" if err.errno == errno.EPERM else
-                       f"unshare(CLONE_NEWUSER) failed with {err} instead of EPERM")
-        except OSError as err:
-            report("seccomp", str(err))
 
 
 def sandbox_env(workdir: str) -> dict[str, str]:
@@ -380,7 +239,7 @@ def _supervisor_child(job: _Job, stdin_fd: int, out_fd: int, err_fd: int, report
             os._exit(1)
         if job.view is not None:
             assert job.uid is not None
-            iso.unshare(_NAMESPACES)
+            iso.unshare(NAMESPACES)
             iso.mount(None, "/", None, iso.MS_REC | iso.MS_PRIVATE)  # nothing reaches the host
             fsview.build_root(job.host_dir, job.view, uid=job.uid,
                               workdir_mb=job.limits.max_workdir_mb,
@@ -451,7 +310,7 @@ def execute(argv: Sequence[str], *, files: Mapping[str, bytes], stdin: bytes = b
     try:
         if guard.cgroup:
             try:
-                group = RunGroup(_PROTECTIONS[_protections_key(config)][1], limits)
+                group = RunGroup(cgroup_parent(config), limits)
             except OSError as err:
                 raise SandboxError(f"cannot create the run's cgroup: {err}") from None
         job = _Job(list(argv), host_dir, files, list(executables), list(collect), limits,
