@@ -129,9 +129,10 @@ class RLConfig:
     iterations: int = 100
     """RL iterations (rollout -> rewards -> train -> sync) of ``k15 rl``."""
     overlap_rewards: bool = True
-    """Score each group's responses on a background thread as soon as its last response
-    finishes, while generation continues (:mod:`k15_megatron.jobs.reward_overlap`); the reward
-    phase then scores only the rest. The rewards are the same either way."""
+    """Score finished responses on a background thread, group_size at a time as they finish,
+    while generation continues (:mod:`k15_megatron.jobs.reward_overlap`); the reward phase then
+    scores only the rest (and, with several rollout replicas, the other replicas' responses).
+    The rewards are the same either way."""
     prompts_per_iteration: int = 64
     """New prompts sampled per iteration (each opens a group of group_size trajectories). Must
     be a multiple of data-parallel size x updates_per_iteration (checked before start-up): an

@@ -1,20 +1,22 @@
-"""Task rewards of finished groups, computed while generation continues.
+"""Task rewards computed while generation continues.
 
-A rollout iteration generates every open trajectory in one vLLM batch; its groups finish at
-different times (short responses first). ``OverlappedRewards`` scores a group's k responses on a
-background thread as soon as the group's last trajectory finishes, while the engine keeps
-generating the rest, so the reward stage after generation only scores what finished last (and
-what another replica generated). Used on the rank that scores (rank 0, see
+A rollout iteration generates every open trajectory in one vLLM batch; responses finish at
+different times (short ones first). ``OverlappedRewards`` scores finished responses on a
+background thread, in chunks of ``chunk`` (the group size in ``k15 rl``) as they finish, while
+the engine keeps generating the rest, so the reward stage after generation only scores what was not
+scored yet: the last chunk's remainder, and what another replica generated (rank 0 sees its own
+replica's responses as they finish). Used on the rank that scores (rank 0, see
 :mod:`k15_megatron.jobs.rl_rewards`)::
 
-    overlap = OverlappedRewards(manager, records, tokenizer)
-    rollout_iteration(..., on_finished=overlap.watch(buffer))   # submits finished groups
+    overlap = OverlappedRewards(manager, records, tokenizer, chunk=k)
+    rollout_iteration(..., on_finished=overlap.watch(buffer))   # submits finished responses
     batch = buffer.pop_batch(...)
-    scores = overlap.take(batch.trajectory_ids)                  # waits; {trajectory id: task reward}
+    scores, busy_s = overlap.take(batch.trajectory_ids)          # waits; {trajectory id: task reward}
 
-Scores are the reward manager's own: the same decoded text (:func:`decode_response`) and prompt
-record as the synchronous path, so the rewards do not depend on whether a group was scored early
-(tested). One thread does all the scoring, one group at a time, so the manager is never called
+A response's score is the reward manager's own: the same decoded text (:func:`decode_response`)
+and prompt record as the synchronous path, so the rewards do not depend on when a response was
+scored (tested). Scores of responses whose group is not complete stay until a later batch takes
+them. One thread does all the scoring, one chunk at a time, so the manager is never called
 concurrently; ``take`` waits for it, so the caller may use the manager afterwards. Heavy reward
 functions (math-verify, the code sandbox) already run in worker processes, so the thread mostly
 waits on them and costs the generating thread little.
@@ -40,14 +42,16 @@ def decode_response(tokenizer, token_ids: torch.Tensor) -> str:
 
 
 class OverlappedRewards:
-    """Scores finished groups on a background thread (see the module docstring).
+    """Scores finished responses on a background thread (see the module docstring).
 
     ``manager``: a :class:`~k15_megatron.rewards.registry.RewardManager`; ``records``: prompt id
     -> the data set's record (what ``manager.score`` reads); ``tokenizer``: decodes responses.
     """
 
-    def __init__(self, manager, records: Sequence, tokenizer):
-        self.manager, self.records, self.tokenizer = manager, records, tokenizer
+    def __init__(self, manager, records: Sequence, tokenizer, *, chunk: int = 1):
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        self.manager, self.records, self.tokenizer, self.chunk = manager, records, tokenizer, chunk
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="k15-rewards")
         self._futures: list[Future] = []
         self._scores: dict[int, float] = {}
@@ -56,21 +60,21 @@ class OverlappedRewards:
 
     def watch(self, buffer: SegmentReplayBuffer) -> Callable[[SegmentResult], None]:
         """The ``on_finished`` callback of one generation call over ``buffer``'s open
-        trajectories (results not yet recorded in it): when a segment finishes its trajectory
-        and the trajectory's group has no other unfinished member, the group is submitted."""
-        finished_now: dict[int, torch.Tensor] = {}  # trajectory id -> its whole response
+        trajectories (results not yet recorded in it): a segment that finishes its trajectory
+        joins the pending responses, submitted ``chunk`` at a time. A remainder of fewer than
+        ``chunk`` is left to the reward stage."""
+        pending: list[tuple[int, int, torch.Tensor]] = []
 
         def on_finished(result: SegmentResult) -> None:
             tid = result.trajectory_id
             reason = None if result.finish_reason == "budget" else result.finish_reason
             if not buffer.segment_closes(tid, reason):
                 return
-            finished_now[tid] = torch.cat([buffer.trajectory(tid).response_tokens(), result.tokens])
-            group = buffer.group_of(tid)
-            if all(t.finished or t.trajectory_id in finished_now for t in group):
-                items = [(t.trajectory_id, t.prompt_id,
-                          t.response_tokens() if t.finished else finished_now[t.trajectory_id]) for t in group]
-                self._futures.append(self._thread.submit(self._score, items))
+            traj = buffer.trajectory(tid)
+            pending.append((tid, traj.prompt_id, torch.cat([traj.response_tokens(), result.tokens])))
+            if len(pending) >= self.chunk:
+                self._futures.append(self._thread.submit(self._score, list(pending)))
+                pending.clear()
 
         return on_finished
 
@@ -83,10 +87,10 @@ class OverlappedRewards:
             self._busy_s += time.perf_counter() - start
 
     def take(self, trajectory_ids: torch.Tensor) -> tuple[dict[int, float], float]:
-        """Wait for the submitted groups (re-raising a reward function's exception), then
+        """Wait for the submitted chunks (re-raising a reward function's exception), then
         remove and return the scores of ``trajectory_ids`` ([B] int64) that were computed:
         ({trajectory id: task reward}, seconds the thread spent scoring since the last take).
-        Groups not in this batch stay for a later one."""
+        Scores of responses not in this batch stay for a later one."""
         futures, self._futures = self._futures, []
         for future in futures:
             future.result()
@@ -96,5 +100,5 @@ class OverlappedRewards:
         return found, busy
 
     def close(self) -> None:
-        """Stop the thread (pending groups are finished first)."""
+        """Stop the thread (submitted chunks are finished first)."""
         self._thread.shutdown(wait=True)

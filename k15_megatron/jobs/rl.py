@@ -80,7 +80,7 @@ class RLJob:
         self.buffer = SegmentReplayBuffer(cfg.rl.replay, group_size=cfg.rl.group_size)
         self.rewards = RewardManager(cfg.rewards)
         scores_here = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0  # rl_rewards
-        self.overlap = (OverlappedRewards(self.rewards, self.prompts.records, tok)
+        self.overlap = (OverlappedRewards(self.rewards, self.prompts.records, tok, chunk=cfg.rl.group_size)
                         if cfg.rl.overlap_rewards and scores_here else None)
         self.rollout = RolloutEngine.create(cfg.rollout, model_path=engine_model_folder(self.trainer, self.assets),
                                             repeat=cfg.rl.repeat, seed=cfg.seed)

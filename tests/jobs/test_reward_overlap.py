@@ -1,6 +1,6 @@
 """Rewards scored while generation continues (jobs/reward_overlap.py) on the session's vLLM
-engine: every group of every batch is scored as its last response finishes, some while other
-requests are still generating, and the rewards equal those of the synchronous reward stage."""
+engine: finished responses are scored two at a time as they finish, some while other requests
+are still generating, and the rewards equal those of the synchronous reward stage."""
 
 from __future__ import annotations
 
@@ -32,11 +32,12 @@ def test_groups_are_scored_during_generation_with_the_synchronous_rewards(engine
     tokenizer = AutoTokenizer.from_pretrained(roundtrip_dirs["qwen2"][1])  # the engine's model
     records = [{"prompt": f"p{i}", "reward": "tests.jobs.sample_rewards:even_length_reward"} for i in range(6)]
     manager = RewardManager(RewardsConfig())
-    overlap = OverlappedRewards(manager, records, tokenizer)
+    overlap = OverlappedRewards(manager, records, tokenizer, chunk=2)
     buf = SegmentReplayBuffer(ReplayConfig(segment_token_budget=BUDGET, max_segments=8), group_size=2)
     sampling = Sampling.from_config(engine.cfg, temperature=1.0, ignore_eos=True, seed=3)
     # Prompts join late, so a call continues old groups (8 tokens left) beside new ones (16):
-    # the old groups finish half-way through it. Each group finishes in its third call.
+    # the old groups finish half-way through it. Each group finishes in its third call, its two
+    # responses together, so every response is in a chunk.
     waves = {0: [0, 1], 1: [2, 3], 2: [4, 5]}
     submitted_while_busy, batches = [], 0
     try:
@@ -46,7 +47,7 @@ def test_groups_are_scored_during_generation_with_the_synchronous_rewards(engine
             def spy(result, watch=watch):
                 before = len(overlap._futures)
                 watch(result)
-                if len(overlap._futures) > before:  # this result completed a group
+                if len(overlap._futures) > before:  # this result completed a chunk
                     submitted_while_busy.append(engine.llm.llm_engine.has_unfinished_requests())
 
             prompts = [(p, torch.tensor([1, 20 + p, 7 + 5 * p, 33])) for p in waves.get(it, [])]
@@ -56,7 +57,7 @@ def test_groups_are_scored_during_generation_with_the_synchronous_rewards(engine
                 continue
             batches += 1
             precomputed, busy_s = overlap.take(batch.trajectory_ids)
-            assert set(precomputed) == set(batch.trajectory_ids.tolist())  # one replica: it saw every group
+            assert set(precomputed) == set(batch.trajectory_ids.tolist())  # one replica: it saw every response
             assert busy_s > 0
             rl_cfg = RLConfig()
             early = score_rollouts(batch, records, manager, tokenizer, rl_cfg, it, precomputed=precomputed)
@@ -66,5 +67,5 @@ def test_groups_are_scored_during_generation_with_the_synchronous_rewards(engine
     finally:
         overlap.close()
     assert batches == 3
-    assert len(submitted_while_busy) == 6  # every group once
-    assert any(submitted_while_busy), "no group was scored while other requests were generating"
+    assert len(submitted_while_busy) == 6  # 12 responses, each once, two at a time
+    assert any(submitted_while_busy), "nothing was scored while other requests were generating"

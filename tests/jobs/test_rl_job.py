@@ -89,7 +89,7 @@ def test_moe_rl_job_keeps_the_loop_invariants_and_resumes_bit_identically(tmp_pa
     assert len([r for r in trained if r["iteration"] > trained[0]["iteration"]]) >= 2
     for r in trained:
         assert r["reward/num_samples"] == r["train/num_samples"] > 0
-        assert r["reward/overlapped_share"] == 1.0  # one engine: every group scored as it finished
+        assert r["reward/overlapped_share"] > 0  # scored as the responses finished
         assert r["train/optimizer_reset_bytes"] == 0  # the engine dropped the state before
         assert r["offload/optimizer_dropped_bytes"] > 0
         assert r["logprob_check/max_abs_diff"] < 1e-4
