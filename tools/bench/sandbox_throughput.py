@@ -16,8 +16,9 @@ execution, each in a fresh temporary directory with the program written to ``mai
   with ``git archive``), run sequentially by a child interpreter that imports that tree — the
   before/after comparison of a change to the sandbox in one run.
 
-The sequential measurements alternate in blocks of 20 runs, so that load from other processes
-on a shared machine affects all sides alike.
+The sequential measurements alternate in blocks of ``BLOCK`` runs (tenths of a second on a
+quiet machine), so that load from other processes on a shared machine, which comes and goes
+within seconds, affects all sides alike.
 
 The report's reference point (PAPER.md section 5): 120 containers/s on 16 cores, i.e. 7.5/s/core.
 Ends with ``RESULT sandbox_throughput ours=<exec/s/core> baseline=<bare exec/s/core> ...``, or
@@ -48,6 +49,9 @@ PROGRAMS = [
     ("s = input()\nprint(s[::-1])", "hello\n", "olleh"),
     ("import math\nprint(math.factorial(int(input())) % 1000007)", "200\n", None),
 ]
+
+
+BLOCK = 4
 
 
 def _workload(num_runs: int) -> list[tuple[str, str, str | None]]:
@@ -164,11 +168,11 @@ def main() -> None:
             ref.run(work[:10])
         # Alternate blocks so that load from other processes on the machine hits all sides alike.
         ours_s = bare_s = ref_s = 0.0
-        for i in range(0, len(work), 20):
-            ours_s += bench_ours(work[i:i + 20], cfg)
-            bare_s += bench_bare(work[i:i + 20])
+        for i in range(0, len(work), BLOCK):
+            ours_s += bench_ours(work[i:i + BLOCK], cfg)
+            bare_s += bench_bare(work[i:i + BLOCK])
             if ref is not None:
-                ref_s += ref.run(work[i:i + 20])
+                ref_s += ref.run(work[i:i + BLOCK])
     finally:
         if ref is not None:
             ref.close()
