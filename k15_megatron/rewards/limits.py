@@ -165,6 +165,7 @@ def detect_cgroup(cfg: CodeRewardConfig) -> tuple[Optional[str], str]:
         if any(c not in enabled for c in _CONTROLLERS):
             _write(os.path.join(parent, "cgroup.subtree_control"),
                    " ".join(f"+{c}" for c in _CONTROLLERS))
+        _remove_stale_groups(parent)
         group = os.path.join(parent, f"k15-sandbox-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         os.mkdir(group)
         try:
@@ -185,6 +186,26 @@ def _remove_quietly(path: str) -> None:
         os.rmdir(path)
     except OSError:
         pass
+
+
+def _remove_stale_groups(parent: str) -> None:
+    """Remove the groups of processes that died without their exit handlers (a pool worker
+    killed for a deadline), with their emptied run groups; best effort."""
+    for name in os.listdir(parent):
+        if not name.startswith("k15-sandbox-"):
+            continue
+        try:
+            os.kill(int(name.split("-")[2]), 0)
+            continue  # its process is alive
+        except ProcessLookupError:
+            pass
+        except (ValueError, IndexError, PermissionError):
+            continue
+        group = os.path.join(parent, name)
+        for run in os.listdir(group):
+            if run.startswith("run-"):
+                _remove_quietly(os.path.join(group, run))
+        _remove_quietly(group)
 
 
 _BACKEND: dict[tuple[str, str], tuple[Optional[str], str]] = {}
