@@ -105,9 +105,12 @@ class CodeRewardConfig:
     pids controllers and allow enabling them for sub-groups, e.g. a systemd unit with
     Delegate=yes); empty: the calling process's own cgroup."""
     allow_no_namespaces: bool = False
-    """Run WITHOUT network/mount/pid namespaces, uid switch and file-system allow-list when the
-    kernel or privileges do not allow them. Off: the sandbox refuses to run instead (every
-    world-readable host file, such as a data set's gold answers, is readable otherwise)."""
+    """Run WITHOUT network/mount/pid namespaces and the file-system allow-list when the kernel
+    or privileges do not allow them. Off: the sandbox refuses to run instead (every
+    world-readable host file, such as a data set's gold answers, is readable otherwise). A root
+    trainer still runs the program as a leased unprivileged uid (the interpreter must then be
+    readable by other users, e.g. /usr/bin/python3, not one under /root); a non-root trainer
+    runs it as its own user."""
     allow_no_seccomp: bool = False
     """Run WITHOUT the system-call filter (`k15_megatron.rewards.seccomp_filter`) when
     libseccomp or the kernel's seccomp is unavailable. Off: the sandbox refuses to run instead."""

@@ -32,6 +32,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import signal
 import time
 from typing import Optional
 
@@ -113,6 +114,33 @@ def drop_privileges(uid: int) -> None:
     os.setresgid(uid, uid, uid)
     os.setresuid(uid, uid, uid)
     prctl(PR_SET_NO_NEW_PRIVS, 1)
+
+
+def kill_processes_of(uid: int, *, rounds: int = 20) -> None:
+    """SIGKILL every live process whose real uid is ``uid`` (a leased sandbox uid, so only one
+    run's processes have it), scanning ``/proc`` until none is left (a process may fork between two
+    scans; the uid's RLIMIT_NPROC bounds how many). Raises RuntimeError if some survive
+    ``rounds`` scans."""
+    for _ in range(rounds):
+        found = []
+        for entry in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{entry}/status") as handle:
+                    fields = dict(line.split(":", 1) for line in handle if ":" in line)
+                real, state = int(fields["Uid"].split()[0]), fields["State"].split()[0]
+            except (OSError, KeyError, ValueError, IndexError):
+                continue  # exited while we looked
+            if real == uid and state not in ("Z", "X"):  # a zombie runs nothing; its parent reaps it
+                found.append(int(entry))
+        if not found:
+            return
+        for pid in found:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.005)
+    raise RuntimeError(f"processes of sandbox uid {uid} survived {rounds} rounds of SIGKILL")
 
 
 class UidLease:

@@ -29,8 +29,9 @@ A missing protection makes `execute` raise `SandboxError` naming its opt-out key
 (``rewards.code.allow_no_namespaces``, ``allow_no_seccomp``, ``limits_backend=cgroup`` is
 the only way the cgroup is required), so untrusted code never runs with less than asked for
 without an explicit setting. With ``allow_no_namespaces`` the program runs with rlimits, the
-filter, a scrubbed environment and a process group only (no network, file-system or uid
-isolation).
+filter, a scrubbed environment and a process group only (no network or file-system isolation:
+it reads what its uid may read); a root trainer still runs it as a leased unprivileged uid
+(never as root, and the per-uid process limit holds), a non-root trainer as its own user.
 
 The working directory `fsview.WORKDIR` is a private tmpfs (size- and inode-limited) owned by
 the leased uid; with /tmp it is the only writable place, and it vanishes with the run (files
@@ -300,8 +301,11 @@ def execute(argv: Sequence[str], *, files: Mapping[str, bytes], stdin: bytes = b
     full = guard.namespaces
     view = _view(argv[0], language, config) if full else None
     seccomp = get_filter()[0] if guard.seccomp else None
+    # Without namespaces a root trainer (a container without CAP_SYS_ADMIN) still runs the
+    # program as a leased uid: never as root, and RLIMIT_NPROC, which root ignores, holds.
+    drop_uid = full or os.geteuid() == 0
     try:
-        lease = iso.UidLease(config.sandbox_uid_base, config.num_sandbox_uids) if full else None
+        lease = iso.UidLease(config.sandbox_uid_base, config.num_sandbox_uids) if drop_uid else None
     except RuntimeError as err:
         raise SandboxError(str(err)) from None
     group: Optional[RunGroup] = None
@@ -317,6 +321,8 @@ def execute(argv: Sequence[str], *, files: Mapping[str, bytes], stdin: bytes = b
                    lease.uid if lease else None, view, seccomp,
                    group.join_fd if group else -1, dir_fd)
         if not full:
+            if lease is not None:
+                os.chown(host_dir, lease.uid, lease.uid)
             _write_files(job)  # no namespace: the program works in the host directory itself
         result = _run(job, stdin)
         if group is not None:
@@ -332,6 +338,8 @@ def execute(argv: Sequence[str], *, files: Mapping[str, bytes], stdin: bytes = b
         if group is not None:
             group.close()
         if lease is not None:
+            if not full:  # no pid namespace took the tree down: whatever left the group goes now
+                iso.kill_processes_of(lease.uid)
             lease.release()
 
 

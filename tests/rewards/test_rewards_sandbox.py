@@ -264,3 +264,59 @@ def test_collected_files_are_regular_files_only():
                   collect=["real.bin", "link", "fifo", "missing"])
     assert res.exit_code == 0, res.stderr
     assert res.files == {"real.bin": b"payload"}
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None or SYSTEM_PYTHON is None,
+                    reason="needs root, util-linux setpriv to drop CAP_SYS_ADMIN and /usr/bin/python3.11")
+def test_root_without_namespaces_still_runs_the_program_as_an_unprivileged_uid(tmp_path):
+    """A root trainer in a container without CAP_SYS_ADMIN (no namespaces) under
+    allow_no_namespaces: the program must not run as root, the per-uid process limit must hold,
+    and a process that left the run's process group must be gone afterwards. The program is
+    the system's Python: the leased uid cannot reach an interpreter under /root."""
+    guarded = tmp_path / "guarded"
+    guarded.mkdir(mode=0o755)
+    program = (
+        "import os, sys, time\n"
+        "print(os.getuid())\n"
+        f"try:\n    open({str(guarded / 'x')!r}, 'w')\n    print('wrote')\n"
+        "except PermissionError:\n    print('denied')\n"
+        "n = 0\ntry:\n    while n < 100:\n        if os.fork() == 0:\n            os.closerange(0, 3); time.sleep(30); os._exit(0)\n"
+        "        n += 1\nexcept OSError:\n    pass\nprint(n)\nsys.stdout.flush()\n"
+        "if os.fork() == 0:\n    os.closerange(0, 3); os.setsid(); time.sleep(60); os._exit(0)\n")
+    script = f"""
+import sys
+sys.path[:0] = [{REPO!r}]
+from k15_megatron.config.rewards import CodeRewardConfig
+from k15_megatron.rewards.sandbox import Limits, execute, protections
+cfg = CodeRewardConfig(allow_no_namespaces=True, sandbox_uid_base=62000, max_processes=8)
+print("namespaces", protections(cfg).namespaces)
+res = execute([{SYSTEM_PYTHON!r}, "-I", "main.py"], files={{"main.py": {program.encode()!r}}}, limits=Limits.from_config(cfg),
+              config=cfg)
+print(res.stdout.decode().strip().replace(chr(10), " "))
+"""
+    out = subprocess.run(["setpriv", "--bounding-set=-sys_admin", sys.executable, "-c", script],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert lines[0] == "namespaces False"
+    uid, wrote, forks = lines[1].split()
+    assert 62000 <= int(uid) < 62000 + 64 and wrote == "denied" and int(forks) < 8, lines[1]
+    assert not (guarded / "x").exists()
+    survivors = [(p, _state(p)) for p in os.listdir("/proc") if p.isdigit() and _real_uid(p) == int(uid)]
+    assert [p for p, state in survivors if state != "Z"] == [], survivors
+
+
+def _real_uid(pid: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            return next(int(line.split()[1]) for line in handle if line.startswith("Uid:"))
+    except (OSError, StopIteration):
+        return -1
+
+
+def _state(pid: str) -> str:
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            return next(line.split()[1] for line in handle if line.startswith("State:"))
+    except (OSError, StopIteration):
+        return "gone"
