@@ -15,12 +15,35 @@ comma-separated list of ``name`` or ``name=weight`` items, where a name is a reg
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Any, Dict, List
 
 BUILTIN_REWARDS = ("math", "code", "rm")
 JUDGE_BACKENDS = ("vllm", "openai")
 CODE_LANGUAGES = ("python", "cpp")
 SANDBOX_LIMITS_BACKENDS = ("auto", "cgroup", "rlimit")
+
+
+def code_test_problems(tests: Any, language: Any = "python") -> List[str]:
+    """One message per problem of a code record's ``tests`` and ``language`` (empty if valid):
+    ``tests`` a non-empty list of ``{"input": str, "output": str}`` cases (stdin, expected
+    stdout) or, for python, ``{"assert": str}`` cases; ``language`` one of CODE_LANGUAGES. The
+    code reward and the data checks before start-up share this rule."""
+    if language not in CODE_LANGUAGES:
+        return [f"language must be one of {list(CODE_LANGUAGES)}, got {language!r}"]
+    if not isinstance(tests, list) or not tests:
+        return [f"tests must be a non-empty list of test cases, got {tests!r:.60}"]
+    problems = []
+    for i, test in enumerate(tests):
+        if not isinstance(test, dict):
+            problems.append(f"tests[{i}] must be an object, got {test!r:.40}")
+        elif "assert" in test:
+            if language != "python":
+                problems.append(f"tests[{i}]: assert-style tests need language='python'")
+        elif "input" not in test or "output" not in test:
+            problems.append(f"tests[{i}] needs 'input' and 'output' (or 'assert'), got keys {sorted(test)}")
+        elif not all(isinstance(test[k], str) for k in ("input", "output")):
+            problems.append(f"tests[{i}]: 'input' and 'output' must be strings")
+    return problems
 
 
 @dataclass

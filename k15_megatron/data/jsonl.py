@@ -23,7 +23,12 @@ accepted and turned into its string (``"50"``) when the file is read; ``difficul
 curriculum sampler (the arithmetic task uses the number of steps, 1 = easiest); ``reward`` a
 reward spec for `k15_megatron.rewards.registry` ("math", or
 "k15_megatron.rewards.arithmetic:arithmetic_reward"). ``difficulty`` and ``reward`` are optional;
-extra keys (``data_source``, ``tests``) are kept for the rewards. Prompts may carry images, in the
+extra keys (``data_source``) are kept for the rewards. A code record carries ``tests`` instead of
+``answer`` (the code reward's cases, checked here by
+:func:`k15_megatron.config.rewards.code_test_problems`, with ``language`` if given)::
+
+    {"prompt": "Read a and b, print a+b.", "reward": "code", "tests": [{"input": "2 3", "output": "5"}]}
+ Prompts may carry images, in the
 SFT records' two forms without the reply (``images`` beside the ``prompt``, or chat ``messages``
 instead of the ``prompt``; :mod:`k15_megatron.data.images`).
 
@@ -54,6 +59,7 @@ import os
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from k15_megatron.config.errors import ConfigError
+from k15_megatron.config.rewards import code_test_problems
 from k15_megatron.data.hf_datasets import is_dataset_dir, scan_dataset
 from k15_megatron.data.parquet import is_parquet, scan_parquet
 
@@ -220,7 +226,11 @@ def prompt_record_problems(record: Mapping[str, Any], where: str = "record") -> 
     from k15_megatron.data.images import has_images
 
     chat = has_images(record) or "messages" in record
-    problems = _key_problems(record, ("answer",) if chat else PROMPT_KEYS, where, numbers_ok=("answer",))
+    code = "tests" in record  # a code record: its tests are its answer
+    keys = tuple(k for k in (("answer",) if chat else PROMPT_KEYS) if not (code and k == "answer"))
+    problems = _key_problems(record, keys, where, numbers_ok=("answer",))
+    if code:
+        problems += [f"{where}: {p}" for p in code_test_problems(record["tests"], record.get("language", "python"))]
     difficulty = record.get("difficulty", 0)
     if not _is_number(difficulty):
         problems.append(f"{where}: 'difficulty' must be a number, got {difficulty!r:.40}")
@@ -288,6 +298,6 @@ def read_prompts_numbered(path: str, *, fields: Optional[Mapping[str, str]] = No
 
     numbered = _checked(path, problems, fields)
     for _, record in numbered:
-        if not isinstance(record["answer"], str):
+        if "answer" in record and not isinstance(record["answer"], str):  # a code record has none
             record["answer"] = str(record["answer"])  # what the rewards compare: a string
     return numbered

@@ -33,7 +33,7 @@ import threading
 from dataclasses import asdict, dataclass, field
 from typing import Mapping, Optional, Sequence
 
-from k15_megatron.config.rewards import CODE_LANGUAGES, CodeRewardConfig, wall_time_limit
+from k15_megatron.config.rewards import CodeRewardConfig, code_test_problems, wall_time_limit
 from k15_megatron.rewards.pool import KillablePool
 from k15_megatron.rewards.sandbox import (ExecResult, Limits, Protections, SandboxError, execute,
                                           protections)
@@ -123,15 +123,9 @@ def _verdict(res: ExecResult, expected: Optional[str]) -> Verdict:
 
 
 def _check_tests(tests: Sequence[Mapping[str, str]], language: str) -> None:
-    if language not in CODE_LANGUAGES:
-        raise ValueError(f"language must be one of {list(CODE_LANGUAGES)}, got {language!r}")
-    for i, test in enumerate(tests):
-        if "assert" in test:
-            if language != "python":
-                raise ValueError(f"tests[{i}]: assert-style tests need language='python'")
-        elif "input" not in test or "output" not in test:
-            raise ValueError(f"tests[{i}] needs 'input' and 'output' (or 'assert'), "
-                             f"got keys {sorted(test)}")
+    problems = code_test_problems(list(tests), language)
+    if problems:
+        raise ValueError(problems[0])
 
 
 def _compile_cpp(program: str, cfg: CodeRewardConfig) -> tuple[Optional[bytes], str]:

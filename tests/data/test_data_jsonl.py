@@ -34,7 +34,9 @@ def test_write_task_files_writes_the_three_splits(tmp_path):
 def test_unicode_extra_keys_and_blank_lines(tmp_path):
     path = str(tmp_path / "p.jsonl")
     records = [{"prompt": "Berechne: 2+2 ≈ ?", "answer": "4", "difficulty": 1,
-                "reward": {"math": 1.0}, "data_source": "x", "tests": [1, 2]}]
+                "reward": {"math": 1.0}, "data_source": "x", "tests": [{"input": "1", "output": "2"}]},
+               {"prompt": "Print a+b.", "reward": "code", "tests": [{"input": "2 3", "output": "5"}],
+                "language": "cpp"}]  # a code record: its tests stand for the answer
     write_jsonl(path, records)
     with open(path, "a", encoding="utf-8") as f:
         f.write("\n   \n")
@@ -51,6 +53,11 @@ def test_unicode_extra_keys_and_blank_lines(tmp_path):
     ('{"prompt": "a", "answer": true}', read_prompts, r"p\.jsonl:2: 'answer' must be a string or a number"),
     ('{"prompt": "a", "answer": "4", "difficulty": "hard"}', read_prompts, r"'difficulty'"),
     ('{"prompt": "a", "answer": "4", "reward": 1}', read_prompts, r"'reward'"),
+    ('{"prompt": "a", "reward": "code", "tests": [{"inp": "1"}]}', read_prompts,
+     r"p\.jsonl:2: tests\[0\] needs 'input' and 'output'"),
+    ('{"prompt": "a", "tests": []}', read_prompts, r"p\.jsonl:2: tests must be a non-empty list"),
+    ('{"prompt": "a", "tests": [{"assert": "1"}], "language": "cpp"}', read_prompts, r"p\.jsonl:2: tests\[0\]: assert"),
+    ('{"prompt": "a", "tests": [{"input": 1, "output": 2}]}', read_prompts, r"p\.jsonl:2: tests\[0\]: 'input'"),
 ])
 def test_errors_name_file_and_line(tmp_path, line, reader, match):
     path = str(tmp_path / "p.jsonl")
