@@ -270,6 +270,8 @@ class RewardsConfig:
         for path in c.sandbox_readonly_paths:
             need(path.startswith("/"), "code.sandbox_readonly_paths",
                  f"must hold absolute paths, got {path!r}")
+            need(path.rstrip("/") != "", "code.sandbox_readonly_paths",
+                 "must not hold '/': the whole host would be readable; name the folders programs need")
         need(not c.cgroup_parent or c.cgroup_parent.startswith("/"), "code.cgroup_parent",
              f"must be empty or an absolute path, got {c.cgroup_parent!r}")
         need(c.sandbox_uid_base >= 1000, "code.sandbox_uid_base",

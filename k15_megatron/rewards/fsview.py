@@ -67,11 +67,13 @@ def _inside(path: str, parent: str) -> bool:
     return path == parent or path.startswith(parent.rstrip("/") + "/")
 
 
-def resolve(paths: Sequence[str]) -> View:
-    """The `View` exposing ``paths`` (absolute host paths; missing ones are skipped).
+def resolve(paths: Sequence[str], *, required: Sequence[str] = ()) -> View:
+    """The `View` exposing ``paths`` (absolute host paths; missing ones are skipped, except
+    those also in ``required``, e.g. the user's own additions).
 
-    Raises ValueError for a relative path or one that would cover the sandbox's own mounts
-    (`WORKDIR`, /tmp, /proc, /dev)."""
+    Raises ValueError for a relative path, a missing required one, or one that would cover the
+    sandbox's own mounts (`WORKDIR`, /tmp, /proc, /dev)."""
+    extra_paths = {os.path.normpath(p) for p in required}
     binds: set[str] = set()
     links: dict[str, str] = {}
     todo, seen = list(paths), 0
@@ -86,6 +88,8 @@ def resolve(paths: Sequence[str]) -> View:
             raise ValueError(f"sandbox allow-list: {path!r} would cover the sandbox's own "
                              f"{', '.join(_RESERVED)}")
         if not os.path.lexists(path):
+            if path in extra_paths:  # a user's typo must not pass silently
+                raise ValueError(f"sandbox allow-list: {path!r} does not exist")
             continue
         current = "/"
         for i, part in enumerate(path.strip("/").split("/")):
@@ -129,7 +133,7 @@ def view_for(executable: str, *, python: bool, extra: Sequence[str] = ()) -> Vie
         paths.append(executable)
         if python:
             paths += python_prefixes(executable)
-    return resolve(paths)
+    return resolve(paths, required=extra)
 
 
 def _make_parents(path: str) -> None:

@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 
-from k15_megatron.config.rewards import CodeRewardConfig
+from k15_megatron.config.rewards import CodeRewardConfig, RewardsConfig
 from k15_megatron.rewards import fsview
 from k15_megatron.rewards.code import Verdict, isolation_metrics, run_tests_batch
 from k15_megatron.rewards.limits import detect_cgroup
@@ -179,6 +179,12 @@ def test_readonly_paths_extend_the_allow_list(planted_data):
                   limits=Limits.from_config(cfg), config=cfg)
     assert res.stdout.decode().strip() == gold
     assert b"Read-only file system" in res.stderr
+    typo = CodeRewardConfig(sandbox_readonly_paths=[folder + "-typo"])  # refused, not skipped
+    with pytest.raises(SandboxError, match=r"sandbox_readonly_paths.*-typo' does not exist"):
+        execute([sys.executable, "-I", "main.py"], files={"main.py": b"print(1)"},
+                limits=Limits.from_config(typo), config=typo)
+    root = RewardsConfig(code=CodeRewardConfig(sandbox_readonly_paths=["/"])).validate()
+    assert any(e.startswith("rewards.code.sandbox_readonly_paths") and "'/'" in e for e in root), root
 
 
 def test_the_root_holds_only_the_allow_list():
@@ -211,7 +217,7 @@ def test_missing_seccomp_refuses_unless_allowed():
     script = """
 import sys
 sys.modules["pyseccomp"] = None  # importing it now raises ImportError
-from k15_megatron.config.rewards import CodeRewardConfig
+from k15_megatron.config.rewards import CodeRewardConfig, RewardsConfig
 from k15_megatron.rewards.sandbox import Limits, SandboxError, execute, protections
 def run(cfg):
     return execute([sys.executable, "-I", "main.py"], files={"main.py": b"print(6 * 7)"},
