@@ -54,7 +54,7 @@ def field_docs(cls) -> Dict[str, str]:
 
 def _first_sentence(text: str) -> str:
     text = re.sub(r":\w+:`", "`", " ".join(text.split()).replace("``", "`"))  # drop Sphinx roles
-    match = re.search(r"(?<=[a-z0-9)`'\"])\. ", text)
+    match = re.search(r"(?<=[a-z0-9)`'\"])(?<! al)(?<! eq)(?<! e\.g)(?<! i\.e)\. ", text)  # not "et al. ", "eq. 7"
     return text[:match.start() + 1] if match else text
 
 

@@ -37,3 +37,11 @@ def test_export_help_is_whole(capsys):
     flat = " ".join(text.split())
     assert "a Hugging Face folder from any k15 checkpoint (converted, run checkpoint, or a run's save directory)." in flat
     assert "--overwrite" in text and "every other file in it is kept" in flat
+
+
+def test_a_key_s_first_sentence_is_not_cut_at_an_abbreviation():
+    from k15_megatron.jobs.help_text import _first_sentence
+
+    text = "KL strength of the DPO loss (Rafailov et al. 2023, eq. 7; > 0): the reward. More."
+    assert _first_sentence(text) == "KL strength of the DPO loss (Rafailov et al. 2023, eq. 7; > 0): the reward."
+    assert _first_sentence("Use e.g. this. Next.") == "Use e.g. this."
