@@ -153,11 +153,15 @@ def bench_pool(work, cfg: CodeRewardConfig) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--num-runs", type=int, default=300)
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--num-runs", type=int, default=300,
+                        help="programs run on each side, sequentially (default 300)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="workers of the pool measured after the sequential runs (default: the cores)")
     parser.add_argument("--baseline-ref", default="",
                         help="also measure the sandbox of this git revision (e.g. HEAD~1)")
     args = parser.parse_args()
+    if args.num_runs < 1 or args.workers < 1:
+        parser.error(f"--num-runs and --workers must be >= 1, got {args.num_runs} and {args.workers}")
     cfg = CodeRewardConfig(num_workers=args.workers,
                            num_sandbox_uids=max(64, args.workers))
     work = _workload(args.num_runs)
