@@ -92,12 +92,23 @@ def set_rlimits(limits: Limits) -> None:
 _PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 
 
+_OWN_CMDLINE: Optional[bytes] = None
+
+
 def tree_resident_bytes(pid: int) -> int:
     """Resident memory of process ``pid`` and all its descendants, in bytes: the sum of each
     process's RSS (so pages shared after ``fork`` count once per process), read from /proc
     (``statm`` and ``task/*/children``); 0 once the process is gone. The rlimit backend's
     watch on the whole tree's memory (`k15_megatron.rewards.sandbox` polls it); about 0.1 ms
-    for a single-process program."""
+    for a single-process program.
+
+    A process still running this process's command line (forked from it, not yet past
+    ``execve``: the sandbox's program before it starts) counts 0: it maps the caller's whole
+    resident set, gigabytes in a trainer, which the program never owns."""
+    global _OWN_CMDLINE
+    if _OWN_CMDLINE is None:
+        with open("/proc/self/cmdline", "rb") as handle:
+            _OWN_CMDLINE = handle.read()
     total, todo, seen = 0, [pid], set()
     while todo:
         current = todo.pop()
@@ -105,8 +116,10 @@ def tree_resident_bytes(pid: int) -> int:
             continue
         seen.add(current)
         try:
+            with open(f"/proc/{current}/cmdline", "rb") as handle:
+                before_exec = handle.read() == _OWN_CMDLINE
             with open(f"/proc/{current}/statm", "rb") as handle:
-                total += int(handle.read().split()[1]) * _PAGE_BYTES
+                total += 0 if before_exec else int(handle.read().split()[1]) * _PAGE_BYTES
             for task in os.listdir(f"/proc/{current}/task"):
                 with open(f"/proc/{current}/task/{task}/children", "rb") as handle:
                     todo += [int(child) for child in handle.read().split()]

@@ -320,3 +320,24 @@ def _state(pid: str) -> str:
             return next(line.split()[1] for line in handle if line.startswith("State:"))
     except (OSError, StopIteration):
         return "gone"
+
+
+def test_a_large_caller_does_not_count_against_the_program_s_memory():
+    """The program's process starts as a fork of the caller: until execve it maps the caller's
+    whole resident set (a trainer's gigabytes), which the tree-memory watch must not count."""
+    script = f"""
+import sys
+sys.path[:0] = [{REPO!r}]
+big = bytearray(800 << 20)
+for i in range(0, len(big), 4096):
+    big[i] = 1
+from k15_megatron.config.rewards import CodeRewardConfig
+from k15_megatron.rewards.sandbox import Limits, execute
+cfg = CodeRewardConfig(memory_mb=256)
+outs = [execute([sys.executable, "-I", "main.py"], files={{"main.py": b"print(42)"}},
+                limits=Limits.from_config(cfg), config=cfg).stdout.strip() for _ in range(5)]
+print(outs.count(b"42"))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "5"
