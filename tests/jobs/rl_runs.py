@@ -22,8 +22,11 @@ import torch
 from tooling import REPO_ROOT
 
 # Wall-clock readings, and data/ counts taken when the data is loaded (a fresh run logs them once).
-VOLATILE = ("time", "time/", "throughput/", "eval/seconds", "sync/sync_s", "sync/sync_pack_s", "memory/", "data/")
-VOLATILE_SUFFIXES = ("/latency_s", "/latency_per_call_s")  # reward latencies (rewards/<name>/...)
+VOLATILE = ("time", "time/", "throughput/", "eval/seconds", "sync/sync_s", "sync/sync_pack_s", "memory/", "data/",
+            "reward/overlapped_share")
+# Reward latencies, and when and in how many calls responses were scored (rewards/<name>/...): scores
+# computed during generation before a kill are computed again after the resume.
+VOLATILE_SUFFIXES = ("/latency_s", "/latency_per_call_s", "/calls", "/items")
 
 # The arithmetic task shortened for jobs of a few iterations (rl_command's settings).
 SHORT_RL = ["parallel.world_size=2", "rollout.tensor_parallel_size=2", "rollout.max_response_tokens=40",
