@@ -116,25 +116,32 @@ def drop_privileges(uid: int) -> None:
     prctl(PR_SET_NO_NEW_PRIVS, 1)
 
 
+def processes_of(uid: int) -> list[tuple[int, str]]:
+    """(pid, state letter from /proc/<pid>/status, e.g. "S", "Z") of every process whose real
+    uid is ``uid``; processes that exit while /proc is read are left out."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/status") as handle:
+                fields = dict(line.split(":", 1) for line in handle if ":" in line)
+            real, state = int(fields["Uid"].split()[0]), fields["State"].split()[0]
+        except (OSError, KeyError, ValueError, IndexError):
+            continue  # exited while we looked
+        if real == uid:
+            found.append((int(entry), state))
+    return found
+
+
 def kill_processes_of(uid: int, *, rounds: int = 20) -> None:
     """SIGKILL every live process whose real uid is ``uid`` (a leased sandbox uid, so only one
     run's processes have it), scanning ``/proc`` until none is left (a process may fork between two
     scans; the uid's RLIMIT_NPROC bounds how many). Raises RuntimeError if some survive
     ``rounds`` scans."""
     for _ in range(rounds):
-        found = []
-        for entry in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                with open(f"/proc/{entry}/status") as handle:
-                    fields = dict(line.split(":", 1) for line in handle if ":" in line)
-                real, state = int(fields["Uid"].split()[0]), fields["State"].split()[0]
-            except (OSError, KeyError, ValueError, IndexError):
-                continue  # exited while we looked
-            if real == uid and state not in ("Z", "X"):  # a zombie runs nothing; its parent reaps it
-                found.append(int(entry))
-        if not found:
+        live = [pid for pid, state in processes_of(uid) if state not in ("Z", "X")]  # a zombie runs nothing
+        if not live:
             return
-        for pid in found:
+        for pid in live:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

@@ -16,7 +16,7 @@ import uuid
 import pytest
 
 from k15_megatron.config.rewards import CodeRewardConfig, wall_time_limit
-from k15_megatron.rewards.isolation import UidLease
+from k15_megatron.rewards.isolation import UidLease, processes_of
 from k15_megatron.rewards.sandbox import ExecResult, Limits, execute, sandbox_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -302,24 +302,8 @@ print(res.stdout.decode().strip().replace(chr(10), " "))
     uid, wrote, forks = lines[1].split()
     assert 62000 <= int(uid) < 62000 + 64 and wrote == "denied" and int(forks) < 8, lines[1]
     assert not (guarded / "x").exists()
-    survivors = [(p, _state(p)) for p in os.listdir("/proc") if p.isdigit() and _real_uid(p) == int(uid)]
+    survivors = processes_of(int(uid))
     assert [p for p, state in survivors if state != "Z"] == [], survivors
-
-
-def _real_uid(pid: str) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as handle:
-            return next(int(line.split()[1]) for line in handle if line.startswith("Uid:"))
-    except (OSError, StopIteration):
-        return -1
-
-
-def _state(pid: str) -> str:
-    try:
-        with open(f"/proc/{pid}/status") as handle:
-            return next(line.split()[1] for line in handle if line.startswith("State:"))
-    except (OSError, StopIteration):
-        return "gone"
 
 
 def test_a_large_caller_does_not_count_against_the_program_s_memory():
